@@ -1,0 +1,68 @@
+"""The one launch policy of bertfast's Triton kernels, and the description of a kernel configuration used by the
+ahead-of-time compile report.
+
+Every launcher picks its block sizes / warps / stages here, and every kernel module's ``aot_specs()`` enumerates
+the configurations these functions can return, so the compile report covers exactly what can run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import triton
+
+# Largest row handled by the one-pass row kernels (LayerNorm, GELU + LayerNorm): the row must fit in registers.
+MAX_FUSED_HIDDEN = 8192
+
+
+class UnsupportedInput(ValueError):
+    """A kernel cannot serve this input; the message names the argument and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One compile of one kernel: what the AOT report compiles for each target architecture.
+
+    signature: {arg name: triton type string}, e.g. {"x_ptr": "*fp16", "n_rows": "i32"}; constexpr arguments
+      are given in ``constexprs`` (and appear in signature as "constexpr").
+    tensor_cores: whether the SASS must contain tensor-core instructions (HMMA on sm_80, HGMMA/HMMA on sm_90).
+    """
+    kernel: str
+    fn: Callable
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    config: str
+    tensor_cores: bool = False
+    archs: tuple = (80, 90)
+
+
+def row_block(n_cols: int, what: str = "hidden size") -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for a kernel that keeps a whole row of n_cols in registers.
+
+    Raises UnsupportedInput naming ``what`` when the row is larger than MAX_FUSED_HIDDEN."""
+    if n_cols < 1:
+        raise UnsupportedInput(f"{what} must be >= 1, got {n_cols}")
+    if n_cols > MAX_FUSED_HIDDEN:
+        raise UnsupportedInput(f"{what} {n_cols} is larger than the fused kernels support ({MAX_FUSED_HIDDEN})")
+    block = triton.next_power_of_2(n_cols)
+    num_warps = 1 if block <= 256 else 2 if block <= 512 else 4 if block <= 2048 else 8
+    return block, num_warps
+
+
+def torch_to_triton_dtype(dtype) -> str:
+    import torch
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+            torch.int64: "i64", torch.uint8: "u8"}[dtype]
+
+
+def launch_arch(device) -> int:
+    """Compute capability as an int (80, 86, 89, 90, ...) of the device the tensor lives on; 80 under the
+    interpreter (CPU tensors), so CPU runs take the sm_80 configs."""
+    import torch
+    if device.type != "cuda":
+        return 80
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
