@@ -1,0 +1,3 @@
+from bertfast.cli import main
+
+raise SystemExit(main())

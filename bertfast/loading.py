@@ -1,0 +1,121 @@
+"""Reading configs and checkpoints: safetensors first, pickle checkpoints only with weights_only=True, strict
+key and shape checks that name the file and the key."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from bertfast.ops import notice_once
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+# Buffers that older transformers versions saved and that carry no weights.
+IGNORED_KEYS = ("embeddings.position_ids",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded: names the file and, where it applies, the key."""
+
+
+def resolve(path_or_id: str | os.PathLike) -> Path:
+    """A local directory, or a hub id resolved through the local Hugging Face cache (or the hub when online)."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; from_pretrained expects a directory with config.json and "
+                              f"model.safetensors")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
+    except Exception as exc:  # noqa: BLE001 - re-raised with the path named
+        raise CheckpointError(f"{path_or_id!r} is neither a local directory nor a model id that could be "
+                              f"fetched ({type(exc).__name__}: {exc})") from exc
+
+
+def read_config(directory: Path):
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} is missing: a checkpoint directory needs config.json")
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(str(directory))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{config_file} could not be read: {exc}") from exc
+
+
+def _load_file(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    # pickle checkpoints: tensors only, never arbitrary objects
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def read_state_dict(directory: Path) -> tuple[dict, dict]:
+    """(state_dict, key -> file it came from). Prefers safetensors; follows sharded index files."""
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            weight_map = json.loads(path.read_text())["weight_map"]
+            state, origin = {}, {}
+            for shard in sorted(set(weight_map.values())):
+                shard_path = directory / shard
+                if not shard_path.is_file():
+                    raise CheckpointError(f"{shard_path} is missing (listed in {path})")
+                part = _load_file(shard_path)
+                state.update(part)
+                origin.update({k: shard_path.name for k in part})
+            return state, origin
+        state = _load_file(path)
+        return state, {k: name for k in state}
+    raise CheckpointError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def normalise_keys(state: dict, origin: dict, expected: set, base_prefix: str) -> tuple[dict, dict]:
+    """Map a checkpoint's keys onto the encoder's: strip the task model's prefix (e.g. "bert." in a
+    BertForMaskedLM checkpoint; the head's own keys are then set aside with a notice), rename the old
+    TensorFlow-era LayerNorm names (gamma/beta), drop buffers that carry no weights."""
+    prefix = base_prefix + "."
+    if not any(k in expected for k in state) and any(k.startswith(prefix) for k in state):
+        head = sorted(k for k in state if not k.startswith(prefix))
+        if head:
+            notice_once(f"head-keys:{head[0]}", f"the checkpoint holds a task model; {len(head)} weights outside "
+                        f"'{prefix}' (the head: {', '.join(head[:4])}{', ...' if len(head) > 4 else ''}) are not "
+                        f"part of the encoder and are not loaded")
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        origin = {k[len(prefix):]: f for k, f in origin.items() if k.startswith(prefix)}
+    renamed, renamed_origin = {}, {}
+    for key, value in state.items():
+        new = key
+        if new.endswith(".gamma") and ("LayerNorm" in new or "layer_norm" in new):
+            new = new[: -len("gamma")] + "weight"
+        elif new.endswith(".beta") and ("LayerNorm" in new or "layer_norm" in new):
+            new = new[: -len("beta")] + "bias"
+        if new in IGNORED_KEYS:
+            continue
+        renamed[new] = value
+        renamed_origin[new] = origin.get(key, "?")
+    return renamed, renamed_origin
+
+
+def check_state_dict(state: dict, origin: dict, expected: dict, directory: Path | str) -> None:
+    """Strict: the same keys as the model and the same shapes, or an error naming every offender."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append("unexpected keys: " + ", ".join(f"{k} (in {origin.get(k, '?')})" for k in unexpected))
+    for key in sorted(set(state) & set(expected)):
+        if tuple(state[key].shape) != tuple(expected[key]):
+            problems.append(f"{origin.get(key, '?')}: key {key} has shape {tuple(state[key].shape)}, the config "
+                            f"asks for {tuple(expected[key])}")
+    if problems:
+        raise CheckpointError(f"checkpoint in {directory} does not match the model: " + "; ".join(problems))

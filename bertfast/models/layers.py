@@ -1,0 +1,222 @@
+"""The building blocks of a BERT-family encoder on packed tokens.
+
+Module names and parameter shapes mirror transformers' Bert* modules, so ``state_dict()`` has exactly the same
+keys. The one internal difference: the query / key / value projections of a layer are one packed parameter
+(``qkv_weight`` [3H, H], ``qkv_bias`` [3H]) so the layer runs one GEMM; state-dict hooks split it into
+``query.*`` / ``key.*`` / ``value.*`` on save and pack those on load.
+
+Every forward here takes packed activations x [T, H] (T = real tokens of the batch) and the batch's
+:class:`bertfast.padding.Unpadded`; nothing is computed on padding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bertfast import ops
+from bertfast.padding import Unpadded
+
+# transformers' hidden_act names -> the kernels' activation names
+ACTIVATION_OF_HIDDEN_ACT = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+
+
+def activation_of(config) -> str:
+    act = config.hidden_act
+    if not isinstance(act, str) or act not in ACTIVATION_OF_HIDDEN_ACT:
+        raise ValueError(f"config.hidden_act={act!r} is not supported; bertfast supports "
+                         f"{', '.join(ACTIVATION_OF_HIDDEN_ACT)}")
+    return ACTIVATION_OF_HIDDEN_ACT[act]
+
+
+class Embeddings(nn.Module):
+    """word + position + token-type embeddings, then LayerNorm (BertEmbeddings' parameters)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout_p = config.hidden_dropout_prob
+
+    def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds, unp: Unpadded) -> torch.Tensor:
+        """input_ids / token_type_ids / position_ids: [B, S] int64 (position_ids already expanded);
+        inputs_embeds [B, S, H] or None. Returns the packed embeddings [T, H]."""
+        ln = self.LayerNorm
+        if inputs_embeds is None:
+            tt = token_type_ids.reshape(-1) if token_type_ids is not None else None
+            x = ops.embed(input_ids.reshape(-1), unp.indices, position_ids.reshape(-1), tt,
+                          self.word_embeddings.weight, self.position_embeddings.weight,
+                          self.token_type_embeddings.weight, ln.weight, ln.bias, ln.eps)
+        else:
+            rows = ops.unpad(inputs_embeds.reshape(-1, inputs_embeds.shape[-1]), unp.indices)
+            pos = position_ids.reshape(-1).index_select(0, unp.indices)
+            extra = self.position_embeddings(pos)
+            tt = (token_type_ids.reshape(-1).index_select(0, unp.indices) if token_type_ids is not None
+                  else torch.zeros_like(pos))
+            extra = self.token_type_embeddings(tt) + extra
+            x = ops.add_layer_norm(rows, ln.weight, ln.bias, ln.eps, residual=extra)
+        return F.dropout(x, self.dropout_p, self.training)
+
+
+class SelfAttention(nn.Module):
+    """Packed Q/K/V projection + variable-length attention. Public keys: query/key/value .weight/.bias."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        self.num_heads = heads
+        self.head_dim = hidden // heads
+        self.hidden = hidden
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.qkv_weight = nn.Parameter(torch.empty(3 * hidden, hidden))
+        self.qkv_bias = nn.Parameter(torch.empty(3 * hidden))
+        self._register_state_dict_hook(SelfAttention._split_qkv)
+        self._register_load_state_dict_pre_hook(SelfAttention._pack_qkv)
+
+    @staticmethod
+    def _split_qkv(module, state_dict, prefix, local_metadata):
+        for kind in ("weight", "bias"):
+            packed = state_dict.pop(prefix + f"qkv_{kind}")
+            for name, part in zip(("query", "key", "value"), packed.chunk(3, dim=0)):
+                state_dict[prefix + f"{name}.{kind}"] = part
+        return state_dict
+
+    @staticmethod
+    def _pack_qkv(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for kind in ("weight", "bias"):
+            names = [prefix + f"{n}.{kind}" for n in ("query", "key", "value")]
+            if all(n in state_dict for n in names):
+                state_dict[prefix + f"qkv_{kind}"] = torch.cat([state_dict.pop(n) for n in names], dim=0)
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, H] -> [T, 3, heads, head_dim], one GEMM."""
+        return F.linear(x, self.qkv_weight, self.qkv_bias).view(x.shape[0], 3, self.num_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, unp: Unpadded) -> torch.Tensor:
+        qkv = self.qkv(x)
+        ctx = ops.varlen_attention(qkv, unp.cu_seqlens, unp.max_seqlen,
+                                   dropout_p=self.dropout_p if self.training else 0.0)
+        return ctx.reshape(x.shape[0], self.hidden)
+
+    def forward_with_probs(self, x: torch.Tensor, unp: Unpadded):
+        """The attention path that also returns the probabilities [B, heads, S, S] (output_attentions=True).
+
+        Runs on the padded batch like transformers' eager attention (masked keys get the dtype's minimum), so
+        the probabilities of real query rows equal transformers'; padded query rows are computed from zero
+        queries. Slower than forward(): used only when probabilities are asked for."""
+        b, s = unp.batch, unp.seqlen
+        qkv = ops.pad(self.qkv(x).reshape(x.shape[0], -1), unp.indices, b, s)
+        q, k, v = qkv.view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        real = torch.zeros(b * s, dtype=torch.bool, device=x.device).index_fill_(0, unp.indices, True).view(b, s)
+        mask = torch.zeros((b, 1, 1, s), dtype=q.dtype, device=x.device).masked_fill(
+            ~real[:, None, None, :], torch.finfo(q.dtype).min)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask, dim=-1)
+        dropped = F.dropout(probs, self.dropout_p, self.training)
+        ctx = (dropped @ v).permute(0, 2, 1, 3).reshape(b * s, self.hidden)
+        return ops.unpad(ctx, unp.indices), probs
+
+
+class DenseLayerNorm(nn.Module):
+    """dense (bias fused into the LayerNorm kernel) -> dropout -> + residual -> LayerNorm
+    (transformers' BertSelfOutput / BertOutput)."""
+
+    def __init__(self, in_features, config):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout_p = config.hidden_dropout_prob
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        ln = self.LayerNorm
+        return ops.add_layer_norm(F.linear(h, self.dense.weight), ln.weight, ln.bias, ln.eps, residual=residual,
+                                  x_bias=self.dense.bias, dropout_p=self.dropout_p if self.training else 0.0)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self = SelfAttention(config)
+        self.output = DenseLayerNorm(config.hidden_size, config)
+
+    def forward(self, x, unp: Unpadded, output_attentions: bool = False):
+        if output_attentions:
+            ctx, probs = self.self.forward_with_probs(x, unp)
+            return self.output(ctx, x), probs
+        return self.output(self.self(x, unp), x), None
+
+
+class Intermediate(nn.Module):
+    """dense (no bias in the GEMM) -> bias + activation in one pass."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = activation_of(config)
+
+    def forward(self, x):
+        return ops.bias_act(F.linear(x, self.dense.weight), self.dense.bias, self.activation)
+
+
+class Layer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention = Attention(config)
+        self.intermediate = Intermediate(config)
+        self.output = DenseLayerNorm(config.intermediate_size, config)
+
+    def forward(self, x, unp: Unpadded, output_attentions: bool = False):
+        x, probs = self.attention(x, unp, output_attentions)
+        return self.output(self.intermediate(x), x), probs
+
+
+class Encoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layer = nn.ModuleList([Layer(config) for _ in range(config.num_hidden_layers)])
+
+
+class Pooler(nn.Module):
+    """tanh(dense(first token)) - reads each sequence's first real token straight from the packed rows."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, unp: Unpadded) -> torch.Tensor:
+        if unp.total == 0:
+            first = x.new_zeros((unp.batch, x.shape[1]))
+        else:
+            first = x.index_select(0, unp.first_token)
+            first = torch.where((unp.seqlens > 0)[:, None], first, torch.zeros_like(first))
+        return torch.tanh(self.dense(first))
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """transformers' BERT initialisation: normal(0, initializer_range) weights, zero biases, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, SelfAttention):
+            nn.init.normal_(m.qkv_weight, std=std)
+            nn.init.zeros_(m.qkv_bias)

@@ -1,0 +1,783 @@
+"""The ops layer: every hot op of the encoder as a ``bertfast::`` PyTorch custom op, with a fake (meta)
+implementation for torch.compile / export, an autograd formula, and dispatch to one of three implementations:
+
+  triton     the Triton kernels in bertfast.kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
+  cpp        the C++/CUDA extension bertfast._C (ops under torch.ops.bertfast_C)
+  reference  plain torch, also float64-capable (the definition the other two are tested against)
+
+``BERTFAST_BACKEND=auto|triton|cpp|reference`` chooses (read at each call; ``auto`` by default).
+
+* auto: per op and device, the first implementation in the preference order below that is built and can
+  serve the input. When a preferred one is skipped, the reason is logged once and recorded; ``bertfast info``
+  shows the choice per op.
+* triton / cpp: that implementation for every op that has one; if it is missing or cannot serve the input,
+  an error says why (nothing falls back). Ops that have no implementation of that kind (e.g. no C++
+  attention) run the reference, logged once and shown by ``bertfast info``.
+
+Forward and backward of one call always use the same implementation (the forward's choice is passed on).
+Each forward op returns what its backward needs (e.g. the attention's logsumexp, LayerNorm's mean and rstd);
+the reference implementation's backward recomputes its forward under autograd instead, so those extra
+outputs are NaN-filled placeholders there.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger("bertfast")
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+ATTENTION_HEAD_DIMS = (32, 64, 80, 96, 128)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Preference order of `auto`, per op and device type.
+PREFERENCE = {
+    "varlen_attention": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    "add_layer_norm": {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")},
+    "bias_act": {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")},
+    "embed": {"cuda": ("cpp", "reference"), "cpu": ("cpp", "reference")},
+    "unpad": {"cuda": ("cpp", "reference"), "cpu": ("cpp", "reference")},
+    "pad": {"cuda": ("cpp", "reference"), "cpu": ("cpp", "reference")},
+}
+# Which ops each implementation has (module / C++ op name).
+TRITON_MODULES = {"varlen_attention": "attention", "add_layer_norm": "layer_norm", "bias_act": "gelu"}
+CPP_OPS = {"add_layer_norm": "add_layer_norm", "bias_act": "bias_act", "embed": "embed", "unpad": "unpad",
+           "pad": "pad"}
+
+
+class BackendError(RuntimeError):
+    """The implementation that BERTFAST_BACKEND forces cannot run this op on this input; says why."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# choosing an implementation
+
+_notices: dict[str, str] = {}   # key -> message, each logged once; `bertfast info` lists them
+_choices: dict[tuple[str, str], str] = {}   # (op, device type) -> implementation last chosen
+
+
+def notice_once(key: str, message: str) -> None:
+    if key not in _notices:
+        _notices[key] = message
+        log.warning("bertfast: %s", message)
+
+
+def backend_setting() -> str:
+    value = os.environ.get("BERTFAST_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"BERTFAST_BACKEND={value!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def triton_module(op: str):
+    """The bertfast.kernels module of an op, or None when triton or the module cannot be imported."""
+    try:
+        return importlib.import_module(f"bertfast.kernels.{TRITON_MODULES[op]}")
+    except ImportError as exc:
+        log.debug("bertfast: triton kernels for %s unavailable: %s", op, exc)
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpp_extension_error() -> Optional[str]:
+    try:
+        importlib.import_module("bertfast._C")
+    except ImportError as exc:
+        return f"bertfast._C could not be imported ({exc})"
+    return None
+
+
+def cpp_built_with_cuda() -> bool:
+    return cpp_extension_error() is None and bool(torch.ops.bertfast_C.built_with_cuda())
+
+
+def _available(impl: str, op: str, device: torch.device) -> Optional[str]:
+    """None when `impl` of `op` exists and runs on `device`, else the reason it does not."""
+    return _available_cached(impl, op, device.type, os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.lru_cache(maxsize=None)
+def _available_cached(impl: str, op: str, device_type: str, interpret: bool) -> Optional[str]:
+    device = torch.device(device_type)
+    if impl == "reference":
+        return None
+    if impl == "triton":
+        if op not in TRITON_MODULES:
+            return "no Triton kernel for this op"
+        if device.type == "cpu" and not interpret:
+            return "Triton kernels run on CPU tensors only in the interpreter (set TRITON_INTERPRET=1)"
+        if device.type not in ("cuda", "cpu"):
+            return f"no Triton kernel for device type {device.type}"
+        if triton_module(op) is None:
+            return "triton or bertfast.kernels.{} cannot be imported".format(TRITON_MODULES[op])
+        return None
+    if impl == "cpp":
+        if op not in CPP_OPS:
+            return "no C++ kernel for this op"
+        err = cpp_extension_error()
+        if err:
+            return err
+        name = f"bertfast_C::{CPP_OPS[op]}"
+        if not hasattr(torch.ops.bertfast_C, CPP_OPS[op]):
+            return f"{name} is not in this build of bertfast._C"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU" if device.type == "cpu" else "CUDA"):
+            if device.type == "cuda" and not cpp_built_with_cuda():
+                return "bertfast._C was built without CUDA"
+            return f"{name} has no {device.type} kernel in this build"
+        return None
+    raise AssertionError(impl)
+
+
+def _supports(impl: str, op: str, facts: dict) -> Optional[str]:
+    """None when `impl` can serve an input with these facts, else the reason it cannot."""
+    dtype = facts.get("dtype")
+    if impl in ("triton", "cpp") and dtype is not None and dtype not in KERNEL_DTYPES:
+        return f"dtype {dtype} (kernels take float32, float16, bfloat16)"
+    if impl == "triton" and op == "varlen_attention" and facts["head_dim"] not in ATTENTION_HEAD_DIMS:
+        return f"head_dim {facts['head_dim']} (kernels take {', '.join(map(str, ATTENTION_HEAD_DIMS))})"
+    if impl == "triton" and op == "add_layer_norm":
+        from bertfast.kernels.config import MAX_FUSED_HIDDEN
+        if facts["hidden"] > MAX_FUSED_HIDDEN:
+            return f"hidden size {facts['hidden']} > {MAX_FUSED_HIDDEN}"
+    return None
+
+
+def choose(op: str, device: torch.device, **facts) -> str:
+    """The implementation of `op` that runs for an input on `device` described by `facts`."""
+    setting = backend_setting()
+    dev = "cuda" if device.type == "cuda" else "cpu"
+    if setting == "auto":
+        skipped = []
+        for impl in PREFERENCE[op][dev]:
+            reason = _available(impl, op, device) or _supports(impl, op, facts)
+            if reason is None:
+                if skipped:
+                    notice_once(f"{op}:{dev}:{impl}:{';'.join(skipped)}",
+                                f"{op} on {dev} runs the {impl} implementation: " + "; ".join(skipped))
+                _choices[(op, dev)] = impl
+                return impl
+            skipped.append(f"{impl} skipped: {reason}")
+        raise AssertionError("the reference implementation always serves")
+    if setting == "reference":
+        _choices[(op, dev)] = "reference"
+        return "reference"
+    has_impl = op in (TRITON_MODULES if setting == "triton" else CPP_OPS)
+    if not has_impl:
+        notice_once(f"{op}:{setting}:none", f"BERTFAST_BACKEND={setting}: {op} has no {setting} "
+                    f"implementation, so it runs the reference implementation")
+        _choices[(op, dev)] = "reference"
+        return "reference"
+    reason = _available(setting, op, device) or _supports(setting, op, facts)
+    if reason is not None:
+        raise BackendError(f"BERTFAST_BACKEND={setting}: the {setting} implementation of {op} cannot run "
+                           f"here: {reason}. Unset BERTFAST_BACKEND (auto) to use another implementation.")
+    _choices[(op, dev)] = setting
+    return setting
+
+
+def implementation_table(device: torch.device | str = "cpu") -> dict[str, str]:
+    """op -> implementation that `auto` (or the forced backend) picks on `device` for a typical BERT input
+    (fp16 on CUDA, fp32 on CPU, head dim 64, hidden 768), with the reasons for anything skipped."""
+    device = torch.device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    facts = {"varlen_attention": dict(dtype=dtype, head_dim=64), "add_layer_norm": dict(dtype=dtype, hidden=768),
+             "bias_act": dict(dtype=dtype), "embed": dict(dtype=dtype), "unpad": {}, "pad": {}}
+    table = {}
+    for op in PREFERENCE:
+        dev = "cuda" if device.type == "cuda" else "cpu"
+        try:
+            impl = choose(op, device, **facts[op])
+        except BackendError as exc:
+            table[op] = f"error: {exc}"
+            continue
+        skipped = [f"{i}: {_available(i, op, device) or _supports(i, op, facts[op])}"
+                   for i in PREFERENCE[op][dev][: PREFERENCE[op][dev].index(impl)]] if impl in PREFERENCE[op][dev] else []
+        table[op] = impl + (f"  ({'; '.join(skipped)})" if skipped else "")
+    return table
+
+
+def notices() -> dict[str, str]:
+    return dict(_notices)
+
+
+def new_seed() -> int:
+    """A dropout seed drawn from torch's default CPU generator, so torch.manual_seed makes runs repeat."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _keep_mask(shape, p: float, seed: int, device) -> Tensor:
+    """The reference implementation's dropout keep-mask, regenerated identically from the seed in backward."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _nan(shape, device) -> Tensor:
+    return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+
+
+def _grad_or_empty(grad: Optional[Tensor], inp: Optional[Tensor], like: Tensor) -> Tensor:
+    """Custom ops cannot return None: an absent input's gradient travels as an empty tensor."""
+    if inp is None:
+        return like.new_empty((0,))
+    return grad if grad is not None else torch.zeros_like(inp)
+
+
+def _empty_like_or_none(inp: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.empty_like(inp) if inp is not None else like.new_empty((0,))
+
+
+@contextlib.contextmanager
+def _autograd_inside_custom_op():
+    """A custom op's implementation runs below the autograd dispatch key (it is excluded in the thread-local
+    dispatch state), so torch ops inside it record no graph even under enable_grad. The reference backward
+    re-runs its forward under autograd, so it lifts that exclusion for the recomputation only."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    include = torch._C._dispatch_tls_local_include_set()
+    with torch._C._ForceDispatchKeyGuard(include, exclude.remove(torch._C.DispatchKey.AutogradFunctionality)), \
+            torch.enable_grad():
+        yield
+
+
+def _recompute_grads(fn, inputs: list, grad_outputs: list):
+    """Gradients of fn(*inputs) w.r.t. its floating-point tensor inputs, by re-running fn under autograd
+    (the reference implementations' backward). Returns one entry per input (None for non-differentiable)."""
+    with _autograd_inside_custom_op():
+        leaves = [t.detach().requires_grad_(True) if isinstance(t, Tensor) and t.is_floating_point() else t
+                  for t in inputs]
+        outs = fn(*leaves)
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+        wrt = [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
+        grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+    # custom ops may not return aliases: autograd hands the same tensor to inputs that are simply added
+    seen, unique = set(), []
+    for g in grads:
+        if g is not None and g.untyped_storage().data_ptr() in seen:
+            g = g.clone()
+        if g is not None:
+            seen.add(g.untyped_storage().data_ptr())
+        unique.append(g)
+    it = iter(unique)
+    return [next(it) if isinstance(t, Tensor) and t.requires_grad else None for t in leaves]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# varlen_attention
+
+def _check_attention_args(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int):
+    if not isinstance(qkv, Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must be a tensor of shape [T, 3, heads, head_dim], got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
+    if not qkv.is_floating_point():
+        raise ValueError(f"qkv must be a floating-point tensor, got {qkv.dtype}")
+    if qkv.stride(-1) != 1:
+        raise ValueError("qkv must be contiguous in its last dimension (head_dim)")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of batch + 1 offsets, got {cu_seqlens.dtype} "
+                         f"of shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != qkv.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but qkv is on {qkv.device}")
+    if int(max_seqlen) < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+
+
+def _attention_reference(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, dropout_p: float,
+                         seed: int) -> Tensor:
+    """Attention of each packed sequence over itself; computes in float32 (float64 for float64 input)."""
+    total, _, heads, head_dim = qkv.shape
+    batch = cu_seqlens.numel() - 1
+    cdt = _compute_dtype(qkv.dtype)
+    if qkv.device.type == "cpu":
+        # one SDPA call per sequence: no compute on padding (the host already has cu_seqlens)
+        bounds = cu_seqlens.tolist()
+        outs = []
+        for b in range(batch):
+            start, end = bounds[b], bounds[b + 1]
+            if end == start:
+                continue
+            q, k, v = qkv[start:end].to(cdt).permute(1, 2, 0, 3).unbind(0)   # each [heads, L, d]
+            if dropout_p > 0.0:
+                probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
+                keep = _keep_mask(probs.shape, dropout_p, seed + b, qkv.device)
+                o = (probs * keep / (1.0 - dropout_p)) @ v
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            outs.append(o.transpose(0, 1))
+        out = torch.cat(outs) if outs else qkv.new_zeros((0, heads, head_dim), dtype=cdt)
+        return out.to(qkv.dtype)
+    # CUDA: pad to [B, heads, max_seqlen, d] on the device (no host read) and mask the padded keys
+    seqlens = cu_seqlens[1:] - cu_seqlens[:-1]
+    pos = torch.arange(max_seqlen, device=qkv.device)
+    valid = pos[None, :] < seqlens[:, None]                                  # [B, S]
+    src = (cu_seqlens[:-1, None].long() + pos[None, :]).clamp(max=max(total - 1, 0))
+    padded = qkv[src.flatten()].view(batch, max_seqlen, 3, heads, head_dim).to(cdt)
+    q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)                       # each [B, heads, S, d]
+    bias = torch.zeros(valid.shape, dtype=cdt, device=qkv.device).masked_fill(~valid, float("-inf"))
+    scores = (q @ k.transpose(-1, -2)) * scale + bias[:, None, None, :]
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if dropout_p > 0.0:
+        probs = probs * _keep_mask(probs.shape, dropout_p, seed, qkv.device) / (1.0 - dropout_p)
+    o = (probs @ v).transpose(1, 2)                                           # [B, S, heads, d]
+    return o[valid].to(qkv.dtype)
+
+
+def _fp32_precision() -> str:
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@torch.library.custom_op("bertfast::varlen_attention", mutates_args=())
+def _varlen_attention_op(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_scale: float,
+                         dropout_p: float, seed: int, impl: str) -> tuple[Tensor, Tensor]:
+    if impl == "triton":
+        out, lse = triton_module("varlen_attention").attention_forward(
+            qkv, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed, _fp32_precision(), validate=False)
+        return out, lse
+    out = _attention_reference(qkv, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed)
+    return out, _nan((qkv.shape[2], qkv.shape[0]), qkv.device)
+
+
+@_varlen_attention_op.register_fake
+def _(qkv, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed, impl):
+    return (qkv.new_empty((qkv.shape[0], qkv.shape[2], qkv.shape[3])),
+            qkv.new_empty((qkv.shape[2], qkv.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("bertfast::varlen_attention_backward", mutates_args=())
+def _varlen_attention_backward_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
+                                  max_seqlen: int, softmax_scale: float, dropout_p: float, seed: int,
+                                  impl: str) -> Tensor:
+    if impl == "triton":
+        return triton_module("varlen_attention").attention_backward(
+            dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed, _fp32_precision())
+    (dqkv,) = _recompute_grads(
+        lambda t: _attention_reference(t, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed), [qkv], [dout])
+    return dqkv if dqkv is not None else torch.zeros_like(qkv)
+
+
+@_varlen_attention_backward_op.register_fake
+def _(dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed, impl):
+    return torch.empty_like(qkv)
+
+
+def _attention_setup(ctx, inputs, output):
+    qkv, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed, impl = inputs
+    ctx.save_for_backward(qkv, output[0], output[1], cu_seqlens)
+    ctx.args = (max_seqlen, softmax_scale, dropout_p, seed, impl)
+
+
+def _attention_backward(ctx, dout, dlse):
+    qkv, out, lse, cu_seqlens = ctx.saved_tensors
+    dqkv = _varlen_attention_backward_op(dout.contiguous(), qkv, out, lse, cu_seqlens, *ctx.args)
+    return dqkv, None, None, None, None, None, None
+
+
+_varlen_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_scale: float | None = None,
+                     dropout_p: float = 0.0) -> Tensor:
+    """Non-causal attention of each packed sequence over itself.
+
+    qkv:        (T, 3, heads, head_dim) - queries, keys, values of the T packed tokens (the QKV GEMM's output
+                viewed as [T, 3, heads, head_dim]); last dim contiguous
+    cu_seqlens: (batch + 1,) int32 - sequence b is rows cu_seqlens[b] : cu_seqlens[b+1]
+    max_seqlen: python int, the longest sequence (no host read is made for it)
+    softmax_scale: default 1 / sqrt(head_dim);  dropout_p: dropout on the probabilities (training)
+    returns     (T, heads, head_dim) in qkv's dtype
+    """
+    _check_attention_args(qkv, cu_seqlens, max_seqlen)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
+    impl = choose("varlen_attention", qkv.device, dtype=qkv.dtype, head_dim=qkv.shape[-1])
+    seed = new_seed() if dropout_p > 0.0 else 0
+    return _varlen_attention_op(qkv, cu_seqlens, int(max_seqlen), scale, float(dropout_p), seed, impl)[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bias + activation
+
+def _activation(z: Tensor, activation: str) -> Tensor:
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "silu":
+        return F.silu(z)
+    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+
+
+def _bias_act_reference(x: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
+    cdt = _compute_dtype(x.dtype)
+    z = x.to(cdt) if bias is None else x.to(cdt) + bias.to(cdt)
+    return _activation(z, activation).to(x.dtype)
+
+
+@torch.library.custom_op("bertfast::bias_act", mutates_args=())
+def _bias_act_op(x: Tensor, bias: Optional[Tensor], activation: str, impl: str) -> Tensor:
+    if impl == "triton":
+        return triton_module("bias_act").bias_act_forward(x, bias, activation)
+    if impl == "cpp":
+        return torch.ops.bertfast_C.bias_act(x, bias, activation)
+    return _bias_act_reference(x, bias, activation)
+
+
+@_bias_act_op.register_fake
+def _(x, bias, activation, impl):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("bertfast::bias_act_backward", mutates_args=())
+def _bias_act_backward_op(dy: Tensor, x: Tensor, bias: Optional[Tensor], activation: str,
+                          impl: str) -> list[Tensor]:
+    """-> [dx, dbias] (dbias empty when bias is None)"""
+    if impl == "triton":
+        dx, dbias = triton_module("bias_act").bias_act_backward(dy, x, bias, activation)
+    elif impl == "cpp":
+        dx, dbias = torch.ops.bertfast_C.bias_act_backward(dy, x, bias, activation)
+    else:
+        dx, dbias = _recompute_grads(lambda a, b: _bias_act_reference(a, b, activation), [x, bias], [dy])
+    return [dx, _grad_or_empty(dbias, bias, x)]
+
+
+@_bias_act_backward_op.register_fake
+def _(dy, x, bias, activation, impl):
+    return [torch.empty_like(x), _empty_like_or_none(bias, x)]
+
+
+def _bias_act_setup(ctx, inputs, output):
+    x, bias, activation, impl = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.args = (activation, impl)
+
+
+def _bias_act_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, dbias = _bias_act_backward_op(dy.contiguous(), x, bias, *ctx.args)
+    return dx, (dbias if bias is not None else None), None, None
+
+
+_bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup)
+
+
+def _check_same(name: str, t: Optional[Tensor], x: Tensor, what: str, shape=None):
+    if t is None:
+        return
+    if t.dtype != x.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but {what} has dtype {x.dtype}; they must match")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but {what} is on {x.device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def bias_act(x: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Tensor:
+    """activation(x + bias) over [..., I]; activation "gelu" (exact erf), "gelu_tanh", "relu" or "silu"."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    _check_same("bias", bias, x, "x", shape=(x.shape[-1],))
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    impl = choose("bias_act", x.device, dtype=x.dtype)
+    return _bias_act_op(x2, bias, activation, impl).view(shape)
+
+
+def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
+    """GELU(x + bias); approximate "none" = exact erf (BERT's gelu), "tanh" = gelu_new / gelu_pytorch_tanh."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return bias_act(x, bias, "gelu" if approximate == "none" else "gelu_tanh")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# add_layer_norm: LayerNorm(dropout(act(x + x_bias)) + residual)
+
+def _layer_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Optional[Tensor],
+                          x_bias: Optional[Tensor], activation: str, dropout_p: float, seed: int):
+    cdt = _compute_dtype(x.dtype)
+    z = x.to(cdt)
+    if x_bias is not None:
+        z = z + x_bias.to(cdt)
+    if activation:
+        z = _activation(z, activation)
+    if dropout_p > 0.0:
+        z = z * _keep_mask(z.shape, dropout_p, seed, z.device) / (1.0 - dropout_p)
+    if residual is not None:
+        z = z + residual.to(cdt)
+    y, mean, rstd = torch.native_layer_norm(z, (z.shape[-1],), weight.to(cdt), bias.to(cdt), eps)
+    return y.to(x.dtype), mean.view(-1).float(), rstd.view(-1).float()
+
+
+@torch.library.custom_op("bertfast::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Optional[Tensor],
+                       x_bias: Optional[Tensor], activation: str, dropout_p: float, seed: int,
+                       impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    if impl == "triton":
+        return triton_module("add_layer_norm").add_layer_norm_forward(
+            x, weight, bias, eps, residual, x_bias, activation or None, dropout_p, seed)
+    if impl == "cpp" and dropout_p == 0.0:
+        return torch.ops.bertfast_C.add_layer_norm(x, weight, bias, eps, residual, x_bias, activation)
+    return _layer_norm_reference(x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed)
+
+
+@_add_layer_norm_op.register_fake
+def _(x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed, impl):
+    n = x.shape[0]
+    return torch.empty_like(x), x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32)
+
+
+@torch.library.custom_op("bertfast::add_layer_norm_backward", mutates_args=())
+def _add_layer_norm_backward_op(
+        dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, eps: float,
+        residual: Optional[Tensor], x_bias: Optional[Tensor], activation: str, dropout_p: float, seed: int,
+        impl: str) -> list[Tensor]:
+    """-> [dx, dresidual, dweight, dbias, dx_bias] (empty tensors for absent residual / x_bias)"""
+    if impl == "triton":
+        dx, dres, dw, db, dxb = triton_module("add_layer_norm").add_layer_norm_backward(
+            dy, x, weight, bias, mean, rstd, residual, x_bias, activation or None, dropout_p, seed)
+    elif impl == "cpp" and dropout_p == 0.0:
+        dx, dres, dw, db, dxb = _cpp_layer_norm_backward(dy, x, weight, mean, rstd, residual, x_bias, activation)
+    else:
+        dx, dw, db, dres, dxb = _recompute_grads(
+            lambda a, w, b, r, xb: _layer_norm_reference(a, w, b, eps, r, xb, activation, dropout_p, seed)[0],
+            [x, weight, bias, residual, x_bias], [dy])
+    return [dx, _grad_or_empty(dres, residual, x), dw, db, _grad_or_empty(dxb, x_bias, x)]
+
+
+def _cpp_layer_norm_backward(dy, x, weight, mean, rstd, residual, x_bias, activation):
+    """The C++ backward returns the gradient of the pre-LN sum as dresidual (see csrc/add_layer_norm.cpp)."""
+    outs = torch.ops.bertfast_C.add_layer_norm_backward(dy, x, weight, mean, rstd, residual, x_bias, activation)
+    return tuple(outs)
+
+
+@_add_layer_norm_backward_op.register_fake
+def _(dy, x, weight, bias, mean, rstd, eps, residual, x_bias, activation, dropout_p, seed, impl):
+    return [torch.empty_like(x), _empty_like_or_none(residual, x), torch.empty_like(weight),
+            torch.empty_like(bias), _empty_like_or_none(x_bias, x)]
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed, impl = inputs
+    ctx.save_for_backward(x, weight, bias, output[1], output[2], residual, x_bias)
+    ctx.args = (eps, activation, dropout_p, seed, impl)
+
+
+def _add_layer_norm_backward(ctx, dy, dmean, drstd):
+    x, weight, bias, mean, rstd, residual, x_bias = ctx.saved_tensors
+    eps, activation, dropout_p, seed, impl = ctx.args
+    dx, dres, dw, db, dxb = _add_layer_norm_backward_op(dy.contiguous(), x, weight, bias, mean, rstd, eps,
+                                                        residual, x_bias, activation, dropout_p, seed, impl)
+    return (dx, dw, db, None, dres if residual is not None else None, dxb if x_bias is not None else None,
+            None, None, None, None)
+
+
+_add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
+
+
+def add_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Optional[Tensor] = None,
+                   x_bias: Optional[Tensor] = None, activation: Optional[str] = None,
+                   dropout_p: float = 0.0) -> Tensor:
+    """LayerNorm(dropout(act(x + x_bias)) + residual) over the last dim, statistics in fp32.
+
+    x, residual: (..., H) same dtype;  weight, bias, x_bias: (H,) same dtype as x
+    activation: None | "gelu" | "gelu_tanh" | "relu" | "silu";  dropout_p: before the residual (training)
+    """
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    hidden = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
+        _check_same(name, t, x, "x", shape=(hidden,))
+    _check_same("residual", residual, x, "x", shape=x.shape)
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    shape = x.shape
+    x2 = x.reshape(-1, hidden).contiguous()
+    r2 = residual.reshape(-1, hidden).contiguous() if residual is not None else None
+    impl = choose("add_layer_norm", x.device, dtype=x.dtype, hidden=hidden)
+    seed = new_seed() if dropout_p > 0.0 else 0
+    y = _add_layer_norm_op(x2, weight, bias, float(eps), r2, x_bias, activation or "", float(dropout_p), seed,
+                           impl)[0]
+    return y.view(shape)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# embed: gather word + position + token-type rows of the real tokens, sum, LayerNorm
+
+def _embed_reference(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight,
+                     ln_bias, eps):
+    ids = input_ids.index_select(0, indices)
+    e = F.embedding(ids, word_emb)
+    if type_emb is not None:
+        tt = token_type_ids.index_select(0, indices) if token_type_ids is not None else torch.zeros_like(ids)
+        e = e + F.embedding(tt, type_emb)
+    e = e + F.embedding(position_ids.index_select(0, indices), pos_emb)
+    cdt = _compute_dtype(e.dtype)
+    y, mean, rstd = torch.native_layer_norm(e.to(cdt), (e.shape[-1],), ln_weight.to(cdt), ln_bias.to(cdt), eps)
+    return y.to(word_emb.dtype), mean.view(-1).float(), rstd.view(-1).float()
+
+
+@torch.library.custom_op("bertfast::embed", mutates_args=())
+def _embed_op(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_ids: Optional[Tensor],
+              word_emb: Tensor, pos_emb: Tensor, type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor,
+              eps: float, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    if impl == "cpp":
+        if type_emb is not None and token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        return tuple(torch.ops.bertfast_C.embed(input_ids, indices, position_ids, token_type_ids, word_emb,
+                                                pos_emb, type_emb, ln_weight, ln_bias, eps))
+    return _embed_reference(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
+                            ln_weight, ln_bias, eps)
+
+
+@_embed_op.register_fake
+def _(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, eps,
+      impl):
+    t = indices.shape[0]
+    return (word_emb.new_empty((t, word_emb.shape[1])), word_emb.new_empty((t,), dtype=torch.float32),
+            word_emb.new_empty((t,), dtype=torch.float32))
+
+
+@torch.library.custom_op("bertfast::embed_backward", mutates_args=())
+def _embed_backward_op(dy: Tensor, input_ids: Tensor, indices: Tensor, position_ids: Tensor,
+                       token_type_ids: Optional[Tensor], word_emb: Tensor, pos_emb: Tensor,
+                       type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor, eps: float,
+                       impl: str) -> list[Tensor]:
+    """-> [d_word_emb, d_pos_emb, d_type_emb (empty when type_emb is None), d_ln_weight, d_ln_bias], dense"""
+    # The backward scatters into the (large) embedding tables; torch's autograd of the reference is used for
+    # every implementation: its cost is one pass over the T rows plus the dense gradient tables.
+    grads = _recompute_grads(
+        lambda w, p, t, lw, lb: _embed_reference(input_ids, indices, position_ids, token_type_ids, w, p, t, lw,
+                                                 lb, eps)[0],
+        [word_emb, pos_emb, type_emb, ln_weight, ln_bias], [dy])
+    return [_grad_or_empty(g, t, word_emb) for g, t in zip(grads, [word_emb, pos_emb, type_emb, ln_weight, ln_bias])]
+
+
+@_embed_backward_op.register_fake
+def _(dy, input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, eps,
+      impl):
+    return [torch.empty_like(word_emb), torch.empty_like(pos_emb), _empty_like_or_none(type_emb, word_emb),
+            torch.empty_like(ln_weight), torch.empty_like(ln_bias)]
+
+
+def _embed_setup(ctx, inputs, output):
+    (input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, eps,
+     impl) = inputs
+    ctx.save_for_backward(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
+                          ln_weight, ln_bias)
+    ctx.args = (eps, impl)
+
+
+def _embed_backward(ctx, dy, dmean, drstd):
+    saved = ctx.saved_tensors
+    dw, dp, dt, dlw, dlb = _embed_backward_op(dy.contiguous(), *saved, *ctx.args)
+    return None, None, None, None, dw, dp, (dt if saved[6] is not None else None), dlw, dlb, None, None
+
+
+_embed_op.register_autograd(_embed_backward, setup_context=_embed_setup)
+
+
+def embed(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_ids: Optional[Tensor],
+          word_emb: Tensor, pos_emb: Tensor, type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor,
+          eps: float) -> Tensor:
+    """LayerNorm(word_emb[ids] + type_emb[token_types] + pos_emb[positions]) for the real tokens.
+
+    input_ids, position_ids, token_type_ids: (N,) int64, flattened padded batch (N = B * S)
+    indices: (T,) int64 - the real tokens (from bertfast.padding.unpad_mask)
+    word_emb (V, E), pos_emb (P, E), type_emb (types, E) or None; ln_weight / ln_bias (E,)
+    returns (T, E) in word_emb's dtype. Ids are not range-checked here (the model checks them once per batch).
+    """
+    impl = choose("embed", word_emb.device, dtype=word_emb.dtype)
+    return _embed_op(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight,
+                     ln_bias, float(eps), impl)[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# unpad / pad
+
+@torch.library.custom_op("bertfast::unpad", mutates_args=())
+def _unpad_op(x: Tensor, indices: Tensor, impl: str) -> Tensor:
+    if impl == "cpp":
+        return torch.ops.bertfast_C.unpad(x, indices)
+    return x.index_select(0, indices)
+
+
+@_unpad_op.register_fake
+def _(x, indices, impl):
+    return x.new_empty((indices.shape[0],) + tuple(x.shape[1:]))
+
+
+@torch.library.custom_op("bertfast::pad", mutates_args=())
+def _pad_op(x: Tensor, indices: Tensor, n_rows: int, impl: str) -> Tensor:
+    if impl == "cpp":
+        return torch.ops.bertfast_C.pad(x, indices, n_rows)
+    return x.new_zeros((n_rows,) + tuple(x.shape[1:])).index_copy_(0, indices, x)
+
+
+@_pad_op.register_fake
+def _(x, indices, n_rows, impl):
+    return x.new_empty((n_rows,) + tuple(x.shape[1:]))
+
+
+def _unpad_setup(ctx, inputs, output):
+    x, indices, impl = inputs
+    ctx.save_for_backward(indices)
+    ctx.args = (x.shape[0], impl)
+
+
+def _unpad_backward(ctx, dy):
+    (indices,) = ctx.saved_tensors
+    n_rows, impl = ctx.args
+    return _pad_op(dy.contiguous(), indices, n_rows, impl), None, None
+
+
+def _pad_setup(ctx, inputs, output):
+    x, indices, n_rows, impl = inputs
+    ctx.save_for_backward(indices)
+    ctx.args = (impl,)
+
+
+def _pad_backward(ctx, dy):
+    (indices,) = ctx.saved_tensors
+    return _unpad_op(dy.contiguous(), indices, ctx.args[0]), None, None, None
+
+
+_unpad_op.register_autograd(_unpad_backward, setup_context=_unpad_setup)
+_pad_op.register_autograd(_pad_backward, setup_context=_pad_setup)
+
+
+def unpad(x: Tensor, indices: Tensor) -> Tensor:
+    """x (N, ...) -> x[indices] (T, ...); e.g. hidden states [B*S, H] of a padded batch to its real tokens."""
+    if indices.dtype != torch.int64 or indices.dim() != 1:
+        raise ValueError(f"indices must be a 1-D int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
+    return _unpad_op(x.contiguous(), indices, choose("unpad", x.device, dtype=x.dtype))
+
+
+def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
+    """x (T, ...) packed real tokens -> (batch, seqlen, ...) with zeros at the padded positions."""
+    if indices.dtype != torch.int64 or indices.dim() != 1 or indices.shape[0] != x.shape[0]:
+        raise ValueError(f"indices must be a 1-D int64 tensor with one entry per row of x ({x.shape[0]}), got "
+                         f"{indices.dtype} of shape {tuple(indices.shape)}")
+    out = _pad_op(x.contiguous(), indices, batch * seqlen, choose("pad", x.device, dtype=x.dtype))
+    return out.view((batch, seqlen) + tuple(x.shape[1:]))

@@ -1,0 +1,44 @@
+"""Shared test helpers: random transformers BERT models saved and reloaded, random padded batches."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import BertConfig
+from transformers import BertModel as HFBertModel
+
+
+def bert_config(hidden=96, heads=3, layers=2, intermediate=None, vocab=211, max_pos=80, type_vocab=3, **kw):
+    return BertConfig(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
+                      intermediate_size=intermediate or 4 * hidden, vocab_size=vocab,
+                      max_position_embeddings=max_pos, type_vocab_size=type_vocab, **kw)
+
+
+def hf_bert(config, attn_implementation="eager"):
+    """A transformers BertModel with random weights (its own initialisation), in eval mode."""
+    model = HFBertModel._from_config(copy.deepcopy(config), attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def hf_copy(model, attn_implementation):
+    other = hf_bert(model.config, attn_implementation)
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def random_batch(batch, seqlen, vocab, type_vocab=2, lengths=None, generator=None):
+    """ids, mask, token types for a right-padded batch; lengths random in [1, seqlen] unless given, and always
+    including one length-1 and one full-length sequence when batch >= 2."""
+    if lengths is None:
+        lengths = torch.randint(1, seqlen + 1, (batch,), generator=generator)
+        if batch >= 2:
+            lengths[0], lengths[1] = 1, seqlen
+    lengths = torch.as_tensor(lengths)
+    ids = torch.randint(0, vocab, (batch, seqlen), generator=generator)
+    mask = (torch.arange(seqlen)[None, :] < lengths[:, None]).long()
+    types = torch.randint(0, type_vocab, (batch, seqlen), generator=generator)
+    return ids, mask, types
+
+
+def real(mask):
+    return mask.bool()

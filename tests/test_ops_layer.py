@@ -1,0 +1,123 @@
+"""The ops layer: bertfast:: custom ops (schemas, fake impls, autograd), backend choice, gradients in float64."""
+import pytest
+import torch
+
+from bertfast import ops
+from bertfast.padding import unpad_mask
+
+BACKENDS = ["auto", "reference"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("BERTFAST_BACKEND", request.param)
+    return request.param
+
+
+def _packed(lengths, heads=2, head_dim=32, dtype=torch.float64):
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    qkv = torch.randn(int(cu[-1]), 3, heads, head_dim, dtype=dtype)
+    return qkv, cu, max(lengths)
+
+
+def _attention_f64(qkv, cu, scale):
+    out = torch.empty(qkv.shape[0], qkv.shape[2], qkv.shape[3], dtype=torch.float64)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        q, k, v = (qkv[s:e, i].double().transpose(0, 1) for i in range(3))
+        out[s:e] = (torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ v).transpose(0, 1)
+    return out
+
+
+def test_ops_registered():
+    for name in ("varlen_attention", "varlen_attention_backward", "add_layer_norm", "add_layer_norm_backward",
+                 "bias_act", "bias_act_backward", "embed", "embed_backward", "unpad", "pad"):
+        assert hasattr(torch.ops.bertfast, name), name
+
+
+def test_attention_matches_float64(backend):
+    qkv, cu, m = _packed([1, 17, 5, 33], dtype=torch.float32)
+    out = ops.varlen_attention(qkv, cu, m)
+    ref = _attention_f64(qkv, cu, 32 ** -0.5)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_gradcheck_attention(backend):
+    qkv, cu, m = _packed([1, 4, 3], heads=2, head_dim=8)
+    qkv.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: ops.varlen_attention(t, cu, m), (qkv,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+def test_gradcheck_add_layer_norm(backend, activation):
+    x, r = torch.randn(3, 16, dtype=torch.float64, requires_grad=True), torch.randn(3, 16, dtype=torch.float64,
+                                                                                requires_grad=True)
+    w, b, xb = (torch.randn(16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(
+        lambda *a: ops.add_layer_norm(a[0], a[1], a[2], 1e-5, residual=a[3], x_bias=a[4], activation=activation),
+        (x, w, b, r, xb), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_add_layer_norm_matches_float64(backend):
+    x, r = torch.randn(7, 384), torch.randn(7, 384)
+    w, b, xb = torch.randn(384), torch.randn(384), torch.randn(384)
+    y = ops.add_layer_norm(x, w, b, 1e-12, residual=r, x_bias=xb, activation="gelu")
+    ref = torch.nn.functional.layer_norm(torch.nn.functional.gelu(x.double() + xb.double()) + r.double(), (384,),
+                                         w.double(), b.double(), 1e-12)
+    assert (y.double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
+def test_gradcheck_bias_act(backend, activation):
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c: ops.bias_act(a, c, activation), (x, b), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_gradcheck_embed_and_padding(backend):
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    unp = unpad_mask(mask)
+    ids = torch.randint(0, 10, (8,))
+    pos = torch.arange(4).repeat(2)
+    types = torch.randint(0, 2, (8,))
+    word, pemb, temb = (torch.randn(n, 6, dtype=torch.float64, requires_grad=True) for n in (10, 4, 2))
+    lw, lb = torch.randn(6, dtype=torch.float64, requires_grad=True), torch.randn(6, dtype=torch.float64,
+                                                                                  requires_grad=True)
+
+    def f(word, pemb, temb, lw, lb):
+        x = ops.embed(ids, unp.indices, pos, types, word, pemb, temb, lw, lb, 1e-5)
+        return ops.pad(x, unp.indices, 2, 4)
+    assert torch.autograd.gradcheck(f, (word, pemb, temb, lw, lb), eps=1e-6, atol=1e-6, fast_mode=True)
+    h = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.unpad(t, unp.indices), (h,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_opcheck_every_op():
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration."""
+    qkv, cu, m = _packed([3, 5], dtype=torch.float32)
+    ref = "reference"
+    cases = [
+        (torch.ops.bertfast.varlen_attention, (qkv, cu, m, 0.2, 0.0, 0, ref)),
+        (torch.ops.bertfast.add_layer_norm, (torch.randn(4, 8), torch.randn(8), torch.randn(8), 1e-5,
+                                             torch.randn(4, 8), torch.randn(8), "gelu", 0.0, 0, ref)),
+        (torch.ops.bertfast.bias_act, (torch.randn(4, 8), torch.randn(8), "gelu_tanh", ref)),
+        (torch.ops.bertfast.unpad, (torch.randn(6, 4), torch.tensor([0, 2, 5]), ref)),
+        (torch.ops.bertfast.pad, (torch.randn(3, 4), torch.tensor([0, 2, 5]), 6, ref)),
+        (torch.ops.bertfast.embed, (torch.randint(0, 9, (6,)), torch.tensor([0, 2, 5]), torch.arange(6),
+                                    torch.randint(0, 2, (6,)), torch.randn(9, 4), torch.randn(6, 4),
+                                    torch.randn(2, 4), torch.randn(4), torch.randn(4), 1e-5, ref)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
+                                                     "test_autograd_registration"))
+
+
+def test_choose_reports_and_respects_forced_backend(monkeypatch):
+    monkeypatch.setenv("BERTFAST_BACKEND", "reference")
+    assert ops.choose("add_layer_norm", torch.device("cpu"), dtype=torch.float32, hidden=64) == "reference"
+    monkeypatch.setenv("BERTFAST_BACKEND", "cpp")
+    # there is no C++ attention: the reference runs, with a notice
+    assert ops.choose("varlen_attention", torch.device("cpu"), dtype=torch.float32, head_dim=64) == "reference"
+    assert any("has no cpp implementation" in v for v in ops.notices().values())
+    monkeypatch.setenv("BERTFAST_BACKEND", "auto")
+    table = ops.implementation_table("cpu")
+    assert set(table) == set(ops.PREFERENCE)
