@@ -1,0 +1,230 @@
+// bertfast_C::add_layer_norm / add_layer_norm_backward: bias + activation + residual + LayerNorm in one pass.
+//
+//   add_layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? residual, Tensor? x_bias,
+//                  str activation) -> (Tensor y, Tensor mean, Tensor rstd)
+//     x [N, H] float32/float16/bfloat16, contiguous; weight, bias, x_bias [H] and residual [N, H] of x's dtype.
+//     h = act(x + x_bias) + residual   (x_bias / residual skipped when None)
+//     y = (h - mean) * rstd * weight + bias   [N, H] x's dtype;  mean, rstd [N] float32 (statistics in fp32,
+//     rstd = 1 / sqrt(var + eps), biased variance). activation: "" (none), "gelu" (exact erf), "gelu_tanh",
+//     "relu", "silu".
+//
+//   add_layer_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? residual,
+//                           Tensor? x_bias, str activation)
+//       -> (Tensor dx, Tensor? dresidual, Tensor dweight, Tensor dbias, Tensor? dx_bias)
+//     h is recomputed from x, x_bias, residual (nothing else is saved). dh = dL/dh (the LayerNorm backward).
+//     dx = dh * act'(x + x_bias)                    [N, H] x's dtype
+//     dresidual = dh, returned only when residual is given AND activation is not "": with no activation dh == dx,
+//                 so it is None and the caller uses dx for the residual too (saves an [N, H] copy).
+//     dweight, dbias [H] weight's dtype; dx_bias = sum over rows of dx [H] (None when x_bias is None).
+//     The column sums are deterministic: fixed row blocks (depending on N only) reduced in order.
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "checks.h"
+#include "cpu_kernels.h"
+
+namespace bertfast {
+namespace {
+
+constexpr const char* kFwd = "bertfast_C::add_layer_norm";
+constexpr const char* kBwd = "bertfast_C::add_layer_norm_backward";
+
+void check_common(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& x_bias) {
+  check_float_dtype(op, "x", x);
+  check_dim(op, "x", x, 2, "[N, H]");
+  check_contiguous(op, "x", x);
+  const int64_t n = x.size(0), h = x.size(1);
+  TORCH_CHECK(h > 0, op, ": x must have a non-empty last dimension, got shape ", x.sizes());
+  check_feature_vector(op, "weight", weight, x, h);
+  if (residual.has_value()) {
+    check_device(op, "residual", *residual, x.device());
+    check_dtype(op, "residual", *residual, x.scalar_type());
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == n && residual->size(1) == h, op,
+                ": residual must have x's shape ", x.sizes(), ", got ", residual->sizes());
+    check_contiguous(op, "residual", *residual);
+  }
+  if (x_bias.has_value()) check_feature_vector(op, "x_bias", *x_bias, x, h);
+}
+
+void check_stats(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  check_device(op, name, t, x.device());
+  check_dtype(op, name, t, at::kFloat);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), op, ": ", name, " must have shape [", x.size(0),
+              "] (one per row of x), got ", t.sizes());
+  check_contiguous(op, name, t);
+}
+
+template <typename T>
+const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                                  const at::Tensor& bias, double eps,
+                                                                  const std::optional<at::Tensor>& residual,
+                                                                  const std::optional<at::Tensor>& x_bias,
+                                                                  const std::string& activation) {
+  check_device(kFwd, "x", x, at::Device(at::kCPU));
+  check_common(kFwd, x, weight, residual, x_bias);
+  check_feature_vector(kFwd, "bias", bias, x, x.size(1));
+  TORCH_CHECK(eps >= 0.0, kFwd, ": eps must be >= 0, got ", eps);
+  const Activation act = parse_activation(kFwd, activation);
+  const int64_t n = x.size(0), h = x.size(1);
+  auto y = at::empty_like(x);
+  auto mean = at::empty({n}, x.options().dtype(at::kFloat));
+  auto rstd = at::empty({n}, x.options().dtype(at::kFloat));
+  if (n == 0) return {y, mean, rstd};
+  const float feps = static_cast<float>(eps);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_layer_norm_cpu", [&] {
+    using T = scalar_t;
+    const T* xp = x.data_ptr<T>();
+    const T* rp = opt_ptr<T>(residual);
+    const T* xbp = opt_ptr<T>(x_bias);
+    const T* wp = weight.data_ptr<T>();
+    const T* bp = bias.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    float* mp = mean.data_ptr<float>();
+    float* sp = rstd.data_ptr<float>();
+    cpu::dispatch_activation(act, [&](auto act_c) {
+      constexpr Activation A = decltype(act_c)::value;
+      cpu::parallel_rows(n, cpu::row_grain(h), [=](int64_t begin, int64_t end) {
+        // fp32 copies of weight, bias, x_bias (zeros when absent), residual row (zeros when absent), h row.
+        std::vector<float> buf(5 * h, 0.0f);
+        float* w = buf.data();
+        float* b = w + h;
+        float* xb = b + h;
+        float* rr = xb + h;
+        float* hr = rr + h;
+        cpu::load_row(wp, w, h);
+        cpu::load_row(bp, b, h);
+        if (xbp) cpu::load_row(xbp, xb, h);
+        for (int64_t row = begin; row < end; ++row) {
+          const T* xr = xp + row * h;
+          if (rp) cpu::load_row(rp + row * h, rr, h);
+          for (int64_t i = 0; i < h; ++i) hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) + rr[i];
+          float m, s;
+          cpu::row_moments(hr, h, feps, m, s);
+          mp[row] = m;
+          sp[row] = s;
+          cpu::row_normalize(hr, m, s, w, b, yp + row * h, h);
+        }
+      });
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor, std::optional<at::Tensor>>
+add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& mean, const at::Tensor& rstd,
+                            const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& x_bias,
+                            const std::string& activation) {
+  check_device(kBwd, "x", x, at::Device(at::kCPU));
+  check_common(kBwd, x, weight, residual, x_bias);
+  check_device(kBwd, "dy", dy, x.device());
+  check_dtype(kBwd, "dy", dy, x.scalar_type());
+  TORCH_CHECK(dy.sizes() == x.sizes(), kBwd, ": dy must have x's shape ", x.sizes(), ", got ", dy.sizes());
+  check_contiguous(kBwd, "dy", dy);
+  check_stats(kBwd, "mean", mean, x);
+  check_stats(kBwd, "rstd", rstd, x);
+  const Activation act = parse_activation(kBwd, activation);
+  const int64_t n = x.size(0), h = x.size(1);
+
+  auto dx = at::empty_like(x);
+  const bool want_dres = residual.has_value() && act != Activation::kNone;
+  std::optional<at::Tensor> dres;
+  if (want_dres) dres = at::empty_like(x);
+  auto dweight = at::empty({h}, weight.options());
+  auto dbias = at::empty({h}, weight.options());
+  std::optional<at::Tensor> dxb;
+  if (x_bias.has_value()) dxb = at::empty({h}, x_bias->options());
+
+  const cpu::RowBlocks blocks = cpu::row_blocks(n);
+  const int64_t stride = 3 * h;  // per block: dweight, dbias, dx_bias partials
+  auto partials = at::zeros({std::max<int64_t>(blocks.n_blocks, 1), stride}, x.options().dtype(at::kFloat));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_layer_norm_backward_cpu", [&] {
+    using T = scalar_t;
+    const T* dyp = dy.data_ptr<T>();
+    const T* xp = x.data_ptr<T>();
+    const T* rp = opt_ptr<T>(residual);
+    const T* xbp = opt_ptr<T>(x_bias);
+    const T* wp = weight.data_ptr<T>();
+    const float* mp = mean.data_ptr<float>();
+    const float* sp = rstd.data_ptr<float>();
+    T* dxp = dx.data_ptr<T>();
+    T* drp = want_dres ? dres->data_ptr<T>() : nullptr;
+    float* pp = partials.data_ptr<float>();
+    cpu::dispatch_activation(act, [&](auto act_c) {
+      constexpr Activation A = decltype(act_c)::value;
+      cpu::parallel_rows(blocks.n_blocks, 1, [=](int64_t block_begin, int64_t block_end) {
+        std::vector<float> buf(6 * h, 0.0f);
+        float* w = buf.data();
+        float* xb = w + h;
+        float* rr = xb + h;
+        float* a = rr + h;
+        float* hr = a + h;
+        float* g = hr + h;
+        cpu::load_row(wp, w, h);
+        if (xbp) cpu::load_row(xbp, xb, h);
+        for (int64_t blk = block_begin; blk < block_end; ++blk) {
+          float* dw_acc = pp + blk * stride;
+          float* db_acc = dw_acc + h;
+          float* dxb_acc = db_acc + h;
+          const int64_t row_end = std::min(n, (blk + 1) * blocks.rows_per_block);
+          for (int64_t row = blk * blocks.rows_per_block; row < row_end; ++row) {
+            const T* xr = xp + row * h;
+            if (rp) cpu::load_row(rp + row * h, rr, h);
+            for (int64_t i = 0; i < h; ++i) {
+              a[i] = static_cast<float>(xr[i]) + xb[i];
+              hr[i] = cpu::act_f<A>(a[i]) + rr[i];
+            }
+            cpu::load_row(dyp + row * h, g, h);
+            cpu::row_layer_norm_backward(hr, g, w, mp[row], sp[row], dw_acc, db_acc, h);
+            if (drp) cpu::store_row(hr, drp + row * h, h);
+            T* dxr = dxp + row * h;
+            if constexpr (A == Activation::kNone) {
+              cpu::store_row(hr, dxr, h);
+              if (xbp) {
+                for (int64_t i = 0; i < h; ++i) dxb_acc[i] += hr[i];
+              }
+            } else {
+              for (int64_t i = 0; i < h; ++i) hr[i] *= cpu::act_grad_f<A>(a[i]);
+              cpu::store_row(hr, dxr, h);
+              if (xbp) {
+                for (int64_t i = 0; i < h; ++i) dxb_acc[i] += hr[i];
+              }
+            }
+          }
+        }
+      });
+    });
+    const float* cp = partials.data_ptr<float>();
+    cpu::reduce_partials(cp, blocks.n_blocks, stride, 0, h, dweight.data_ptr<T>());
+    cpu::reduce_partials(cp, blocks.n_blocks, stride, h, h, dbias.data_ptr<T>());
+    if (dxb) cpu::reduce_partials(cp, blocks.n_blocks, stride, 2 * h, h, dxb->data_ptr<T>());
+  });
+  return {dx, dres, dweight, dbias, dxb};
+}
+
+TORCH_LIBRARY_FRAGMENT(bertfast_C, m) {
+  m.def(
+      "add_layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? residual, Tensor? x_bias, "
+      "str activation) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def(
+      "add_layer_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? residual, "
+      "Tensor? x_bias, str activation) -> (Tensor dx, Tensor? dresidual, Tensor dweight, Tensor dbias, "
+      "Tensor? dx_bias)");
+}
+
+TORCH_LIBRARY_IMPL(bertfast_C, CPU, m) {
+  m.impl("add_layer_norm", &add_layer_norm_cpu);
+  m.impl("add_layer_norm_backward", &add_layer_norm_backward_cpu);
+}
+
+}  // namespace bertfast

@@ -1,0 +1,129 @@
+// bertfast_C::bias_act / bias_act_backward: bias add + activation in one pass (the FFN up-projection epilogue).
+//
+//   bias_act(Tensor x, Tensor? bias, str activation) -> Tensor
+//     x [..., H] float32/float16/bfloat16, contiguous; bias [H] of x's dtype or None.
+//     y = act(x + bias), x's shape and dtype, computed in fp32 and rounded once.
+//     activation: "gelu" (exact erf), "gelu_tanh", "relu", "silu", or "" (none: a plain bias add).
+//
+//   bias_act_backward(Tensor dy, Tensor x, Tensor? bias, str activation) -> (Tensor dx, Tensor? dbias)
+//     dx = dy * act'(x + bias) (x's dtype); dbias = sum of dx over all rows [H] (None when bias is None),
+//     accumulated in fp32 in fixed row blocks reduced in order: deterministic for any thread count.
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "checks.h"
+#include "cpu_kernels.h"
+
+namespace bertfast {
+namespace {
+
+constexpr const char* kFwd = "bertfast_C::bias_act";
+constexpr const char* kBwd = "bertfast_C::bias_act_backward";
+
+// Returns the row length H (the last dimension of x).
+int64_t check_bias_act(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  check_float_dtype(op, "x", x);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension [..., H], got a 0-d tensor");
+  check_contiguous(op, "x", x);
+  const int64_t h = x.size(-1);
+  if (bias.has_value()) check_feature_vector(op, "bias", *bias, x, h);
+  return h;
+}
+
+}  // namespace
+
+at::Tensor bias_act_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bias, const std::string& activation) {
+  check_device(kFwd, "x", x, at::Device(at::kCPU));
+  const int64_t h = check_bias_act(kFwd, x, bias);
+  const Activation act = parse_activation(kFwd, activation);
+  auto y = at::empty_like(x);
+  if (x.numel() == 0) return y;
+  const int64_t n = x.numel() / h;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act_cpu", [&] {
+    using T = scalar_t;
+    const T* xp = x.data_ptr<T>();
+    const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+    T* yp = y.data_ptr<T>();
+    cpu::dispatch_activation(act, [&](auto act_c) {
+      constexpr Activation A = decltype(act_c)::value;
+      cpu::parallel_rows(n, cpu::row_grain(h), [=](int64_t begin, int64_t end) {
+        std::vector<float> b(h, 0.0f);
+        if (bp) cpu::load_row(bp, b.data(), h);
+        const float* bf = b.data();
+        for (int64_t row = begin; row < end; ++row) {
+          const T* xr = xp + row * h;
+          T* yr = yp + row * h;
+          for (int64_t i = 0; i < h; ++i) yr[i] = static_cast<T>(cpu::act_f<A>(static_cast<float>(xr[i]) + bf[i]));
+        }
+      });
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> bias_act_backward_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                                       const std::optional<at::Tensor>& bias,
+                                                                       const std::string& activation) {
+  check_device(kBwd, "x", x, at::Device(at::kCPU));
+  const int64_t h = check_bias_act(kBwd, x, bias);
+  check_device(kBwd, "dy", dy, x.device());
+  check_dtype(kBwd, "dy", dy, x.scalar_type());
+  TORCH_CHECK(dy.sizes() == x.sizes(), kBwd, ": dy must have x's shape ", x.sizes(), ", got ", dy.sizes());
+  check_contiguous(kBwd, "dy", dy);
+  const Activation act = parse_activation(kBwd, activation);
+  auto dx = at::empty_like(x);
+  std::optional<at::Tensor> dbias;
+  if (bias.has_value()) dbias = at::empty({h}, bias->options());
+  const int64_t n = h > 0 ? x.numel() / h : 0;
+  const cpu::RowBlocks blocks = cpu::row_blocks(n);
+  at::Tensor partials;
+  if (bias.has_value()) partials = at::zeros({std::max<int64_t>(blocks.n_blocks, 1), h}, x.options().dtype(at::kFloat));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act_backward_cpu", [&] {
+    using T = scalar_t;
+    const T* dyp = dy.data_ptr<T>();
+    const T* xp = x.data_ptr<T>();
+    const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+    T* dxp = dx.data_ptr<T>();
+    float* pp = bias.has_value() ? partials.data_ptr<float>() : nullptr;
+    cpu::dispatch_activation(act, [&](auto act_c) {
+      constexpr Activation A = decltype(act_c)::value;
+      cpu::parallel_rows(blocks.n_blocks, 1, [=](int64_t block_begin, int64_t block_end) {
+        std::vector<float> buf(2 * h, 0.0f);
+        float* b = buf.data();
+        float* d = b + h;
+        if (bp) cpu::load_row(bp, b, h);
+        for (int64_t blk = block_begin; blk < block_end; ++blk) {
+          const int64_t row_end = std::min(n, (blk + 1) * blocks.rows_per_block);
+          for (int64_t row = blk * blocks.rows_per_block; row < row_end; ++row) {
+            const T* xr = xp + row * h;
+            const T* dyr = dyp + row * h;
+            for (int64_t i = 0; i < h; ++i) {
+              d[i] = static_cast<float>(dyr[i]) * cpu::act_grad_f<A>(static_cast<float>(xr[i]) + b[i]);
+            }
+            cpu::store_row(d, dxp + row * h, h);
+            if (pp) {
+              float* acc = pp + blk * h;
+              for (int64_t i = 0; i < h; ++i) acc[i] += d[i];
+            }
+          }
+        }
+      });
+    });
+    if (dbias) cpu::reduce_partials(partials.data_ptr<float>(), blocks.n_blocks, h, 0, h, dbias->data_ptr<T>());
+  });
+  return {dx, dbias};
+}
+
+TORCH_LIBRARY_FRAGMENT(bertfast_C, m) {
+  m.def("bias_act(Tensor x, Tensor? bias, str activation) -> Tensor");
+  m.def("bias_act_backward(Tensor dy, Tensor x, Tensor? bias, str activation) -> (Tensor dx, Tensor? dbias)");
+}
+
+TORCH_LIBRARY_IMPL(bertfast_C, CPU, m) {
+  m.impl("bias_act", &bias_act_cpu);
+  m.impl("bias_act_backward", &bias_act_backward_cpu);
+}
+
+}  // namespace bertfast

@@ -1,0 +1,317 @@
+// Building blocks of the CPU kernels of bertfast._C: ISA dispatch, vectorisable fp32 math, row helpers.
+//
+// Why not at::vec::Vectorized: an extension is compiled once, for the baseline x86-64 ISA (SSE2), and ATen's
+// Vectorized<float> only uses AVX2/AVX-512 inside ATen's own per-ISA translation units. So every kernel here is
+// written as plain loops over fp32 row buffers that GCC/clang vectorise at -O3, and `run_isa` compiles the
+// caller's loop body three times - for AVX-512, AVX2+FMA and the baseline - through the `target` and `flatten`
+// function attributes (flatten inlines the body and all it calls, so the whole body is compiled for that ISA).
+// The ISA is picked once at run time from the CPU (BERTFAST_CPU_ISA=base|avx2|avx512 overrides it, for tests).
+//
+// All arithmetic is fp32 (half and bfloat16 are converted on load and rounded once on store); the math
+// functions below avoid libm so that they vectorise: exp (Cody-Waite + degree-7 Taylor, <= 2 ulp on the
+// clamped range), erf (two fitted polynomials, <= 3 ulp, max abs error 1.3e-7), all branch-free.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "checks.h"
+
+#define BF_INLINE inline __attribute__((always_inline))
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BERTFAST_X86_MULTIVERSION 1
+#define BF_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2"), flatten))
+#define BF_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2"), flatten))
+#else
+#define BERTFAST_X86_MULTIVERSION 0
+#endif
+
+namespace bertfast {
+namespace cpu {
+
+enum class Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline Isa detect_isa() {
+  static const Isa isa = [] {
+#if BERTFAST_X86_MULTIVERSION
+    __builtin_cpu_init();
+    Isa best = Isa::kBase;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) {
+      best = Isa::kAvx2;
+    }
+    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      best = Isa::kAvx512;
+    }
+    // The override can only lower the ISA, never ask for one the CPU lacks.
+    if (const char* env = std::getenv("BERTFAST_CPU_ISA")) {
+      std::string want(env);
+      Isa asked = want == "base" ? Isa::kBase : want == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
+      if (static_cast<int>(asked) < static_cast<int>(best)) best = asked;
+    }
+    return best;
+#else
+    return Isa::kBase;
+#endif
+  }();
+  return isa;
+}
+
+inline const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "base";
+}
+
+#if BERTFAST_X86_MULTIVERSION
+template <typename F>
+BF_TARGET_AVX512 void run_avx512(const F& f, int64_t begin, int64_t end) { f(begin, end); }
+template <typename F>
+BF_TARGET_AVX2 void run_avx2(const F& f, int64_t begin, int64_t end) { f(begin, end); }
+#endif
+template <typename F>
+__attribute__((flatten)) void run_base(const F& f, int64_t begin, int64_t end) { f(begin, end); }
+
+// f(begin, end) compiled for the best ISA of this CPU. `f` must only touch raw pointers (no ATen calls).
+template <typename F>
+inline void run_isa(const F& f, int64_t begin, int64_t end) {
+#if BERTFAST_X86_MULTIVERSION
+  switch (detect_isa()) {
+    case Isa::kAvx512: run_avx512(f, begin, end); return;
+    case Isa::kAvx2: run_avx2(f, begin, end); return;
+    default: break;
+  }
+#endif
+  run_base(f, begin, end);
+}
+
+// at::parallel_for over [0, n) with each chunk run by run_isa.
+template <typename F>
+inline void parallel_rows(int64_t n, int64_t grain, const F& f) {
+  at::parallel_for(0, n, std::max<int64_t>(grain, 1), [&](int64_t begin, int64_t end) { run_isa(f, begin, end); });
+}
+
+// Rows per parallel chunk so that a chunk moves about 64 KiB of fp32.
+inline int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1)); }
+
+// ----------------------------------------------------------------------------------------------------------
+// scalar <-> fp32 conversion of rows. c10's Half/BFloat16 conversions are branch-free bit manipulation, which
+// vectorises once inlined.
+template <typename T>
+BF_INLINE void load_row(const T* __restrict src, float* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+template <typename T>
+BF_INLINE void store_row(const float* __restrict src, T* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+BF_INLINE float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// e^x, branch-free. x is clamped to [-87, 88] (the result stays a normal float).
+BF_INLINE float exp_f(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float kMagic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  float n = (x * 1.44269504088896341f + kMagic) - kMagic;
+  float r = x - n * 0.693145751953125f;  // ln2 split in two (Cody-Waite): the high part has 16 bits
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t ni = static_cast<int32_t>(n);
+  return p * bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+}
+
+// erf(x): |x| < 0.875: x * P(x^2) (degree 7, least-squares fit); else 1 - exp(Q(|x|) - x^2) with Q a degree-11
+// fit of log(erfc(x)) + x^2 on [0.875, 4] (erf(x) rounds to 1 in fp32 beyond). Both halves are computed and
+// one selected, so the loop vectorises. Max abs error 1.3e-7 (< 3 ulp) over all x.
+BF_INLINE float erf_f(float x) {
+  float ax = std::fabs(x);
+  float u = ax * ax;
+  float p = -1.0694233338535139e-05f;
+  p = p * u + 0.00011560390277342853f;
+  p = p * u - 0.0008517244571304885f;
+  p = p * u + 0.005222882731575044f;
+  p = p * u - 0.02686595990053996f;
+  p = p * u + 0.11283789671955927f;
+  p = p * u - 0.3761263883080026f;
+  p = p * u + 1.1283791670912098f;
+  float small = ax * p;
+  float t = (ax < 0.875f ? 0.875f : (ax > 4.0f ? 4.0f : ax)) - 2.4375f;
+  float q = 2.24990031970037e-08f;
+  q = q * t - 5.846302702998178e-08f;
+  q = q * t - 1.7265564743808951e-07f;
+  q = q * t + 1.962261398623016e-06f;
+  q = q * t - 1.3621674498105381e-05f;
+  q = q * t + 8.266761963888125e-05f;
+  q = q * t - 0.00045091874379192266f;
+  q = q * t + 0.0023017243343389205f;
+  q = q * t - 0.011416258863195427f;
+  q = q * t + 0.05819393680018006f;
+  q = q * t - 0.3598234253903929f;
+  q = q * t - 1.5345508757535204f;
+  float large = 1.0f - exp_f(q - u);
+  float r = ax < 0.875f ? small : large;
+  return std::copysign(r, x);
+}
+
+// Activations and their derivatives, on fp32.
+//   gelu(x)      = x/2 (1 + erf(x/sqrt2))                   gelu'(x) = Phi(x) + x phi(x)
+//   gelu_tanh(x) = x/2 (1 + tanh(u)) = x sigmoid(2u),  u = sqrt(2/pi) (x + 0.044715 x^3)
+//   relu(x) = max(x, 0) (derivative 1 where x > 0, as torch's threshold_backward)
+//   silu(x) = x sigmoid(x)
+constexpr float kSqrt1_2 = 0.70710678118654752440f;
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
+constexpr float kSqrt2OverPi = 0.79788456080286535588f;
+constexpr float kGeluTanhC = 0.044715f;
+
+template <Activation A>
+BF_INLINE float act_f(float x) {
+  if constexpr (A == Activation::kGelu) {
+    return 0.5f * x * (1.0f + erf_f(x * kSqrt1_2));
+  } else if constexpr (A == Activation::kGeluTanh) {
+    float u2 = 2.0f * kSqrt2OverPi * (x + kGeluTanhC * x * x * x);
+    return x / (1.0f + exp_f(-u2));
+  } else if constexpr (A == Activation::kRelu) {
+    return x > 0.0f ? x : 0.0f;
+  } else if constexpr (A == Activation::kSilu) {
+    return x / (1.0f + exp_f(-x));
+  } else {
+    return x;
+  }
+}
+
+// d act / dx at x.
+template <Activation A>
+BF_INLINE float act_grad_f(float x) {
+  if constexpr (A == Activation::kGelu) {
+    return 0.5f * (1.0f + erf_f(x * kSqrt1_2)) + x * kInvSqrt2Pi * exp_f(-0.5f * x * x);
+  } else if constexpr (A == Activation::kGeluTanh) {
+    float u2 = 2.0f * kSqrt2OverPi * (x + kGeluTanhC * x * x * x);
+    float s = 1.0f / (1.0f + exp_f(-u2));
+    return s + 2.0f * x * s * (1.0f - s) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhC * x * x);
+  } else if constexpr (A == Activation::kRelu) {
+    return x > 0.0f ? 1.0f : 0.0f;
+  } else if constexpr (A == Activation::kSilu) {
+    float s = 1.0f / (1.0f + exp_f(-x));
+    return s * (1.0f + x * (1.0f - s));
+  } else {
+    return 1.0f;
+  }
+}
+
+// Calls f.template operator()<A>() with the activation as a compile-time constant.
+template <typename F>
+inline void dispatch_activation(Activation a, const F& f) {
+  switch (a) {
+    case Activation::kGelu: f(std::integral_constant<Activation, Activation::kGelu>()); break;
+    case Activation::kGeluTanh: f(std::integral_constant<Activation, Activation::kGeluTanh>()); break;
+    case Activation::kRelu: f(std::integral_constant<Activation, Activation::kRelu>()); break;
+    case Activation::kSilu: f(std::integral_constant<Activation, Activation::kSilu>()); break;
+    default: f(std::integral_constant<Activation, Activation::kNone>()); break;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// Row reductions (fp32). `omp simd reduction` lets the compiler reorder the sum into vector lanes; the order is
+// fixed at compile time, so results are deterministic.
+BF_INLINE float row_sum(const float* __restrict v, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += v[i];
+  return s;
+}
+
+// LayerNorm statistics of the fp32 row h: two passes (mean, then the centred second moment).
+BF_INLINE void row_moments(const float* __restrict h, int64_t n, float eps, float& mean, float& rstd) {
+  float m = row_sum(h, n) / static_cast<float>(n);
+  float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) {
+    float d = h[i] - m;
+    ss += d * d;
+  }
+  mean = m;
+  rstd = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+}
+
+// y = (h - mean) * rstd * w + b, rounded to T.
+template <typename T>
+BF_INLINE void row_normalize(const float* __restrict h, float mean, float rstd, const float* __restrict w,
+                             const float* __restrict b, T* __restrict y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>((h[i] - mean) * rstd * w[i] + b[i]);
+}
+
+// LayerNorm backward of one row given the recomputed pre-LN row h (overwritten with dh):
+//   xhat = (h - mean) rstd,  g = dy * w,  dh = rstd (g - mean(g) - xhat mean(g xhat)).
+// Also accumulates dw += dy xhat and db += dy into the fp32 partial sums.
+BF_INLINE void row_layer_norm_backward(float* __restrict h, const float* __restrict dy, const float* __restrict w,
+                                       float mean, float rstd, float* __restrict dw_acc, float* __restrict db_acc,
+                                       int64_t n) {
+  float sg = 0.0f, sgx = 0.0f;
+#pragma omp simd reduction(+ : sg, sgx)
+  for (int64_t i = 0; i < n; ++i) {
+    float xhat = (h[i] - mean) * rstd;
+    float g = dy[i] * w[i];
+    sg += g;
+    sgx += g * xhat;
+    dw_acc[i] += dy[i] * xhat;
+    db_acc[i] += dy[i];
+    h[i] = xhat;
+  }
+  float inv_n = 1.0f / static_cast<float>(n);
+  float mg = sg * inv_n, mgx = sgx * inv_n;
+  for (int64_t i = 0; i < n; ++i) h[i] = rstd * (dy[i] * w[i] - mg - h[i] * mgx);
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// Deterministic column sums over rows (dbias, dweight): rows are cut into blocks that depend only on the row
+// count (never on the thread count); each block sums its rows in order into its own fp32 partial, then the
+// partials are added in block order. Same result for any number of threads.
+struct RowBlocks {
+  int64_t rows_per_block;
+  int64_t n_blocks;
+};
+
+inline RowBlocks row_blocks(int64_t n_rows) {
+  int64_t per = std::max<int64_t>(32, (n_rows + 255) / 256);
+  return {per, n_rows == 0 ? 0 : (n_rows + per - 1) / per};
+}
+
+// partials: [n_blocks, n_partials * width] fp32; reduce partial p (width floats) of every block into out_p.
+template <typename T>
+inline void reduce_partials(const float* partials, int64_t n_blocks, int64_t stride, int64_t offset, int64_t width,
+                            T* out) {
+  parallel_rows(width, 256, [=](int64_t begin, int64_t end) {
+    float acc[256];
+    for (int64_t c0 = begin; c0 < end; c0 += 256) {
+      int64_t c1 = std::min(end, c0 + 256);
+      int64_t w = c1 - c0;
+      for (int64_t c = 0; c < w; ++c) acc[c] = 0.0f;
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        const float* p = partials + b * stride + offset + c0;
+        for (int64_t c = 0; c < w; ++c) acc[c] += p[c];
+      }
+      for (int64_t c = 0; c < w; ++c) out[c0 + c] = static_cast<T>(acc[c]);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace bertfast

@@ -1,0 +1,20 @@
+// bertfast_C::linear_act: GEMM + bias (+ activation) through cuBLASLt epilogues. CUDA only (csrc/cuda/linear_act.cu);
+// the schema lives here so that it exists in every build, and a CPU call fails with the dispatcher's
+// "could not run 'bertfast_C::linear_act' with arguments from the 'CPU' backend" (on CPU, torch's
+// linear on MKL/oneDNN is the implementation: bertfast/ops.py routes there).
+//
+//   linear_act(Tensor x, Tensor weight, Tensor? bias, str epilogue) -> Tensor
+//     x [N, K], weight [O, K] (nn.Linear's layout), bias [O] (required by every epilogue but "none"); one dtype of
+//     float16 / bfloat16 / float32 (fp32 GEMMs run in full fp32, no TF32); all on one CUDA device, contiguous.
+//     y [N, O] = epilogue(x @ weight^T + bias), x's dtype. epilogue: "none" (no bias), "bias", "bias_relu",
+//     "bias_gelu_tanh" (cuBLASLt's GELU epilogue is the tanh approximation: use it only for gelu_new /
+//     gelu_pytorch_tanh models; exact-erf GELU is bias_act's job).
+#include <torch/library.h>
+
+namespace bertfast {
+
+TORCH_LIBRARY_FRAGMENT(bertfast_C, m) {
+  m.def("linear_act(Tensor x, Tensor weight, Tensor? bias, str epilogue) -> Tensor");
+}
+
+}  // namespace bertfast
