@@ -1,0 +1,405 @@
+"""Fused ``y = LayerNorm(dropout(act(x + x_bias)) + residual)`` over the last dim, in Triton.
+
+One kernel family serves the encoder's three uses: bias + residual + LayerNorm after the attention output and
+the FFN output projections (x_bias, residual), the MLM head's transform (x_bias, activation="gelu", no
+residual), and training (dropout with a seed). activation is None | "gelu" (exact erf) | "gelu_tanh".
+
+Numerics: every element is loaded, upcast to fp32 and kept in fp32 until the final store; mean and rstd are
+fp32 for every input dtype and returned ([N] fp32) for the backward.
+
+Dropout: keep = tl.rand(seed, flat_offset) >= dropout_p with flat_offset = row * H + col (int64) the element's
+offset in the [N, H] tensor, scaled by 1 / (1 - dropout_p). The backward regenerates the identical mask from
+(seed, offset); ``dropout_keep_mask`` returns it for tests and reference code. seed: 0 <= seed < 2**63.
+
+Launch rules (block sizes from config.row_block, the library's one row-kernel policy):
+  forward : grid (N,), one row per program, the whole row in registers (BLOCK_N = next_pow2(H), num_warps
+            from row_block).
+  backward: grid (G,), num_warps = backward_warps(...) (row_block's, raised to at most 4 elements per
+            thread: the backward holds more row-sized fp32 arrays), hidden <= BACKWARD_MAX_HIDDEN = 4096
+            (wider rows spill even at 32 warps); program g takes rows [g * R, (g + 1) * R), R = cdiv(N, G); it writes dx (and
+            dresidual) per row and accumulates dweight, dbias, dx_bias in fp32 registers, stored once as
+            partial[g, :]; the [G, H] fp32 partials are summed over G by torch (deterministic: no atomics;
+            G depends only on N and the device: about 32 resident warps per SM).
+Inputs must be contiguous; a non-contiguous input raises UnsupportedInput naming it (no hidden copies).
+Hidden sizes 1..config.MAX_FUSED_HIDDEN (forward) / 1..BACKWARD_MAX_HIDDEN (backward); larger raises
+UnsupportedInput naming the hidden size.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bertfast.kernels.config import (MAX_FUSED_HIDDEN, KernelSpec, UnsupportedInput, row_block,
+                                     torch_to_triton_dtype)
+from bertfast.kernels.gelu import ACT_GELU, ACT_GELU_TANH, ACT_NONE, _act_bwd, _act_fwd, device_guard
+
+LN_ACTIVATIONS = {None: ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NUM_STAGES = 1
+
+
+@triton.jit
+def _dropout_keep(seed, offs, dropout_p):
+    """The one dropout RNG of this module: Philox uniform on the element's flat int64 offset."""
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _add_ln_fwd_kernel(
+    x_ptr,         # [N, H] input
+    x_bias_ptr,    # [H] bias added to x before the activation (unused when not HAS_X_BIAS)
+    res_ptr,       # [N, H] residual added after activation + dropout (unused when not HAS_RESIDUAL)
+    w_ptr,         # [H] LayerNorm weight
+    b_ptr,         # [H] LayerNorm bias
+    y_ptr,         # [N, H] output, x's dtype
+    mean_ptr,      # [N] fp32
+    rstd_ptr,      # [N] fp32
+    n_cols, eps, dropout_p, dropout_scale, seed,
+    HAS_X_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    row_off = row * n_cols  # int64 scalar: pointers are a 64-bit row base plus 32-bit column offsets
+    z = tl.load(x_ptr + row_off + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_X_BIAS:
+        z += tl.load(x_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    z = _act_fwd(z, ACTIVATION)
+    if HAS_DROPOUT:
+        z = tl.where(_dropout_keep(seed, row_off + cols, dropout_p), z * dropout_scale, 0.0)
+    if HAS_RESIDUAL:
+        z += tl.load(res_ptr + row_off + cols, mask=col_mask, other=0.0).to(tl.float32)
+    z = tl.where(col_mask, z, 0.0)
+    mean = tl.sum(z, axis=0) / n_cols
+    diff = tl.where(col_mask, z - mean, 0.0)
+    var = tl.sum(diff * diff, axis=0) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = diff * rstd * w + b
+    tl.store(y_ptr + row_off + cols, y.to(y_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _add_ln_bwd_kernel(
+    dy_ptr,        # [N, H] upstream gradient
+    x_ptr,         # [N, H] forward input
+    x_bias_ptr,    # [H]
+    res_ptr,       # [N, H]
+    w_ptr,         # [H]
+    mean_ptr,      # [N] fp32
+    rstd_ptr,      # [N] fp32
+    dx_ptr,        # [N, H] gradient wrt x
+    dres_ptr,      # [N, H] gradient wrt residual (unused when not HAS_RESIDUAL)
+    dw_part_ptr,   # [G, H] fp32 partial sums of dy * xhat
+    db_part_ptr,   # [G, H] fp32 partial sums of dy
+    dxb_part_ptr,  # [G, H] fp32 partial sums of dx (unused when not HAS_X_BIAS)
+    n_rows, n_cols, rows_per_program, dropout_p, dropout_scale, seed,
+    HAS_X_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dxb_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for i in range(0, row_end - row_start):
+        row = row_start + i
+        row_off = row.to(tl.int64) * n_cols  # int64 scalar row base, 32-bit column offsets
+        # recompute the pre-LayerNorm value z = dropout(act(x + x_bias)) + residual
+        a = tl.load(x_ptr + row_off + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if HAS_X_BIAS:
+            a += tl.load(x_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        z = _act_fwd(a, ACTIVATION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, row_off + cols, dropout_p)
+            z = tl.where(keep, z * dropout_scale, 0.0)
+        if HAS_RESIDUAL:
+            z += tl.load(res_ptr + row_off + cols, mask=col_mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = tl.where(col_mask, (z - mean) * rstd, 0.0)
+        dy = tl.load(dy_ptr + row_off + cols, mask=col_mask, other=0.0).to(tl.float32)
+        wdy = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) * dy
+        c1 = tl.sum(xhat * wdy, axis=0) / n_cols
+        c2 = tl.sum(wdy, axis=0) / n_cols
+        dz = (wdy - (xhat * c1 + c2)) * rstd
+        dw_acc += dy * xhat
+        db_acc += dy
+        if HAS_RESIDUAL:
+            tl.store(dres_ptr + row_off + cols, dz.to(dres_ptr.dtype.element_ty), mask=col_mask)
+        da = dz
+        if HAS_DROPOUT:
+            da = tl.where(keep, da * dropout_scale, 0.0)
+        if ACTIVATION != 0:
+            # reload x + x_bias (an L1 hit) rather than keep it live across the two row reductions: holding it
+            # made the 8192-wide configuration spill
+            a = tl.load(x_ptr + row_off + cols, mask=col_mask, other=0.0).to(tl.float32)
+            if HAS_X_BIAS:
+                a += tl.load(x_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            da = da * _act_bwd(a, ACTIVATION)
+        tl.store(dx_ptr + row_off + cols, da.to(dx_ptr.dtype.element_ty), mask=col_mask)
+        if HAS_X_BIAS:
+            dxb_acc += tl.where(col_mask, da, 0.0)
+    part_off = pid.to(tl.int64) * n_cols
+    tl.store(dw_part_ptr + part_off + cols, dw_acc, mask=col_mask)
+    tl.store(db_part_ptr + part_off + cols, db_acc, mask=col_mask)
+    if HAS_X_BIAS:
+        tl.store(dxb_part_ptr + part_off + cols, dxb_acc, mask=col_mask)
+
+
+@triton.jit
+def _dropout_keep_kernel(
+    keep_ptr,      # [numel] uint8 output: 1 where kept
+    numel, dropout_p, seed,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    keep = _dropout_keep(seed, offs, dropout_p)
+    tl.store(keep_ptr + offs, keep.to(tl.uint8), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_rows(name: str, t, x=None):
+    if not isinstance(t, torch.Tensor):
+        raise UnsupportedInput(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x is None:
+        if t.dim() != 2:
+            raise UnsupportedInput(f"{name} must be 2-D [N, H] (flatten leading dims first), got shape "
+                                   f"{tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise UnsupportedInput(f"{name} has unsupported dtype {t.dtype}; expected float32, float16 or bfloat16")
+    else:
+        if t.shape != x.shape:
+            raise UnsupportedInput(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise UnsupportedInput(f"{name} dtype {t.dtype} does not match x dtype {x.dtype}")
+        if t.device != x.device:
+            raise UnsupportedInput(f"{name} is on {t.device} but x is on {x.device}")
+    if not t.is_contiguous():
+        raise UnsupportedInput(f"{name} must be contiguous (call .contiguous() first)")
+
+
+def _check_vec(name: str, t, x, dtype=None):
+    n = x.shape[1]
+    if not isinstance(t, torch.Tensor):
+        raise UnsupportedInput(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise UnsupportedInput(f"{name} must have shape [{n}] (the hidden size of x), got {tuple(t.shape)}")
+    want = x.dtype if dtype is None else dtype
+    if t.dtype != want:
+        raise UnsupportedInput(f"{name} dtype {t.dtype} does not match {'x' if dtype is None else 'the'} "
+                               f"dtype {want}")
+    if t.device != x.device:
+        raise UnsupportedInput(f"{name} is on {t.device} but x is on {x.device}")
+    if not t.is_contiguous():
+        raise UnsupportedInput(f"{name} must be contiguous (call .contiguous() first)")
+
+
+def _check_common(x, weight, bias, residual, x_bias, activation, dropout_p, seed):
+    _check_rows("x", x)
+    row_block(x.shape[1], "hidden size (x.shape[-1])")
+    if activation not in LN_ACTIVATIONS:
+        raise UnsupportedInput(f"activation must be None, 'gelu' or 'gelu_tanh', got {activation!r}")
+    _check_vec("weight", weight, x)
+    _check_vec("bias", bias, x)
+    if residual is not None:
+        _check_rows("residual", residual, x)
+    if x_bias is not None:
+        _check_vec("x_bias", x_bias, x)
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise UnsupportedInput(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p > 0 and not 0 <= int(seed) < 2 ** 63:
+        raise UnsupportedInput(f"seed must be in [0, 2**63), got {seed}")
+
+
+def _dropout_scale(p: float) -> float:
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
+
+
+BACKWARD_MAX_HIDDEN = 4096
+
+
+def backward_warps(block_n: int, num_warps: int) -> int:
+    """num_warps of the backward: row_block's, raised so that a thread holds at most 4 elements of a row.
+
+    The backward keeps the three gradient accumulators live across its row loop plus the row being processed
+    and the Philox state; at row_block's 8-16 elements per thread that needed 180-255 registers and spilled at
+    4096 (the compile report showed it); at 4 it stays near 64 registers with no spills on sm_80 and sm_90.
+    At 8192 even 32 warps (the most a block holds, 64 registers a thread) spill, hence BACKWARD_MAX_HIDDEN."""
+    return min(32, max(num_warps, block_n // 128))
+
+
+_SM_COUNT: dict = {}
+
+
+def _backward_programs(device, n_rows: int, num_warps: int) -> int:
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        target = _SM_COUNT[idx] * max(1, 32 // num_warps)
+    else:
+        target = 4  # the interpreter runs programs one after another
+    return max(1, min(n_rows, target))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+
+
+def add_layer_norm_forward(x, weight, bias, eps: float, residual=None, x_bias=None, activation: str | None = None,
+                           dropout_p: float = 0.0, seed: int = 0, out=None):
+    """y = LayerNorm(dropout(act(x + x_bias)) + residual) * weight + bias over the last dim.
+
+    x, residual: [N, H] contiguous, fp32/fp16/bf16 (any leading dims flattened by the caller);
+    weight, bias, x_bias: [H] in x's dtype; activation: None | "gelu" | "gelu_tanh";
+    dropout_p in [0, 1], seed in [0, 2**63) (used only when dropout_p > 0);
+    out: optional [N, H] tensor in x's dtype to write y into.
+    Returns (y [N, H] in x's dtype, mean [N] fp32, rstd [N] fp32)."""
+    _check_common(x, weight, bias, residual, x_bias, activation, dropout_p, seed)
+    n_rows, n_cols = x.shape
+    block_n, num_warps = row_block(n_cols, "hidden size (x.shape[-1])")
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        _check_rows("out", out, x)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return out, mean, rstd
+    dropout_p = float(dropout_p)
+    with device_guard(x):
+        _add_ln_fwd_kernel[(n_rows,)](
+            x, x_bias if x_bias is not None else x, residual if residual is not None else x, weight, bias,
+            out, mean, rstd, n_cols, float(eps), dropout_p, _dropout_scale(dropout_p), int(seed),
+            HAS_X_BIAS=x_bias is not None, HAS_RESIDUAL=residual is not None,
+            ACTIVATION=LN_ACTIVATIONS[activation], HAS_DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
+            num_warps=num_warps, num_stages=NUM_STAGES)
+    return out, mean, rstd
+
+
+def add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=None, x_bias=None, activation=None,
+                            dropout_p: float = 0.0, seed: int = 0):
+    """Gradients of add_layer_norm_forward; recomputes the pre-LN value from x / x_bias / residual (and the
+    dropout mask from seed).
+
+    dy: [N, H] in x's dtype; mean, rstd: [N] fp32 from the forward; the other arguments as in the forward.
+    Returns (dx [N, H], dresidual [N, H] or None, dweight [H], dbias [H], dx_bias [H] or None), each in its
+    input's dtype; the [H] gradients are summed in fp32, deterministically."""
+    _check_common(x, weight, bias, residual, x_bias, activation, dropout_p, seed)
+    _check_rows("dy", dy, x)
+    n_rows, n_cols = x.shape
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if not isinstance(t, torch.Tensor) or t.shape != (n_rows,) or t.dtype != torch.float32:
+            raise UnsupportedInput(f"{name} must be a float32 tensor of shape [{n_rows}] (from the forward), got "
+                                   f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != x.device or not t.is_contiguous():
+            raise UnsupportedInput(f"{name} must be contiguous and on x's device {x.device}")
+    if n_cols > BACKWARD_MAX_HIDDEN:
+        raise UnsupportedInput(f"hidden size (x.shape[-1]) {n_cols} is larger than the fused backward supports "
+                               f"({BACKWARD_MAX_HIDDEN}: a wider row spills registers)")
+    block_n, num_warps = row_block(n_cols, "hidden size (x.shape[-1])")
+    num_warps = backward_warps(block_n, num_warps)
+    dx = torch.empty_like(x)
+    dres = torch.empty_like(residual) if residual is not None else None
+    if n_rows == 0:
+        zeros = torch.zeros_like(weight)
+        return dx, dres, zeros, torch.zeros_like(bias), (torch.zeros_like(x_bias) if x_bias is not None else None)
+    g = _backward_programs(x.device, n_rows, num_warps)
+    rows_per_program = triton.cdiv(n_rows, g)
+    g = triton.cdiv(n_rows, rows_per_program)  # no empty programs
+    n_parts = 3 if x_bias is not None else 2
+    parts = torch.empty((n_parts, g, n_cols), dtype=torch.float32, device=x.device)
+    dropout_p = float(dropout_p)
+    with device_guard(x):
+        _add_ln_bwd_kernel[(g,)](
+            dy, x, x_bias if x_bias is not None else x, residual if residual is not None else x, weight, mean,
+            rstd, dx, dres if dres is not None else dx, parts[0], parts[1], parts[n_parts - 1],
+            n_rows, n_cols, rows_per_program, dropout_p, _dropout_scale(dropout_p), int(seed),
+            HAS_X_BIAS=x_bias is not None, HAS_RESIDUAL=residual is not None,
+            ACTIVATION=LN_ACTIVATIONS[activation], HAS_DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
+            num_warps=num_warps, num_stages=NUM_STAGES)
+    sums = parts.sum(1)
+    dweight = sums[0].to(weight.dtype)
+    dbias = sums[1].to(bias.dtype)
+    dx_bias = sums[2].to(x_bias.dtype) if x_bias is not None else None
+    return dx, dres, dweight, dbias, dx_bias
+
+
+DROPOUT_BLOCK = 1024
+
+
+def dropout_keep_mask(shape, p: float, seed: int, device) -> torch.Tensor:
+    """The keep mask (bool, ``shape``) that the kernels above draw for a [N, H] tensor of this shape with this
+    dropout probability and seed: element i (flat, row-major) is kept when Philox-uniform(seed, i) >= p."""
+    shape = tuple(shape)
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    device = torch.device(device)
+    keep = torch.empty(numel, dtype=torch.uint8, device=device)
+    if numel:
+        with device_guard(keep):
+            _dropout_keep_kernel[(triton.cdiv(numel, DROPOUT_BLOCK),)](
+                keep, numel, float(p), int(seed), BLOCK=DROPOUT_BLOCK, num_warps=4, num_stages=1)
+    return keep.view(shape).bool()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ahead-of-time compile configurations
+
+
+def _hidden_blocks():
+    """Every BLOCK_N config.row_block can return for hidden sizes 1..MAX_FUSED_HIDDEN that the kernels serve
+    (starting at 128: the smallest hidden size of the BERT family)."""
+    out, h = [], 128
+    while h <= MAX_FUSED_HIDDEN:
+        out.append(row_block(h))
+        h *= 2
+    return out
+
+
+def aot_specs() -> list[KernelSpec]:
+    """One spec per (dtype, row block) for forward and backward, with every feature on (x_bias, residual,
+    exact GELU, dropout): the feature-off variants are the same code with parts removed. Plus the dropout-mask
+    kernel used by tests / reference code."""
+    specs = []
+    for dtype in SUPPORTED_DTYPES:
+        t = torch_to_triton_dtype(dtype)
+        for block_n, num_warps in _hidden_blocks():
+            const = dict(HAS_X_BIAS=True, HAS_RESIDUAL=True, ACTIVATION=ACT_GELU, HAS_DROPOUT=True, BLOCK_N=block_n)
+            cfg = f"{t} BLOCK_N={block_n} warps={num_warps} x_bias+gelu+dropout+residual"
+            sig = {"x_ptr": f"*{t}", "x_bias_ptr": f"*{t}", "res_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}",
+                   "y_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "n_cols": "i32", "eps": "fp32",
+                   "dropout_p": "fp32", "dropout_scale": "fp32", "seed": "i64"}
+            sig.update({k: "constexpr" for k in const})
+            specs.append(KernelSpec("add_layer_norm_fwd", _add_ln_fwd_kernel, sig, const, num_warps, NUM_STAGES,
+                                    cfg))
+            sig = {"dy_ptr": f"*{t}", "x_ptr": f"*{t}", "x_bias_ptr": f"*{t}", "res_ptr": f"*{t}", "w_ptr": f"*{t}",
+                   "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": f"*{t}", "dres_ptr": f"*{t}",
+                   "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "dxb_part_ptr": "*fp32", "n_rows": "i32",
+                   "n_cols": "i32", "rows_per_program": "i32", "dropout_p": "fp32", "dropout_scale": "fp32",
+                   "seed": "i64"}
+            sig.update({k: "constexpr" for k in const})
+            if block_n > BACKWARD_MAX_HIDDEN:
+                continue
+            bwd_warps = backward_warps(block_n, num_warps)
+            cfg = f"{t} BLOCK_N={block_n} warps={bwd_warps} x_bias+gelu+dropout+residual"
+            specs.append(KernelSpec("add_layer_norm_bwd", _add_ln_bwd_kernel, sig, const, bwd_warps, NUM_STAGES,
+                                    cfg))
+    const = dict(BLOCK=DROPOUT_BLOCK)
+    sig = {"keep_ptr": "*u8", "numel": "i32", "dropout_p": "fp32", "seed": "i64", "BLOCK": "constexpr"}
+    specs.append(KernelSpec("dropout_keep_mask", _dropout_keep_kernel, sig, const, 4, 1, f"BLOCK={DROPOUT_BLOCK}"))
+    return specs

@@ -1,0 +1,266 @@
+"""bertfast.kernels.layer_norm against float64 references.
+
+Tolerance: the kernel's error against the float64 reference may be at most twice PyTorch's own error when it
+computes the same composite in the same dtype, plus one ulp of the output dtype at the output's magnitude (two
+for bf16: the Triton interpreter truncates fp32 -> bf16 casts instead of rounding).
+On CPU the kernels run in the Triton interpreter (tests/conftest.py), so sizes are small except for one row-count
+sweep.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bertfast.kernels import config
+from bertfast.kernels import layer_norm as ln
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS = 1e-5
+
+
+def _act(a, activation):
+    if activation == "gelu":
+        return F.gelu(a)
+    if activation == "gelu_tanh":
+        return F.gelu(a, approximate="tanh")
+    return a
+
+
+def _composite(dtype, x, weight, bias, residual, x_bias, activation, keep, p, dy):
+    """PyTorch's LayerNorm(dropout(act(x + x_bias)) + residual) in ``dtype``: (y, grads in argument order)."""
+    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None
+              for t in (x, weight, bias, residual, x_bias)]
+    x_, w_, b_, r_, xb_ = leaves
+    a = x_ + xb_ if xb_ is not None else x_
+    g = _act(a, activation)
+    if keep is not None:
+        g = g * (keep.to(dtype) * (1.0 / (1.0 - p))).to(dtype)
+    z = g + r_ if r_ is not None else g
+    y = F.layer_norm(z, (x.shape[1],), w_, b_, EPS)
+    y.backward(dy.to(dtype))
+    grads = {"x": x_.grad, "weight": w_.grad, "bias": b_.grad,
+             "residual": r_.grad if r_ is not None else None, "x_bias": xb_.grad if xb_ is not None else None}
+    return y.detach(), grads
+
+
+def _ulp(dtype, magnitude):
+    magnitude = max(float(magnitude), torch.finfo(dtype).tiny)
+    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(magnitude))
+
+
+def _assert_close(name, ours, lowp, ref, dtype):
+    assert ours.dtype == dtype, f"{name}: dtype {ours.dtype}, expected {dtype}"
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)}, expected {tuple(ref.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    ours_err = (ours.double() - ref).abs().max().item()
+    torch_err = (lowp.double() - ref).abs().max().item()
+    floor = _ulp(dtype, ref.abs().max().item()) * (2 if dtype == torch.bfloat16 else 1)
+    bound = 2 * torch_err + floor
+    assert ours_err <= bound, f"{name} ({dtype}): max error {ours_err:.3g} > bound {bound:.3g} (torch {torch_err:.3g})"
+
+
+def _inputs(n, h, dtype, device, residual=True, x_bias=True):
+    x = torch.randn(n, h, device=device).to(dtype)
+    weight = (1.0 + 0.1 * torch.randn(h, device=device)).to(dtype)
+    bias = (0.1 * torch.randn(h, device=device)).to(dtype)
+    res = torch.randn(n, h, device=device).to(dtype) if residual else None
+    xb = (0.1 * torch.randn(h, device=device)).to(dtype) if x_bias else None
+    dy = torch.randn(n, h, device=device).to(dtype)
+    return x, weight, bias, res, xb, dy
+
+
+def _check(n, h, dtype, device, residual=True, x_bias=True, activation=None, p=0.0, seed=0, backward=True):
+    x, weight, bias, res, xb, dy = _inputs(n, h, dtype, device, residual, x_bias)
+    y, mean, rstd = ln.add_layer_norm_forward(x, weight, bias, EPS, residual=res, x_bias=xb, activation=activation,
+                                              dropout_p=p, seed=seed)
+    keep = ln.dropout_keep_mask((n, h), p, seed, device) if p > 0 else None
+    ref_y, ref_g = _composite(torch.float64, x, weight, bias, res, xb, activation, keep, p, dy)
+    low_y, low_g = _composite(dtype, x, weight, bias, res, xb, activation, keep, p, dy)
+    _assert_close("y", y, low_y, ref_y, dtype)
+    assert mean.dtype == torch.float32 and rstd.dtype == torch.float32 and mean.shape == (n,)
+    if not backward:
+        return
+    dx, dres, dw, db, dxb = ln.add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=res, x_bias=xb,
+                                                       activation=activation, dropout_p=p, seed=seed)
+    _assert_close("dx", dx, low_g["x"], ref_g["x"], dtype)
+    _assert_close("dweight", dw, low_g["weight"], ref_g["weight"], dtype)
+    _assert_close("dbias", db, low_g["bias"], ref_g["bias"], dtype)
+    if res is not None:
+        _assert_close("dresidual", dres, low_g["residual"], ref_g["residual"], dtype)
+    else:
+        assert dres is None
+    if xb is not None:
+        _assert_close("dx_bias", dxb, low_g["x_bias"], ref_g["x_bias"], dtype)
+    else:
+        assert dxb is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [128, 312, 384, 768, 1023, 1024, 4096])
+def test_hidden_sizes(hidden, dtype, device):
+    """bias + residual + LayerNorm (the encoder's path), forward and every gradient, at every hidden size."""
+    _check(3, hidden, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation,p,residual,x_bias", [
+    (None, 0.0, False, False),      # plain LayerNorm
+    (None, 0.0, True, False),
+    ("gelu", 0.0, False, True),     # the MLM head transform
+    ("gelu_tanh", 0.0, True, True),
+    (None, 0.1, True, True),        # training: bias + dropout + residual
+    ("gelu", 0.25, True, True),     # everything at once
+])
+def test_features(activation, p, residual, x_bias, dtype, device):
+    _check(5, 384, dtype, device, residual=residual, x_bias=x_bias, activation=activation, p=p, seed=1234)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [1, 7, 1000])
+def test_row_counts(n, dtype, device):
+    _check(n, 256, dtype, device)
+
+
+def test_row_count_large_hidden(device):
+    _check(1000, 768, torch.float16, device, x_bias=False)
+
+
+def test_out_is_fully_written(device):
+    """A NaN-poisoned ``out`` is filled completely (non-power-of-two hidden, so masked lanes exist)."""
+    x, weight, bias, res, xb, _ = _inputs(9, 1023, torch.float16, device)
+    out = torch.full_like(x, float("nan"))
+    y, mean, rstd = ln.add_layer_norm_forward(x, weight, bias, EPS, residual=res, x_bias=xb, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(mean).all() and torch.isfinite(rstd).all()
+    ref = F.layer_norm(x.double() + xb.double() + res.double(), (1023,), weight.double(), bias.double(), EPS)
+    assert (out.double() - ref).abs().max() < 1e-2
+
+
+def test_backward_outputs_fully_written(device):
+    """Every element of every gradient is finite (the gradients are fresh allocations, uninitialised memory
+    would show up as garbage only by chance, so check values against the reference too)."""
+    _check(2, 1023, torch.float32, device, activation="gelu", p=0.2, seed=7)
+
+
+def test_dropout_mask(device):
+    keep = ln.dropout_keep_mask((64, 768), 0.1, 42, device)
+    assert keep.dtype == torch.bool and keep.shape == (64, 768)
+    frac = keep.float().mean().item()
+    assert abs(frac - 0.9) < 0.01, frac
+    assert torch.equal(keep, ln.dropout_keep_mask((64, 768), 0.1, 42, device)), "mask must be reproducible"
+    other = ln.dropout_keep_mask((64, 768), 0.1, 43, device)
+    assert not torch.equal(keep, other), "a different seed must give a different mask"
+    # the mask depends on the flat offset only: a [N*H] mask is the same stream
+    flat = ln.dropout_keep_mask((64 * 768,), 0.1, 42, device)
+    assert torch.equal(flat.view(64, 768), keep)
+    assert ln.dropout_keep_mask((4, 128), 0.0, 1, device).all()
+    assert not ln.dropout_keep_mask((4, 128), 1.0, 1, device).any()
+
+
+def test_dropout_forward_uses_mask(device):
+    """Dropped elements contribute exactly zero before the residual: with x = 1, no bias, the pre-LN value is
+    the mask scaled by 1 / (1 - p)."""
+    n, h, p = 4, 256, 0.5
+    x = torch.ones(n, h, device=device)
+    w, b = torch.ones(h, device=device), torch.zeros(h, device=device)
+    y, mean, _ = ln.add_layer_norm_forward(x, w, b, EPS, dropout_p=p, seed=99)
+    keep = ln.dropout_keep_mask((n, h), p, 99, device)
+    z = keep.double() / (1 - p)
+    torch.testing.assert_close(mean.double(), z.mean(1), rtol=1e-6, atol=1e-6)
+    ref = F.layer_norm(z, (h,), eps=EPS)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_deterministic(device):
+    x, weight, bias, res, xb, dy = _inputs(67, 384, torch.float16, device)
+    _, mean, rstd = ln.add_layer_norm_forward(x, weight, bias, EPS, residual=res, x_bias=xb)
+    a = ln.add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=res, x_bias=xb)
+    b = ln.add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=res, x_bias=xb)
+    for ga, gb in zip(a, b):
+        assert torch.equal(ga, gb)
+
+
+def test_empty_rows(device):
+    x = torch.empty(0, 128, device=device)
+    w, b = torch.ones(128, device=device), torch.zeros(128, device=device)
+    y, mean, rstd = ln.add_layer_norm_forward(x, w, b, EPS)
+    assert y.shape == (0, 128) and mean.shape == (0,)
+    dx, dres, dw, db, dxb = ln.add_layer_norm_backward(x, x, w, b, mean, rstd)
+    assert dx.shape == (0, 128) and torch.equal(dw, torch.zeros_like(w)) and dres is None and dxb is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: the error names the argument
+
+
+def _good(device, h=128, dtype=torch.float32):
+    x = torch.randn(4, h, device=device, dtype=dtype)
+    return dict(x=x, weight=torch.ones(h, device=device, dtype=dtype), bias=torch.zeros(h, device=device, dtype=dtype),
+                eps=EPS, residual=torch.randn(4, h, device=device, dtype=dtype),
+                x_bias=torch.zeros(h, device=device, dtype=dtype))
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(residual="fp16"), ["residual", "dtype"]),
+    (dict(weight="fp16"), ["weight", "dtype"]),
+    (dict(bias="bf16"), ["bias", "dtype"]),
+    (dict(x_bias="fp16"), ["x_bias", "dtype"]),
+    (dict(x="fp64"), ["x", "dtype"]),
+    (dict(weight="short"), ["weight", "shape"]),
+    (dict(x_bias="short"), ["x_bias", "shape"]),
+    (dict(residual="short"), ["residual", "shape"]),
+    (dict(x="noncontig"), ["x", "contiguous"]),
+    (dict(residual="noncontig"), ["residual", "contiguous"]),
+    (dict(activation="swish"), ["activation"]),
+    (dict(dropout_p=1.5), ["dropout_p"]),
+])
+def test_bad_input(change, words, device):
+    kw = _good(device)
+    for name, what in change.items():
+        t = kw.get(name)
+        if what == "fp16":
+            kw[name] = t.half()
+        elif what == "bf16":
+            kw[name] = t.bfloat16()
+        elif what == "fp64":
+            kw[name] = t.double()
+        elif what == "short":
+            kw[name] = t[..., :-1].contiguous()
+        elif what == "noncontig":
+            kw[name] = torch.randn(t.shape[1], t.shape[0], device=device).t()
+        else:
+            kw[name] = what
+    with pytest.raises(config.UnsupportedInput) as err:
+        ln.add_layer_norm_forward(**kw)
+    msg = str(err.value)
+    for word in words:
+        assert word in msg, f"{word!r} not in {msg!r}"
+
+
+def test_hidden_too_large(device):
+    h = config.MAX_FUSED_HIDDEN + 1
+    kw = _good(device, h)
+    with pytest.raises(config.UnsupportedInput, match="hidden size"):
+        ln.add_layer_norm_forward(**kw)
+
+
+def test_backward_hidden_too_large(device):
+    h = ln.BACKWARD_MAX_HIDDEN + 1
+    kw = _good(device, h)
+    x = kw["x"]
+    mean = torch.zeros(4, device=device)
+    with pytest.raises(config.UnsupportedInput, match="hidden size"):
+        ln.add_layer_norm_backward(x, x, kw["weight"], kw["bias"], mean, mean)
+
+
+def test_backward_bad_stats(device):
+    kw = _good(device)
+    x = kw["x"]
+    with pytest.raises(config.UnsupportedInput, match="rstd"):
+        ln.add_layer_norm_backward(x, x, kw["weight"], kw["bias"], torch.zeros(4, device=device),
+                                   torch.zeros(4, device=device, dtype=torch.float16))
+    with pytest.raises(config.UnsupportedInput, match="dy"):
+        ln.add_layer_norm_backward(x.half(), x, kw["weight"], kw["bias"], torch.zeros(4, device=device),
+                                   torch.zeros(4, device=device))
