@@ -1,0 +1,136 @@
+"""bertfast.kernels.gelu (bias + activation) against float64 references.
+
+Tolerance as in test_layer_norm.py: at most twice PyTorch's own error in the same dtype against float64, plus
+one ulp of the output dtype at the output's magnitude (two for bf16: the interpreter truncates fp32 -> bf16).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bertfast.kernels import config
+from bertfast.kernels import gelu
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ACTIVATIONS = ["gelu", "gelu_tanh", "relu", "silu"]
+
+
+def _act(a, activation):
+    return {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu,
+            "silu": F.silu}[activation](a)
+
+
+def _composite(dtype, x, bias, activation, dy):
+    x_ = x.detach().to(dtype).requires_grad_()
+    b_ = bias.detach().to(dtype).requires_grad_() if bias is not None else None
+    y = _act(x_ + b_ if b_ is not None else x_, activation)
+    y.backward(dy.to(dtype))
+    return y.detach(), x_.grad, (b_.grad if b_ is not None else None)
+
+
+def _ulp(dtype, magnitude):
+    magnitude = max(float(magnitude), torch.finfo(dtype).tiny)
+    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(magnitude))
+
+
+def _assert_close(name, ours, lowp, ref, dtype):
+    assert ours.dtype == dtype and ours.shape == ref.shape, f"{name}: {ours.dtype} {tuple(ours.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    ours_err = (ours.double() - ref).abs().max().item()
+    torch_err = (lowp.double() - ref).abs().max().item()
+    bound = 2 * torch_err + _ulp(dtype, ref.abs().max().item()) * (2 if dtype == torch.bfloat16 else 1)
+    assert ours_err <= bound, f"{name} ({dtype}): max error {ours_err:.3g} > bound {bound:.3g} (torch {torch_err:.3g})"
+
+
+def _check(n, i, dtype, activation, device, with_bias=True):
+    x = (2 * torch.randn(n, i, device=device)).to(dtype)
+    bias = (0.5 * torch.randn(i, device=device)).to(dtype) if with_bias else None
+    dy = torch.randn(n, i, device=device).to(dtype)
+    y = gelu.bias_act_forward(x, bias, activation)
+    dx, dbias = gelu.bias_act_backward(dy, x, bias, activation)
+    ref_y, ref_dx, ref_db = _composite(torch.float64, x, bias, activation, dy)
+    low_y, low_dx, low_db = _composite(dtype, x, bias, activation, dy)
+    _assert_close("y", y, low_y, ref_y, dtype)
+    _assert_close("dx", dx, low_dx, ref_dx, dtype)
+    if with_bias:
+        _assert_close("dbias", dbias, low_db, ref_db, dtype)
+    else:
+        assert dbias is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activations(activation, dtype, device):
+    # 300 columns: one full and one partial column block; 37 rows: three row tiles, the last partial
+    _check(37, 300, dtype, activation, device)
+
+
+@pytest.mark.parametrize("width", [128, 1023, 1536, 3072])
+def test_widths(width, device):
+    _check(5, width, torch.float16, "gelu", device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [1, 7, 1000])
+def test_row_counts(n, dtype, device):
+    _check(n, 512, dtype, "gelu", device)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_no_bias(activation, device):
+    _check(9, 384, torch.float32, activation, device, with_bias=False)
+
+
+def test_out_is_fully_written(device):
+    x = torch.randn(19, 1000, device=device, dtype=torch.float16)
+    bias = torch.randn(1000, device=device, dtype=torch.float16)
+    out = torch.full_like(x, float("nan"))
+    y = gelu.bias_act_forward(x, bias, "gelu", out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), F.gelu(x.double() + bias.double()), rtol=2e-3, atol=2e-3)
+
+
+def test_backward_deterministic(device):
+    x = torch.randn(200, 640, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(640, device=device, dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    a = gelu.bias_act_backward(dy, x, bias, "gelu_tanh")
+    b = gelu.bias_act_backward(dy, x, bias, "gelu_tanh")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_empty(device):
+    x = torch.empty(0, 64, device=device)
+    bias = torch.zeros(64, device=device)
+    assert gelu.bias_act_forward(x, bias).shape == (0, 64)
+    dx, db = gelu.bias_act_backward(x, x, bias)
+    assert dx.shape == (0, 64) and torch.equal(db, torch.zeros_like(bias))
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda x, b: dict(x=x, bias=b.half()), ["bias", "dtype"]),
+    (lambda x, b: dict(x=x.double(), bias=b.double()), ["x", "dtype"]),
+    (lambda x, b: dict(x=x, bias=b[:-1].contiguous()), ["bias", "shape"]),
+    (lambda x, b: dict(x=x, bias=b, activation="tanh"), ["activation"]),
+    (lambda x, b: dict(x=x.t(), bias=b[:8].contiguous()), ["x", "contiguous"]),
+    (lambda x, b: dict(x=x[0], bias=b), ["x", "2-D"]),
+    (lambda x, b: dict(x=x, bias=b, out=torch.empty_like(x).half()), ["out", "dtype"]),
+])
+def test_bad_input(make, words, device):
+    x = torch.randn(8, 128, device=device)
+    b = torch.randn(128, device=device)
+    with pytest.raises(config.UnsupportedInput) as err:
+        gelu.bias_act_forward(**make(x, b))
+    for word in words:
+        assert word in str(err.value), f"{word!r} not in {str(err.value)!r}"
+
+
+def test_backward_bad_input(device):
+    x = torch.randn(8, 128, device=device)
+    b = torch.randn(128, device=device)
+    with pytest.raises(config.UnsupportedInput, match="dy"):
+        gelu.bias_act_backward(x.half(), x, b)
+    with pytest.raises(config.UnsupportedInput, match="dy"):
+        gelu.bias_act_backward(x[:4].contiguous(), x, b)
