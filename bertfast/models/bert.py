@@ -117,7 +117,15 @@ class BertModel(nn.Module):
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = self.embeddings.word_embeddings.weight.device
-        max_seqlen = self._check_ranges(input_ids, attention_mask, token_type_ids, position_ids, seqlen)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # CUDA graph capture: nothing may be read on the host. Unpadding reads the mask, so only unpadded
+            # batches can be captured; the id range checks (a host read) are skipped while capturing.
+            if attention_mask is not None:
+                raise ValueError("attention_mask cannot be given while a CUDA graph is being captured: unpadding "
+                                 "reads the mask on the host; capture batches without padding instead")
+            max_seqlen = seqlen
+        else:
+            max_seqlen = self._check_ranges(input_ids, attention_mask, token_type_ids, position_ids, seqlen)
         unp = unpad_mask(attention_mask, max_seqlen) if attention_mask is not None else \
             full_batch(batch, seqlen, device)
         if output_attentions:

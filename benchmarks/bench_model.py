@@ -1,0 +1,192 @@
+"""End-to-end encoder benchmarks: bertfast against transformers (eager, SDPA, torch.compile of SDPA) in the same
+run, on random-weight BERT-base / BERT-large / MiniLM configurations.
+
+Workloads: fixed 32x128 and 32x512, latency 1x128, variable length (32 sequences, lengths uniform in 16..512,
+seeded), and a fine-tuning step (forward + backward + AdamW) at 32x128. FLOPs count the useful work on real
+tokens only (the same for every implementation), so model FLOP utilisation is comparable across them.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+
+import torch
+
+from benchmarks.common import timeit
+
+MODELS = {
+    "minilm-l6": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+def workloads(device, quick: bool):
+    """name -> (batch, padded length, lengths or None for all full)."""
+    gen = torch.Generator().manual_seed(0)
+    if torch.device(device).type == "cpu":
+        out = {"fixed-8x128": (8, 128, None),
+               "varlen-32x16..256": (32, 256, torch.randint(16, 257, (32,), generator=gen)),
+               "latency-1x128": (1, 128, None)}
+        return out
+    return {"fixed-32x128": (32, 128, None), "fixed-32x512": (32, 512, None), "latency-1x128": (1, 128, None),
+            "varlen-32x16..512": (32, 512, torch.randint(16, 513, (32,), generator=gen))}
+
+
+def plan(device, quick: bool):
+    """The (model, dtype) pairs and which baselines run, sized to the time budget of the device."""
+    if torch.device(device).type == "cpu":
+        models = [("minilm-l6", torch.float32), ("bert-base", torch.float32)]
+        compile_for = {("minilm-l6", "fixed-8x128")} if quick else {("minilm-l6", "fixed-8x128"),
+                                                                   ("bert-base", "varlen-32x16..256")}
+        return models, compile_for
+    models = [("bert-base", torch.float16), ("bert-base", torch.bfloat16), ("minilm-l6", torch.float16),
+              ("bert-large", torch.float16)]
+    if not quick:
+        models.append(("bert-base", torch.float32))
+    compile_for = {("bert-base", "fixed-32x128"), ("bert-base", "varlen-32x16..512")}
+    return models, compile_for
+
+
+def forward_flops(cfg: dict, lengths: torch.Tensor) -> float:
+    h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    tokens = float(lengths.sum())
+    gemm = 2 * tokens * (4 * h * h + 2 * h * i)
+    attn = 4 * float((lengths.double() ** 2).sum()) * h
+    return layers * (gemm + attn)
+
+
+def _batch(b, s, lengths, vocab, device):
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, vocab, (b, s), generator=gen)
+    if lengths is None:
+        lengths = torch.full((b,), s)
+    mask = (torch.arange(s)[None, :] < lengths[:, None]).long()
+    return ids.to(device), mask.to(device), lengths
+
+
+def _models(name, dtype, device):
+    from transformers import BertConfig
+    from transformers import BertModel as HFBertModel
+
+    import bertfast
+    cfg = BertConfig(**MODELS[name], vocab_size=30522)
+    torch.manual_seed(0)
+    sdpa = HFBertModel._from_config(copy.deepcopy(cfg), attn_implementation="sdpa").to(device, dtype).eval()
+    eager = HFBertModel._from_config(copy.deepcopy(cfg), attn_implementation="eager").to(device, dtype).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    ours = bertfast.BertModel.from_hf(sdpa).eval()
+    return cfg, sdpa, eager, ours
+
+
+def _cuda_graph(fn):
+    """Capture fn() once into a CUDA graph; returns replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def run(device="cuda", quick=False, progress=None) -> list[dict]:
+    device = torch.device(device)
+    models, compile_for = plan(device, quick)
+    rows = []
+    for name, dtype in models:
+        cfg, sdpa, eager, ours = _models(name, dtype, device)
+        for wname, (b, s, lengths) in workloads(device, quick).items():
+            ids, mask, lengths = _batch(b, s, lengths, cfg.vocab_size, device)
+            flops = forward_flops(MODELS[name], lengths)
+            impls = {"bertfast": lambda: ours(ids, attention_mask=mask),
+                     "transformers-sdpa": lambda: sdpa(ids, attention_mask=mask),
+                     "transformers-eager": lambda: eager(ids, attention_mask=mask)}
+            if device.type == "cuda" and lengths.min() == s:
+                try:
+                    impls["bertfast-cudagraph"] = _cuda_graph(lambda: ours(ids))
+                except Exception as exc:  # noqa: BLE001 - reported in the results, not hidden
+                    rows.append(_row(name, dtype, wname, "bertfast-cudagraph", None, flops, lengths, device,
+                                     error=f"{type(exc).__name__}: {exc}"))
+            if (name, wname) in compile_for:
+                compiled = torch.compile(sdpa)
+                impls["transformers-sdpa-compile"] = lambda: compiled(ids, attention_mask=mask)
+            for impl, fn in impls.items():
+                if progress:
+                    progress(f"{name} {str(dtype)[6:]} {wname} {impl}")
+                try:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    with torch.inference_mode():
+                        t = timeit(fn, device, rep_ms=300 if quick else 600)
+                    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+                    rows.append(_row(name, dtype, wname, impl, t, flops, lengths, device, peak_mib=peak))
+                except Exception as exc:  # noqa: BLE001
+                    rows.append(_row(name, dtype, wname, impl, None, flops, lengths, device,
+                                     error=f"{type(exc).__name__}: {exc}"))
+        rows += _train_step(name, dtype, cfg, sdpa, ours, device, quick, progress)
+        del sdpa, eager, ours
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _train_step(name, dtype, cfg, sdpa, ours, device, quick, progress):
+    """One fine-tuning step (forward + backward + AdamW) at 32x128 (8x128 on CPU), dropout on as in training."""
+    if name != "bert-base" or (device.type == "cuda" and dtype == torch.float32):
+        return []
+    b = 32 if device.type == "cuda" else 8
+    ids, mask, lengths = _batch(b, 128, None, cfg.vocab_size, device)
+    rows = []
+    for impl, model in (("bertfast", ours), ("transformers-sdpa", sdpa)):
+        model = copy.deepcopy(model).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+
+        def step():
+            out = model(ids, attention_mask=mask).last_hidden_state
+            out.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if progress:
+            progress(f"{name} {str(dtype)[6:]} train-32x128 {impl}")
+        try:
+            t = timeit(step, device, rep_ms=300 if quick else 600)
+            rows.append(_row(name, dtype, f"train-{b}x128", impl, t, 3 * forward_flops(MODELS[name], lengths),
+                             lengths, device))
+        except Exception as exc:  # noqa: BLE001
+            rows.append(_row(name, dtype, f"train-{b}x128", impl, None, 0, lengths, device,
+                             error=f"{type(exc).__name__}: {exc}"))
+        del model, opt
+    return rows
+
+
+def _row(model, dtype, workload, impl, t, flops, lengths, device, peak_mib=None, error=None):
+    row = {"kind": "model", "model": model, "dtype": str(dtype).replace("torch.", ""), "workload": workload,
+           "impl": impl, "device": device.type, "real_tokens": int(lengths.sum())}
+    if t is None:
+        row["error"] = error
+        return row
+    row.update(ms=t["ms"], p20=t["p20"], p80=t["p80"], tflops=flops / (t["ms"] * 1e-3) / 1e12,
+               tokens_per_s=float(lengths.sum()) / (t["ms"] * 1e-3))
+    if peak_mib is not None:
+        row["peak_mib"] = peak_mib
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """ratio_vs_<baseline> = baseline ms / this ms, for rows of the same model, dtype and workload."""
+    groups = {}
+    for r in rows:
+        if r.get("kind") == "model" and "ms" in r:
+            groups.setdefault((r["model"], r["dtype"], r["workload"]), {})[r["impl"]] = r["ms"]
+    for r in rows:
+        if r.get("kind") != "model" or "ms" not in r:
+            continue
+        base = groups[(r["model"], r["dtype"], r["workload"])]
+        for b in ("transformers-sdpa", "transformers-eager", "transformers-sdpa-compile"):
+            if b in base and b != r["impl"]:
+                r[f"vs_{b}"] = base[b] / r["ms"]

@@ -1,0 +1,83 @@
+"""Timing and ceilings shared by every benchmark.
+
+CUDA: triton.testing.do_bench (CUDA events, warm-up, median and 20/80 percentiles), inputs rotated so the L2
+does not hold them where the caller passes several input sets. CPU: wall clock with the same statistics.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def timeit(fn, device, warmup_ms: float = 100, rep_ms: float = 400, min_reps: int = 5) -> dict:
+    """{'ms': median, 'p20': ..., 'p80': ...} of fn() on device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": med, "p20": p20, "p80": p80}
+    fn()   # warm-up (allocator, first-call costs)
+    t0 = time.perf_counter()
+    fn()
+    one = time.perf_counter() - t0
+    reps = max(min_reps, int(rep_ms / 1e3 / max(one, 1e-6)))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return {"ms": statistics.median(times), "p20": q[0], "p80": q[3]}
+
+
+def copy_bandwidth_gbs(device) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per second), the memory ceiling."""
+    device = torch.device(device)
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)      # 1 GiB / 64 MiB of fp32
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / (t["ms"] * 1e-3) / 1e9
+
+
+def matmul_tflops(device, dtype=None) -> float:
+    """Measured dense matmul rate on random data (bf16 on CUDA, fp32 on CPU), the arithmetic ceiling."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        n, dtype = 8192, dtype or torch.bfloat16
+    else:
+        n, dtype = 1024, dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = timeit(lambda: a @ b, device)
+    return 2 * n ** 3 / (t["ms"] * 1e-3) / 1e12
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device) -> str:
+    import re
+    device = torch.device(device)
+    name = device_name(device)
+    if device.type == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
+    short = re.sub(r"\(.*\)", "", name).lower()
+    short = re.sub(r"(\(r\)|\(tm\)|cpu|processor|@.*)", " ", short)
+    return "cpu-" + re.sub(r"[^a-z0-9]+", "-", short).strip("-")[:40] + f"-{torch.get_num_threads()}t"

