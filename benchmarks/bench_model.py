@@ -93,7 +93,8 @@ def _cuda_graph(fn):
     return graph.replay
 
 
-def run(device="cuda", quick=False, progress=None) -> list[dict]:
+def run(device="cuda", quick=False, progress=None, on_model_done=None) -> list[dict]:
+    """All rows; on_model_done(rows so far) is called after each model so a caller can save partial results."""
     device = torch.device(device)
     models, compile_for = plan(device, quick)
     rows = []
@@ -128,6 +129,8 @@ def run(device="cuda", quick=False, progress=None) -> list[dict]:
                     rows.append(_row(name, dtype, wname, impl, None, flops, lengths, device,
                                      error=f"{type(exc).__name__}: {exc}"))
         rows += _train_step(name, dtype, cfg, sdpa, ours, device, quick, progress)
+        if on_model_done:
+            on_model_done(rows)
         del sdpa, eager, ours
         gc.collect()
         if device.type == "cuda":

@@ -92,6 +92,7 @@ def write_markdown(path: pathlib.Path, env: dict, ceilings: dict, rows: list[dic
                              f"{r['error'][:120]} |||||||| |")
                 continue
             mfu = r["tflops"] / ceilings["matmul_tflops"]
+            peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else ""
 
             def ratio(k):
                 return f"{r[k]:.2f}x" if k in r else ""
@@ -99,7 +100,7 @@ def write_markdown(path: pathlib.Path, env: dict, ceilings: dict, rows: list[dic
                 f"| {r['model']} | {r['dtype']} | {r['workload']} | {r['impl']} | {r['ms']:.2f} "
                 f"({r['p20']:.2f}-{r['p80']:.2f}) | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu:.0%} | "
                 f"{ratio('vs_transformers-sdpa')} | {ratio('vs_transformers-eager')} | "
-                f"{ratio('vs_transformers-sdpa-compile')} | {r.get('peak_mib', float('nan')):.0f} |")
+                f"{ratio('vs_transformers-sdpa-compile')} | {peak} |")
         lines.append("")
     kernel_rows = [r for r in rows if r.get("kind") == "kernel"]
     if kernel_rows:
@@ -215,13 +216,25 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 - a failing benchmark is reported, the rest still run
                 rows.append({"kind": "kernel", "bench": name, "error": f"{type(exc).__name__}: {exc}"})
                 progress(f"  {name} failed: {type(exc).__name__}: {exc}")
-    if args.only in (None, "model"):
-        rows += bench_model.run(device, args.quick, progress)
-        bench_model.add_ratios(rows)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"environment": env, "ceilings": ceilings, "rows": rows},
-                                                 indent=1, default=str))
-    write_markdown(out / "results.md", env, ceilings, rows)
+
+    def save(all_rows, final=False):
+        """Written after every model too, so a run cut short by its time limit keeps what it measured."""
+        (out / "results.json").write_text(json.dumps({"environment": env, "ceilings": ceilings, "rows": all_rows,
+                                                     "complete": final}, indent=1, default=str))
+        write_markdown(out / "results.md", env, ceilings, all_rows)
+
+    save(rows)
+    if args.only in (None, "model"):
+        kernel_rows = list(rows)
+
+        def partial(model_rows):
+            both = kernel_rows + list(model_rows)
+            bench_model.add_ratios(both)
+            save(both)
+        rows = kernel_rows + bench_model.run(device, args.quick, progress, on_model_done=partial)
+        bench_model.add_ratios(rows)
+    save(rows, final=True)
     plots = plot(out, env, rows)
     progress(f"wrote {out / 'results.json'}, results.md{', ' + ', '.join(plots) if plots else ''}")
     print((out / "results.md").read_text())
