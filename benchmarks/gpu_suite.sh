@@ -53,10 +53,13 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH="/tmp/bertfast-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 step "environment" 60 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__, torch.cuda.get_device_name())'"
-step "install + CUDA build" 400 env BERTFAST_FORCE_CUDA=1 $PY -m pip install --no-deps --no-build-isolation -e .
+if ! step "install + CUDA build" 400 env BERTFAST_FORCE_CUDA=1 $PY -m pip install --no-deps --no-build-isolation -e .; then
+  # recorded as failed above; build without the CUDA sources so the Triton kernels and the rest still get tested
+  step "install without CUDA sources (fallback)" 300 env BERTFAST_SKIP_CUDA_BUILD=1 $PY -m pip install --no-deps --no-build-isolation -e .
+fi
 step "bertfast info" 60 $PY -m bertfast info
 step "bertfast check" 120 $PY -m bertfast check --device cuda
-step "GPU tests" 300 $PY -m pytest -q -ra -x --junitxml="$OUT/pytest.xml" -p no:cacheprovider tests
+step "GPU tests" 300 $PY -m pytest -q -ra --maxfail=30 --durations=15 --junitxml="$OUT/pytest.xml" -p no:cacheprovider tests
 step "benchmarks" ${BENCH_TIMEOUT:-330} $PY -m bertfast bench --device cuda --out "$OUT/results" ${BENCH_ARGS:-}
 if [ $DRY = 1 ]; then log "gpu_suite dry run: OK (every step above would run)"; exit 0; fi
 log "gpu_suite finished in $(( $(date +%s) - START ))s; failed steps: ${FAILED[*]:-none}"

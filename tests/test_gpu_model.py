@@ -1,0 +1,86 @@
+"""The whole encoder on a CUDA device (runs where CUDA is present; elsewhere reported as skipped, because the
+CPU machines have no GPU - the kernels themselves are covered there by the interpreter tests).
+
+Error rule (flash-attention's): against transformers run in float64 on the same device, bertfast's error in a
+dtype is at most 3x transformers' own error in that dtype (plus a tiny floor for exact cases)."""
+import copy
+
+import pytest
+import torch
+
+import bertfast
+from helpers import bert_config, random_batch, real
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _hf(config, dtype, impl="sdpa"):
+    from transformers import BertModel as HFBertModel
+    return HFBertModel._from_config(copy.deepcopy(config), attn_implementation=impl).to("cuda", dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden,heads", [(384, 12), (768, 12), (160, 2), (96, 3)])
+def test_encoder_parity_cuda(dtype, hidden, heads):
+    torch.manual_seed(hidden + heads)
+    cfg = bert_config(hidden=hidden, heads=heads, layers=2, vocab=500, max_pos=300)
+    ref = _hf(cfg, torch.float64, "eager")
+    hf = _hf(cfg, dtype)
+    hf.load_state_dict(ref.state_dict())
+    ours = bertfast.BertModel.from_hf(hf).eval()
+    ids, mask, types = random_batch(6, 257, cfg.vocab_size, cfg.type_vocab_size)
+    ids, mask, types = ids.cuda(), mask.cuda(), types.cuda()
+    with torch.no_grad():
+        r = ref(ids, attention_mask=mask, token_type_ids=types)
+        a = hf(ids, attention_mask=mask, token_type_ids=types)
+        b = ours(ids, attention_mask=mask, token_type_ids=types)
+    q = real(mask)
+    err_hf = (a.last_hidden_state[q].double() - r.last_hidden_state[q]).abs().max().item()
+    err_ours = (b.last_hidden_state[q].double() - r.last_hidden_state[q]).abs().max().item()
+    assert torch.isfinite(b.last_hidden_state).all()
+    assert err_ours <= 3 * err_hf + 1e-6, f"bertfast error {err_ours:.3e} vs transformers' own {err_hf:.3e}"
+    perr_hf = (a.pooler_output.double() - r.pooler_output).abs().max().item()
+    perr = (b.pooler_output.double() - r.pooler_output).abs().max().item()
+    assert perr <= 3 * perr_hf + 1e-6
+
+
+def test_training_step_cuda():
+    torch.manual_seed(0)
+    cfg = bert_config(hidden=128, heads=2, layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ref = _hf(cfg, torch.float64, "eager").train()
+    ours = bertfast.BertModel.from_hf(ref).float().train()
+    ids, mask, _ = random_batch(4, 70, cfg.vocab_size)
+    ids, mask = ids.cuda(), mask.cuda()
+    for m in (ref, ours):
+        out = m(ids, attention_mask=mask).last_hidden_state
+        out[real(mask)].double().square().mean().backward()
+    g_ref = dict(ref.named_parameters())["encoder.layer.0.intermediate.dense.weight"].grad
+    g = dict(ours.named_parameters())["encoder.layer.0.intermediate.dense.weight"].grad
+    assert (g.double() - g_ref).abs().max() <= 1e-3 * g_ref.abs().max()
+
+
+def test_cuda_graph_capture():
+    cfg = bert_config(hidden=128, heads=2, layers=2)
+    ours = bertfast.BertModel(cfg).cuda().half().eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 64), device="cuda")
+    with torch.no_grad():
+        expected = ours(ids).last_hidden_state.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            ours(ids)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = ours(ids).last_hidden_state
+        g.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+
+
+def test_implementations_on_cuda():
+    """auto picks the fused kernels on CUDA (bertfast info shows the same table)."""
+    table = bertfast.ops.implementation_table("cuda")
+    assert table["varlen_attention"].startswith("triton")
+    assert table["add_layer_norm"].startswith("triton")
+    assert table["bias_act"].startswith("triton")
