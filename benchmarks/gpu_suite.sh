@@ -59,7 +59,7 @@ if ! step "install + CUDA build" 400 env BERTFAST_FORCE_CUDA=1 $PY -m pip instal
 fi
 step "bertfast info" 60 $PY -m bertfast info
 step "bertfast check" 120 $PY -m bertfast check --device cuda
-step "GPU tests" 300 $PY -m pytest -q -ra --maxfail=30 --durations=15 --junitxml="$OUT/pytest.xml" -p no:cacheprovider tests
+step "GPU tests" ${TESTS_TIMEOUT:-300} $PY -m pytest -q -ra --maxfail=30 --durations=15 --junitxml="$OUT/pytest.xml" -p no:cacheprovider tests
 step "benchmarks" ${BENCH_TIMEOUT:-330} $PY -m bertfast bench --device cuda --out "$OUT/results" ${BENCH_ARGS:-}
 if [ $DRY = 1 ]; then log "gpu_suite dry run: OK (every step above would run)"; exit 0; fi
 log "gpu_suite finished in $(( $(date +%s) - START ))s; failed steps: ${FAILED[*]:-none}"
