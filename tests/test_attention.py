@@ -1,0 +1,423 @@
+"""Fused variable-length attention (kernels/attention.py) against float64 references.
+
+Error rule (flash-attention's): the kernel's max error against a float64 reference must be within 2x (forward) /
+3x (gradients) of the max error of plain PyTorch computing the same thing in the same dtype, plus a floor of one
+ulp of the output's scale (the interpreter truncates fp32 -> bf16 casts instead of rounding them). fp32 with
+tf32 dot inputs is held to the fp16 baseline (both have a 10-bit mantissa).
+
+Without CUDA the kernels run in the Triton interpreter (tests/conftest.py), about 5 ms per tile iteration, so
+most cases use 2 heads and sequences up to 129 tokens; one case has a 512-token sequence.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+from bertfast.kernels import attention as attn
+from bertfast.kernels.attention import (SUPPORTED_HEAD_DIMS, aot_specs, attention_backward, attention_forward,
+                                        dropout_mask)
+from bertfast.kernels.config import UnsupportedInput
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _seed_for(*key) -> None:
+    """Fresh inputs per parametrization, reproducible."""
+    torch.manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _cu(lengths, device):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device), max(max(lengths), 1)
+
+
+def _reference(qkv, cu, scale, keep=None, dropout_p=0.0):
+    """Attention per sequence in qkv's dtype (float64 for the reference, the kernel's dtype for PyTorch's own
+    error): qkv [T, 3, H, D], cu a list of offsets; keep [B, H, S, S] bool (the dropout keep-mask) or None."""
+    outs = []
+    for b in range(len(cu) - 1):
+        s, e = cu[b], cu[b + 1]
+        if e == s:
+            continue
+        q, k, v = qkv[s:e].unbind(1)                                  # [L, H, D]
+        scores = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0)) * scale   # [H, L, L]
+        p = torch.softmax(scores, dim=-1)
+        if keep is not None:
+            n = e - s
+            p = p * keep[b, :, :n, :n].to(p.dtype) / (1.0 - dropout_p)
+        outs.append(torch.matmul(p, v.transpose(0, 1)).transpose(0, 1))     # [L, H, D]
+    return torch.cat(outs) if outs else qkv.new_zeros((0,) + tuple(qkv.shape[2:]))
+
+
+def _fwd_bwd(fn, qkv, dout):
+    x = qkv.detach().clone().requires_grad_(True)
+    out = fn(x)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), x.grad.detach()
+
+
+def _floor(dtype, ref):
+    """One ulp of the output's scale in the output dtype."""
+    return torch.finfo(dtype).eps * max(ref.abs().max().item(), 1.0)
+
+
+def _grad_floor(dtype, ref, head_dim):
+    """One ulp of the gradient's scale, plus the fp32 rounding of dP - delta: both are head_dim-long dot products
+    of O(1) values that cancel (exactly, for a one-token sequence, in PyTorch's softmax backward)."""
+    return _floor(dtype, ref) + torch.finfo(torch.float32).eps * head_dim
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _check_case(device, dtype, head_dim, lengths, heads, fp32_precision="ieee", dropout_p=0.0, seed=0,
+                softmax_scale=None, check_lse=True):
+    cu_t, max_seqlen = _cu(lengths, device)
+    cu = cu_t.tolist()
+    total = cu[-1]
+    qkv = torch.randn(total, 3, heads, head_dim, dtype=dtype)
+    dout = torch.randn(total, heads, head_dim, dtype=dtype)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    keep = None
+    if dropout_p > 0:
+        keep = dropout_mask(cu_t, max_seqlen, heads, dropout_p, seed, device).cpu()
+
+    out, lse = attention_forward(qkv.to(device), cu_t, max_seqlen, softmax_scale=softmax_scale,
+                                 dropout_p=dropout_p, seed=seed, fp32_precision=fp32_precision)
+    dqkv = attention_backward(dout.to(device), qkv.to(device), out, lse, cu_t, max_seqlen,
+                              softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed,
+                              fp32_precision=fp32_precision)
+    out, lse, dqkv = out.cpu(), lse.cpu(), dqkv.cpu()
+    assert out.dtype == dtype and dqkv.dtype == dtype and lse.dtype == torch.float32
+    assert out.shape == (total, heads, head_dim) and lse.shape == (heads, total) and dqkv.shape == qkv.shape
+
+    ref_out, ref_grad = _fwd_bwd(lambda x: _reference(x, cu, scale, keep, dropout_p), qkv.double(), dout)
+    base_dtype = torch.float16 if (dtype == torch.float32 and fp32_precision == "tf32") else dtype
+    pt_out, pt_grad = _fwd_bwd(lambda x: _reference(x, cu, scale, keep, dropout_p), qkv.to(base_dtype), dout)
+
+    err = _max_err(out, ref_out)
+    bound = 2 * _max_err(pt_out, ref_out) + _floor(dtype, ref_out)
+    assert err <= bound, f"out: max error {err:.3g} > bound {bound:.3g}"
+    for i, name in enumerate("qkv"):
+        err = _max_err(dqkv[:, i], ref_grad[:, i])
+        bound = 3 * _max_err(pt_grad[:, i], ref_grad[:, i]) + _grad_floor(dtype, ref_grad[:, i], head_dim)
+        assert err <= bound, f"d{name}: max error {err:.3g} > bound {bound:.3g}"
+
+    if check_lse:
+        ref_lse = []
+        for b in range(len(cu) - 1):
+            s, e = cu[b], cu[b + 1]
+            if e > s:
+                q, k = qkv[s:e, 0].double(), qkv[s:e, 1].double()
+                ref_lse.append(torch.logsumexp(torch.einsum("qhd,khd->hqk", q, k) * scale, -1))
+        ref_lse = torch.cat(ref_lse, dim=1)
+        tol = 1e-5 if (dtype == torch.float32 and fp32_precision == "ieee") else 2e-2
+        assert _max_err(lse, ref_lse) <= tol * max(1.0, ref_lse.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# correctness
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head_dim", SUPPORTED_HEAD_DIMS)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_forward_backward(device, dtype_name, head_dim):
+    _seed_for("fb", dtype_name, head_dim)
+    lengths = [1, 17, 64, 129] + [int(torch.randint(2, 100, ()))]
+    lengths = [lengths[i] for i in torch.randperm(len(lengths)).tolist()]
+    _check_case(device, DTYPES[dtype_name], head_dim, lengths, heads=2)
+
+
+def test_long_batch_of_eight(device):
+    """Batch 8 with one 512-token sequence (several full and partial tiles in every kernel)."""
+    _seed_for("long")
+    lengths = [512, 1, 17, 64, 129] + torch.randint(2, 300, (3,)).tolist()
+    _check_case(device, torch.float16, 64, lengths, heads=1)
+
+
+def test_bf16_wide_head_batch_of_eight(device):
+    _seed_for("bf16-8")
+    lengths = [1, 17, 64, 129, 200] + torch.randint(2, 256, (3,)).tolist()
+    _check_case(device, torch.bfloat16, 96, lengths, heads=1)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_fp32_tf32(device, head_dim):
+    _seed_for("tf32", head_dim)
+    _check_case(device, torch.float32, head_dim, [17, 129, 3], heads=2, fp32_precision="tf32")
+
+
+def test_custom_scale_and_empty_sequences(device):
+    """Zero-length sequences in cu_seqlens are allowed and write nothing; softmax_scale is honoured."""
+    _seed_for("scale")
+    _check_case(device, torch.float16, 32, [0, 5, 0, 70, 0], heads=3, softmax_scale=0.37)
+
+
+def test_single_token(device):
+    _seed_for("one")
+    _check_case(device, torch.float32, 128, [1], heads=1)
+
+
+def test_strided_inputs(device):
+    """qkv as a strided view (a wider projection output, padded heads) and a non-contiguous dout."""
+    _seed_for("strided")
+    heads, head_dim = 2, 64
+    cu_t, max_seqlen = _cu([40, 9, 66], device)
+    total = int(cu_t[-1])
+    big = torch.randn(total, 3, heads, head_dim + 16, device=device, dtype=torch.float32)
+    qkv = big[..., :head_dim]
+    assert not qkv.is_contiguous()
+    out, lse = attention_forward(qkv, cu_t, max_seqlen, fp32_precision="ieee")
+    ref_out, _ = attention_forward(qkv.contiguous(), cu_t, max_seqlen, fp32_precision="ieee")
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    dout_big = torch.randn(total, heads, 2 * head_dim, device=device)
+    dout = dout_big[..., ::2]
+    assert dout.stride(-1) != 1
+    dqkv = attention_backward(dout, qkv, out, lse, cu_t, max_seqlen, fp32_precision="ieee")
+    ref = attention_backward(dout.contiguous(), qkv.contiguous(), out, lse, cu_t, max_seqlen, fp32_precision="ieee")
+    torch.testing.assert_close(dqkv, ref, rtol=0, atol=0)
+    # the same with a token stride that is not 3 * heads * head_dim: the packed projection of a larger model
+    wide = torch.randn(total, 3 * heads * head_dim + 32, device=device)
+    qkv2 = wide[:, :3 * heads * head_dim].view(total, 3, heads, head_dim)
+    out2, _ = attention_forward(qkv2, cu_t, max_seqlen, fp32_precision="ieee")
+    ref2, _ = attention_forward(qkv2.contiguous(), cu_t, max_seqlen, fp32_precision="ieee")
+    torch.testing.assert_close(out2, ref2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_poisoned_outputs_are_fully_written(device, dtype_name):
+    """Outputs pre-filled with NaN: every real row of out / lse / dqkv is written and finite."""
+    _seed_for("poison", dtype_name)
+    dtype = DTYPES[dtype_name]
+    heads, head_dim = 2, 80
+    cu_t, max_seqlen = _cu([3, 0, 65, 130, 1], device)
+    total = int(cu_t[-1])
+    qkv = torch.randn(total, 3, heads, head_dim, device=device, dtype=dtype)
+    out = torch.full((total, heads, head_dim), float("nan"), device=device, dtype=dtype)
+    lse = torch.full((heads, total), float("nan"), device=device)
+    res_out, res_lse = attention_forward(qkv, cu_t, max_seqlen, out=out, lse=lse)
+    assert res_out.data_ptr() == out.data_ptr() and res_lse.data_ptr() == lse.data_ptr()
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    dqkv = torch.full_like(qkv, float("nan"))
+    res = attention_backward(torch.randn_like(out), qkv, out, lse, cu_t, max_seqlen, dqkv=dqkv)
+    assert res.data_ptr() == dqkv.data_ptr()
+    assert torch.isfinite(dqkv).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dropout
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype_name,head_dim", [("fp32", 64), ("fp16", 96), ("bf16", 32)])
+def test_dropout_forward_backward(device, dtype_name, head_dim):
+    _seed_for("dropout", dtype_name, head_dim)
+    _check_case(device, DTYPES[dtype_name], head_dim, [1, 17, 64, 129], heads=2, dropout_p=0.17,
+                seed=1234 + head_dim, check_lse=True)
+
+
+def test_dropout_mask_statistics_and_determinism(device):
+    cu_t, max_seqlen = _cu([300, 7, 129], device)
+    p = 0.3
+    mask = dropout_mask(cu_t, max_seqlen, 2, p, seed=42, device=device)
+    assert mask.dtype == torch.bool and mask.shape == (3, 2, 300, 300)
+    real = torch.zeros_like(mask)
+    for b, n in enumerate([300, 7, 129]):
+        real[b, :, :n, :n] = True
+    assert not mask[~real].any(), "positions past a sequence's end must be False"
+    kept = mask[real].float().mean().item()
+    assert abs((1 - kept) - p) < 0.01, f"dropped fraction {1 - kept:.4f}, expected {p}"
+    # deterministic in the seed, different across seeds and heads
+    assert torch.equal(mask, dropout_mask(cu_t, max_seqlen, 2, p, seed=42, device=device))
+    other = dropout_mask(cu_t, max_seqlen, 2, p, seed=43, device=device)
+    assert (other[real] != mask[real]).float().mean() > 0.3
+    assert (mask[0, 0, :300, :300] != mask[0, 1, :300, :300]).float().mean() > 0.3
+    # seeds beyond 32 bits use the high word
+    hi = dropout_mask(cu_t, max_seqlen, 2, p, seed=42 + (1 << 40), device=device)
+    assert (hi[real] != mask[real]).float().mean() > 0.3
+
+
+def test_dropout_changes_output_and_zero_p_is_exact(device):
+    _seed_for("dropout-det")
+    cu_t, max_seqlen = _cu([33, 70], device)
+    qkv = torch.randn(int(cu_t[-1]), 3, 2, 32, device=device)
+    plain, _ = attention_forward(qkv, cu_t, max_seqlen, fp32_precision="ieee")
+    a, _ = attention_forward(qkv, cu_t, max_seqlen, dropout_p=0.5, seed=7, fp32_precision="ieee")
+    b, _ = attention_forward(qkv, cu_t, max_seqlen, dropout_p=0.5, seed=7, fp32_precision="ieee")
+    c, _ = attention_forward(qkv, cu_t, max_seqlen, dropout_p=0.5, seed=8, fp32_precision="ieee")
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c) and not torch.allclose(a, plain)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: every check raises UnsupportedInput naming the argument
+# ---------------------------------------------------------------------------------------------------------------
+
+def _good(device, dtype=torch.float16, head_dim=64):
+    cu_t, max_seqlen = _cu([5, 9], device)
+    return torch.randn(14, 3, 2, head_dim, device=device).to(dtype), cu_t, max_seqlen
+
+
+def _raises(match, fn, *args, **kwargs):
+    with pytest.raises(UnsupportedInput, match=match):
+        fn(*args, **kwargs)
+
+
+def test_bad_head_dim(device):
+    qkv, cu, ms = _good(device, head_dim=48)
+    with pytest.raises(UnsupportedInput, match="head_dim") as info:
+        attention_forward(qkv, cu, ms)
+    assert "32, 64, 80, 96, 128" in str(info.value)
+    assert issubclass(UnsupportedInput, ValueError)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+def test_bad_dtype(device, dtype):
+    qkv, cu, ms = _good(device)
+    _raises("qkv dtype", attention_forward, qkv.to(dtype), cu, ms)
+
+
+def test_bad_qkv_shape(device):
+    qkv, cu, ms = _good(device)
+    _raises("qkv must have shape", attention_forward, qkv.reshape(14, 6, 64), cu, ms)
+    _raises("qkv must have shape", attention_forward, torch.zeros(14, 2, 2, 64, device=device,
+                                                                  dtype=torch.float16), cu, ms)
+
+
+def test_bad_qkv_last_dim_stride(device):
+    big = torch.randn(14, 3, 2, 128, device=device, dtype=torch.float16)
+    _, cu, ms = _good(device)
+    _raises("qkv's last dim.*contiguous", attention_forward, big[..., ::2], cu, ms)
+
+
+def test_bad_cu_seqlens_dtype_rank_device(device):
+    qkv, cu, ms = _good(device)
+    _raises("cu_seqlens must be int32", attention_forward, qkv, cu.long(), ms)
+    _raises("cu_seqlens must be 1-D", attention_forward, qkv, cu[None], ms)
+    _raises("cu_seqlens is on", attention_forward, qkv, torch.zeros(3, dtype=torch.int32, device="meta"), ms)
+
+
+def test_bad_cu_seqlens_values(device):
+    qkv, cu, ms = _good(device)
+    dev = qkv.device
+    _raises("cu_seqlens must start at 0", attention_forward, qkv,
+            torch.tensor([1, 5, 14], dtype=torch.int32, device=dev), ms)
+    _raises("cu_seqlens must be monotonic", attention_forward, qkv,
+            torch.tensor([0, 10, 5, 14], dtype=torch.int32, device=dev), 14)
+    _raises("cu_seqlens must end at T", attention_forward, qkv,
+            torch.tensor([0, 5, 13], dtype=torch.int32, device=dev), ms)
+    _raises("max_seqlen", attention_forward, qkv, cu, 8)
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
+def test_bad_dropout_p(device, p):
+    qkv, cu, ms = _good(device)
+    _raises("dropout_p", attention_forward, qkv, cu, ms, dropout_p=p)
+    _raises("dropout_p", attention_backward, qkv[:, 0], qkv, qkv[:, 0], torch.zeros(2, 14, device=qkv.device),
+            cu, ms, dropout_p=p)
+
+
+def test_bad_fp32_precision(device):
+    qkv, cu, ms = _good(device, dtype=torch.float32)
+    _raises("fp32_precision", attention_forward, qkv, cu, ms, fp32_precision="fp16")
+    _raises("fp32_precision", attention_forward, qkv, cu, ms, fp32_precision=None)
+
+
+@pytest.mark.parametrize("ms", [0, -3, 2.5])
+def test_bad_max_seqlen(device, ms):
+    qkv, cu, _ = _good(device)
+    _raises("max_seqlen", attention_forward, qkv, cu, ms)
+
+
+def test_bad_backward_arguments(device):
+    qkv, cu, ms = _good(device)
+    out, lse = attention_forward(qkv, cu, ms)
+    _raises("dout", attention_backward, out[:5], qkv, out, lse, cu, ms)
+    _raises("dout", attention_backward, out.float(), qkv, out, lse, cu, ms)
+    _raises("out", attention_backward, out, qkv, out[:, :1], lse, cu, ms)
+    _raises("lse", attention_backward, out, qkv, out, lse.t(), cu, ms)
+    _raises("lse", attention_backward, out, qkv, out, lse.half(), cu, ms)
+    _raises("dqkv", attention_backward, out, qkv, out, lse, cu, ms, dqkv=torch.empty_like(qkv[:3]))
+    _raises("out", attention_forward, qkv, cu, ms, out=torch.empty(14, 2, 64, device=qkv.device))
+
+
+def test_validate_false_does_no_host_sync(device, monkeypatch):
+    """validate=False (and attention_backward) read nothing from the device on the host."""
+    qkv, cu, ms = _good(device)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host sync")
+
+    # the checks' one sync goes through Tensor.tolist; with validate=True this must trip
+    monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
+    with pytest.raises(AssertionError, match="host sync"):
+        attention_forward(qkv, cu, ms)
+    out, lse = attention_forward(qkv, cu, ms, validate=False)
+    attention_backward(out, qkv, out, lse, cu, ms)
+
+
+def test_value_checks_skipped_while_compiling(device, monkeypatch):
+    """Under torch.compile the data-dependent cu_seqlens checks are skipped (they would sync); cheap checks stay."""
+    qkv, _, ms = _good(device)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    short = torch.tensor([0, 5, 13], dtype=torch.int32, device=qkv.device)   # ends before T: not checked now
+    out, _ = attention_forward(qkv, short, ms)
+    assert out.shape == (14, 2, 64)
+    _raises("dropout_p", attention_forward, qkv, short, ms, dropout_p=2.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launch policy / AOT specs
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_aot_specs_cover_launch_rule():
+    specs = aot_specs()
+    assert specs
+    by_kernel = {}
+    for s in specs:
+        names = set(s.fn.arg_names)
+        assert set(s.signature) == names, (s.kernel, names ^ set(s.signature))
+        assert all(s.signature[k] == "constexpr" for k in s.constexprs)
+        assert s.archs and set(s.archs) <= {80, 90}
+        by_kernel.setdefault(s.kernel, []).append(s)
+    assert set(by_kernel) == {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
+                              "_attn_bwd_dq_kernel", "_dropout_mask_kernel"}
+    configs = {(s.kernel, s.config, a) for s in specs for a in s.archs}
+    assert len(configs) == sum(len(s.archs) for s in specs), "duplicate (kernel, config, arch)"
+    # every configuration the launchers can pick is listed
+    for dtype in DTYPES.values():
+        for head_dim in SUPPORTED_HEAD_DIMS:
+            for arch in (80, 90):
+                for dropout in (False, True):
+                    for prec in (("tf32", "ieee") if dtype == torch.float32 else ("tf32",)):
+                        cfg = attn._fwd_config(head_dim, dtype, arch, dropout)
+                        assert any(s.kernel == "_attn_fwd_kernel" and arch in s.archs
+                                   and s.constexprs["HEAD_DIM"] == head_dim
+                                   and s.constexprs["DROPOUT"] == dropout and s.constexprs["PRECISION"] == prec
+                                   and s.signature["qkv_ptr"] == "*" + attn.torch_to_triton_dtype(dtype)
+                                   and s.constexprs["BLOCK_M"] == cfg["BLOCK_M"]
+                                   and s.constexprs["BLOCK_N"] == cfg["BLOCK_N"]
+                                   and s.num_warps == cfg["num_warps"] and s.num_stages == cfg["num_stages"]
+                                   for s in by_kernel["_attn_fwd_kernel"])
+                        bcfg = attn._bwd_config(head_dim, dtype, arch, dropout)
+                        for kernel, bm, bn in (("_attn_bwd_dkdv_kernel", "BLOCK_M", "BLOCK_N"),
+                                               ("_attn_bwd_dq_kernel", "DQ_BLOCK_M", "DQ_BLOCK_N")):
+                            assert any(arch in s.archs and s.constexprs["HEAD_DIM"] == head_dim
+                                       and s.constexprs["DROPOUT"] == dropout
+                                       and s.constexprs["PRECISION"] == prec
+                                       and s.signature["qkv_ptr"] == "*" + attn.torch_to_triton_dtype(dtype)
+                                       and s.constexprs["BLOCK_M"] == bcfg[bm] and s.constexprs["BLOCK_N"] == bcfg[bn]
+                                       and s.num_warps == bcfg["num_warps"] and s.num_stages == bcfg["num_stages"]
+                                       for s in by_kernel[kernel]), (kernel, dtype, head_dim, arch, dropout)
+    tc = {s.signature["qkv_ptr"] != "*fp32" for s in by_kernel["_attn_fwd_kernel"] if s.tensor_cores}
+    assert tc == {True}
