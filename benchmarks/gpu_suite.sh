@@ -59,7 +59,18 @@ if ! step "install + CUDA build" 400 env BERTFAST_FORCE_CUDA=1 $PY -m pip instal
 fi
 step "bertfast info" 60 $PY -m bertfast info
 step "bertfast check" 120 $PY -m bertfast check --device cuda
-step "GPU tests" ${TESTS_TIMEOUT:-300} $PY -m pytest -q -ra --maxfail=30 --durations=15 --junitxml="$OUT/pytest.xml" -p no:cacheprovider tests
+# one pytest process per test file: a crash in one file (a bad kernel can take the process down) cannot hide
+# the results of the others; every file's summary line lands in the log
+run_tests() {
+  local rc=0 f
+  for f in tests/test_*.py; do
+    echo "---- $f"
+    $PY -m pytest -q -ra --maxfail=30 --durations=5 -p no:cacheprovider "$f" || rc=$?
+  done
+  return $rc
+}
+export -f run_tests; export PY
+step "GPU tests" ${TESTS_TIMEOUT:-300} bash -c run_tests
 step "benchmarks" ${BENCH_TIMEOUT:-330} $PY -m bertfast bench --device cuda --out "$OUT/results" ${BENCH_ARGS:-}
 if [ $DRY = 1 ]; then log "gpu_suite dry run: OK (every step above would run)"; exit 0; fi
 log "gpu_suite finished in $(( $(date +%s) - START ))s; failed steps: ${FAILED[*]:-none}"

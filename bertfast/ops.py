@@ -277,6 +277,16 @@ def _recompute_grads(fn, inputs: list, grad_outputs: list):
     return [next(it) if isinstance(t, Tensor) and t.requires_grad else None for t in leaves]
 
 
+def _run(op, *args):
+    """Call a bertfast:: op. Eager calls that need no gradient skip the custom-op dispatcher (its host cost per
+    call is larger than many of these kernels at BERT sizes) and run the same implementation directly; calls
+    that need gradients, or that torch.compile is tracing, go through the registered op (autograd, fake impl)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            isinstance(a, Tensor) and a.requires_grad for a in args)):
+        return op(*args)
+    return op._init_fn(*args)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # varlen_attention
 
@@ -407,7 +417,7 @@ def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_s
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
     impl = choose("varlen_attention", qkv.device, dtype=qkv.dtype, head_dim=qkv.shape[-1])
     seed = new_seed() if dropout_p > 0.0 else 0
-    return _varlen_attention_op(qkv, cu_seqlens, int(max_seqlen), scale, float(dropout_p), seed, impl)[0]
+    return _run(_varlen_attention_op, qkv, cu_seqlens, int(max_seqlen), scale, float(dropout_p), seed, impl)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -499,7 +509,7 @@ def bias_act(x: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Ten
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     impl = choose("bias_act", x.device, dtype=x.dtype)
-    return _bias_act_op(x2, bias, activation, impl).view(shape)
+    return _run(_bias_act_op, x2, bias, activation, impl).view(shape)
 
 
 def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
@@ -617,8 +627,8 @@ def add_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual
     r2 = residual.reshape(-1, hidden).contiguous() if residual is not None else None
     impl = choose("add_layer_norm", x.device, dtype=x.dtype, hidden=hidden)
     seed = new_seed() if dropout_p > 0.0 else 0
-    y = _add_layer_norm_op(x2, weight, bias, float(eps), r2, x_bias, activation or "", float(dropout_p), seed,
-                           impl)[0]
+    y = _run(_add_layer_norm_op, x2, weight, bias, float(eps), r2, x_bias, activation or "", float(dropout_p),
+             seed, impl)[0]
     return y.view(shape)
 
 
@@ -709,8 +719,8 @@ def embed(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_i
     returns (T, E) in word_emb's dtype. Ids are not range-checked here (the model checks them once per batch).
     """
     impl = choose("embed", word_emb.device, dtype=word_emb.dtype)
-    return _embed_op(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight,
-                     ln_bias, float(eps), impl)[0]
+    return _run(_embed_op, input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
+                ln_weight, ln_bias, float(eps), impl)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -771,7 +781,7 @@ def unpad(x: Tensor, indices: Tensor) -> Tensor:
     """x (N, ...) -> x[indices] (T, ...); e.g. hidden states [B*S, H] of a padded batch to its real tokens."""
     if indices.dtype != torch.int64 or indices.dim() != 1:
         raise ValueError(f"indices must be a 1-D int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
-    return _unpad_op(x.contiguous(), indices, choose("unpad", x.device, dtype=x.dtype))
+    return _run(_unpad_op, x.contiguous(), indices, choose("unpad", x.device, dtype=x.dtype))
 
 
 def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
@@ -779,5 +789,5 @@ def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
     if indices.dtype != torch.int64 or indices.dim() != 1 or indices.shape[0] != x.shape[0]:
         raise ValueError(f"indices must be a 1-D int64 tensor with one entry per row of x ({x.shape[0]}), got "
                          f"{indices.dtype} of shape {tuple(indices.shape)}")
-    out = _pad_op(x.contiguous(), indices, batch * seqlen, choose("pad", x.device, dtype=x.dtype))
+    out = _run(_pad_op, x.contiguous(), indices, batch * seqlen, choose("pad", x.device, dtype=x.dtype))
     return out.view((batch, seqlen) + tuple(x.shape[1:]))
