@@ -1,0 +1,199 @@
+"""Bandwidth of the fused bias + residual + LayerNorm and bias + GELU kernels (CUDA only).
+
+GB/s counts the bytes each op must move at least once (inputs read, outputs written; [H] vectors and fp32
+statistics included), and is also given as a fraction of the copy bandwidth measured at the start (a large
+device-to-device copy, read + write bytes counted). Forward and forward + backward, against torch eager,
+torch.compile and Liger-Kernel's LayerNorm when importable. Times are triton.testing.do_bench medians with the
+20 / 80 % quantiles.
+
+    python benchmarks/bench_norm_act.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+SHAPES = [(16384, 768), (16384, 1024), (16384, 3072)]
+EPS = 1e-12
+
+
+def _do_bench(fn, quick):
+    import triton.testing
+    ms, lo, hi = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+                                         quantiles=[0.5, 0.2, 0.8])
+    return ms, lo, hi
+
+
+def copy_bandwidth(device="cuda", quick=False) -> float:
+    """GB/s of a 1 GiB device-to-device copy (read + write bytes)."""
+    import torch
+    n = (256 if quick else 1024) * 2 ** 20
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms, _, _ = _do_bench(lambda: dst.copy_(src), quick)
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def _ln_impls(n, h, dtype, device):
+    """{impl: (fwd, fwd+bwd)} for y = LayerNorm(x + x_bias + residual)."""
+    import torch
+    import torch.nn.functional as F
+
+    from bertfast.kernels import layer_norm as ln
+
+    x = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
+    res = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
+    w = torch.ones(h, device=device, dtype=dtype, requires_grad=True)
+    b = torch.zeros(h, device=device, dtype=dtype, requires_grad=True)
+    xb = torch.zeros(h, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(n, h, device=device, dtype=dtype)
+
+    def eager(x, res, w, b, xb):
+        return F.layer_norm(x + xb + res, (h,), w, b, EPS)
+
+    impls = {}
+
+    def ours_fwd():
+        return ln.add_layer_norm_forward(x.detach(), w.detach(), b.detach(), EPS, residual=res.detach(),
+                                         x_bias=xb.detach())
+
+    def ours_fwd_bwd():
+        y, mean, rstd = ours_fwd()
+        return ln.add_layer_norm_backward(dy, x.detach(), w.detach(), b.detach(), mean, rstd,
+                                          residual=res.detach(), x_bias=xb.detach())
+
+    impls["bertfast"] = (ours_fwd, ours_fwd_bwd)
+
+    def autograd_pair(fn):
+        def fwd():
+            with torch.no_grad():
+                return fn(x, res, w, b, xb)
+
+        def fwd_bwd():
+            y = fn(x, res, w, b, xb)
+            return torch.autograd.grad(y, (x, res, w, b, xb), dy)
+        return fwd, fwd_bwd
+
+    impls["torch"] = autograd_pair(eager)
+    try:
+        impls["torch.compile"] = autograd_pair(torch.compile(eager))
+    except Exception as exc:  # noqa: BLE001 - a benchmark row is skipped, with the reason printed
+        print(f"torch.compile unavailable: {exc}", file=sys.stderr)
+    try:
+        from liger_kernel.transformers import LigerLayerNorm
+        try:
+            liger = LigerLayerNorm(h, eps=EPS, bias=True)
+        except TypeError:  # older liger: bias always present
+            liger = LigerLayerNorm(h, eps=EPS)
+        liger = liger.to(device=device, dtype=dtype)
+
+        def liger_fn(x, res, w, b, xb):
+            return liger(x + xb + res)
+        impls["liger (LN only; add in torch)"] = autograd_pair(liger_fn)
+    except Exception:  # liger_kernel not installed
+        pass
+    return impls
+
+
+def _act_impls(n, i, dtype, device):
+    import torch
+    import torch.nn.functional as F
+
+    from bertfast.kernels import gelu
+
+    x = torch.randn(n, i, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.zeros(i, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(n, i, device=device, dtype=dtype)
+
+    def ours_fwd():
+        return gelu.bias_act_forward(x.detach(), bias.detach(), "gelu")
+
+    def ours_fwd_bwd():
+        gelu.bias_act_forward(x.detach(), bias.detach(), "gelu")
+        return gelu.bias_act_backward(dy, x.detach(), bias.detach(), "gelu")
+
+    def eager(x, bias):
+        return F.gelu(x + bias)
+
+    def pair(fn):
+        def fwd():
+            with torch.no_grad():
+                return fn(x, bias)
+
+        def fwd_bwd():
+            return torch.autograd.grad(fn(x, bias), (x, bias), dy)
+        return fwd, fwd_bwd
+
+    impls = {"bertfast": (ours_fwd, ours_fwd_bwd), "torch": pair(eager)}
+    try:
+        impls["torch.compile"] = pair(torch.compile(eager))
+    except Exception as exc:  # noqa: BLE001
+        print(f"torch.compile unavailable: {exc}", file=sys.stderr)
+    return impls
+
+
+def _bytes(op, n, h, elem, mode):
+    if op == "add_layer_norm":
+        # fwd: read x, residual (+ 3 [H] vectors), write y, mean, rstd
+        fwd = (3 * n * h + 3 * h) * elem + 8 * n
+        # bwd: read dy, x, residual, w, xb, mean, rstd; write dx, dresidual, dw, db, dxb
+        bwd = (5 * n * h + 5 * h) * elem + 8 * n
+    else:
+        fwd = (2 * n * h + h) * elem
+        bwd = (3 * n * h + 2 * h) * elem  # read dy, x (+bias), write dx (+dbias)
+    return fwd if mode == "fwd" else fwd + bwd
+
+
+def run(device="cuda", quick=False) -> list[dict]:
+    import torch
+    if not torch.cuda.is_available() or str(device).startswith("cpu"):
+        raise RuntimeError("bench_norm_act needs a CUDA device")
+    copy_bw = copy_bandwidth(device, quick)
+    gpu = torch.cuda.get_device_name(device)
+    rows = [dict(name="copy", shape="", dtype="uint8", impl="torch copy_", ms=None, gbps=round(copy_bw, 1),
+                 frac_copy_bw=1.0, device=gpu)]
+    shapes = SHAPES[:1] + SHAPES[2:] if quick else SHAPES
+    dtypes = [torch.float16, torch.bfloat16] if not quick else [torch.bfloat16]
+    for dtype in dtypes:
+        elem = torch.finfo(dtype).bits // 8
+        for n, h in shapes:
+            for op, make in (("add_layer_norm", _ln_impls), ("bias_gelu", _act_impls)):
+                impls = make(n, h, dtype, device)
+                for impl, (fwd, fwd_bwd) in impls.items():
+                    for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                        try:
+                            ms, lo, hi = _do_bench(fn, quick)
+                        except Exception as exc:  # noqa: BLE001 - report the failing impl, keep benchmarking
+                            print(f"{op} {impl} {mode} {n}x{h} {dtype}: {exc}", file=sys.stderr)
+                            continue
+                        gbps = _bytes(op, n, h, elem, mode) / (ms * 1e-3) / 1e9
+                        rows.append(dict(name=f"{op} {mode}", shape=f"{n}x{h}", dtype=str(dtype).replace("torch.", ""),
+                                         impl=impl, ms=round(ms, 4), ms_q20=round(lo, 4), ms_q80=round(hi, 4),
+                                         gbps=round(gbps, 1), frac_copy_bw=round(gbps / copy_bw, 3), device=gpu))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        print("bench_norm_act: no CUDA device here; this benchmark measures GPU bandwidth only (nothing run).")
+        return 1
+    rows = run("cuda", quick=args.quick)
+    cols = ["name", "shape", "dtype", "impl", "ms", "ms_q20", "ms_q80", "gbps", "frac_copy_bw"]
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    print(f"device: {rows[0]['device']}")
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
