@@ -13,8 +13,9 @@
 //       -> (Tensor dx, Tensor? dresidual, Tensor dweight, Tensor dbias, Tensor? dx_bias)
 //     h is recomputed from x, x_bias, residual (nothing else is saved). dh = dL/dh (the LayerNorm backward).
 //     dx = dh * act'(x + x_bias)                    [N, H] x's dtype
-//     dresidual = dh, returned only when residual is given AND activation is not "": with no activation dh == dx,
-//                 so it is None and the caller uses dx for the residual too (saves an [N, H] copy).
+//     dresidual = dh (the gradient of the pre-LN sum) [N, H] x's dtype when residual is given, else None. With no
+//                 activation it equals dx but is still a separate tensor (outputs of an op must not alias);
+//                 it is written in the same pass, so it costs one extra [N, H] store.
 //     dweight, dbias [H] weight's dtype; dx_bias = sum over rows of dx [H] (None when x_bias is None).
 //     The column sums are deterministic: fixed row blocks (depending on N only) reduced in order.
 #include <torch/library.h>
@@ -136,7 +137,7 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
   const int64_t n = x.size(0), h = x.size(1);
 
   auto dx = at::empty_like(x);
-  const bool want_dres = residual.has_value() && act != Activation::kNone;
+  const bool want_dres = residual.has_value();
   std::optional<at::Tensor> dres;
   if (want_dres) dres = at::empty_like(x);
   auto dweight = at::empty({h}, weight.options());

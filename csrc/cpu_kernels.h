@@ -203,14 +203,17 @@ BF_INLINE float act_grad_f(float x) {
   if constexpr (A == Activation::kGelu) {
     return 0.5f * (1.0f + erf_f(x * kSqrt1_2)) + x * kInvSqrt2Pi * exp_f(-0.5f * x * x);
   } else if constexpr (A == Activation::kGeluTanh) {
+    // 1 - s = e s with e = exp(-2u): no cancellation where s -> 1 (1 - s would lose all its digits there).
     float u2 = 2.0f * kSqrt2OverPi * (x + kGeluTanhC * x * x * x);
-    float s = 1.0f / (1.0f + exp_f(-u2));
-    return s + 2.0f * x * s * (1.0f - s) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhC * x * x);
+    float e = exp_f(-u2);
+    float s = 1.0f / (1.0f + e);
+    return s + 2.0f * x * s * (e * s) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhC * x * x);
   } else if constexpr (A == Activation::kRelu) {
     return x > 0.0f ? 1.0f : 0.0f;
   } else if constexpr (A == Activation::kSilu) {
-    float s = 1.0f / (1.0f + exp_f(-x));
-    return s * (1.0f + x * (1.0f - s));
+    float e = exp_f(-x);
+    float s = 1.0f / (1.0f + e);
+    return s * (1.0f + x * (e * s));
   } else {
     return 1.0f;
   }

@@ -45,10 +45,10 @@ struct TokenIds {
   std::vector<int64_t> word, pos, type;  // type empty when there is no type_emb
 };
 
+// n_types == 0: no type table.
 TokenIds gather_and_check_ids(const char* op, const at::Tensor& input_ids, const at::Tensor& indices,
                               const at::Tensor& position_ids, const std::optional<at::Tensor>& token_type_ids,
-                              const at::Tensor& word_emb, const at::Tensor& pos_emb,
-                              const std::optional<at::Tensor>& type_emb, int64_t n, int64_t t) {
+                              int64_t vocab, int64_t n_pos, int64_t n_types, int64_t n, int64_t t) {
   const int64_t* ip = indices.data_ptr<int64_t>();
   check_index_values_cpu(op, "indices", ip, t, n, "positions of input_ids, N");
   TokenIds ids;
@@ -60,21 +60,37 @@ TokenIds gather_and_check_ids(const char* op, const at::Tensor& input_ids, const
     ids.word[k] = wp[ip[k]];
     ids.pos[k] = pp[ip[k]];
   }
-  check_index_values_cpu(op, "input_ids (at the positions in indices)", ids.word.data(), t, word_emb.size(0),
+  check_index_values_cpu(op, "input_ids (at the positions in indices)", ids.word.data(), t, vocab,
                          "rows of word_emb, the vocabulary size");
-  check_index_values_cpu(op, "position_ids (at the positions in indices)", ids.pos.data(), t, pos_emb.size(0),
+  check_index_values_cpu(op, "position_ids (at the positions in indices)", ids.pos.data(), t, n_pos,
                          "rows of pos_emb, max_position_embeddings");
-  if (type_emb.has_value()) {
+  if (n_types > 0) {
     ids.type.assign(t, 0);
     if (token_type_ids.has_value()) {
       const int64_t* tp = token_type_ids->data_ptr<int64_t>();
       for (int64_t k = 0; k < t; ++k) ids.type[k] = tp[ip[k]];
-      check_index_values_cpu(op, "token_type_ids (at the positions in indices)", ids.type.data(), t,
-                             type_emb->size(0), "rows of type_emb, type_vocab_size");
+      check_index_values_cpu(op, "token_type_ids (at the positions in indices)", ids.type.data(), t, n_types,
+                             "rows of type_emb, type_vocab_size");
     }
   }
   return ids;
 }
+
+int64_t type_rows(const std::optional<at::Tensor>& type_emb) { return type_emb.has_value() ? type_emb->size(0) : 0; }
+
+}  // namespace
+
+void embed_check_ids_on_cpu(const char* op, const at::Tensor& input_ids, const at::Tensor& indices,
+                            const at::Tensor& position_ids, const std::optional<at::Tensor>& token_type_ids,
+                            int64_t vocab, int64_t n_pos, int64_t n_types) {
+  auto cpu = [](const at::Tensor& t) { return t.to(at::kCPU).contiguous(); };
+  std::optional<at::Tensor> tt;
+  if (token_type_ids.has_value()) tt = cpu(*token_type_ids);
+  gather_and_check_ids(op, cpu(input_ids), cpu(indices), cpu(position_ids), tt, vocab, n_pos, n_types,
+                       input_ids.size(0), indices.size(0));
+}
+
+namespace {
 
 // h row (fp32) of packed token k.
 template <typename T>
@@ -141,8 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_cpu(
                                          type_emb, ln_weight);
   check_feature_vector(kFwd, "ln_bias", ln_bias, word_emb, s.e);
   TORCH_CHECK(eps >= 0.0, kFwd, ": eps must be >= 0, got ", eps);
-  const TokenIds ids = gather_and_check_ids(kFwd, input_ids, indices, position_ids, token_type_ids, word_emb,
-                                            pos_emb, type_emb, s.n, s.t);
+  const TokenIds ids = gather_and_check_ids(kFwd, input_ids, indices, position_ids, token_type_ids,
+                                            word_emb.size(0), pos_emb.size(0), type_rows(type_emb), s.n, s.t);
   auto out = at::empty({s.t, s.e}, word_emb.options());
   auto mean = at::empty({s.t}, word_emb.options().dtype(at::kFloat));
   auto rstd = at::empty({s.t}, word_emb.options().dtype(at::kFloat));
@@ -202,8 +218,8 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Te
                 "] (one per token), got ", st->sizes());
     check_contiguous(kBwd, name, *st);
   }
-  const TokenIds ids = gather_and_check_ids(kBwd, input_ids, indices, position_ids, token_type_ids, word_emb,
-                                            pos_emb, type_emb, s.n, s.t);
+  const TokenIds ids = gather_and_check_ids(kBwd, input_ids, indices, position_ids, token_type_ids,
+                                            word_emb.size(0), pos_emb.size(0), type_rows(type_emb), s.n, s.t);
   const int64_t e = s.e, t = s.t;
   auto d_word = at::zeros_like(word_emb);
   auto d_pos = at::zeros_like(pos_emb);

@@ -58,4 +58,10 @@ inline EmbedShapes check_embed_args(const char* op, const at::Tensor& input_ids,
   return {n, indices.size(0), e};
 }
 
+// Range check of the ids embed reads, on CPU copies (the CUDA kernel's error path uses it to name the bad value):
+// raises the same error as the CPU op. n_types == 0: no type table.
+void embed_check_ids_on_cpu(const char* op, const at::Tensor& input_ids, const at::Tensor& indices,
+                            const at::Tensor& position_ids, const std::optional<at::Tensor>& token_type_ids,
+                            int64_t vocab, int64_t n_pos, int64_t n_types);
+
 }  // namespace bertfast

@@ -1,0 +1,141 @@
+"""CPU benchmark: each fused C++ op of bertfast._C against the torch composite it replaces.
+
+BERT-base shapes (T = 4096 packed tokens, H = 768, I = 3072; pad/unpad from a 32 x 256 padded batch with half
+of it padding), fp32, torch.set_num_threads(2). Wall-clock median over repeats after warm-up; ours and torch's
+runs alternate in one loop so both see the same machine load.
+
+    python benchmarks/bench_cpu_ops.py [--quick]
+
+run(quick=False) -> list of rows {name, shape, dtype, impl, ms, speedup} (speedup = torch ms / our ms, on our
+rows; 1.0 on torch's rows).
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import bertfast._C  # noqa: F401  (registers torch.ops.bertfast_C)
+
+ops = torch.ops.bertfast_C
+T, H, I = 4096, 768, 3072
+B, S = 32, 256
+VOCAB, POS, TYPES = 30522, 512, 2
+
+
+def _time_pair(ours, theirs, repeats, warmup=3):
+    for _ in range(warmup):
+        ours()
+        theirs()
+    a, b = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ours()
+        t1 = time.perf_counter()
+        theirs()
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return statistics.median(a) * 1e3, statistics.median(b) * 1e3
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    x, r, dy = randn(T, H), randn(T, H), randn(T, H)
+    w, b, xb = 1 + 0.1 * randn(H), 0.1 * randn(H), randn(H)
+    y, mean, rstd = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "")
+    yg, mean_g, rstd_g = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "gelu")
+    u, ub, du = randn(T, I), randn(I), randn(T, I)
+
+    def ln_composite_bwd(act):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, r, xb)]
+        z = leaves[0] + leaves[4]
+        z = F.gelu(z) if act == "gelu" else z
+        out = F.layer_norm(z + leaves[3], (H,), leaves[1], leaves[2], 1e-12)
+        return lambda: torch.autograd.grad(out, leaves, dy, retain_graph=True)
+
+    def act_composite_bwd(approximate):
+        lx, lb = u.clone().requires_grad_(), ub.clone().requires_grad_()
+        out = F.gelu(lx + lb, approximate=approximate)
+        return lambda: torch.autograd.grad(out, (lx, lb), du, retain_graph=True)
+
+    n = B * S
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    lengths = torch.randint(1, S + 1, (B,), generator=g)
+    lengths = (lengths.float() * (T / lengths.sum().item())).round().clamp(1, S).long()
+    for i, length in enumerate(lengths.tolist()):
+        mask[i, :length] = True
+    idx = mask.view(-1).nonzero().view(-1)
+    t_real = idx.numel()
+    ids = torch.randint(0, VOCAB, (n,), generator=g)
+    pos = torch.arange(S).repeat(B)
+    tt = torch.randint(0, TYPES, (n,), generator=g)
+    we, pe, te = randn(VOCAB, H), randn(POS, H), randn(TYPES, H)
+    xp = randn(n, H)
+    xu = randn(t_real, H)
+
+    def embed_torch():
+        h = F.embedding(ids[idx], we) + F.embedding(tt[idx], te) + F.embedding(pos[idx], pe)
+        return F.layer_norm(h, (H,), w, b, 1e-12)
+
+    return [
+        ("add_layer_norm", f"{T}x{H}",
+         lambda: ops.add_layer_norm(x, w, b, 1e-12, r, xb, ""),
+         lambda: F.layer_norm(x + xb + r, (H,), w, b, 1e-12)),
+        ("add_layer_norm(gelu)", f"{T}x{H}",
+         lambda: ops.add_layer_norm(x, w, b, 1e-12, r, xb, "gelu"),
+         lambda: F.layer_norm(F.gelu(x + xb) + r, (H,), w, b, 1e-12)),
+        ("add_layer_norm_backward", f"{T}x{H}",
+         lambda: ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, ""), ln_composite_bwd("")),
+        ("add_layer_norm_backward(gelu)", f"{T}x{H}",
+         lambda: ops.add_layer_norm_backward(dy, x, w, mean_g, rstd_g, r, xb, "gelu"), ln_composite_bwd("gelu")),
+        ("bias_act(gelu)", f"{T}x{I}", lambda: ops.bias_act(u, ub, "gelu"), lambda: F.gelu(u + ub)),
+        ("bias_act(gelu_tanh)", f"{T}x{I}", lambda: ops.bias_act(u, ub, "gelu_tanh"),
+         lambda: F.gelu(u + ub, approximate="tanh")),
+        ("bias_act_backward(gelu)", f"{T}x{I}", lambda: ops.bias_act_backward(du, u, ub, "gelu"),
+         act_composite_bwd("none")),
+        ("embed", f"{t_real}x{H} of {B}x{S}",
+         lambda: ops.embed(ids, idx, pos, tt, we, pe, te, w, b, 1e-12), embed_torch),
+        ("unpad", f"{n}x{H} -> {t_real}", lambda: ops.unpad(xp, idx), lambda: xp.index_select(0, idx)),
+        ("pad", f"{t_real}x{H} -> {n}", lambda: ops.pad(xu, idx, n),
+         lambda: xu.new_zeros(n, H).index_put_((idx,), xu)),
+    ]
+
+
+def run(quick=False):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    rows = []
+    try:
+        with torch.no_grad():
+            for name, shape, ours, theirs in _cases():
+                ms_ours, ms_torch = _time_pair(ours, theirs, 7 if quick else 41)
+                rows.append(dict(name=name, shape=shape, dtype="float32", impl="bertfast_C", ms=round(ms_ours, 3),
+                                 speedup=round(ms_torch / ms_ours, 2)))
+                rows.append(dict(name=name, shape=shape, dtype="float32", impl="torch", ms=round(ms_torch, 3),
+                                 speedup=1.0))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = parser.parse_args()
+    rows = run(quick=args.quick)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available, benchmark uses 2; "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(f"{'op':32s} {'shape':26s} {'bertfast_C ms':>14s} {'torch ms':>10s} {'speedup':>8s}")
+    for ours, theirs in zip(rows[::2], rows[1::2]):
+        print(f"{ours['name']:32s} {ours['shape']:26s} {ours['ms']:14.3f} {theirs['ms']:10.3f} "
+              f"{ours['speedup']:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

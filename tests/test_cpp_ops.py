@@ -1,0 +1,630 @@
+"""The C++ kernels of bertfast._C (torch.ops.bertfast_C.*) against float64 references.
+
+Tolerance (flash-attention's rule): the kernel's max abs error against the float64 reference may be at most
+2x the error of torch's own composite run in the same dtype (3x for gradients), plus one ulp of the largest
+reference value as a floor. Shapes are odd on purpose (N = 1, 7, 1000; H = 384, 1023, 768).
+
+The fake (meta) implementations of the bertfast_C ops used by opcheck are registered here, only where none is
+registered yet: the ops layer (bertfast/ops.py) should own them, next to the public bertfast:: ops.
+
+CUDA tests (at the end) compare the CUDA kernels with the CPU ones; they run only where CUDA is available.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bertfast._C  # noqa: F401  (registers torch.ops.bertfast_C)
+
+ops = torch.ops.bertfast_C
+HAS_CUDA = torch.cuda.is_available()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NS = [1, 7, 1000]
+HS = [384, 1023, 768]
+ACTS = ["gelu", "gelu_tanh", "relu", "silu"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fake implementations for opcheck (the ops layer should own these)
+
+def _register_fake(name, fn):
+    try:
+        torch.library.register_fake(f"bertfast_C::{name}")(fn)
+    except RuntimeError as exc:  # already registered (by bertfast/ops.py or an earlier import)
+        if "already" not in str(exc):
+            raise
+
+
+def _f32(like, n):
+    return like.new_empty((n,), dtype=torch.float32)
+
+
+_register_fake("add_layer_norm", lambda x, w, b, eps, r, xb, act: (torch.empty_like(x), _f32(x, x.shape[0]),
+                                                                     _f32(x, x.shape[0])))
+_register_fake("add_layer_norm_backward", lambda dy, x, w, m, s, r, xb, act: (
+    torch.empty_like(x), None if r is None else torch.empty_like(x), torch.empty_like(w), torch.empty_like(w),
+    None if xb is None else torch.empty_like(xb)))
+_register_fake("bias_act", lambda x, b, act: torch.empty_like(x))
+_register_fake("bias_act_backward", lambda dy, x, b, act: (torch.empty_like(x),
+                                                           None if b is None else torch.empty_like(b)))
+_register_fake("embed", lambda ids, idx, pos, tt, we, pe, te, lw, lb, eps: (
+    we.new_empty((idx.shape[0], we.shape[1])), _f32(we, idx.shape[0]), _f32(we, idx.shape[0])))
+_register_fake("embed_backward", lambda g, ids, idx, pos, tt, we, pe, te, lw, m, s: (
+    torch.empty_like(we), torch.empty_like(pe), None if te is None else torch.empty_like(te),
+    torch.empty_like(lw), torch.empty_like(lw)))
+_register_fake("unpad", lambda x, idx: x.new_empty((idx.shape[0],) + tuple(x.shape[1:])))
+_register_fake("pad", lambda x, idx, n: x.new_empty((n,) + tuple(x.shape[1:])))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+def _ulp(dtype, ref):
+    return torch.finfo(dtype).eps * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
+
+
+def assert_within(ours, ref, torch_lowp, dtype, factor=2.0, what=""):
+    """max|ours - ref| <= factor * max|torch_lowp - ref| + one ulp of max|ref| (ref is float64)."""
+    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+    if ref.numel() == 0:
+        return
+    err = (ours.double() - ref).abs().max().item()
+    torch_err = (torch_lowp.double() - ref).abs().max().item()
+    bound = factor * torch_err + _ulp(dtype, ref)
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (torch {dtype} error {torch_err:.3g})"
+
+
+def _act(z, act):
+    if act == "gelu":
+        return F.gelu(z)
+    if act == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if act == "relu":
+        return F.relu(z)
+    if act == "silu":
+        return F.silu(z)
+    return z
+
+
+def _leaf(t, dtype=None):
+    return (t.to(dtype) if dtype is not None else t.clone()).detach().requires_grad_()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# add_layer_norm
+
+def _aln_composite(x, w, b, r, xb, act, eps):
+    z = x if xb is None else x + xb
+    z = _act(z, act)
+    if r is not None:
+        z = z + r
+    return F.layer_norm(z, (x.shape[-1],), w, b, eps)
+
+
+def _aln_inputs(n, h, dtype, with_r=True, with_xb=True):
+    x = torch.randn(n, h).to(dtype)
+    w = (1.0 + 0.5 * torch.randn(h)).to(dtype)
+    b = (0.1 * torch.randn(h)).to(dtype)
+    r = torch.randn(n, h).to(dtype) if with_r else None
+    xb = (0.5 * torch.randn(h)).to(dtype) if with_xb else None
+    return x, w, b, r, xb
+
+
+def _check_add_layer_norm(n, h, dtype, act, with_r, with_xb, eps=1e-12):
+    x, w, b, r, xb = _aln_inputs(n, h, dtype, with_r, with_xb)
+    y, mean, rstd = ops.add_layer_norm(x, w, b, eps, r, xb, act)
+    assert y.dtype == dtype and mean.dtype == torch.float32 and rstd.dtype == torch.float32
+    # float64 reference and torch's same-dtype composite, with autograd for the backward
+    leaves64 = [None if t is None else _leaf(t, torch.float64) for t in (x, w, b, r, xb)]
+    leaveslp = [None if t is None else _leaf(t) for t in (x, w, b, r, xb)]
+    ref = _aln_composite(*[leaves64[i] for i in (0, 1, 2, 3, 4)], act, eps)
+    low = _aln_composite(*[leaveslp[i] for i in (0, 1, 2, 3, 4)], act, eps)
+    assert_within(y, ref, low, dtype, what="y")
+    z = leaves64[0] if xb is None else leaves64[0] + leaves64[4]
+    z = _act(z, act) + (0 if r is None else leaves64[3])
+    var, mu = torch.var_mean(z.detach(), dim=-1, unbiased=False)
+    torch.testing.assert_close(mean.double(), mu, rtol=1e-5, atol=1e-5 * max(1.0, mu.abs().max().item()))
+    torch.testing.assert_close(rstd.double(), (var + eps).rsqrt(), rtol=1e-4, atol=0)
+
+    dy = torch.randn(n, h).to(dtype)
+    ref.backward(dy.double())
+    low.backward(dy)
+    dx, dres, dw, db, dxb = ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, act)
+    assert (dres is None) == (r is None) and (dxb is None) == (xb is None)
+    assert_within(dx, leaves64[0].grad, leaveslp[0].grad, dtype, 3.0, "dx")
+    assert_within(dw, leaves64[1].grad, leaveslp[1].grad, dtype, 3.0, "dweight")
+    assert_within(db, leaves64[2].grad, leaveslp[2].grad, dtype, 3.0, "dbias")
+    if r is not None:
+        assert_within(dres, leaves64[3].grad, leaveslp[3].grad, dtype, 3.0, "dresidual")
+    if xb is not None:
+        assert_within(dxb, leaves64[4].grad, leaveslp[4].grad, dtype, 3.0, "dx_bias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("h", HS)
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("act", ["", "gelu", "gelu_tanh"])
+def test_add_layer_norm(n, h, dtype, act):
+    _check_add_layer_norm(n, h, dtype, act, with_r=True, with_xb=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_r,with_xb", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("act", ["", "gelu", "relu", "silu"])
+def test_add_layer_norm_optional_inputs(dtype, with_r, with_xb, act):
+    _check_add_layer_norm(37, 768, dtype, act, with_r, with_xb, eps=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bias_act
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("h", HS)
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("act", ACTS)
+def test_bias_act(n, h, dtype, act):
+    x = (2.0 * torch.randn(n, h)).to(dtype)
+    b = torch.randn(h).to(dtype)
+    y = ops.bias_act(x, b, act)
+    assert y.dtype == dtype
+    x64, b64, xl, bl = _leaf(x, torch.float64), _leaf(b, torch.float64), _leaf(x), _leaf(b)
+    ref, low = _act(x64 + b64, act), _act(xl + bl, act)
+    assert_within(y, ref, low, dtype, what="y")
+    dy = torch.randn(n, h).to(dtype)
+    ref.backward(dy.double())
+    low.backward(dy)
+    dx, db = ops.bias_act_backward(dy, x, b, act)
+    assert_within(dx, x64.grad, xl.grad, dtype, 3.0, "dx")
+    assert_within(db, b64.grad, bl.grad, dtype, 3.0, "dbias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS + [""])
+def test_bias_act_no_bias_3d(dtype, act):
+    x = (3.0 * torch.randn(3, 5, 130)).to(dtype)
+    y = ops.bias_act(x, None, act)
+    x64, xl = _leaf(x, torch.float64), _leaf(x)
+    ref, low = _act(x64, act), _act(xl, act)
+    assert_within(y, ref, low, dtype, what="y")
+    dy = torch.randn_like(x)
+    ref.backward(dy.double())
+    low.backward(dy)
+    dx, db = ops.bias_act_backward(dy, x, None, act)
+    assert db is None
+    assert_within(dx, x64.grad, xl.grad, dtype, 3.0, "dx")
+
+
+def test_activation_math_wide_range():
+    """The vectorised erf/exp hold over the whole fp32 range, including far tails and +-inf."""
+    x = torch.cat([torch.linspace(-12, 12, 200001), torch.tensor([-100.0, -88.0, 88.0, 100.0, 1e30, -1e30])])
+    for act in ACTS:
+        y = ops.bias_act(x.view(1, -1), None, act).view(-1)
+        ref = _act(x.double(), act)
+        low = _act(x, act)
+        assert_within(y, ref, low, torch.float32, what=act)
+        assert torch.isfinite(y).all()
+    assert torch.equal(ops.bias_act(torch.tensor([[float("inf"), float("-inf")]]), None, "relu"),
+                       torch.tensor([[float("inf"), 0.0]]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# embed
+
+def _embed_inputs(t, e, dtype, with_type=True, with_tt=True, vocab=1000, n_pos=512, n_types=2):
+    n = t + 5  # padded positions; 5 of them are padding
+    indices = torch.sort(torch.randperm(n)[:t]).values
+    input_ids = torch.randint(0, vocab, (n,))
+    position_ids = torch.randint(0, n_pos, (n,))
+    token_type_ids = torch.randint(0, n_types, (n,)) if with_tt else None
+    word = torch.randn(vocab, e).to(dtype)
+    pos = torch.randn(n_pos, e).to(dtype)
+    typ = torch.randn(n_types, e).to(dtype) if with_type else None
+    lw = (1.0 + 0.5 * torch.randn(e)).to(dtype)
+    lb = (0.1 * torch.randn(e)).to(dtype)
+    return input_ids, indices, position_ids, token_type_ids, word, pos, typ, lw, lb
+
+
+def _embed_composite(input_ids, indices, position_ids, token_type_ids, word, pos, typ, lw, lb, eps):
+    h = F.embedding(input_ids[indices], word)
+    if typ is not None:
+        tt = token_type_ids[indices] if token_type_ids is not None else torch.zeros_like(indices)
+        h = h + F.embedding(tt, typ)
+    h = h + F.embedding(position_ids[indices], pos)
+    return F.layer_norm(h, (word.shape[1],), lw, lb, eps)
+
+
+def _check_embed(t, e, dtype, with_type=True, with_tt=True, eps=1e-12):
+    args = _embed_inputs(t, e, dtype, with_type, with_tt)
+    ids, idx, pos_ids, tt = args[:4]
+    tables = args[4:]
+    out, mean, rstd = ops.embed(*args, eps)
+    assert out.dtype == dtype and out.shape == (t, e)
+    t64 = [None if v is None else _leaf(v, torch.float64) for v in tables]
+    tlp = [None if v is None else _leaf(v) for v in tables]
+    ref = _embed_composite(ids, idx, pos_ids, tt, *t64, eps)
+    low = _embed_composite(ids, idx, pos_ids, tt, *tlp, eps)
+    assert_within(out, ref, low, dtype, what="out")
+    g = torch.randn(t, e).to(dtype)
+    ref.backward(g.double())
+    low.backward(g)
+    word, pos, typ, lw, lb = tables
+    grads = ops.embed_backward(g, ids, idx, pos_ids, tt, word, pos, typ, lw, mean, rstd)
+    names = ["d_word_emb", "d_pos_emb", "d_type_emb", "d_ln_weight", "d_ln_bias"]
+    for got, a, b, name in zip(grads, t64, tlp, names):
+        if a is None:
+            assert got is None, name
+            continue
+        assert got.dtype == dtype and got.shape == a.shape, name
+        assert_within(got, a.grad, b.grad, dtype, 3.0, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("e", HS)
+@pytest.mark.parametrize("t", NS)
+def test_embed(t, e, dtype):
+    _check_embed(t, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_type,with_tt", [(False, False), (True, False)])
+def test_embed_without_token_types(dtype, with_type, with_tt):
+    """DistilBERT (no type table) and BERT called without token_type_ids (type 0 everywhere); E=128 as ALBERT."""
+    _check_embed(50, 128, dtype, with_type, with_tt, eps=1e-5)
+
+
+def test_embed_roberta_positions():
+    """RoBERTa's positions are padding_idx + 1 + cumsum(mask) computed by the caller; the op takes them as is."""
+    b, s, e, pad_idx = 3, 9, 64, 1
+    mask = torch.zeros(b, s, dtype=torch.long)
+    for i, length in enumerate([9, 4, 6]):
+        mask[i, :length] = 1
+    pos = (torch.cumsum(mask, 1) * mask + pad_idx).view(-1)
+    ids = torch.randint(3, 100, (b * s,))
+    idx = mask.view(-1).nonzero().view(-1)
+    word, posemb, typ = torch.randn(100, e), torch.randn(s + 2, e), torch.randn(1, e)
+    lw, lb = torch.randn(e), torch.randn(e)
+    out, _, _ = ops.embed(ids, idx, pos, None, word, posemb, typ, lw, lb, 1e-5)
+    ref = _embed_composite(ids, idx, pos, None, word.double(), posemb.double(), typ.double(), lw.double(),
+                           lb.double(), 1e-5)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+
+
+def test_embed_backward_repeated_ids_and_determinism():
+    """Many tokens share few ids (the scatter sums them); the gradients are the same bits for 1 and 2 threads."""
+    t, e = 600, 96
+    args = list(_embed_inputs(t, e, torch.float32, vocab=7, n_pos=5))
+    out, mean, rstd = ops.embed(*args, 1e-12)
+    g = torch.randn(t, e)
+    grad_args = (g, *args[:8], mean, rstd)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.embed_backward(*grad_args)
+        torch.set_num_threads(2)
+        two = ops.embed_backward(*grad_args)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_backward_determinism_across_threads():
+    x, w, b, r, xb = _aln_inputs(1000, 768, torch.float32)
+    y, m, s = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "gelu")
+    dy = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.add_layer_norm_backward(dy, x, w, m, s, r, xb, "gelu") + ops.bias_act_backward(dy, x, xb, "gelu")
+        torch.set_num_threads(2)
+        two = ops.add_layer_norm_backward(dy, x, w, m, s, r, xb, "gelu") + ops.bias_act_backward(dy, x, xb, "gelu")
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(one, two):
+        assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# unpad / pad
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.int64, torch.bool], ids=str)
+@pytest.mark.parametrize("h", HS)
+@pytest.mark.parametrize("t", NS)
+def test_unpad_pad(t, h, dtype):
+    n = t + 11
+    x = torch.randn(n, h).to(dtype)
+    idx = torch.randperm(n)[:t]  # any order
+    u = ops.unpad(x, idx)
+    assert torch.equal(u, x[idx])
+    p = ops.pad(u, idx, n)
+    ref = torch.zeros_like(x)
+    ref[idx] = x[idx]
+    assert torch.equal(p, ref)
+
+
+def test_unpad_pad_3d_and_empty():
+    x = torch.randn(10, 4, 3)
+    idx = torch.tensor([9, 0, 4])
+    assert torch.equal(ops.unpad(x, idx), x[idx])
+    assert torch.equal(ops.pad(x[idx], idx, 12)[idx], x[idx])
+    assert ops.unpad(x, torch.empty(0, dtype=torch.long)).shape == (0, 4, 3)
+    assert torch.equal(ops.pad(torch.empty(0, 5), torch.empty(0, dtype=torch.long), 3), torch.zeros(3, 5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every ISA path (AVX-512, AVX2, baseline) gives the same results within the same bounds
+
+_ISA_SCRIPT = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    import bertfast._C
+    ops = torch.ops.bertfast_C
+    torch.manual_seed(0)
+    acts = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu, "silu": F.silu}
+    worst = 0.0
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, r = torch.randn(37, 1023).to(dtype), torch.randn(37, 1023).to(dtype)
+        w, b = torch.randn(1023).to(dtype), torch.randn(1023).to(dtype)
+        for name, f in acts.items():
+            y = ops.bias_act(x, b, name).double()
+            ref = f(x.double() + b.double())
+            worst = max(worst, ((y - ref).abs().max() / (ref.abs().max() * torch.finfo(dtype).eps)).item())
+            y, _, _ = ops.add_layer_norm(x, w, b, 1e-5, r, b, name)
+            ref = F.layer_norm(f(x.double() + b.double()) + r.double(), (1023,), w.double(), b.double(), 1e-5)
+            worst = max(worst, ((y.double() - ref).abs().max() / (ref.abs().max() * torch.finfo(dtype).eps)).item())
+    print("WORST_ULPS", worst)
+""")
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_lower_isa_paths(isa):
+    """BERTFAST_CPU_ISA lowers the ISA the kernels use (never above what the CPU has)."""
+    env = dict(os.environ, BERTFAST_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    worst = float(res.stdout.split("WORST_ULPS")[1])
+    assert worst < 16, f"{isa}: worst error {worst} ulps of max|ref|"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# opcheck on every CPU op
+
+def _opcheck_cases():
+    x, w, b, r, xb = _aln_inputs(7, 48, torch.float32)
+    y, m, s = ops.add_layer_norm(x, w, b, 1e-5, r, xb, "gelu")
+    dy = torch.randn_like(x)
+    eargs = _embed_inputs(9, 16, torch.float32, vocab=20, n_pos=30)
+    out, em, es = ops.embed(*eargs, 1e-5)
+    eg = torch.randn_like(out)
+    idx = torch.tensor([3, 0, 5])
+    return [
+        ("add_layer_norm", (x, w, b, 1e-5, r, xb, "gelu")),
+        ("add_layer_norm", (x, w, b, 1e-5, None, None, "")),
+        ("add_layer_norm_backward", (dy, x, w, m, s, r, xb, "gelu")),
+        ("add_layer_norm_backward", (dy, x, w, m, s, None, None, "")),
+        ("bias_act", (x, xb, "gelu_tanh")),
+        ("bias_act", (x, None, "relu")),
+        ("bias_act_backward", (dy, x, xb, "silu")),
+        ("bias_act_backward", (dy, x, None, "gelu")),
+        ("embed", (*eargs, 1e-5)),
+        ("embed", (*eargs[:3], None, eargs[4], eargs[5], None, *eargs[7:], 1e-5)),
+        ("embed_backward", (eg, *eargs[:8], em, es)),
+        ("unpad", (x, idx)),
+        ("pad", (x[:3].clone(), idx, 9)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_opcheck(case):
+    name, args = _opcheck_cases()[case]
+    torch.library.opcheck(getattr(ops, name).default, args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad inputs: every check names the argument
+
+def _bad_cases():
+    x, w, b, r, xb = _aln_inputs(4, 8, torch.float32)
+    y, m, s = ops.add_layer_norm(x, w, b, 1e-5, r, xb, "")
+    dy = torch.randn_like(x)
+    e = _embed_inputs(6, 8, torch.float32, vocab=10, n_pos=12)
+    ids, idx, pos, tt, we, pe, te, lw, lb = e
+    out, em, es = ops.embed(*e, 1e-5)
+    g = torch.randn_like(out)
+    bad_ids = ids.clone()
+    bad_ids[idx[2]] = 10
+    neg_pos = pos.clone()
+    neg_pos[idx[0]] = -1
+    bad_tt = tt.clone()
+    bad_tt[idx[1]] = 2
+    A, AB, BA, BAB, E, EB = (ops.add_layer_norm, ops.add_layer_norm_backward, ops.bias_act, ops.bias_act_backward,
+                             ops.embed, ops.embed_backward)
+    return [
+        # add_layer_norm
+        (lambda: A(x.long(), w, b, 1e-5, r, xb, ""), "x must be float32, float16 or bfloat16"),
+        (lambda: A(x[0], w, b, 1e-5, r, xb, ""), r"x must be 2-D \[N, H\]"),
+        (lambda: A(x.t(), w[:4], b[:4], 1e-5, None, None, ""), "x must be contiguous"),
+        (lambda: A(x, w[:5], b, 1e-5, r, xb, ""), r"weight must have shape \[8\]"),
+        (lambda: A(x, w.double(), b, 1e-5, r, xb, ""), "weight must be Float, got Double"),
+        (lambda: A(x, w, b[:3], 1e-5, r, xb, ""), r"bias must have shape \[8\]"),
+        (lambda: A(x, w, b.half(), 1e-5, r, xb, ""), "bias must be Float, got Half"),
+        (lambda: A(x, w, b, 1e-5, r[:2], xb, ""), "residual must have x's shape"),
+        (lambda: A(x, w, b, 1e-5, r.half(), xb, ""), "residual must be Float"),
+        (lambda: A(x, w, b, 1e-5, torch.randn(8, 4).t(), xb, ""), "residual must be contiguous"),
+        (lambda: A(x, w, b, 1e-5, r, xb[:2], ""), r"x_bias must have shape \[8\]"),
+        (lambda: A(x, w, b, 1e-5, r, xb, "tanh"), "activation must be one of"),
+        (lambda: A(x, w, b, -1.0, r, xb, ""), "eps must be >= 0"),
+        # add_layer_norm_backward
+        (lambda: AB(dy[:2], x, w, m, s, r, xb, ""), "dy must have x's shape"),
+        (lambda: AB(dy.half(), x, w, m, s, r, xb, ""), "dy must be Float"),
+        (lambda: AB(dy, x, w, m.double(), s, r, xb, ""), "mean must be Float"),
+        (lambda: AB(dy, x, w, m, s[:2], r, xb, ""), r"rstd must have shape \[4\]"),
+        (lambda: AB(dy, x, w, m, s, r, xb, "swish"), "activation must be one of"),
+        # bias_act
+        (lambda: BA(torch.tensor(1.0), None, "gelu"), "at least one dimension"),
+        (lambda: BA(x.int(), None, "gelu"), "x must be float32"),
+        (lambda: BA(x.t(), None, "gelu"), "x must be contiguous"),
+        (lambda: BA(x, xb[:3], "gelu"), r"bias must have shape \[8\]"),
+        (lambda: BA(x, xb.double(), "gelu"), "bias must be Float"),
+        (lambda: BA(x, xb, "gelu_erf"), "activation must be one of"),
+        (lambda: BAB(dy[:1], x, xb, "gelu"), "dy must have x's shape"),
+        (lambda: BAB(dy.bfloat16(), x, xb, "gelu"), "dy must be Float"),
+        # embed
+        (lambda: E(bad_ids, idx, pos, tt, we, pe, te, lw, lb, 1e-5),
+         r"input_ids .* holds 10 at position 2, outside the valid range \[0, 10\)"),
+        (lambda: E(ids, idx, neg_pos, tt, we, pe, te, lw, lb, 1e-5),
+         r"position_ids .* holds -1 at position 0, outside the valid range \[0, 12\)"),
+        (lambda: E(ids, idx, pos, bad_tt, we, pe, te, lw, lb, 1e-5),
+         r"token_type_ids .* holds 2 at position 1, outside the valid range \[0, 2\)"),
+        (lambda: E(ids, idx + 6, pos, tt, we, pe, te, lw, lb, 1e-5), r"indices holds .* valid range \[0, 11\)"),
+        (lambda: E(ids.int(), idx, pos, tt, we, pe, te, lw, lb, 1e-5), "input_ids must be Long, got Int"),
+        (lambda: E(ids, idx.int(), pos, tt, we, pe, te, lw, lb, 1e-5), "indices must be Long"),
+        (lambda: E(ids.view(1, -1), idx, pos, tt, we, pe, te, lw, lb, 1e-5), "input_ids must be 1-D"),
+        (lambda: E(ids, idx, pos[:-1], tt, we, pe, te, lw, lb, 1e-5), "position_ids must have input_ids' length"),
+        (lambda: E(ids, idx, pos, tt[:-1], we, pe, te, lw, lb, 1e-5),
+         "token_type_ids must have input_ids' length"),
+        (lambda: E(ids, idx, pos, tt, we, pe, None, lw, lb, 1e-5), "token_type_ids given but type_emb is None"),
+        (lambda: E(ids, idx, pos, tt, we.long(), pe, te, lw, lb, 1e-5), "word_emb must be float32"),
+        (lambda: E(ids, idx, pos, tt, we, pe.half(), te, lw, lb, 1e-5), "pos_emb must be Float, got Half"),
+        (lambda: E(ids, idx, pos, tt, we, pe[:, :4], te, lw, lb, 1e-5), "pos_emb must have word_emb's embedding"),
+        (lambda: E(ids, idx, pos, tt, we, pe, te[:, :3], lw, lb, 1e-5), "type_emb must have word_emb's embedding"),
+        (lambda: E(ids, idx, pos, tt, we.t(), pe, te, lw, lb, 1e-5), "word_emb must be contiguous"),
+        (lambda: E(ids, idx, pos, tt, we, pe, te, lw[:2], lb, 1e-5), r"ln_weight must have shape \[8\]"),
+        (lambda: E(ids, idx, pos, tt, we, pe, te, lw, lb.double(), 1e-5), "ln_bias must be Float"),
+        (lambda: E(ids, idx, pos, tt, we, pe, te, lw, lb, -1.0), "eps must be >= 0"),
+        # embed_backward
+        (lambda: EB(g[:2], ids, idx, pos, tt, we, pe, te, lw, em, es), r"grad_out must have shape \[6, 8\]"),
+        (lambda: EB(g.half(), ids, idx, pos, tt, we, pe, te, lw, em, es), "grad_out must be Float"),
+        (lambda: EB(g, ids, idx, pos, tt, we, pe, te, lw, em[:1], es), r"mean must have shape \[6\]"),
+        (lambda: EB(g, ids, idx, pos, tt, we, pe, te, lw, em, es.half()), "rstd must be Float"),
+        (lambda: EB(g, bad_ids, idx, pos, tt, we, pe, te, lw, em, es), r"input_ids .* holds 10"),
+        # unpad / pad
+        (lambda: ops.unpad(x, torch.tensor([0, 4])), r"indices holds 4 at position 1, outside the valid range \[0, 4\)"),
+        (lambda: ops.unpad(x, torch.tensor([-1])), r"indices holds -1 at position 0"),
+        (lambda: ops.unpad(x, torch.tensor([0, 1]).int()), "indices must be Long"),
+        (lambda: ops.unpad(x, torch.tensor([[0, 1]])), "indices must be 1-D"),
+        (lambda: ops.unpad(x.t(), torch.tensor([0])), "x must be contiguous"),
+        (lambda: ops.unpad(torch.tensor(1.0), torch.tensor([0])), "at least one dimension"),
+        (lambda: ops.pad(x, torch.tensor([0, 1, 2, 9]), 9), r"indices holds 9 at position 3, outside the valid range \[0, 9\)"),
+        (lambda: ops.pad(x, torch.tensor([0, 1, 1, 2]), 9), "indices holds row 1 twice"),
+        (lambda: ops.pad(x, torch.tensor([0, 1]), 9), "indices must have one entry per row of x"),
+        (lambda: ops.pad(x, torch.tensor([0, 1, 2, 3]), -1), "n_rows must be >= 0"),
+        (lambda: ops.pad(x.t(), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]), 9), "x must be contiguous"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input(case):
+    fn, pattern = _bad_cases()[case]
+    with pytest.raises(RuntimeError, match=pattern) as info:
+        fn()
+    assert "bertfast_C::" in str(info.value)
+
+
+def test_linear_act_is_cuda_only():
+    """linear_act has no CPU kernel: torch's linear is the CPU implementation (bertfast/ops.py routes there)."""
+    assert hasattr(ops, "linear_act")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("bertfast_C::linear_act", "CPU")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA kernels against the CPU ones (run only where CUDA is available)
+
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture
+def cuda_build():
+    assert ops.built_with_cuda(), "a CUDA device is present but bertfast._C was built without CUDA"
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("e", [384, 1023, 768, 128])
+@pytest.mark.parametrize("t", NS)
+@pytest.mark.parametrize("with_type,with_tt", [(True, True), (True, False), (False, False)])
+def test_cuda_embed(cuda_build, t, e, dtype, with_type, with_tt):
+    args = _embed_inputs(t, e, dtype, with_type, with_tt)
+    cpu = ops.embed(*args, 1e-12)
+    gpu = ops.embed(*[None if a is None else a.cuda() for a in args], 1e-12)
+    # both round one fp32 LayerNorm per row: within one ulp of the output dtype (fp32: a few ulps of sum order)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(gpu[0].cpu().float(), cpu[0].float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gpu[2].cpu(), cpu[2], rtol=1e-4, atol=1e-5)
+
+
+@cuda_only
+def test_cuda_embed_bad_ids(cuda_build):
+    ids, idx, pos, tt, we, pe, te, lw, lb = [None if a is None else a.cuda()
+                                             for a in _embed_inputs(6, 8, torch.float32, vocab=10, n_pos=12)]
+    bad = ids.clone()
+    bad[idx[3]] = 10
+    with pytest.raises(RuntimeError, match=r"bertfast_C::embed: input_ids .*outside the valid range \[0, 10\)"):
+        ops.embed(bad, idx, pos, tt, we, pe, te, lw, lb, 1e-5)
+    with pytest.raises(RuntimeError, match=r"bertfast_C::embed: indices .*outside the valid range \[0, 11\)"):
+        ops.embed(ids, idx + 6, pos, tt, we, pe, te, lw, lb, 1e-5)
+    with pytest.raises(RuntimeError, match=r"bertfast_C::embed: pos_emb must be on cuda"):
+        ops.embed(ids, idx, pos, tt, we, pe.cpu(), te, lw, lb, 1e-5)
+    torch.cuda.synchronize()  # the context is still healthy
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES + [torch.int64], ids=str)
+@pytest.mark.parametrize("h", [1, 3, 384, 1023, 768])
+@pytest.mark.parametrize("t", NS)
+def test_cuda_unpad_pad(cuda_build, t, h, dtype):
+    n = t + 11
+    x = torch.randn(n, h).to(dtype)
+    idx = torch.randperm(n)[:t]
+    u = ops.unpad(x.cuda(), idx.cuda())
+    assert torch.equal(u.cpu(), ops.unpad(x, idx))
+    p = ops.pad(u, idx.cuda(), n)
+    assert torch.equal(p.cpu(), ops.pad(x[idx], idx, n))
+
+
+@cuda_only
+def test_cuda_unpad_pad_bad_indices(cuda_build):
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"bertfast_C::unpad: indices .*outside the valid range \[0, 4\)"):
+        ops.unpad(x, torch.tensor([0, 4], device="cuda"))
+    with pytest.raises(RuntimeError, match=r"bertfast_C::pad: indices .*outside the valid range \[0, 3\)"):
+        ops.pad(x, torch.tensor([0, 1, 2, 3], device="cuda"), 3)
+    with pytest.raises(RuntimeError, match="bertfast_C::unpad: indices must be on cuda"):
+        ops.unpad(x, torch.tensor([0]))
+    torch.cuda.synchronize()
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("epilogue", ["none", "bias", "bias_relu", "bias_gelu_tanh"])
+@pytest.mark.parametrize("n,k,o", [(1, 384, 1536), (7, 768, 3072), (1000, 3072, 768), (33, 40, 24)])
+def test_cuda_linear_act(cuda_build, n, k, o, dtype, epilogue):
+    x = torch.randn(n, k, device="cuda").to(dtype)
+    w = (torch.randn(o, k, device="cuda") / k ** 0.5).to(dtype)
+    b = torch.randn(o, device="cuda").to(dtype)
+    y = ops.linear_act(x, w, None if epilogue == "none" else b, epilogue)
+    z = x.double() @ w.double().t() + (0 if epilogue == "none" else b.double())
+    ref = {"none": z, "bias": z, "bias_relu": F.relu(z), "bias_gelu_tanh": F.gelu(z, approximate="tanh")}[epilogue]
+    zl = F.linear(x, w, None if epilogue == "none" else b)
+    low = {"none": zl, "bias": zl, "bias_relu": F.relu(zl), "bias_gelu_tanh": F.gelu(zl, approximate="tanh")}[epilogue]
+    assert y.dtype == dtype and y.shape == (n, o)
+    assert_within(y, ref, low, dtype, 2.0, "y")
+
+
+@cuda_only
+def test_cuda_linear_act_bad_inputs(cuda_build):
+    x = torch.randn(4, 8, device="cuda")
+    w = torch.randn(6, 8, device="cuda")
+    b = torch.randn(6, device="cuda")
+    with pytest.raises(RuntimeError, match="bertfast_C::linear_act: epilogue must be one of"):
+        ops.linear_act(x, w, b, "bias_gelu")
+    with pytest.raises(RuntimeError, match=r"bertfast_C::linear_act: weight must have shape \[O, 8\]"):
+        ops.linear_act(x, w[:, :5].contiguous(), b, "bias")
+    with pytest.raises(RuntimeError, match="bertfast_C::linear_act: bias must be given"):
+        ops.linear_act(x, w, None, "bias_relu")
+    with pytest.raises(RuntimeError, match="bertfast_C::linear_act: weight must be Float, got Half"):
+        ops.linear_act(x, w.half(), b, "bias")
