@@ -19,9 +19,9 @@ Backward: a preprocess kernel computes delta = rowsum(dO * O); one kernel accumu
 over all query tiles of the sequence, another accumulates dQ for a tile of queries over all key tiles. Neither
 needs atomics, every accumulation is fp32, and each writes its slots of dqkv directly.
 
-The launch rule (block sizes / warps / stages per head dim, dtype and GPU generation) is ``_fwd_config`` /
-``_bwd_config`` below; ``aot_specs()`` enumerates every configuration they can return so the ahead-of-time
-compile report covers exactly what can run.
+The launch rule (block sizes / warps / stages per head dim, dtype, fp32 precision, dropout and GPU generation) is
+the tables _FWD_RULE / _DKDV_RULE / _DQ_RULE below; ``aot_specs()`` enumerates every configuration they can return
+so the ahead-of-time compile report covers exactly what can run.
 """
 from __future__ import annotations
 
@@ -155,7 +155,8 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     q_tok = seq_start + offs_m
     n_full = (seqlen // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_qkv_t, 0, n_full, seqlen, q_tok, head, qk_scale, dropout_p, seed_lo, seed_hi,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_qkv_t, 0, n_full, seqlen, q_tok, head,
+                               qk_scale, dropout_p, seed_lo, seed_hi,
                                HEAD_DIM, BLOCK_D, BLOCK_N, False, DROPOUT, PRECISION, N_ROUNDS)
     if n_full < seqlen:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_qkv_t, n_full, seqlen, seqlen, q_tok,
@@ -399,7 +400,8 @@ def _attn_bwd_dq_kernel(
     n_full = (seqlen // BLOCK_N) * BLOCK_N
     k_base = q_base + stride_qkv_3
     v_base = q_base + 2 * stride_qkv_3
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_qkv_t, 0, n_full, seqlen, q_tok, head, qk_scale, dropout_p, seed_lo, seed_hi,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_qkv_t, 0, n_full, seqlen, q_tok, head,
+                       qk_scale, dropout_p, seed_lo, seed_hi,
                        HEAD_DIM, BLOCK_D, BLOCK_N, False, DROPOUT, PRECISION, N_ROUNDS)
     if n_full < seqlen:
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_qkv_t, n_full, seqlen, seqlen, q_tok,
@@ -444,14 +446,15 @@ def _block_d(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
 
-# The launch rule. Keys: (16-bit or fp32 inputs, head-dim block 64 (head dims 32, 64) or 128 (80, 96, 128),
-# GPU generation (sm_80 covers sm_8x; sm_90 and newer use the sm_90 entry), dropout on). Every entry was
-# compiled ahead of time for its architecture with Triton 3.6: no register spills, shared memory within the limit
-# (see aot_specs() and the compile report). Dropout's Philox state (4 words per score element) raises the
-# register peak, hence its own entries.
-# forward: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# The launch rule. Keys: (input kind: "16" = fp16/bf16, "tf32" / "ieee" = fp32 with that dot precision;
+# head-dim block 64 (head dims 32, 64) or 128 (80, 96, 128); GPU generation: 80 = sm_8x, 90 = sm_90 and newer;
+# dropout on). Every entry was compiled ahead of time for its architecture with Triton 3.6 (see aot_specs() and
+# the compile report): no register spills, shared memory within the limit. Dropout's Philox state (4 words per
+# score element) raises the register peak, hence its own entries; fp32 "ieee" dots run on FMA units with
+# operands held in registers, hence its small tiles.
+# Each value: (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ: BLOCK_M query rows held, BLOCK_N keys
+# streamed; dK/dV: BLOCK_N keys held, BLOCK_M query rows streamed.
 _FWD_RULE = {
-    # 16-bit
     ("16", 64, 80, False): (128, 64, 4, 2),
     ("16", 64, 90, False): (128, 64, 4, 3),
     ("16", 64, 80, True): (128, 64, 8, 2),
@@ -460,53 +463,98 @@ _FWD_RULE = {
     ("16", 128, 90, False): (128, 64, 8, 2),
     ("16", 128, 80, True): (128, 32, 8, 2),
     ("16", 128, 90, True): (128, 32, 8, 2),
-    # fp32
-    ("32", 64, 80, False): (64, 32, 4, 2),
-    ("32", 64, 90, False): (64, 32, 4, 2),
-    ("32", 64, 80, True): (64, 32, 4, 2),
-    ("32", 64, 90, True): (64, 32, 4, 2),
-    ("32", 128, 80, False): (64, 64, 8, 2),
-    ("32", 128, 90, False): (64, 64, 8, 2),
-    ("32", 128, 80, True): (64, 64, 8, 2),
-    ("32", 128, 90, True): (64, 64, 8, 2),
+    ("tf32", 64, 80, False): (64, 32, 4, 2),
+    ("tf32", 64, 90, False): (64, 32, 4, 2),
+    ("tf32", 64, 80, True): (64, 32, 4, 2),
+    ("tf32", 64, 90, True): (64, 32, 4, 2),
+    ("tf32", 128, 80, False): (64, 64, 8, 2),
+    ("tf32", 128, 90, False): (64, 64, 8, 2),
+    ("tf32", 128, 80, True): (64, 64, 8, 2),
+    ("tf32", 128, 90, True): (64, 64, 8, 2),
+    ("ieee", 64, 80, False): (32, 32, 4, 2),
+    ("ieee", 64, 90, False): (32, 32, 4, 2),
+    ("ieee", 64, 80, True): (32, 32, 4, 2),
+    ("ieee", 64, 90, True): (32, 32, 4, 2),
+    ("ieee", 128, 80, False): (16, 32, 4, 2),
+    ("ieee", 128, 90, False): (16, 32, 4, 2),
+    ("ieee", 128, 80, True): (16, 32, 4, 2),
+    ("ieee", 128, 90, True): (16, 32, 4, 2),
 }
-# backward: dK/dV kernel (BLOCK_M query tile iterated, BLOCK_N key tile held), dQ kernel (DQ_BLOCK_M query tile
-# held, DQ_BLOCK_N key tile iterated): (BLOCK_M, BLOCK_N, DQ_BLOCK_M, DQ_BLOCK_N, num_warps, num_stages)
-_BWD_RULE = {
-    ("16", 64, 80, False): (32, 128, 128, 32, 8, 2),
-    ("16", 64, 90, False): (32, 128, 128, 32, 8, 2),
-    ("16", 64, 80, True): (32, 128, 128, 16, 8, 2),
-    ("16", 64, 90, True): (32, 128, 128, 32, 8, 2),
-    ("16", 128, 80, False): (32, 64, 128, 32, 8, 2),
-    ("16", 128, 90, False): (32, 64, 128, 32, 8, 2),
-    ("16", 128, 80, True): (32, 64, 128, 32, 8, 2),
-    ("16", 128, 90, True): (32, 64, 128, 32, 8, 2),
-    ("32", 64, 80, False): (16, 64, 64, 16, 4, 2),
-    ("32", 64, 90, False): (16, 64, 64, 16, 4, 2),
-    ("32", 64, 80, True): (16, 64, 64, 16, 4, 2),
-    ("32", 64, 90, True): (16, 64, 64, 16, 4, 2),
-    ("32", 128, 80, False): (32, 64, 64, 32, 8, 2),
-    ("32", 128, 90, False): (32, 64, 64, 32, 8, 2),
-    ("32", 128, 80, True): (32, 64, 64, 32, 8, 2),
-    ("32", 128, 90, True): (32, 64, 64, 32, 8, 2),
+_DKDV_RULE = {
+    ("16", 64, 80, False): (32, 128, 8, 2),
+    ("16", 64, 90, False): (32, 128, 8, 2),
+    ("16", 64, 80, True): (32, 128, 8, 2),
+    ("16", 64, 90, True): (32, 128, 8, 2),
+    ("16", 128, 80, False): (16, 64, 8, 2),
+    ("16", 128, 90, False): (16, 64, 8, 2),
+    ("16", 128, 80, True): (16, 64, 8, 2),
+    ("16", 128, 90, True): (16, 64, 8, 2),
+    ("tf32", 64, 80, False): (16, 64, 4, 2),
+    ("tf32", 64, 90, False): (16, 64, 4, 2),
+    ("tf32", 64, 80, True): (16, 64, 4, 2),
+    ("tf32", 64, 90, True): (16, 64, 4, 2),
+    ("tf32", 128, 80, False): (32, 64, 8, 2),
+    ("tf32", 128, 90, False): (16, 64, 8, 2),
+    ("tf32", 128, 80, True): (32, 64, 8, 2),
+    ("tf32", 128, 90, True): (16, 64, 8, 2),
+    ("ieee", 64, 80, False): (32, 64, 8, 2),
+    ("ieee", 64, 90, False): (32, 64, 8, 2),
+    ("ieee", 64, 80, True): (32, 64, 8, 2),
+    ("ieee", 64, 90, True): (32, 64, 8, 2),
+    ("ieee", 128, 80, False): (16, 32, 4, 2),
+    ("ieee", 128, 90, False): (16, 32, 4, 2),
+    ("ieee", 128, 80, True): (16, 32, 4, 2),
+    ("ieee", 128, 90, True): (16, 32, 4, 2),
+}
+_DQ_RULE = {
+    ("16", 64, 80, False): (128, 32, 8, 2),
+    ("16", 64, 90, False): (128, 32, 8, 2),
+    ("16", 64, 80, True): (128, 16, 8, 2),
+    ("16", 64, 90, True): (128, 16, 8, 2),
+    ("16", 128, 80, False): (128, 32, 8, 2),
+    ("16", 128, 90, False): (128, 32, 8, 2),
+    ("16", 128, 80, True): (16, 32, 4, 2),
+    ("16", 128, 90, True): (128, 16, 8, 2),
+    ("tf32", 64, 80, False): (64, 16, 4, 2),
+    ("tf32", 64, 90, False): (64, 16, 4, 2),
+    ("tf32", 64, 80, True): (64, 16, 4, 2),
+    ("tf32", 64, 90, True): (64, 16, 4, 2),
+    ("tf32", 128, 80, False): (64, 32, 8, 2),
+    ("tf32", 128, 90, False): (64, 32, 8, 2),
+    ("tf32", 128, 80, True): (64, 32, 8, 2),
+    ("tf32", 128, 90, True): (64, 32, 8, 2),
+    ("ieee", 64, 80, False): (64, 32, 8, 2),
+    ("ieee", 64, 90, False): (64, 32, 8, 2),
+    ("ieee", 64, 80, True): (64, 32, 8, 2),
+    ("ieee", 64, 90, True): (64, 32, 8, 2),
+    ("ieee", 128, 80, False): (64, 32, 8, 2),
+    ("ieee", 128, 90, False): (64, 32, 8, 2),
+    ("ieee", 128, 80, True): (64, 32, 8, 2),
+    ("ieee", 128, 90, True): (64, 32, 8, 2),
 }
 
 
-def _rule_key(head_dim: int, dtype: torch.dtype, arch: int, dropout: bool):
-    return ("32" if dtype == torch.float32 else "16", 64 if _block_d(head_dim) <= 64 else 128,
-            90 if arch >= 90 else 80, bool(dropout))
+def _rule_key(head_dim: int, dtype: torch.dtype, arch: int, dropout: bool, fp32_precision: str = "tf32"):
+    kind = fp32_precision if dtype == torch.float32 else "16"
+    return kind, 64 if _block_d(head_dim) <= 64 else 128, 90 if arch >= 90 else 80, bool(dropout)
 
 
-def _fwd_config(head_dim: int, dtype: torch.dtype, arch: int, dropout: bool) -> dict:
-    """BLOCK_M, BLOCK_N, num_warps, num_stages of the forward kernel (see _FWD_RULE)."""
-    bm, bn, w, st = _FWD_RULE[_rule_key(head_dim, dtype, arch, dropout)]
+def _cfg(rule, key) -> dict:
+    bm, bn, w, st = rule[key]
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
 
 
-def _bwd_config(head_dim: int, dtype: torch.dtype, arch: int, dropout: bool) -> dict:
-    """Tiles, warps and stages of the dK/dV and dQ kernels (see _BWD_RULE)."""
-    bm, bn, qbm, qbn, w, st = _BWD_RULE[_rule_key(head_dim, dtype, arch, dropout)]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, DQ_BLOCK_M=qbm, DQ_BLOCK_N=qbn, num_warps=w, num_stages=st)
+def _fwd_config(head_dim, dtype, arch, dropout, fp32_precision="tf32") -> dict:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages of the forward kernel (see _FWD_RULE)."""
+    return _cfg(_FWD_RULE, _rule_key(head_dim, dtype, arch, dropout, fp32_precision))
+
+
+def _dkdv_config(head_dim, dtype, arch, dropout, fp32_precision="tf32") -> dict:
+    return _cfg(_DKDV_RULE, _rule_key(head_dim, dtype, arch, dropout, fp32_precision))
+
+
+def _dq_config(head_dim, dtype, arch, dropout, fp32_precision="tf32") -> dict:
+    return _cfg(_DQ_RULE, _rule_key(head_dim, dtype, arch, dropout, fp32_precision))
 
 
 _PRE_BLOCK_T = 64
@@ -642,7 +690,7 @@ def attention_forward(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: i
         return out, lse
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    cfg = _fwd_config(head_dim, qkv.dtype, launch_arch(qkv.device), dropout_p > 0.0)
+    cfg = _fwd_config(head_dim, qkv.dtype, launch_arch(qkv.device), dropout_p > 0.0, fp32_precision)
     batch = cu_seqlens.shape[0] - 1
     seed_lo, seed_hi = _seed_halves(seed)
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), heads, batch)
@@ -696,20 +744,22 @@ def attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
     block_d = _block_d(head_dim)
-    cfg = _bwd_config(head_dim, qkv.dtype, launch_arch(qkv.device), dropout_p > 0.0)
+    arch = launch_arch(qkv.device)
+    kv_cfg = _dkdv_config(head_dim, qkv.dtype, arch, dropout_p > 0.0, fp32_precision)
+    q_cfg = _dq_config(head_dim, qkv.dtype, arch, dropout_p > 0.0, fp32_precision)
     batch = cu_seqlens.shape[0] - 1
     seed_lo, seed_hi = _seed_halves(seed)
     precision = fp32_precision if qkv.dtype == torch.float32 else "tf32"
     delta = torch.empty((heads, n_tokens), dtype=torch.float32, device=qkv.device)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, PRECISION=precision,
+                  N_ROUNDS=PHILOX_ROUNDS)
     with _device_ctx(qkv.device):
         _attn_bwd_preprocess_kernel[(triton.cdiv(n_tokens, _PRE_BLOCK_T), heads)](
             out, dout, delta, n_tokens,
             out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=_PRE_BLOCK_T, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=_PRE_BLOCK_T, num_warps=4, num_stages=1,
         )
-        common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, PRECISION=precision,
-                      N_ROUNDS=PHILOX_ROUNDS, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), heads, batch)](
+        _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, kv_cfg["BLOCK_N"]), heads, batch)](
             qkv, dout, lse, delta, dqkv, cu_seqlens,
             qkv.stride(0), qkv.stride(1), qkv.stride(2),
             dout.stride(0), dout.stride(1),
@@ -717,9 +767,9 @@ def attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
             dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
             float(softmax_scale), float(softmax_scale) * LOG2E,
             float(dropout_p), seed_lo, seed_hi,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common,
+            **common, **kv_cfg,
         )
-        _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["DQ_BLOCK_M"]), heads, batch)](
+        _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, q_cfg["BLOCK_M"]), heads, batch)](
             qkv, dout, lse, delta, dqkv, cu_seqlens,
             qkv.stride(0), qkv.stride(1), qkv.stride(2),
             dout.stride(0), dout.stride(1),
@@ -727,7 +777,7 @@ def attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
             dqkv.stride(0), dqkv.stride(2),
             float(softmax_scale), float(softmax_scale) * LOG2E,
             float(dropout_p), seed_lo, seed_hi,
-            BLOCK_M=cfg["DQ_BLOCK_M"], BLOCK_N=cfg["DQ_BLOCK_N"], **common,
+            **common, **q_cfg,
         )
     return dqkv
 
@@ -751,7 +801,7 @@ def dropout_mask(cu_seqlens: torch.Tensor, max_seqlen: int, heads: int, dropout_
     with _device_ctx(device):
         _dropout_mask_kernel[(triton.cdiv(max_seqlen, _MASK_BLOCK), heads, batch)](
             mask, cu_seqlens, max_seqlen, float(dropout_p), seed_lo, seed_hi,
-            BLOCK_M=_MASK_BLOCK, BLOCK_N=_MASK_BLOCK, N_ROUNDS=PHILOX_ROUNDS, num_warps=4,
+            BLOCK_M=_MASK_BLOCK, BLOCK_N=_MASK_BLOCK, N_ROUNDS=PHILOX_ROUNDS, num_warps=4, num_stages=1,
         )
     return mask.view(torch.bool)
 
@@ -765,7 +815,7 @@ _AOT_DTYPES = ((torch.float16, ("tf32",)), (torch.bfloat16, ("tf32",)), (torch.f
 
 def aot_specs() -> list[KernelSpec]:
     """Every (kernel, config) the launchers above can pick, for every dtype, fp32 precision, head dim, dropout on
-    / off and GPU generation (sm_80 and sm_90 configs are listed separately where the rule differs)."""
+    / off and GPU generation (one spec for both sm_80 and sm_90 where the rule agrees, else one per arch)."""
     specs: list[KernelSpec] = []
     seen = set()
 
@@ -781,61 +831,52 @@ def aot_specs() -> list[KernelSpec]:
                                 num_warps=num_warps, num_stages=num_stages, config=config,
                                 tensor_cores=tensor_cores, archs=archs))
 
-    def arch_groups(rule, head_dim, dtype, dropout):
-        c80, c90 = rule(head_dim, dtype, 80, dropout), rule(head_dim, dtype, 90, dropout)
-        return [((80, 90), c80)] if c80 == c90 else [((80,), c80), ((90,), c90)]
-
     for dtype, precisions in _AOT_DTYPES:
         ty = torch_to_triton_dtype(dtype)
-        tc = dtype != torch.float32
         for head_dim in SUPPORTED_HEAD_DIMS:
             block_d = _block_d(head_dim)
-            specs_pre = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=_PRE_BLOCK_T)
             add("_attn_bwd_preprocess_kernel", _attn_bwd_preprocess_kernel,
                 {"out_ptr": f"*{ty}", "dout_ptr": f"*{ty}", "delta_ptr": "*fp32", "n_tokens": "i32",
                  "stride_out_t": "i32", "stride_out_h": "i32", "stride_dout_t": "i32", "stride_dout_h": "i32",
                  "stride_delta_h": "i32"},
-                specs_pre, 4, 3, f"{ty} d{head_dim} BLOCK_T={_PRE_BLOCK_T} w4", False, (80, 90))
+                dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=_PRE_BLOCK_T), 4, 1,
+                f"{ty} d{head_dim} BLOCK_T={_PRE_BLOCK_T} w4 s1", False, (80, 90))
             for precision in precisions:
+                # fp16 / bf16 dots run on tensor cores; fp32 ones do with tf32 inputs, not with "ieee" (FMA)
+                tc = dtype != torch.float32 or precision == "tf32"
+                fwd_sig = {"qkv_ptr": f"*{ty}", "out_ptr": f"*{ty}", "lse_ptr": "*fp32", "cu_seqlens_ptr": "*i32",
+                           "stride_qkv_t": "i32", "stride_qkv_3": "i32", "stride_qkv_h": "i32",
+                           "stride_out_t": "i32", "stride_out_h": "i32", "stride_lse_h": "i32",
+                           "qk_scale": "fp32", "dropout_p": "fp32", "seed_lo": "i32", "seed_hi": "i32"}
+                bwd_sig = {"qkv_ptr": f"*{ty}", "dout_ptr": f"*{ty}", "lse_ptr": "*fp32",
+                           "delta_ptr": "*fp32", "dqkv_ptr": f"*{ty}", "cu_seqlens_ptr": "*i32",
+                           "stride_qkv_t": "i32", "stride_qkv_3": "i32", "stride_qkv_h": "i32",
+                           "stride_dout_t": "i32", "stride_dout_h": "i32", "stride_lse_h": "i32",
+                           "stride_dqkv_t": "i32", "stride_dqkv_3": "i32", "stride_dqkv_h": "i32",
+                           "softmax_scale": "fp32", "qk_scale": "fp32", "dropout_p": "fp32",
+                           "seed_lo": "i32", "seed_hi": "i32"}
+                dq_sig = {k: v for k, v in bwd_sig.items() if k != "stride_dqkv_3"}
                 for dropout in (False, True):
                     tag = f"{ty}{'/' + precision if dtype == torch.float32 else ''} d{head_dim}" \
                           f"{' dropout' if dropout else ''}"
-                    for archs, cfg in arch_groups(_fwd_config, head_dim, dtype, dropout):
-                        add("_attn_fwd_kernel", _attn_fwd_kernel,
-                            {"qkv_ptr": f"*{ty}", "out_ptr": f"*{ty}", "lse_ptr": "*fp32", "cu_seqlens_ptr": "*i32",
-                             "stride_qkv_t": "i32", "stride_qkv_3": "i32", "stride_qkv_h": "i32",
-                             "stride_out_t": "i32", "stride_out_h": "i32", "stride_lse_h": "i32",
-                             "qk_scale": "fp32", "dropout_p": "fp32", "seed_lo": "i32", "seed_hi": "i32"},
-                            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                 DROPOUT=dropout, PRECISION=precision, N_ROUNDS=PHILOX_ROUNDS),
-                            cfg["num_warps"], cfg["num_stages"],
-                            f"{tag} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} "
-                            f"w{cfg['num_warps']} s{cfg['num_stages']}", tc, archs)
-                    for archs, cfg in arch_groups(_bwd_config, head_dim, dtype, dropout):
-                        bwd_sig = {"qkv_ptr": f"*{ty}", "dout_ptr": f"*{ty}", "lse_ptr": "*fp32",
-                                   "delta_ptr": "*fp32", "dqkv_ptr": f"*{ty}", "cu_seqlens_ptr": "*i32",
-                                   "stride_qkv_t": "i32", "stride_qkv_3": "i32", "stride_qkv_h": "i32",
-                                   "stride_dout_t": "i32", "stride_dout_h": "i32", "stride_lse_h": "i32",
-                                   "stride_dqkv_t": "i32", "stride_dqkv_3": "i32", "stride_dqkv_h": "i32",
-                                   "softmax_scale": "fp32", "qk_scale": "fp32", "dropout_p": "fp32",
-                                   "seed_lo": "i32", "seed_hi": "i32"}
-                        add("_attn_bwd_dkdv_kernel", _attn_bwd_dkdv_kernel, bwd_sig,
-                            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                 DROPOUT=dropout, PRECISION=precision, N_ROUNDS=PHILOX_ROUNDS),
-                            cfg["num_warps"], cfg["num_stages"],
-                            f"{tag} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} "
-                            f"w{cfg['num_warps']} s{cfg['num_stages']}", tc, archs)
-                        dq_sig = {k: v for k, v in bwd_sig.items() if k != "stride_dqkv_3"}
-                        add("_attn_bwd_dq_kernel", _attn_bwd_dq_kernel, dq_sig,
-                            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg["DQ_BLOCK_M"],
-                                 BLOCK_N=cfg["DQ_BLOCK_N"], DROPOUT=dropout, PRECISION=precision,
-                                 N_ROUNDS=PHILOX_ROUNDS),
-                            cfg["num_warps"], cfg["num_stages"],
-                            f"{tag} BLOCK_M={cfg['DQ_BLOCK_M']} BLOCK_N={cfg['DQ_BLOCK_N']} "
-                            f"w{cfg['num_warps']} s{cfg['num_stages']}", tc, archs)
+                    for kernel, fn, sig, rule in (("_attn_fwd_kernel", _attn_fwd_kernel, fwd_sig, _fwd_config),
+                                                  ("_attn_bwd_dkdv_kernel", _attn_bwd_dkdv_kernel, bwd_sig,
+                                                   _dkdv_config),
+                                                  ("_attn_bwd_dq_kernel", _attn_bwd_dq_kernel, dq_sig, _dq_config)):
+                        c80 = rule(head_dim, dtype, 80, dropout, precision)
+                        c90 = rule(head_dim, dtype, 90, dropout, precision)
+                        groups = [((80, 90), c80)] if c80 == c90 else [((80,), c80), ((90,), c90)]
+                        for archs, cfg in groups:
+                            add(kernel, fn, sig,
+                                dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"],
+                                     BLOCK_N=cfg["BLOCK_N"], DROPOUT=dropout, PRECISION=precision,
+                                     N_ROUNDS=PHILOX_ROUNDS),
+                                cfg["num_warps"], cfg["num_stages"],
+                                f"{tag} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} "
+                                f"w{cfg['num_warps']} s{cfg['num_stages']}", tc, archs)
     add("_dropout_mask_kernel", _dropout_mask_kernel,
         {"mask_ptr": "*u8", "cu_seqlens_ptr": "*i32", "max_seqlen": "i32", "dropout_p": "fp32", "seed_lo": "i32",
          "seed_hi": "i32"},
-        dict(BLOCK_M=_MASK_BLOCK, BLOCK_N=_MASK_BLOCK, N_ROUNDS=PHILOX_ROUNDS), 4, 3,
-        f"BLOCK_M={_MASK_BLOCK} BLOCK_N={_MASK_BLOCK} w4", False, (80, 90))
+        dict(BLOCK_M=_MASK_BLOCK, BLOCK_N=_MASK_BLOCK, N_ROUNDS=PHILOX_ROUNDS), 4, 1,
+        f"BLOCK_M={_MASK_BLOCK} BLOCK_N={_MASK_BLOCK} w4 s1", False, (80, 90))
     return specs

@@ -1,0 +1,164 @@
+"""Benchmark of bertfast's fused variable-length attention against torch SDPA and flash-attn.
+
+Forward and forward+backward, batch 32, 12 heads, head dim 64; fixed lengths 128 and 512 and variable lengths
+16..512 (seeded); fp16 and bf16. Compared with torch.nn.functional.scaled_dot_product_attention under each
+backend (flash, efficient, math; flash cannot take a mask) on the padded [B, heads, S, head_dim] layout, with
+and without the padding mask, and with flash_attn.flash_attn_varlen_qkvpacked_func when it is installed.
+
+FLOPs are counted on real tokens only: 4 * sum(len^2) * heads * head_dim for the forward, 2.5x that for the
+backward, so every implementation is credited with the same useful work whatever it computes on padding.
+Timing: triton.testing.do_bench, median of the quantiles (0.5, 0.2, 0.8).
+
+    python benchmarks/bench_attention.py [--quick]
+`run(device="cuda", quick=False)` returns the rows (dicts with name, shape, dtype, impl, ms, tflops,
+ratio_vs_sdpa_flash, plus ms_p20 / ms_p80, device and versions) for the benchmark suite.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+BATCH, HEADS, HEAD_DIM = 32, 12, 64
+
+
+def _lengths(shape: str, batch: int) -> list[int]:
+    if shape.startswith("varlen"):
+        gen = torch.Generator().manual_seed(1234)
+        return torch.randint(16, 513, (batch,), generator=gen).tolist()
+    return [int(shape.split("x")[1])] * batch
+
+
+def _bench(fn):
+    import triton.testing
+    med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    return med, p20, p80
+
+
+def _impls(lengths, dtype, device, backward):
+    """{impl name: zero-argument callable} for one shape; each callable runs forward (and backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    from bertfast.kernels.attention import attention_backward, attention_forward
+
+    batch, seq = len(lengths), max(lengths)
+    total = sum(lengths)
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
+    qkv = torch.randn(total, 3, HEADS, HEAD_DIM, device=device, dtype=dtype)
+    dout = torch.randn(total, HEADS, HEAD_DIM, device=device, dtype=dtype)
+    impls = {}
+
+    def bertfast_fn():
+        out, lse = attention_forward(qkv, cu_seqlens, seq, validate=False)
+        if backward:
+            attention_backward(dout, qkv, out, lse, cu_seqlens, seq)
+    impls["bertfast"] = bertfast_fn
+
+    # padded layout for SDPA: [B, heads, S, head_dim]
+    q, k, v = (torch.randn(batch, HEADS, seq, HEAD_DIM, device=device, dtype=dtype, requires_grad=backward)
+               for _ in range(3))
+    pdout = torch.randn(batch, HEADS, seq, HEAD_DIM, device=device, dtype=dtype)
+    keep = torch.arange(seq, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]   # [B, S]
+    # key padding mask (True = attend); padded query rows attend to the real keys so no row is all -inf
+    mask = keep[:, None, None, :].expand(batch, 1, seq, seq)
+
+    def sdpa(backend, attn_mask):
+        def fn():
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+                if backward:
+                    out.backward(pdout)
+        return fn
+
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("math", SDPBackend.MATH)):
+        impls[f"sdpa-{name}"] = sdpa(backend, None)
+        if backend != SDPBackend.FLASH_ATTENTION:
+            impls[f"sdpa-{name}+mask"] = sdpa(backend, mask)
+
+    try:
+        from flash_attn import flash_attn_varlen_qkvpacked_func
+    except ImportError:
+        flash_attn_varlen_qkvpacked_func = None
+    if flash_attn_varlen_qkvpacked_func is not None:
+        fqkv = qkv.detach().clone().requires_grad_(backward)
+
+        def flash_fn():
+            out = flash_attn_varlen_qkvpacked_func(fqkv, cu_seqlens, seq, 0.0)
+            if backward:
+                out.backward(dout)
+        impls["flash_attn-varlen"] = flash_fn
+    return impls
+
+
+def run(device="cuda", quick=False) -> list[dict]:
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench_attention needs a CUDA device")
+    import triton
+
+    device = torch.device(device)
+    torch.cuda.set_device(device)
+    shapes = ["32x128", "varlen 16..512"] if quick else ["32x128", "32x512", "varlen 16..512"]
+    dtypes = [torch.float16] if quick else [torch.float16, torch.bfloat16]
+    meta = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__)
+    rows = []
+    for shape in shapes:
+        lengths = _lengths(shape, BATCH)
+        fwd_flops = 4.0 * sum(n * n for n in lengths) * HEADS * HEAD_DIM
+        for dtype in dtypes:
+            for backward in (False, True):
+                name = "attention fwd+bwd" if backward else "attention fwd"
+                flops = fwd_flops * (3.5 if backward else 1.0)
+                group = []
+                for impl, fn in _impls(lengths, dtype, device, backward).items():
+                    row = dict(name=name, shape=f"{shape} h{HEADS} d{HEAD_DIM}", dtype=str(dtype).replace("torch.", ""),
+                               impl=impl, ms=None, ms_p20=None, ms_p80=None, tflops=None, ratio_vs_sdpa_flash=None,
+                               **meta)
+                    try:
+                        fn()
+                        torch.cuda.synchronize()
+                        row["ms"], row["ms_p20"], row["ms_p80"] = _bench(fn)
+                        row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                    except RuntimeError as err:     # a backend that cannot run this input
+                        row["error"] = str(err).splitlines()[0][:200]
+                    group.append(row)
+                    torch.cuda.empty_cache()
+                ref = next((r["ms"] for r in group if r["impl"] == "sdpa-flash"), None)
+                for r in group:
+                    if r["ms"] and ref:
+                        r["ratio_vs_sdpa_flash"] = ref / r["ms"]
+                rows.extend(group)
+    return rows
+
+
+def _print(rows):
+    print(f"{'name':18s} {'shape':26s} {'dtype':9s} {'impl':22s} {'ms':>9s} {'TFLOP/s':>8s} {'vs flash':>8s}")
+    for r in rows:
+        ms = f"{r['ms']:.3f}" if r["ms"] else "-"
+        tf = f"{r['tflops']:.1f}" if r["tflops"] else "-"
+        ratio = f"{r['ratio_vs_sdpa_flash']:.2f}x" if r["ratio_vs_sdpa_flash"] else "-"
+        extra = f"  ({r['error']})" if r.get("error") else ""
+        print(f"{r['name']:18s} {r['shape']:26s} {r['dtype']:9s} {r['impl']:22s} {ms:>9s} {tf:>8s} {ratio:>8s}{extra}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and dtypes")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention: no CUDA device here; this benchmark runs on a GPU machine only.", file=sys.stderr)
+        return 1
+    rows = run(args.device, quick=args.quick)
+    print(f"# {rows[0]['device']}  torch {rows[0]['torch']}  triton {rows[0]['triton']}" if rows else "# no rows")
+    _print(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
