@@ -1,62 +1,131 @@
-"""bertfast.BertModel: a drop-in for transformers.BertModel that runs padding-free.
+"""The family-neutral drop-in encoder: everything transformers' BERT-family base models share.
 
-Same config, same checkpoints and state-dict keys, same forward arguments and output classes. The batch is
-unpadded once (bertfast.padding) and every layer runs on the real tokens only; ``last_hidden_state`` is padded
-once at the end, and **its padded rows are zero** (transformers leaves values computed from pad tokens
-there; compare real tokens only). The pooler reads each sequence's first real token (for right-padded
-batches, every tokenizer's default, that is transformers' position 0).
+Each family (bert.py, roberta.py, electra.py, albert.py, distilbert.py) is a subclass that says how to read
+its config, how its state-dict keys map onto the common module tree, how it derives position ids, whether it
+has a pooler and which output class it returns. The batch is unpadded once (bertfast.padding) and every
+layer runs on the real tokens only; ``last_hidden_state`` is padded once at the end, and **its padded rows are
+zero** (transformers leaves values computed from pad tokens there; compare real tokens only). The pooler
+reads each sequence's first real token (for right-padded batches, every tokenizer's default, that is
+transformers' position 0).
 """
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 from torch import nn
 
 from bertfast import loading, ops
 from bertfast.models import layers
-from bertfast.padding import Unpadded, full_batch, unpad_mask
+from bertfast.padding import full_batch, unpad_mask
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def _output_classes():
-    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
-    return BaseModelOutputWithPoolingAndCrossAttentions
+def _pattern(template: str):
+    """'encoder.layer.{i}.attention.self.query.{p}' -> (regex matching such keys, the placeholder names)."""
+    groups = re.findall(r"\{(\w+)\}", template)
+    regex = re.escape(template)
+    for g in groups:
+        regex = regex.replace(re.escape("{" + g + "}"), r"(\d+)" if g in ("i", "g", "j") else r"(weight|bias)")
+    return re.compile("^" + regex + "$"), groups
 
 
-class BertModel(nn.Module):
-    """transformers.BertModel's interface on bertfast's kernels. Build with from_pretrained / from_hf, or
-    ``BertModel(config)`` for random weights (transformers' initialisation)."""
+def _convert(key: str, mapping) -> str:
+    for (src_re, src_groups), dst in mapping:
+        m = src_re.match(key)
+        if m:
+            values = dict(zip(src_groups, m.groups()))
+            return dst.format(**values)
+    return key
 
-    model_type = "bert"
-    base_model_prefix = "bert"
+
+class EncoderModel(nn.Module):
+    """transformers' <Family>Model interface on bertfast's kernels. Subclasses set the class attributes and
+    ``spec_of(config)``. Build with from_pretrained / from_hf, or ``Model(config)`` for random weights."""
+
+    model_types: tuple = ()
+    base_model_prefix = ""
+    config_class_name = ""
+    has_token_types = True
+    # (internal key template, family key template) pairs; internal = the BERT-style module tree of layers.py
+    key_map: tuple = ()
+    embedding_projection: str | None = None     # attribute holding the E -> H projection, if the family has one
 
     def __init__(self, config, add_pooling_layer: bool = True):
         super().__init__()
         self.config = config
         self.check_config(config)
-        self.embeddings = layers.Embeddings(config)
-        self.encoder = layers.Encoder(config)
-        self.pooler = layers.Pooler(config) if add_pooling_layer else None
-        layers.init_weights(self, config.initializer_range)
+        self.spec = spec = self.spec_of(config)
+        self.embeddings = layers.Embeddings(spec)
+        self.build_encoder(spec)
+        self.pooler = self.build_pooler(spec) if add_pooling_layer else None
+        layers.init_weights(self, spec.initializer_range)
+        if self.key_map:
+            self._to_family = [(_pattern(a), b) for a, b in self.key_map]
+            self._to_internal = [(_pattern(b), a) for a, b in self.key_map]
+            self._register_state_dict_hook(EncoderModel._family_keys)
+            self._register_load_state_dict_pre_hook(EncoderModel._internal_keys, with_module=True)
 
-    # ---------------------------------------------------------------------------------------------- config
+    # ------------------------------------------------------------------------------------ family hooks
+    @classmethod
+    def spec_of(cls, config) -> layers.EncoderSpec:
+        raise NotImplementedError
+
+    def build_encoder(self, spec):
+        self.encoder = layers.Encoder(spec)
+
+    def build_pooler(self, spec):
+        return layers.Pooler(spec)
+
+    def default_position_ids(self, input_ids, shape, device):
+        """Position ids when none are given: 0..S-1 (RoBERTa overrides: offsets from padding_idx)."""
+        return torch.arange(shape[1], device=device).expand(shape)
+
+    def max_sequence_length(self) -> int:
+        return self.spec.max_positions
+
+    @staticmethod
+    def output_class():
+        from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+        return BaseModelOutputWithPoolingAndCrossAttentions
+
     @classmethod
     def check_config(cls, config) -> None:
         """Raise for a config these kernels cannot serve, naming the field."""
-        if getattr(config, "model_type", cls.model_type) != cls.model_type:
-            raise ValueError(f"config.model_type is {config.model_type!r}; {cls.__name__} serves "
-                             f"{cls.model_type!r} checkpoints")
-        if config.hidden_size % config.num_attention_heads != 0:
-            raise ValueError(f"config.hidden_size ({config.hidden_size}) is not a multiple of "
-                             f"config.num_attention_heads ({config.num_attention_heads})")
+        model_type = getattr(config, "model_type", None)
+        if model_type not in cls.model_types:
+            raise ValueError(f"config.model_type is {model_type!r}; {cls.__name__} serves "
+                             f"{' / '.join(repr(t) for t in cls.model_types)} checkpoints")
         pet = getattr(config, "position_embedding_type", "absolute") or "absolute"
         if pet != "absolute":
             raise ValueError(f"config.position_embedding_type={pet!r} is not supported (only 'absolute')")
         if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
             raise ValueError("config.is_decoder / config.add_cross_attention: bertfast serves encoders only")
-        layers.activation_of(config)
+        spec = cls.spec_of(config)
+        if spec.hidden % spec.heads != 0:
+            raise ValueError(f"config: the hidden size {spec.hidden} (hidden_size / dim) is not a multiple of the "
+                             f"number of attention heads {spec.heads} (num_attention_heads / n_heads)")
+
+    # ----------------------------------------------------------------------------- state-dict key names
+    @staticmethod
+    def _family_keys(module, state_dict, prefix, local_metadata):
+        for key in list(state_dict):
+            if key.startswith(prefix):
+                new = prefix + _convert(key[len(prefix):], module._to_family)
+                if new != key:
+                    state_dict[new] = state_dict.pop(key)
+        return state_dict
+
+    @staticmethod
+    def _internal_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                       error_msgs):
+        for key in list(state_dict):
+            if key.startswith(prefix):
+                new = prefix + _convert(key[len(prefix):], module._to_internal)
+                if new != key:
+                    state_dict[new] = state_dict.pop(key)
 
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -69,7 +138,11 @@ class BertModel(nn.Module):
                             f"from_pretrained ignores the arguments {', '.join(sorted(unused))}")
         directory = loading.resolve(path_or_id)
         config = loading.read_config(directory)
-        state, origin = loading.read_state_dict(directory)
+        return cls._from_state(config, *loading.read_state_dict(directory), directory, torch_dtype, device,
+                               add_pooling_layer)
+
+    @classmethod
+    def _from_state(cls, config, state, origin, directory, torch_dtype, device, add_pooling_layer):
         dtype = _dtype_arg(torch_dtype, state)
         with torch.device("meta"):
             model = cls(config, add_pooling_layer=add_pooling_layer)
@@ -82,13 +155,13 @@ class BertModel(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module):
-        """A bertfast model with a copy of a loaded transformers BertModel's weights, dtype and device."""
-        base = getattr(hf_model, hf_model.base_model_prefix, hf_model) if hasattr(hf_model, "base_model_prefix") \
-            else hf_model
+        """A bertfast model with a copy of a loaded transformers model's encoder weights, dtype and device
+        (a task model's encoder is used; see bertfast.optimize to swap it in place instead)."""
+        base = hf_base_model(hf_model)
         config = copy.deepcopy(base.config)
         param = next(base.parameters())
         with torch.device("meta"):
-            model = cls(config, add_pooling_layer=getattr(base, "pooler", None) is not None)
+            model = cls(config, add_pooling_layer=_hf_has_pooler(base))
         state = {k: v for k, v in base.state_dict().items() if k not in loading.IGNORED_KEYS}
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         loading.check_state_dict(state, {k: "the transformers model" for k in state}, expected,
@@ -102,12 +175,12 @@ class BertModel(nn.Module):
                 inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=None,
                 **kwargs):
         cfg = self.config
-        unsupported = {k: v for k, v in kwargs.items() if v is not None and k not in ("head_mask",)}
+        unsupported = {k: v for k, v in kwargs.items() if v is not None and k not in ("head_mask", "use_cache")}
         if unsupported:
             raise TypeError(f"{type(self).__name__}.forward got unsupported arguments: {', '.join(unsupported)}")
         if kwargs.get("head_mask") is not None:
             raise ValueError("head_mask is not supported by bertfast")
-        output_hidden_states = bool(cfg.output_hidden_states if output_hidden_states is None
+        output_hidden_states = bool(getattr(cfg, "output_hidden_states", False) if output_hidden_states is None
                                     else output_hidden_states)
         output_attentions = bool(getattr(cfg, "output_attentions", False) if output_attentions is None
                                  else output_attentions)
@@ -133,9 +206,11 @@ class BertModel(nn.Module):
                             "materialises the probabilities; it is slower than the default path")
 
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, unp)
+        if self.embedding_projection is not None:
+            x = self.embedding_project_module()(x)
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
-        for layer in self.encoder.layer:
+        for layer in self.encoder.schedule():
             x, probs = layer(x, unp, output_attentions)
             if output_hidden_states:
                 hidden_states.append(x)
@@ -147,14 +222,22 @@ class BertModel(nn.Module):
         all_hidden = tuple(last if h is x else ops.pad(h, unp.indices, batch, seqlen) for h in hidden_states) \
             if output_hidden_states else None
         all_attn = tuple(attentions) if output_attentions else None
+        fields = dict(last_hidden_state=last, hidden_states=all_hidden, attentions=all_attn)
+        if self.has_pooler_output():
+            fields["pooler_output"] = pooled
         if not return_dict:
             return tuple(v for v in (last, pooled, all_hidden, all_attn) if v is not None)
-        return _output_classes()(last_hidden_state=last, pooler_output=pooled, hidden_states=all_hidden,
-                                 attentions=all_attn)
+        return self.output_class()(**fields)
+
+    def has_pooler_output(self) -> bool:
+        return True
+
+    def embedding_project_module(self):
+        return getattr(self, self.embedding_projection)
 
     # ---------------------------------------------------------------------------------------- validation
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds):
-        cfg = self.config
+        spec = self.spec
         device = self.embeddings.word_embeddings.weight.device
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds "
@@ -165,10 +248,11 @@ class BertModel(nn.Module):
                 raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
             shape = tuple(input_ids.shape)
         else:
+            e = spec.embedding_size
             if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
-                raise ValueError("inputs_embeds must be a floating-point tensor [batch, seq_len, hidden_size]")
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
-                raise ValueError(f"inputs_embeds must have shape [batch, seq_len, {cfg.hidden_size}], got "
+                raise ValueError(f"inputs_embeds must be a floating-point tensor [batch, seq_len, {e}]")
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != e:
+                raise ValueError(f"inputs_embeds must have shape [batch, seq_len, {e}], got "
                                  f"{tuple(inputs_embeds.shape)}")
             inputs_embeds = inputs_embeds.to(device=device, dtype=self.embeddings.word_embeddings.weight.dtype)
             shape = tuple(inputs_embeds.shape[:2])
@@ -180,6 +264,8 @@ class BertModel(nn.Module):
                                  f"inputs_embeds have [batch, seq_len] = {shape}; they must match")
             attention_mask = attention_mask.to(device)
         if token_type_ids is not None:
+            if not self.has_token_types:
+                raise ValueError(f"token_type_ids: {type(self).__name__} has no token type embeddings")
             token_type_ids = _int_tensor("token_type_ids", token_type_ids, device)
             if tuple(token_type_ids.shape) != shape:
                 raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected {shape}")
@@ -192,15 +278,16 @@ class BertModel(nn.Module):
                                  f"(1, {shape[1]})")
             position_ids = position_ids.expand(shape)
         else:
-            if shape[1] > cfg.max_position_embeddings:
+            if shape[1] > self.max_sequence_length():
                 raise ValueError(f"sequence length {shape[1]} of input_ids / inputs_embeds is longer than the "
-                                 f"model's max_position_embeddings ({cfg.max_position_embeddings})")
-            position_ids = torch.arange(shape[1], device=device).expand(shape)
+                                 f"model's positions allow ({self.max_sequence_length()}, from "
+                                 f"config.max_position_embeddings)")
+            position_ids = self.default_position_ids(input_ids, shape, device)
         return input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
 
     def _check_ranges(self, input_ids, attention_mask, token_type_ids, position_ids, seqlen) -> int:
         """Range checks of every id, and the batch's longest sequence, in one host read."""
-        cfg = self.config
+        spec = self.spec
         stats = []
         if attention_mask is not None:
             stats.append((attention_mask != 0).sum(dim=1).max() if attention_mask.shape[0] else
@@ -210,10 +297,10 @@ class BertModel(nn.Module):
                 stats += [t.min(), t.max()]
         values = torch.stack([s.long() for s in stats]).tolist() if stats else []
         max_seqlen = int(values.pop(0)) if attention_mask is not None else seqlen
-        for name, t, limit, what in (("input_ids", input_ids, cfg.vocab_size, "config.vocab_size"),
-                                     ("token_type_ids", token_type_ids, cfg.type_vocab_size,
+        for name, t, limit, what in (("input_ids", input_ids, spec.vocab, "config.vocab_size"),
+                                     ("token_type_ids", token_type_ids, spec.type_vocab,
                                       "config.type_vocab_size"),
-                                     ("position_ids", position_ids, cfg.max_position_embeddings,
+                                     ("position_ids", position_ids, spec.max_positions,
                                       "config.max_position_embeddings")):
             if t is None or not t.numel():
                 continue
@@ -233,6 +320,17 @@ class BertModel(nn.Module):
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
+
+
+def hf_base_model(hf_model: nn.Module) -> nn.Module:
+    """The base encoder of a transformers model (itself for a base model, e.g. model.bert for BertFor...)."""
+    prefix = getattr(hf_model, "base_model_prefix", "")
+    inner = getattr(hf_model, prefix, None) if prefix else None
+    return inner if isinstance(inner, nn.Module) else hf_model
+
+
+def _hf_has_pooler(base: nn.Module) -> bool:
+    return getattr(base, "pooler", None) is not None
 
 
 def _int_tensor(name: str, value, device) -> torch.Tensor:

@@ -10,6 +10,7 @@ Every forward here takes packed activations x [T, H] (T = real tokens of the bat
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -31,24 +32,46 @@ ACTIVATION_OF_HIDDEN_ACT = {
 }
 
 
-def activation_of(config) -> str:
-    act = config.hidden_act
+def activation_of(act, field: str = "config.hidden_act") -> str:
     if not isinstance(act, str) or act not in ACTIVATION_OF_HIDDEN_ACT:
-        raise ValueError(f"config.hidden_act={act!r} is not supported; bertfast supports "
+        raise ValueError(f"{field}={act!r} is not supported; bertfast supports "
                          f"{', '.join(ACTIVATION_OF_HIDDEN_ACT)}")
     return ACTIVATION_OF_HIDDEN_ACT[act]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """What the packed encoder needs from a family's config, under family-neutral names."""
+    hidden: int
+    heads: int
+    layers: int
+    intermediate: int
+    activation: str            # kernel activation name (gelu, gelu_tanh, relu, silu)
+    vocab: int
+    max_positions: int
+    type_vocab: int            # 0: the family has no token types (DistilBERT)
+    embedding_size: int        # == hidden unless the family projects embeddings (ALBERT, ELECTRA)
+    pad_token_id: int | None
+    eps: float
+    hidden_dropout: float
+    attention_dropout: float
+    initializer_range: float
 
 
 class Embeddings(nn.Module):
     """word + position + token-type embeddings, then LayerNorm (BertEmbeddings' parameters)."""
 
-    def __init__(self, config):
+    def __init__(self, spec: EncoderSpec):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout_p = config.hidden_dropout_prob
+        e = spec.embedding_size
+        self.word_embeddings = nn.Embedding(spec.vocab, e, padding_idx=spec.pad_token_id)
+        self.position_embeddings = nn.Embedding(spec.max_positions, e)
+        if spec.type_vocab:
+            self.token_type_embeddings = nn.Embedding(spec.type_vocab, e)
+        else:
+            self.token_type_embeddings = None
+        self.LayerNorm = nn.LayerNorm(e, eps=spec.eps)
+        self.dropout_p = spec.hidden_dropout
 
     def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds, unp: Unpadded) -> torch.Tensor:
         """input_ids / token_type_ids / position_ids: [B, S] int64 (position_ids already expanded);
@@ -56,16 +79,18 @@ class Embeddings(nn.Module):
         ln = self.LayerNorm
         if inputs_embeds is None:
             tt = token_type_ids.reshape(-1) if token_type_ids is not None else None
+            types = self.token_type_embeddings.weight if self.token_type_embeddings is not None else None
             x = ops.embed(input_ids.reshape(-1), unp.indices, position_ids.reshape(-1), tt,
-                          self.word_embeddings.weight, self.position_embeddings.weight,
-                          self.token_type_embeddings.weight, ln.weight, ln.bias, ln.eps)
+                          self.word_embeddings.weight, self.position_embeddings.weight, types, ln.weight, ln.bias,
+                          ln.eps)
         else:
             rows = ops.unpad(inputs_embeds.reshape(-1, inputs_embeds.shape[-1]), unp.indices)
             pos = position_ids.reshape(-1).index_select(0, unp.indices)
             extra = self.position_embeddings(pos)
-            tt = (token_type_ids.reshape(-1).index_select(0, unp.indices) if token_type_ids is not None
-                  else torch.zeros_like(pos))
-            extra = self.token_type_embeddings(tt) + extra
+            if self.token_type_embeddings is not None:
+                tt = (token_type_ids.reshape(-1).index_select(0, unp.indices) if token_type_ids is not None
+                      else torch.zeros_like(pos))
+                extra = self.token_type_embeddings(tt) + extra
             x = ops.add_layer_norm(rows, ln.weight, ln.bias, ln.eps, residual=extra)
         return F.dropout(x, self.dropout_p, self.training)
 
@@ -73,13 +98,13 @@ class Embeddings(nn.Module):
 class SelfAttention(nn.Module):
     """Packed Q/K/V projection + variable-length attention. Public keys: query/key/value .weight/.bias."""
 
-    def __init__(self, config):
+    def __init__(self, spec: EncoderSpec):
         super().__init__()
-        hidden, heads = config.hidden_size, config.num_attention_heads
+        hidden, heads = spec.hidden, spec.heads
         self.num_heads = heads
         self.head_dim = hidden // heads
         self.hidden = hidden
-        self.dropout_p = config.attention_probs_dropout_prob
+        self.dropout_p = spec.attention_dropout
         self.qkv_weight = nn.Parameter(torch.empty(3 * hidden, hidden))
         self.qkv_bias = nn.Parameter(torch.empty(3 * hidden))
         self._register_state_dict_hook(SelfAttention._split_qkv)
@@ -132,11 +157,11 @@ class DenseLayerNorm(nn.Module):
     """dense (bias fused into the LayerNorm kernel) -> dropout -> + residual -> LayerNorm
     (transformers' BertSelfOutput / BertOutput)."""
 
-    def __init__(self, in_features, config):
+    def __init__(self, in_features, spec: EncoderSpec):
         super().__init__()
-        self.dense = nn.Linear(in_features, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout_p = config.hidden_dropout_prob
+        self.dense = nn.Linear(in_features, spec.hidden)
+        self.LayerNorm = nn.LayerNorm(spec.hidden, eps=spec.eps)
+        self.dropout_p = spec.hidden_dropout
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         ln = self.LayerNorm
@@ -145,10 +170,10 @@ class DenseLayerNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, spec: EncoderSpec):
         super().__init__()
-        self.self = SelfAttention(config)
-        self.output = DenseLayerNorm(config.hidden_size, config)
+        self.self = SelfAttention(spec)
+        self.output = DenseLayerNorm(spec.hidden, spec)
 
     def forward(self, x, unp: Unpadded, output_attentions: bool = False):
         if output_attentions:
@@ -160,21 +185,21 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     """dense (no bias in the GEMM) -> bias + activation in one pass."""
 
-    def __init__(self, config):
+    def __init__(self, spec: EncoderSpec):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.activation = activation_of(config)
+        self.dense = nn.Linear(spec.hidden, spec.intermediate)
+        self.activation = spec.activation
 
     def forward(self, x):
         return ops.bias_act(F.linear(x, self.dense.weight), self.dense.bias, self.activation)
 
 
 class Layer(nn.Module):
-    def __init__(self, config):
+    def __init__(self, spec: EncoderSpec):
         super().__init__()
-        self.attention = Attention(config)
-        self.intermediate = Intermediate(config)
-        self.output = DenseLayerNorm(config.intermediate_size, config)
+        self.attention = Attention(spec)
+        self.intermediate = Intermediate(spec)
+        self.output = DenseLayerNorm(spec.intermediate, spec)
 
     def forward(self, x, unp: Unpadded, output_attentions: bool = False):
         x, probs = self.attention(x, unp, output_attentions)
@@ -182,25 +207,32 @@ class Layer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, config):
+    def __init__(self, spec: EncoderSpec):
         super().__init__()
-        self.layer = nn.ModuleList([Layer(config) for _ in range(config.num_hidden_layers)])
+        self.layer = nn.ModuleList([Layer(spec) for _ in range(spec.layers)])
+
+    def schedule(self):
+        """The layer module run at each depth (ALBERT's encoder repeats shared layers)."""
+        return list(self.layer)
 
 
 class Pooler(nn.Module):
     """tanh(dense(first token)) - reads each sequence's first real token straight from the packed rows."""
 
-    def __init__(self, config):
+    def __init__(self, spec: EncoderSpec):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(spec.hidden, spec.hidden)
 
     def forward(self, x: torch.Tensor, unp: Unpadded) -> torch.Tensor:
-        if unp.total == 0:
-            first = x.new_zeros((unp.batch, x.shape[1]))
-        else:
-            first = x.index_select(0, unp.first_token)
-            first = torch.where((unp.seqlens > 0)[:, None], first, torch.zeros_like(first))
-        return torch.tanh(self.dense(first))
+        return torch.tanh(self.dense(first_tokens(x, unp)))
+
+
+def first_tokens(x: torch.Tensor, unp: Unpadded) -> torch.Tensor:
+    """[B, H]: each sequence's first real token from the packed rows (zeros for an empty row)."""
+    if unp.total == 0:
+        return x.new_zeros((unp.batch, x.shape[1]))
+    first = x.index_select(0, unp.first_token)
+    return torch.where((unp.seqlens > 0)[:, None], first, torch.zeros_like(first))
 
 
 def init_weights(module: nn.Module, std: float) -> None:

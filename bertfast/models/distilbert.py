@@ -1,0 +1,44 @@
+"""DistilBertModel: BERT's layer arithmetic under DistilBERT's key names; no token types, no pooler."""
+from __future__ import annotations
+
+from bertfast.models import layers
+from bertfast.models.base import EncoderModel
+
+_L = "encoder.layer.{i}."
+_T = "transformer.layer.{i}."
+
+
+class DistilBertModel(EncoderModel):
+    model_types = ("distilbert",)
+    base_model_prefix = "distilbert"
+    has_token_types = False
+    key_map = tuple((_L + a, _T + b) for a, b in (
+        ("attention.self.query.{p}", "attention.q_lin.{p}"),
+        ("attention.self.key.{p}", "attention.k_lin.{p}"),
+        ("attention.self.value.{p}", "attention.v_lin.{p}"),
+        ("attention.output.dense.{p}", "attention.out_lin.{p}"),
+        ("attention.output.LayerNorm.{p}", "sa_layer_norm.{p}"),
+        ("intermediate.dense.{p}", "ffn.lin1.{p}"),
+        ("output.dense.{p}", "ffn.lin2.{p}"),
+        ("output.LayerNorm.{p}", "output_layer_norm.{p}"),
+    ))
+
+    def __init__(self, config, add_pooling_layer: bool = False):
+        super().__init__(config, add_pooling_layer=False)
+
+    @classmethod
+    def spec_of(cls, config):
+        return layers.EncoderSpec(
+            hidden=config.dim, heads=config.n_heads, layers=config.n_layers, intermediate=config.hidden_dim,
+            activation=layers.activation_of(config.activation, "config.activation"), vocab=config.vocab_size,
+            max_positions=config.max_position_embeddings, type_vocab=0, embedding_size=config.dim,
+            pad_token_id=config.pad_token_id, eps=1e-12, hidden_dropout=config.dropout,
+            attention_dropout=config.attention_dropout, initializer_range=config.initializer_range)
+
+    def has_pooler_output(self) -> bool:
+        return False
+
+    @staticmethod
+    def output_class():
+        from transformers.modeling_outputs import BaseModelOutput
+        return BaseModelOutput

