@@ -39,6 +39,8 @@ def family_config(family, dropout=True):
 
 
 FAMILIES = ["bert", "roberta", "xlm-roberta", "electra", "albert", "distilbert"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device"))]
 BASE = {"bert": T.BertModel, "roberta": T.RobertaModel, "xlm-roberta": T.XLMRobertaModel,
         "electra": T.ElectraModel, "albert": T.AlbertModel, "distilbert": T.DistilBertModel}
 
@@ -50,18 +52,20 @@ def _batch(cfg, batch=4, seqlen=23):
     return ids, mask, types
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_parity(family, tmp_path):
+def test_family_parity(family, device, tmp_path):
     torch.manual_seed(FAMILIES.index(family))
     cfg = family_config(family)
     hf = BASE[family]._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
     hf.save_pretrained(tmp_path)
-    ours = bertfast.AutoModel.from_pretrained(tmp_path)
+    ours = bertfast.AutoModel.from_pretrained(tmp_path, device=device)
+    hf = hf.to(device)
     assert type(ours).model_types and cfg.model_type in type(ours).model_types
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in hf.state_dict().items()}
-    ids, mask, types = _batch(cfg)
-    kwargs = dict(attention_mask=mask) if family == "distilbert" else dict(attention_mask=mask)
+    ids, mask, types = (t.to(device) for t in _batch(cfg))
+    kwargs = dict(attention_mask=mask)
     if family == "bert":
         kwargs["token_type_ids"] = types
     with torch.no_grad():
@@ -186,3 +190,30 @@ def test_sentence_transformers_minilm():
     assert isinstance(st[0].model, bertfast.BertModel)
     after = st.encode(DEMO_SENTENCES, convert_to_tensor=True)
     assert (before - after).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_low_precision(family, dtype, device, tmp_path):
+    """torch_dtype on load and .to(dtype): bertfast's error against transformers in float64 is at most 3x
+    transformers' own error in the same dtype (flash-attention's rule)."""
+    torch.manual_seed(11 + FAMILIES.index(family))
+    cfg = family_config(family)
+    ref = BASE[family]._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ref.save_pretrained(tmp_path)
+    ref = ref.double().to(device)
+    low = BASE[family]._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    low.load_state_dict(ref.state_dict())
+    low = low.to(device, dtype)
+    ours = bertfast.AutoModel.from_pretrained(tmp_path, torch_dtype=dtype, device=device)
+    converted = bertfast.AutoModel.from_pretrained(tmp_path).to(device).to(dtype)
+    assert all(p.dtype == dtype for p in ours.parameters())
+    ids, mask, _ = (t.to(device) for t in _batch(cfg))
+    q = real(mask)
+    with torch.no_grad():
+        r = ref(ids, attention_mask=mask).last_hidden_state[q]
+        err_hf = (low(ids, attention_mask=mask).last_hidden_state[q].double() - r).abs().max().item()
+        for m in (ours, converted):
+            err = (m(ids, attention_mask=mask).last_hidden_state[q].double() - r).abs().max().item()
+            assert err <= 3 * err_hf, f"{family} {dtype}: bertfast {err:.3e} vs transformers {err_hf:.3e}"
