@@ -265,16 +265,22 @@ def _recompute_grads(fn, inputs: list, grad_outputs: list):
         pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
         wrt = [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
         grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-    # custom ops may not return aliases: autograd hands the same tensor to inputs that are simply added
-    seen, unique = set(), []
-    for g in grads:
-        if g is not None and g.untyped_storage().data_ptr() in seen:
-            g = g.clone()
-        if g is not None:
-            seen.add(g.untyped_storage().data_ptr())
-        unique.append(g)
-    it = iter(unique)
+    it = iter(grads)
     return [next(it) if isinstance(t, Tensor) and t.requires_grad else None for t in leaves]
+
+
+def _unaliased(outs: list) -> list:
+    """Custom ops may not return aliases of each other or of inputs, but gradients of inputs that are simply
+    added (x and residual before a LayerNorm) are one tensor: clone repeats."""
+    seen, unique = set(), []
+    for t in outs:
+        if isinstance(t, Tensor) and t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+            seen.add(ptr)
+        unique.append(t)
+    return unique
 
 
 def _run(op, *args):
@@ -465,7 +471,7 @@ def _bias_act_backward_op(dy: Tensor, x: Tensor, bias: Optional[Tensor], activat
         dx, dbias = torch.ops.bertfast_C.bias_act_backward(dy, x, bias, activation)
     else:
         dx, dbias = _recompute_grads(lambda a, b: _bias_act_reference(a, b, activation), [x, bias], [dy])
-    return [dx, _grad_or_empty(dbias, bias, x)]
+    return _unaliased([dx, _grad_or_empty(dbias, bias, x)])
 
 
 @_bias_act_backward_op.register_fake
@@ -571,7 +577,7 @@ def _add_layer_norm_backward_op(
         dx, dw, db, dres, dxb = _recompute_grads(
             lambda a, w, b, r, xb: _layer_norm_reference(a, w, b, eps, r, xb, activation, dropout_p, seed)[0],
             [x, weight, bias, residual, x_bias], [dy])
-    return [dx, _grad_or_empty(dres, residual, x), dw, db, _grad_or_empty(dxb, x_bias, x)]
+    return _unaliased([dx, _grad_or_empty(dres, residual, x), dw, db, _grad_or_empty(dxb, x_bias, x)])
 
 
 def _cpp_layer_norm_backward(dy, x, weight, mean, rstd, residual, x_bias, activation):
@@ -651,7 +657,7 @@ def _embed_reference(input_ids, indices, position_ids, token_type_ids, word_emb,
 @torch.library.custom_op("bertfast::embed", mutates_args=())
 def _embed_op(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_ids: Optional[Tensor],
               word_emb: Tensor, pos_emb: Tensor, type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor,
-              eps: float, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+              eps: float, padding_idx: int, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     if impl == "cpp":
         if type_emb is not None and token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -663,7 +669,7 @@ def _embed_op(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_ty
 
 @_embed_op.register_fake
 def _(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, eps,
-      impl):
+      padding_idx, impl):
     t = indices.shape[0]
     return (word_emb.new_empty((t, word_emb.shape[1])), word_emb.new_empty((t,), dtype=torch.float32),
             word_emb.new_empty((t,), dtype=torch.float32))
@@ -673,36 +679,40 @@ def _(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_
 def _embed_backward_op(dy: Tensor, input_ids: Tensor, indices: Tensor, position_ids: Tensor,
                        token_type_ids: Optional[Tensor], word_emb: Tensor, pos_emb: Tensor,
                        type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor, eps: float,
-                       impl: str) -> list[Tensor]:
-    """-> [d_word_emb, d_pos_emb, d_type_emb (empty when type_emb is None), d_ln_weight, d_ln_bias], dense"""
+                       padding_idx: int, impl: str) -> list[Tensor]:
+    """-> [d_word_emb, d_pos_emb, d_type_emb (empty when type_emb is None), d_ln_weight, d_ln_bias], dense.
+    Like nn.Embedding(padding_idx=...), the padding row of the word embeddings gets no gradient."""
     # The backward scatters into the (large) embedding tables; torch's autograd of the reference is used for
     # every implementation: its cost is one pass over the T rows plus the dense gradient tables.
     grads = _recompute_grads(
         lambda w, p, t, lw, lb: _embed_reference(input_ids, indices, position_ids, token_type_ids, w, p, t, lw,
                                                  lb, eps)[0],
         [word_emb, pos_emb, type_emb, ln_weight, ln_bias], [dy])
-    return [_grad_or_empty(g, t, word_emb) for g, t in zip(grads, [word_emb, pos_emb, type_emb, ln_weight, ln_bias])]
+    if padding_idx >= 0 and grads[0] is not None:
+        grads[0][padding_idx] = 0
+    return _unaliased([_grad_or_empty(g, t, word_emb)
+                       for g, t in zip(grads, [word_emb, pos_emb, type_emb, ln_weight, ln_bias])])
 
 
 @_embed_backward_op.register_fake
 def _(dy, input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, eps,
-      impl):
+      padding_idx, impl):
     return [torch.empty_like(word_emb), torch.empty_like(pos_emb), _empty_like_or_none(type_emb, word_emb),
             torch.empty_like(ln_weight), torch.empty_like(ln_bias)]
 
 
 def _embed_setup(ctx, inputs, output):
     (input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, eps,
-     impl) = inputs
+     padding_idx, impl) = inputs
     ctx.save_for_backward(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
                           ln_weight, ln_bias)
-    ctx.args = (eps, impl)
+    ctx.args = (eps, padding_idx, impl)
 
 
 def _embed_backward(ctx, dy, dmean, drstd):
     saved = ctx.saved_tensors
     dw, dp, dt, dlw, dlb = _embed_backward_op(dy.contiguous(), *saved, *ctx.args)
-    return None, None, None, None, dw, dp, (dt if saved[6] is not None else None), dlw, dlb, None, None
+    return None, None, None, None, dw, dp, (dt if saved[6] is not None else None), dlw, dlb, None, None, None
 
 
 _embed_op.register_autograd(_embed_backward, setup_context=_embed_setup)
@@ -710,17 +720,18 @@ _embed_op.register_autograd(_embed_backward, setup_context=_embed_setup)
 
 def embed(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_ids: Optional[Tensor],
           word_emb: Tensor, pos_emb: Tensor, type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor,
-          eps: float) -> Tensor:
+          eps: float, padding_idx: Optional[int] = None) -> Tensor:
     """LayerNorm(word_emb[ids] + type_emb[token_types] + pos_emb[positions]) for the real tokens.
 
     input_ids, position_ids, token_type_ids: (N,) int64, flattened padded batch (N = B * S)
     indices: (T,) int64 - the real tokens (from bertfast.padding.unpad_mask)
     word_emb (V, E), pos_emb (P, E), type_emb (types, E) or None; ln_weight / ln_bias (E,)
+    padding_idx: the word-embedding row that gets no gradient (nn.Embedding's padding_idx), or None
     returns (T, E) in word_emb's dtype. Ids are not range-checked here (the model checks them once per batch).
     """
     impl = choose("embed", word_emb.device, dtype=word_emb.dtype)
     return _run(_embed_op, input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
-                ln_weight, ln_bias, float(eps), impl)[0]
+                ln_weight, ln_bias, float(eps), -1 if padding_idx is None else int(padding_idx), impl)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------

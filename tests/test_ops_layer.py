@@ -104,7 +104,7 @@ def test_opcheck_every_op():
         (torch.ops.bertfast.pad, (torch.randn(3, 4), torch.tensor([0, 2, 5]), 6, ref)),
         (torch.ops.bertfast.embed, (torch.randint(0, 9, (6,)), torch.tensor([0, 2, 5]), torch.arange(6),
                                     torch.randint(0, 2, (6,)), torch.randn(9, 4), torch.randn(6, 4),
-                                    torch.randn(2, 4), torch.randn(4), torch.randn(4), 1e-5, ref)),
+                                    torch.randn(2, 4), torch.randn(4), torch.randn(4), 1e-5, 0, ref)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",

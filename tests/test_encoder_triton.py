@@ -1,0 +1,57 @@
+"""The whole encoder with the Triton kernels forced on (BERTFAST_BACKEND=triton): in the Triton interpreter on
+CPU, on the GPU where one is present. Against transformers, fp32 (the interpreter's fp32 dot is exact; on a GPU
+the attention's fp32 dot is IEEE unless torch allows TF32)."""
+import copy
+
+import pytest
+import torch
+
+import bertfast
+from helpers import bert_config, hf_bert, random_batch, real
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("BERTFAST_BACKEND", "triton")
+
+
+@pytest.mark.parametrize("hidden,heads", [(64, 2), (160, 2)])
+def test_encoder_forward_triton(triton_backend, hidden, heads):
+    torch.manual_seed(hidden)
+    cfg = bert_config(hidden=hidden, heads=heads, layers=2, intermediate=3 * hidden)
+    hf = hf_bert(cfg).to(DEVICE)
+    ours = bertfast.BertModel.from_hf(hf).eval()
+    ids, mask, types = (t.to(DEVICE) for t in random_batch(3, 21, cfg.vocab_size, cfg.type_vocab_size))
+    with torch.no_grad():
+        a = hf(ids, attention_mask=mask, token_type_ids=types)
+        b = ours(ids, attention_mask=mask, token_type_ids=types)
+    table = bertfast.ops.implementation_table(DEVICE)
+    assert table["varlen_attention"].startswith("triton") and table["add_layer_norm"].startswith("triton")
+    q = real(mask)
+    assert (a.last_hidden_state[q] - b.last_hidden_state[q]).abs().max() <= 1e-5
+    assert (a.pooler_output - b.pooler_output).abs().max() <= 1e-5
+
+
+def test_encoder_backward_triton(triton_backend):
+    torch.manual_seed(5)
+    cfg = bert_config(hidden=64, heads=2, layers=1, intermediate=128, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+    hf = hf_bert(cfg).to(DEVICE).train()
+    ours = bertfast.BertModel.from_hf(copy.deepcopy(hf)).train()
+    ids, mask, _ = (t.to(DEVICE) for t in random_batch(3, 17, cfg.vocab_size))
+    q = real(mask)
+    target = torch.randn(3, 17, 64, device=DEVICE)
+    for m in (hf, ours):
+        ((m(ids, attention_mask=mask).last_hidden_state - target)[q] ** 2).mean().backward()
+    mine = dict(ours.named_parameters())
+    for name, p in hf.named_parameters():
+        if ".self." in name:
+            continue
+        if p.grad is None:             # the pooler is not in this loss
+            assert mine[name].grad is None, name
+            continue
+        assert (mine[name].grad - p.grad).abs().max() <= 1e-5 * max(1.0, p.grad.abs().max().item()), name
+    wq = dict(hf.named_parameters())["encoder.layer.0.attention.self.query.weight"].grad
+    assert (mine["encoder.layer.0.attention.self.qkv_weight"].grad[:64] - wq).abs().max() <= 1e-5
