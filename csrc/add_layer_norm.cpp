@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tens
   if (n == 0) return {y, mean, rstd};
   const float feps = static_cast<float>(eps);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_layer_norm_cpu", [&] {
+  BERTFAST_DISPATCH_FLOAT_TYPES(x.scalar_type(), "add_layer_norm_cpu", [&] {
     using T = scalar_t;
     const T* xp = x.data_ptr<T>();
     const T* rp = opt_ptr<T>(residual);
@@ -149,7 +149,7 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
   const int64_t stride = 3 * h;  // per block: dweight, dbias, dx_bias partials
   auto partials = at::zeros({std::max<int64_t>(blocks.n_blocks, 1), stride}, x.options().dtype(at::kFloat));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_layer_norm_backward_cpu", [&] {
+  BERTFAST_DISPATCH_FLOAT_TYPES(x.scalar_type(), "add_layer_norm_backward_cpu", [&] {
     using T = scalar_t;
     const T* dyp = dy.data_ptr<T>();
     const T* xp = x.data_ptr<T>();

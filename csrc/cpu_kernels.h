@@ -34,6 +34,13 @@
 #define BERTFAST_X86_MULTIVERSION 0
 #endif
 
+// AT_DISPATCH over the three float types the kernels take (float32, float16, bfloat16); no float64 instantiation,
+// which the input checks reject anyway.
+#define BERTFAST_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                               \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                            \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 namespace bertfast {
 namespace cpu {
 

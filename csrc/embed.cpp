@@ -165,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_cpu(
   if (s.t == 0) return {out, mean, rstd};
   const float feps = static_cast<float>(eps);
   const int64_t e = s.e;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, word_emb.scalar_type(), "embed_cpu", [&] {
+  BERTFAST_DISPATCH_FLOAT_TYPES(word_emb.scalar_type(), "embed_cpu", [&] {
     using T = scalar_t;
     const T* word = word_emb.data_ptr<T>();
     const T* pos = pos_emb.data_ptr<T>();
@@ -231,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Te
   const cpu::RowBlocks blocks = cpu::row_blocks(t);
   auto partials = at::zeros({std::max<int64_t>(blocks.n_blocks, 1), 2 * e}, word_emb.options().dtype(at::kFloat));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, word_emb.scalar_type(), "embed_backward_cpu", [&] {
+  BERTFAST_DISPATCH_FLOAT_TYPES(word_emb.scalar_type(), "embed_backward_cpu", [&] {
     using T = scalar_t;
     const T* word = word_emb.data_ptr<T>();
     const T* pos = pos_emb.data_ptr<T>();
