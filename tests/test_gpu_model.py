@@ -84,3 +84,24 @@ def test_implementations_on_cuda():
     assert table["varlen_attention"].startswith("triton")
     assert table["add_layer_norm"].startswith("triton")
     assert table["bias_act"].startswith("triton")
+
+
+def test_enable_cuda_graphs_matches_eager():
+    torch.manual_seed(1)
+    cfg = bert_config(hidden=128, heads=2, layers=2, vocab=300, max_pos=200)
+    ours = bertfast.BertModel(cfg).cuda().half().eval()
+    graphed = copy.deepcopy(ours).enable_cuda_graphs()
+    for batch, seqlen in ((1, 128), (4, 77), (1, 128)):           # the third call replays the first graph
+        ids = torch.randint(0, cfg.vocab_size, (batch, seqlen), device="cuda")
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            a = ours(ids, attention_mask=mask)
+            b = graphed(ids, attention_mask=mask)
+        assert torch.equal(a.last_hidden_state, b.last_hidden_state)
+        assert torch.equal(a.pooler_output, b.pooler_output)
+    assert len(graphed._graphs) == 2
+    # a padded batch runs eagerly and still agrees
+    mask[0, 40:] = 0
+    with torch.inference_mode():
+        a, b = ours(ids, attention_mask=mask), graphed(ids, attention_mask=mask)
+    assert torch.equal(a.last_hidden_state, b.last_hidden_state)

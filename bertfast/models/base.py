@@ -62,6 +62,7 @@ class EncoderModel(nn.Module):
         self.build_encoder(spec)
         self.pooler = self.build_pooler(spec) if add_pooling_layer else None
         layers.init_weights(self, spec.initializer_range)
+        self._graphs = None            # CUDA graphs per input shape, when enabled (enable_cuda_graphs)
         if self.key_map:
             self._to_family = [(_pattern(a), b) for a, b in self.key_map]
             self._to_internal = [(_pattern(b), a) for a, b in self.key_map]
@@ -196,15 +197,89 @@ class EncoderModel(nn.Module):
             if attention_mask is not None:
                 raise ValueError("attention_mask cannot be given while a CUDA graph is being captured: unpadding "
                                  "reads the mask on the host; capture batches without padding instead")
-            max_seqlen = seqlen
+            max_seqlen, unpadded = seqlen, True
         else:
-            max_seqlen = self._check_ranges(input_ids, attention_mask, token_type_ids, position_ids, seqlen)
-        unp = unpad_mask(attention_mask, max_seqlen) if attention_mask is not None else \
-            full_batch(batch, seqlen, device)
+            max_seqlen, unpadded = self._check_ranges(input_ids, attention_mask, token_type_ids, position_ids,
+                                                      seqlen)
         if output_attentions:
             ops.notice_once("output_attentions", "output_attentions=True runs a padded attention path that "
                             "materialises the probabilities; it is slower than the default path")
+        if (self._graphs is not None and device.type == "cuda" and unpadded and inputs_embeds is None
+                and not (output_hidden_states or output_attentions or self.training or torch.is_grad_enabled())
+                and not torch.cuda.is_current_stream_capturing()):
+            last, pooled = self._graph_forward(input_ids, token_type_ids, position_ids)
+            return self._outputs(last, pooled, None, None, return_dict)
+        unp = unpad_mask(attention_mask, max_seqlen) if attention_mask is not None and not unpadded else \
+            full_batch(batch, seqlen, device)
 
+        last, pooled, all_hidden, all_attn = self._encode(input_ids, token_type_ids, position_ids, inputs_embeds,
+                                                          unp, output_hidden_states, output_attentions)
+        return self._outputs(last, pooled, all_hidden, all_attn, return_dict)
+
+    def _outputs(self, last, pooled, all_hidden, all_attn, return_dict):
+        fields = dict(last_hidden_state=last, hidden_states=all_hidden, attentions=all_attn)
+        if self.has_pooler_output():
+            fields["pooler_output"] = pooled
+        if not return_dict:
+            return tuple(v for v in (last, pooled, all_hidden, all_attn) if v is not None)
+        return self.output_class()(**fields)
+
+    # ----------------------------------------------------------------------------------------- CUDA graphs
+    def enable_cuda_graphs(self, enabled: bool = True, max_graphs: int = 16):
+        """Replay captured CUDA graphs for inference on unpadded batches (no mask, or a mask of all ones): the
+        whole forward becomes one graph launch, which removes the per-kernel launch cost that dominates small
+        batches. One graph per (batch, seq_len, token types given), captured on first use, at most max_graphs
+        (least recently captured dropped first); outputs are copied out of the graph's buffers. Padded batches,
+        training, gradients, inputs_embeds and output_hidden_states / output_attentions run eagerly. Returns
+        self."""
+        self._graphs = {} if enabled else None
+        self._max_graphs = max_graphs
+        self._graph_pool = None
+        return self
+
+    def _graph_forward(self, input_ids, token_type_ids, position_ids):
+        key = (tuple(input_ids.shape), token_type_ids is not None)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= self._max_graphs:
+                self._graphs.pop(next(iter(self._graphs)))
+            entry = self._capture(input_ids, token_type_ids, position_ids)
+            self._graphs[key] = entry
+        graph, static, outputs = entry
+        static["input_ids"].copy_(input_ids)
+        static["position_ids"].copy_(position_ids)
+        if token_type_ids is not None:
+            static["token_type_ids"].copy_(token_type_ids)
+        graph.replay()
+        last, pooled = outputs
+        return last.clone(), (pooled.clone() if pooled is not None else None)
+
+    def _capture(self, input_ids, token_type_ids, position_ids):
+        static = {"input_ids": input_ids.clone(), "position_ids": position_ids.contiguous().clone(),
+                  "token_type_ids": token_type_ids.clone() if token_type_ids is not None else None}
+        batch, seqlen = input_ids.shape
+        unp = full_batch(batch, seqlen, input_ids.device)
+
+        def run():
+            return self._encode(static["input_ids"], static["token_type_ids"], static["position_ids"], None,
+                                unp)[:2]
+        stream = torch.cuda.Stream(input_ids.device)
+        stream.wait_stream(torch.cuda.current_stream(input_ids.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):        # warm-up: Triton compiles and cuBLAS workspaces outside the capture
+                run()
+        torch.cuda.current_stream(input_ids.device).wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            outputs = run()
+        return graph, static, outputs
+
+    def _encode(self, input_ids, token_type_ids, position_ids, inputs_embeds, unp,
+                output_hidden_states=False, output_attentions=False):
+        """Embeddings -> layers on the packed tokens -> (padded last_hidden_state, pooled output, padded hidden
+        states or None, attention probabilities or None)."""
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, unp)
         if self.embedding_projection is not None:
             x = self.embedding_project_module()(x)
@@ -216,24 +291,17 @@ class EncoderModel(nn.Module):
                 hidden_states.append(x)
             if output_attentions:
                 attentions.append(probs)
-
-        last = ops.pad(x, unp.indices, batch, seqlen)
+        last = ops.pad(x, unp.indices, unp.batch, unp.seqlen)
         pooled = self.pooler(x, unp) if self.pooler is not None else None
-        all_hidden = tuple(last if h is x else ops.pad(h, unp.indices, batch, seqlen) for h in hidden_states) \
-            if output_hidden_states else None
-        all_attn = tuple(attentions) if output_attentions else None
-        fields = dict(last_hidden_state=last, hidden_states=all_hidden, attentions=all_attn)
-        if self.has_pooler_output():
-            fields["pooler_output"] = pooled
-        if not return_dict:
-            return tuple(v for v in (last, pooled, all_hidden, all_attn) if v is not None)
-        return self.output_class()(**fields)
+        all_hidden = tuple(last if h is x else ops.pad(h, unp.indices, unp.batch, unp.seqlen)
+                           for h in hidden_states) if output_hidden_states else None
+        return last, pooled, all_hidden, tuple(attentions) if output_attentions else None
 
     def has_pooler_output(self) -> bool:
         return True
 
     def embedding_project_module(self):
-        return getattr(self, self.embedding_projection)
+        return self.get_submodule(self.embedding_projection)
 
     # ---------------------------------------------------------------------------------------- validation
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds):
@@ -285,18 +353,23 @@ class EncoderModel(nn.Module):
             position_ids = self.default_position_ids(input_ids, shape, device)
         return input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
 
-    def _check_ranges(self, input_ids, attention_mask, token_type_ids, position_ids, seqlen) -> int:
-        """Range checks of every id, and the batch's longest sequence, in one host read."""
+    def _check_ranges(self, input_ids, attention_mask, token_type_ids, position_ids, seqlen) -> tuple[int, bool]:
+        """Range checks of every id, the batch's longest sequence and whether it has any padding, in one host
+        read. -> (max_seqlen, unpadded)"""
         spec = self.spec
         stats = []
         if attention_mask is not None:
-            stats.append((attention_mask != 0).sum(dim=1).max() if attention_mask.shape[0] else
-                         torch.zeros((), device=attention_mask.device, dtype=torch.long))
+            lengths = (attention_mask != 0).sum(dim=1)
+            zero = torch.zeros((), device=attention_mask.device, dtype=torch.long)
+            stats += [lengths.max(), lengths.min()] if attention_mask.shape[0] else [zero, zero]
         for t in (input_ids, token_type_ids, position_ids):
             if t is not None and t.numel():
                 stats += [t.min(), t.max()]
         values = torch.stack([s.long() for s in stats]).tolist() if stats else []
-        max_seqlen = int(values.pop(0)) if attention_mask is not None else seqlen
+        max_seqlen, unpadded = seqlen, True
+        if attention_mask is not None:
+            max_seqlen, min_seqlen = int(values.pop(0)), int(values.pop(0))
+            unpadded = min_seqlen == seqlen
         for name, t, limit, what in (("input_ids", input_ids, spec.vocab, "config.vocab_size"),
                                      ("token_type_ids", token_type_ids, spec.type_vocab,
                                       "config.type_vocab_size"),
@@ -307,7 +380,7 @@ class EncoderModel(nn.Module):
             lo, hi = values.pop(0), values.pop(0)
             if lo < 0 or hi >= limit:
                 raise ValueError(f"{name} holds values in [{lo}, {hi}], outside [0, {limit}) ({what})")
-        return max_seqlen
+        return max_seqlen, unpadded
 
     # --------------------------------------------------------------------------------------- conveniences
     @property
