@@ -8,6 +8,7 @@
 //   bias_act_backward(Tensor dy, Tensor x, Tensor? bias, str activation) -> (Tensor dx, Tensor? dbias)
 //     dx = dy * act'(x + bias) (x's dtype); dbias = sum of dx over all rows [H] (None when bias is None),
 //     accumulated in fp32 in fixed row blocks reduced in order: deterministic for any thread count.
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -48,7 +49,11 @@ at::Tensor bias_act_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bi
     const float* xp = x.data_ptr<float>();
     const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
+    // at::parallel_for's worker threads do not inherit the caller's InferenceMode, and at::gelu_ on an inference
+    // tensor (y is one when called under torch.inference_mode) is refused outside it: carry it over.
+    const bool inference = c10::InferenceMode::is_enabled();
     at::parallel_for(0, (n + rows - 1) / rows, 1, [&](int64_t cb, int64_t ce) {
+      c10::InferenceMode inference_guard(inference);
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t r0 = c * rows, r1 = std::min(n, r0 + rows);
         cpu::run_isa([=](int64_t begin, int64_t end) {

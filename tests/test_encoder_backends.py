@@ -1,6 +1,9 @@
-"""The whole encoder with the Triton kernels forced on (BERTFAST_BACKEND=triton): in the Triton interpreter on
-CPU, on the GPU where one is present. Against transformers, fp32 (the interpreter's fp32 dot is exact; on a GPU
-the attention's fp32 dot is IEEE unless torch allows TF32)."""
+"""The whole encoder with each backend forced on, against transformers in fp32.
+
+BERTFAST_BACKEND=triton: the Triton kernels, in the Triton interpreter on CPU and on the GPU where one is
+present (the interpreter's fp32 dot is exact; on a GPU the attention's fp32 dot is IEEE unless torch allows
+TF32). BERTFAST_BACKEND=cpp: the C++ kernels of bertfast._C on this machine's device (attention has no C++
+implementation and runs the reference, as `bertfast info` shows)."""
 import copy
 
 import pytest
@@ -55,3 +58,36 @@ def test_encoder_backward_triton(triton_backend):
         assert (mine[name].grad - p.grad).abs().max() <= 1e-5 * max(1.0, p.grad.abs().max().item()), name
     wq = dict(hf.named_parameters())["encoder.layer.0.attention.self.query.weight"].grad
     assert (mine["encoder.layer.0.attention.self.qkv_weight"].grad[:64] - wq).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("hidden,heads", [(96, 3), (384, 12)])
+def test_encoder_cpp_backend(monkeypatch, hidden, heads):
+    monkeypatch.setenv("BERTFAST_BACKEND", "cpp")
+    torch.manual_seed(hidden + 1)
+    cfg = bert_config(hidden=hidden, heads=heads, layers=2, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+    hf = hf_bert(cfg).to(DEVICE)
+    ours = bertfast.BertModel.from_hf(hf).eval()
+    table = bertfast.ops.implementation_table(DEVICE)
+    for op in ("add_layer_norm", "bias_act", "embed", "unpad", "pad"):
+        assert table[op].startswith("cpp"), (op, table[op])
+    ids, mask, types = (t.to(DEVICE) for t in random_batch(4, 33, cfg.vocab_size, cfg.type_vocab_size))
+    q = real(mask)
+    with torch.no_grad():
+        a = hf(ids, attention_mask=mask, token_type_ids=types)
+        b = ours(ids, attention_mask=mask, token_type_ids=types)
+    assert (a.last_hidden_state[q] - b.last_hidden_state[q]).abs().max() <= 1e-5
+    assert (a.pooler_output - b.pooler_output).abs().max() <= 1e-5
+    with torch.inference_mode():            # serving runs under inference mode (sentence-transformers does)
+        c = ours(ids, attention_mask=mask, token_type_ids=types)
+    assert torch.equal(b.last_hidden_state, c.last_hidden_state)
+    # training through the C++ backward kernels
+    hf.train()
+    ours.train()
+    for m in (hf, ours):
+        m(ids, attention_mask=mask, token_type_ids=types).last_hidden_state[q].square().mean().backward()
+    mine = dict(ours.named_parameters())
+    for name, p in hf.named_parameters():
+        if ".self." in name or p.grad is None:
+            continue
+        assert (mine[name].grad - p.grad).abs().max() <= 1e-5 * max(1.0, p.grad.abs().max().item()), name
