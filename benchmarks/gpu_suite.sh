@@ -70,8 +70,17 @@ run_tests() {
   return $rc
 }
 export -f run_tests; export PY
-step "GPU tests" ${TESTS_TIMEOUT:-300} bash -c run_tests
-step "benchmarks" ${BENCH_TIMEOUT:-330} $PY -m bertfast bench --device cuda --out "$OUT/results" ${BENCH_ARGS:-}
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  if $PY -c "import xdist" 2>/dev/null; then
+    # pytest-xdist: Triton compiles run in parallel, and a worker that crashes is reported and replaced
+    step "GPU tests" ${TESTS_TIMEOUT:-300} $PY -m pytest -q -ra -n ${TEST_WORKERS:-8} --dist loadfile --durations=10 -p no:cacheprovider tests
+  else
+    step "GPU tests" ${TESTS_TIMEOUT:-300} bash -c run_tests
+  fi
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  step "benchmarks" ${BENCH_TIMEOUT:-330} $PY -m bertfast bench --device cuda --out "$OUT/results" ${BENCH_ARGS:-}
+fi
 if [ $DRY = 1 ]; then log "gpu_suite dry run: OK (every step above would run)"; exit 0; fi
 log "gpu_suite finished in $(( $(date +%s) - START ))s; failed steps: ${FAILED[*]:-none}"
 [ ${#FAILED[@]} = 0 ]
