@@ -8,6 +8,7 @@
 //   bias_act_backward(Tensor dy, Tensor x, Tensor? bias, str activation) -> (Tensor dx, Tensor? dbias)
 //     dx = dy * act'(x + bias) (x's dtype); dbias = sum of dx over all rows [H] (None when bias is None),
 //     accumulated in fp32 in fixed row blocks reduced in order: deterministic for any thread count.
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
@@ -122,7 +123,12 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> bias_act_backward_cpu(const at
     const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     float* dxp = dx.data_ptr<float>();
     float* pp = bias.has_value() ? partials.data_ptr<float>() : nullptr;
+    // As in bias_act_cpu: carry InferenceMode into the workers, and call gelu_backward below autograd (dy may
+    // require grad under create_graph, which out= variants refuse; this op is not differentiable here anyway).
+    const bool inference = c10::InferenceMode::is_enabled();
     at::parallel_for(0, blocks.n_blocks, 1, [&](int64_t bb, int64_t be) {
+      c10::InferenceMode inference_guard(inference);
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t blk = bb; blk < be; ++blk) {
         const int64_t r0 = blk * blocks.rows_per_block, r1 = std::min(n, r0 + blocks.rows_per_block);
         cpu::run_isa([=](int64_t begin, int64_t end) {

@@ -198,6 +198,18 @@ def test_bias_act_no_bias_3d(dtype, act):
     assert_within(dx, x64.grad, xl.grad, dtype, 3.0, "dx")
 
 
+def test_bias_act_under_inference_mode_and_create_graph():
+    """The fp32 exact-GELU path calls ATen inside at::parallel_for workers: it must work under inference_mode
+    and with a dy that requires grad."""
+    x, b = torch.randn(300, 1023), torch.randn(1023)
+    ref = ops.bias_act(x, b, "gelu")
+    with torch.inference_mode():
+        assert torch.equal(ops.bias_act(x, b, "gelu"), ref)
+        dx, db = ops.bias_act_backward(torch.ones_like(x), x, b, "gelu")
+    dx2, db2 = ops.bias_act_backward(torch.ones_like(x).requires_grad_(), x, b, "gelu")
+    assert torch.equal(dx, dx2) and torch.equal(db, db2)
+
+
 def test_activation_math_wide_range():
     """The vectorised erf/exp hold over the whole fp32 range, including far tails and +-inf."""
     x = torch.cat([torch.linspace(-12, 12, 200001), torch.tensor([-100.0, -88.0, 88.0, 100.0, 1e30, -1e30])])
