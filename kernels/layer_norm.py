@@ -14,8 +14,8 @@ offset in the [N, H] tensor, scaled by 1 / (1 - dropout_p). The backward regener
 Launch rules (block sizes from config.row_block, the library's one row-kernel policy):
   forward : grid (N,), one row per program, the whole row in registers (BLOCK_N = next_pow2(H), num_warps
             from row_block).
-  backward: grid (G,), num_warps = backward_warps(...) (row_block's, raised to at most 4 elements per
-            thread: the backward holds more row-sized fp32 arrays), hidden <= BACKWARD_MAX_HIDDEN = 4096
+  backward: grid (G,), num_warps = backward_warps(BLOCK_N) (more than the forward's: the backward holds more
+            row-sized fp32 arrays; the table is checked by the compile report), hidden <= BACKWARD_MAX_HIDDEN = 4096
             (wider rows spill even at 32 warps); program g takes rows [g * R, (g + 1) * R), R = cdiv(N, G); it writes dx (and
             dresidual) per row and accumulates dweight, dbias, dx_bias in fp32 registers, stored once as
             partial[g, :]; the [G, H] fp32 partials are summed over G by torch (deterministic: no atomics;
@@ -231,14 +231,17 @@ def _dropout_scale(p: float) -> float:
 BACKWARD_MAX_HIDDEN = 4096
 
 
-def backward_warps(block_n: int, num_warps: int) -> int:
-    """num_warps of the backward: row_block's, raised so that a thread holds at most 4 elements of a row.
+# num_warps of the backward per BLOCK_N, chosen with the compile report (sm_80 and sm_90, every dtype, all features
+# on): the backward keeps three gradient accumulators live across its row loop plus the row being processed and the
+# Philox state, so it needs more warps than row_block's forward policy (whose 8-16 elements per thread spilled at
+# 2048 and 4096). 16 warps at 2048 spilled on sm_90 (ptxas held them to 64 registers); 8 fit in 128.
+# At 8192 even 32 warps (64 registers a thread) spill, hence BACKWARD_MAX_HIDDEN.
+_BACKWARD_WARPS = {128: 1, 256: 2, 512: 4, 1024: 8, 2048: 8, 4096: 32}
 
-    The backward keeps the three gradient accumulators live across its row loop plus the row being processed
-    and the Philox state; at row_block's 8-16 elements per thread that needed 180-255 registers and spilled at
-    4096 (the compile report showed it); at 4 it stays near 64 registers with no spills on sm_80 and sm_90.
-    At 8192 even 32 warps (the most a block holds, 64 registers a thread) spill, hence BACKWARD_MAX_HIDDEN."""
-    return min(32, max(num_warps, block_n // 128))
+
+def backward_warps(block_n: int, num_warps: int) -> int:
+    """num_warps of the backward for a row block (row_block's num_warps for blocks below 128)."""
+    return _BACKWARD_WARPS.get(block_n, num_warps)
 
 
 _SM_COUNT: dict = {}
