@@ -73,10 +73,13 @@ export -f run_tests; export PY
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   if $PY -c "import xdist" 2>/dev/null; then
     # pytest-xdist: Triton compiles run in parallel, and a worker that crashes is reported and replaced
-    step "GPU tests" ${TESTS_TIMEOUT:-300} $PY -m pytest -q -ra -n ${TEST_WORKERS:-8} --dist loadfile --durations=10 -p no:cacheprovider tests
+    step "GPU tests" ${TESTS_TIMEOUT:-300} $PY -m pytest -q -ra -n ${TEST_WORKERS:-8} --dist load --durations=10 -p no:cacheprovider ${PYTEST_EXTRA:-} tests
   else
     step "GPU tests" ${TESTS_TIMEOUT:-300} bash -c run_tests
   fi
+fi
+if [ -n "${SEPARATE_TESTS:-}" ]; then      # tests run on their own (e.g. one known to crash the process)
+  step "separate tests" 120 $PY -m pytest -q -ra -x -p no:cacheprovider $SEPARATE_TESTS
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step "benchmarks" ${BENCH_TIMEOUT:-330} $PY -m bertfast bench --device cuda --out "$OUT/results" ${BENCH_ARGS:-}
