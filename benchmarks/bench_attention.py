@@ -102,6 +102,8 @@ def run(device="cuda", quick=False) -> list[dict]:
     import triton
 
     device = torch.device(device)
+    if device.index is None:          # "cuda" means the current device; set_device needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
     shapes = ["32x128", "varlen 16..512"] if quick else ["32x128", "32x512", "varlen 16..512"]
     dtypes = [torch.float16] if quick else [torch.float16, torch.bfloat16]
