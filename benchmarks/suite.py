@@ -133,13 +133,22 @@ def plot(out: pathlib.Path, env: dict, rows: list[dict]) -> list[str]:
         return []
     made = []
     model_rows = [r for r in rows if r.get("kind") == "model" and r.get("impl") == "bertfast" and "ms" in r]
+    graphed = {(r["model"], r["dtype"], r["workload"]): r for r in rows
+               if r.get("kind") == "model" and r.get("impl") == "bertfast-cudagraph" and "ms" in r}
     if model_rows:
         labels = [f"{r['model']}\n{r['dtype']} {r['workload']}" for r in model_rows]
         fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4.5))
         xs = range(len(labels))
-        for off, key, name in ((-0.2, "vs_transformers-sdpa", "vs transformers SDPA"),
-                               (0.2, "vs_transformers-eager", "vs transformers eager")):
-            ax.bar([x + off for x in xs], [r.get(key, 0) for r in model_rows], width=0.4, label=name)
+        series = [("bertfast vs transformers SDPA", [r.get("vs_transformers-sdpa", 0) for r in model_rows]),
+                  ("bertfast vs transformers eager", [r.get("vs_transformers-eager", 0) for r in model_rows])]
+        if graphed:
+            series.append(("bertfast CUDA graph vs transformers SDPA",
+                           [graphed.get((r["model"], r["dtype"], r["workload"]), {}).get("vs_transformers-sdpa", 0)
+                            for r in model_rows]))
+        width = 0.8 / len(series)
+        for k, (name, values) in enumerate(series):
+            ax.bar([x + (k - (len(series) - 1) / 2) * width for x in xs], values, width=width, label=name)
+        ax.set_yscale("log")
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("speed-up of bertfast (x)")
