@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import inspect
 import json
 import os
 import pathlib
@@ -222,7 +223,9 @@ def main(argv=None) -> int:
             progress(f"kernel benchmark {name}")
             try:
                 mod = importlib.import_module(f"benchmarks.{name}")
-                for r in mod.run(device=device.type, quick=args.quick):
+                params = inspect.signature(mod.run).parameters
+                kwargs = {"quick": args.quick, **({"device": device.type} if "device" in params else {})}
+                for r in mod.run(**kwargs):
                     rows.append({"kind": "kernel", "bench": name, **{k: _plain(v) for k, v in r.items()}})
             except Exception as exc:  # noqa: BLE001 - a failing benchmark is reported, the rest still run
                 rows.append({"kind": "kernel", "bench": name, "error": f"{type(exc).__name__}: {exc}"})
