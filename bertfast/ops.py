@@ -63,7 +63,6 @@ class BackendError(RuntimeError):
 # choosing an implementation
 
 _notices: dict[str, str] = {}   # key -> message, each logged once; `bertfast info` lists them
-_choices: dict[tuple[str, str], str] = {}   # (op, device type) -> implementation last chosen
 
 
 def notice_once(key: str, message: str) -> None:
@@ -165,24 +164,20 @@ def choose(op: str, device: torch.device, **facts) -> str:
                 if skipped:
                     notice_once(f"{op}:{dev}:{impl}:{';'.join(skipped)}",
                                 f"{op} on {dev} runs the {impl} implementation: " + "; ".join(skipped))
-                _choices[(op, dev)] = impl
                 return impl
             skipped.append(f"{impl} skipped: {reason}")
         raise AssertionError("the reference implementation always serves")
     if setting == "reference":
-        _choices[(op, dev)] = "reference"
         return "reference"
     has_impl = op in (TRITON_MODULES if setting == "triton" else CPP_OPS)
     if not has_impl:
         notice_once(f"{op}:{setting}:none", f"BERTFAST_BACKEND={setting}: {op} has no {setting} "
                     f"implementation, so it runs the reference implementation")
-        _choices[(op, dev)] = "reference"
         return "reference"
     reason = _available(setting, op, device) or _supports(setting, op, facts)
     if reason is not None:
         raise BackendError(f"BERTFAST_BACKEND={setting}: the {setting} implementation of {op} cannot run "
                            f"here: {reason}. Unset BERTFAST_BACKEND (auto) to use another implementation.")
-    _choices[(op, dev)] = setting
     return setting
 
 
