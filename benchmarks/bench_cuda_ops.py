@@ -1,0 +1,102 @@
+"""Bandwidth of the CUDA kernels of bertfast._C: fused embedding + LayerNorm over packed tokens, unpad and
+pad, against the torch composites they replace, at BERT shapes (16384 real tokens of hidden 768 / 1024).
+
+GB/s counts the bytes each op must move at least once: embed reads the ids of the T real tokens and one
+word + position + token-type row each and writes the [T, H] output (and fp32 mean / rstd); unpad reads and
+writes T rows; pad reads T rows and writes the whole [B*S, H] output. The fraction is against the copy
+bandwidth measured at the start of the same run. Timing: triton.testing.do_bench medians with 20/80
+quantiles on CUDA; on CPU (a smoke run only) wall clock through benchmarks.common.timeit.
+
+    python benchmarks/bench_cuda_ops.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import copy_bandwidth_gbs, timeit
+
+SHAPES = [(16384, 768), (16384, 1024)]        # (real tokens T, hidden H)
+VOCAB, POSITIONS, TYPES, EPS = 30522, 512, 2, 1e-12
+
+
+def _inputs(t, h, dtype, device):
+    """A padded batch with t real tokens among 2 * t positions (half padding), and embedding tables."""
+    gen = torch.Generator().manual_seed(0)
+    n = 2 * t
+    real = torch.zeros(n, dtype=torch.bool)
+    real[torch.randperm(n, generator=gen)[:t]] = True
+    indices = torch.nonzero(real).flatten().to(device)
+    ids = torch.randint(0, VOCAB, (n,), generator=gen).to(device)
+    pos = (torch.arange(n) % POSITIONS).to(device)
+    types = torch.randint(0, TYPES, (n,), generator=gen).to(device)
+    tables = [torch.randn(rows, h, dtype=dtype, device=device) for rows in (VOCAB, POSITIONS, TYPES)]
+    ln_w, ln_b = torch.randn(h, dtype=dtype, device=device), torch.randn(h, dtype=dtype, device=device)
+    return indices, ids, pos, types, tables, ln_w, ln_b
+
+
+def run(device="cuda", quick=False) -> list[dict]:
+    import bertfast._C  # noqa: F401 - registers torch.ops.bertfast_C
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("bench_cuda_ops: no CUDA device")
+    copy_bw = copy_bandwidth_gbs(device)
+    shapes = SHAPES[:1] if quick else SHAPES
+    dtypes = [torch.float16] if quick else [torch.float16, torch.bfloat16]
+    rows = []
+    for dtype in dtypes:
+        elem = torch.finfo(dtype).bits // 8
+        for t, h in shapes:
+            indices, ids, pos, types, (word, pemb, temb), ln_w, ln_b = _inputs(t, h, dtype, device)
+            n = ids.shape[0]
+            packed = torch.randn(t, h, dtype=dtype, device=device)
+            padded = torch.randn(n, h, dtype=dtype, device=device)
+
+            def embed_torch():
+                i = ids.index_select(0, indices)
+                e = F.embedding(i, word) + F.embedding(types.index_select(0, indices), temb) + \
+                    F.embedding(pos.index_select(0, indices), pemb)
+                return F.layer_norm(e, (h,), ln_w, ln_b, EPS)
+
+            cases = {
+                "embed": (lambda: torch.ops.bertfast_C.embed(ids, indices, pos, types, word, pemb, temb, ln_w, ln_b,
+                                                             EPS), embed_torch,
+                          t * 3 * 8 + 3 * t * h * elem + t * h * elem + 2 * t * 4),
+                "unpad": (lambda: torch.ops.bertfast_C.unpad(padded, indices), lambda: padded.index_select(0, indices),
+                          t * 8 + 2 * t * h * elem),
+                "pad": (lambda: torch.ops.bertfast_C.pad(packed, indices, n),
+                        lambda: packed.new_zeros((n, h)).index_copy_(0, indices, packed),
+                        t * 8 + t * h * elem + n * h * elem),
+            }
+            for name, (ours, theirs, nbytes) in cases.items():
+                times = {}
+                for impl, fn in (("bertfast_C", ours), ("torch", theirs)):
+                    t_ = timeit(fn, device, warmup_ms=25 if quick else 50, rep_ms=100 if quick else 300)
+                    times[impl] = t_["ms"]
+                    gbps = nbytes / (t_["ms"] * 1e-3) / 1e9
+                    rows.append(dict(name=name, shape=f"{t}x{h}", dtype=str(dtype).replace("torch.", ""), impl=impl,
+                                     ms=round(t_["ms"], 4), ms_q20=round(t_["p20"], 4), ms_q80=round(t_["p80"], 4),
+                                     gbps=round(gbps, 1), frac_copy_bw=round(gbps / copy_bw, 3)))
+                rows[-2]["speedup"] = round(times["torch"] / times["bertfast_C"], 3)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    rows = run(args.device, args.quick)
+    print(f"{'op':<8} {'shape':<11} {'dtype':<9} {'impl':<11} {'ms':>8} {'GB/s':>8} {'of copy':>8} {'speed-up':>8}")
+    for r in rows:
+        print(f"{r['name']:<8} {r['shape']:<11} {r['dtype']:<9} {r['impl']:<11} {r['ms']:>8.3f} {r['gbps']:>8.0f} "
+              f"{r['frac_copy_bw']:>8.0%} {r.get('speedup', float('nan')):>7.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
