@@ -189,8 +189,8 @@ def implementation_table(device: torch.device | str = "cpu") -> dict[str, str]:
     facts = {"varlen_attention": dict(dtype=dtype, head_dim=64), "add_layer_norm": dict(dtype=dtype, hidden=768),
              "bias_act": dict(dtype=dtype), "embed": dict(dtype=dtype), "unpad": {}, "pad": {}}
     table = {}
+    dev = "cuda" if device.type == "cuda" else "cpu"
     for op in PREFERENCE:
-        dev = "cuda" if device.type == "cuda" else "cpu"
         try:
             impl = choose(op, device, **facts[op])
         except BackendError as exc:
@@ -546,8 +546,11 @@ def _add_layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float, resi
     if impl == "triton":
         return triton_module("add_layer_norm").add_layer_norm_forward(
             x, weight, bias, eps, residual, x_bias, activation or None, dropout_p, seed)
-    if impl == "cpp" and dropout_p == 0.0:
-        return torch.ops.bertfast_C.add_layer_norm(x, weight, bias, eps, residual, x_bias, activation)
+    if impl == "cpp":
+        if dropout_p == 0.0:
+            return torch.ops.bertfast_C.add_layer_norm(x, weight, bias, eps, residual, x_bias, activation)
+        notice_once("add_layer_norm:cpp:dropout", "add_layer_norm with dropout (training) runs the reference "
+                    "implementation: the C++ kernel has no dropout")
     return _layer_norm_reference(x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed)
 
 
@@ -567,18 +570,14 @@ def _add_layer_norm_backward_op(
         dx, dres, dw, db, dxb = triton_module("add_layer_norm").add_layer_norm_backward(
             dy, x, weight, bias, mean, rstd, residual, x_bias, activation or None, dropout_p, seed)
     elif impl == "cpp" and dropout_p == 0.0:
-        dx, dres, dw, db, dxb = _cpp_layer_norm_backward(dy, x, weight, mean, rstd, residual, x_bias, activation)
+        # the C++ backward returns the gradient of the pre-LN sum as dresidual (csrc/add_layer_norm.cpp)
+        dx, dres, dw, db, dxb = torch.ops.bertfast_C.add_layer_norm_backward(dy, x, weight, mean, rstd, residual,
+                                                                              x_bias, activation)
     else:
         dx, dw, db, dres, dxb = _recompute_grads(
             lambda a, w, b, r, xb: _layer_norm_reference(a, w, b, eps, r, xb, activation, dropout_p, seed)[0],
             [x, weight, bias, residual, x_bias], [dy])
     return _unaliased([dx, _grad_or_empty(dres, residual, x), dw, db, _grad_or_empty(dxb, x_bias, x)])
-
-
-def _cpp_layer_norm_backward(dy, x, weight, mean, rstd, residual, x_bias, activation):
-    """The C++ backward returns the gradient of the pre-LN sum as dresidual (see csrc/add_layer_norm.cpp)."""
-    outs = torch.ops.bertfast_C.add_layer_norm_backward(dy, x, weight, mean, rstd, residual, x_bias, activation)
-    return tuple(outs)
 
 
 @_add_layer_norm_backward_op.register_fake
