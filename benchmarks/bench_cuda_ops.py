@@ -7,7 +7,7 @@ writes T rows; pad reads T rows and writes the whole [B*S, H] output. The fracti
 bandwidth measured at the start of the same run. Timing: triton.testing.do_bench medians with 20/80
 quantiles on CUDA; on CPU (a smoke run only) wall clock through benchmarks.common.timeit.
 
-    python benchmarks/bench_cuda_ops.py [--quick]
+    python -m benchmarks.bench_cuda_ops [--quick]     (from the project root)
 """
 from __future__ import annotations
 

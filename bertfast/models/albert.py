@@ -54,9 +54,6 @@ class AlbertModel(EncoderModel):
     def build_encoder(self, spec):
         self.encoder = AlbertEncoder(self.config, spec)
 
-    def embedding_project_module(self):
-        return self.encoder.embedding_hidden_mapping_in
-
     @staticmethod
     def output_class():
         from transformers.modeling_outputs import BaseModelOutputWithPooling

@@ -282,7 +282,7 @@ class EncoderModel(nn.Module):
         states or None, attention probabilities or None)."""
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, unp)
         if self.embedding_projection is not None:
-            x = self.embedding_project_module()(x)
+            x = self.get_submodule(self.embedding_projection)(x)
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
         for layer in self.encoder.schedule():
@@ -299,9 +299,6 @@ class EncoderModel(nn.Module):
 
     def has_pooler_output(self) -> bool:
         return True
-
-    def embedding_project_module(self):
-        return self.get_submodule(self.embedding_projection)
 
     # ---------------------------------------------------------------------------------------- validation
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds):
