@@ -188,17 +188,30 @@ constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
 constexpr float kSqrt2OverPi = 0.79788456080286535588f;
 constexpr float kGeluTanhC = 0.044715f;
 
+// sigmoid(z) and 1 - sigmoid(z) from e = exp(-|z|) in (0, 1]: neither overflows nor cancels, and exp_f's
+// upper clamp never applies (a clamp that can fire lets GCC split the loop on it and divide twice per vector).
+BF_INLINE void sigmoid_pair(float z, float& s, float& one_minus_s) {
+  float e = exp_f(-std::fabs(z));
+  float inv = 1.0f / (1.0f + e);
+  float small = e * inv;
+  s = z >= 0.0f ? inv : small;
+  one_minus_s = z >= 0.0f ? small : inv;
+}
+
 template <Activation A>
 BF_INLINE float act_f(float x) {
   if constexpr (A == Activation::kGelu) {
     return 0.5f * x * (1.0f + erf_f(x * kSqrt1_2));
   } else if constexpr (A == Activation::kGeluTanh) {
-    float u2 = 2.0f * kSqrt2OverPi * (x + kGeluTanhC * x * x * x);
-    return x / (1.0f + exp_f(-u2));
+    float s, one_minus_s;
+    sigmoid_pair(2.0f * kSqrt2OverPi * (x + kGeluTanhC * x * x * x), s, one_minus_s);
+    return x * s;
   } else if constexpr (A == Activation::kRelu) {
     return x > 0.0f ? x : 0.0f;
   } else if constexpr (A == Activation::kSilu) {
-    return x / (1.0f + exp_f(-x));
+    float s, one_minus_s;
+    sigmoid_pair(x, s, one_minus_s);
+    return x * s;
   } else {
     return x;
   }
@@ -210,17 +223,16 @@ BF_INLINE float act_grad_f(float x) {
   if constexpr (A == Activation::kGelu) {
     return 0.5f * (1.0f + erf_f(x * kSqrt1_2)) + x * kInvSqrt2Pi * exp_f(-0.5f * x * x);
   } else if constexpr (A == Activation::kGeluTanh) {
-    // 1 - s = e s with e = exp(-2u): no cancellation where s -> 1 (1 - s would lose all its digits there).
-    float u2 = 2.0f * kSqrt2OverPi * (x + kGeluTanhC * x * x * x);
-    float e = exp_f(-u2);
-    float s = 1.0f / (1.0f + e);
-    return s + 2.0f * x * s * (e * s) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhC * x * x);
+    // 1 - s from sigmoid_pair, not by subtraction: no cancellation where s -> 1.
+    float s, one_minus_s;
+    sigmoid_pair(2.0f * kSqrt2OverPi * (x + kGeluTanhC * x * x * x), s, one_minus_s);
+    return s + 2.0f * x * s * one_minus_s * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhC * x * x);
   } else if constexpr (A == Activation::kRelu) {
     return x > 0.0f ? 1.0f : 0.0f;
   } else if constexpr (A == Activation::kSilu) {
-    float e = exp_f(-x);
-    float s = 1.0f / (1.0f + e);
-    return s * (1.0f + x * (e * s));
+    float s, one_minus_s;
+    sigmoid_pair(x, s, one_minus_s);
+    return s * (1.0f + x * one_minus_s);
   } else {
     return 1.0f;
   }
