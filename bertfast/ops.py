@@ -570,9 +570,12 @@ def _add_layer_norm_backward_op(
         dx, dres, dw, db, dxb = triton_module("add_layer_norm").add_layer_norm_backward(
             dy, x, weight, bias, mean, rstd, residual, x_bias, activation or None, dropout_p, seed)
     elif impl == "cpp" and dropout_p == 0.0:
-        # the C++ backward returns the gradient of the pre-LN sum as dresidual (csrc/add_layer_norm.cpp)
+        # the C++ backward returns the gradient of the pre-LN sum as dresidual, and None where that equals dx
+        # (no activation): then this op returns an empty dresidual and the autograd formula uses dx for both
         dx, dres, dw, db, dxb = torch.ops.bertfast_C.add_layer_norm_backward(dy, x, weight, mean, rstd, residual,
                                                                               x_bias, activation)
+        if _residual_grad_is_dx(activation, dropout_p, impl):
+            return _unaliased([dx, x.new_empty((0,)), dw, db, _grad_or_empty(dxb, x_bias, x)])
     else:
         dx, dw, db, dres, dxb = _recompute_grads(
             lambda a, w, b, r, xb: _layer_norm_reference(a, w, b, eps, r, xb, activation, dropout_p, seed)[0],
@@ -580,8 +583,16 @@ def _add_layer_norm_backward_op(
     return _unaliased([dx, _grad_or_empty(dres, residual, x), dw, db, _grad_or_empty(dxb, x_bias, x)])
 
 
+def _residual_grad_is_dx(activation: str, dropout_p: float, impl: str) -> bool:
+    """Whether add_layer_norm_backward leaves dresidual empty because it equals dx (the C++ backward with no
+    activation and no dropout: one [N, H] store less)."""
+    return impl == "cpp" and not activation and dropout_p == 0.0
+
+
 @_add_layer_norm_backward_op.register_fake
 def _(dy, x, weight, bias, mean, rstd, eps, residual, x_bias, activation, dropout_p, seed, impl):
+    if _residual_grad_is_dx(activation, dropout_p, impl):
+        residual = None
     return [torch.empty_like(x), _empty_like_or_none(residual, x), torch.empty_like(weight),
             torch.empty_like(bias), _empty_like_or_none(x_bias, x)]
 
@@ -597,6 +608,8 @@ def _add_layer_norm_backward(ctx, dy, dmean, drstd):
     eps, activation, dropout_p, seed, impl = ctx.args
     dx, dres, dw, db, dxb = _add_layer_norm_backward_op(dy.contiguous(), x, weight, bias, mean, rstd, eps,
                                                         residual, x_bias, activation, dropout_p, seed, impl)
+    if residual is not None and _residual_grad_is_dx(activation, dropout_p, impl):
+        dres = dx
     return (dx, dw, db, None, dres if residual is not None else None, dxb if x_bias is not None else None,
             None, None, None, None)
 

@@ -13,9 +13,9 @@
 //       -> (Tensor dx, Tensor? dresidual, Tensor dweight, Tensor dbias, Tensor? dx_bias)
 //     h is recomputed from x, x_bias, residual (nothing else is saved). dh = dL/dh (the LayerNorm backward).
 //     dx = dh * act'(x + x_bias)                    [N, H] x's dtype
-//     dresidual = dh (the gradient of the pre-LN sum) [N, H] x's dtype when residual is given, else None. With no
-//                 activation it equals dx but is still a separate tensor (outputs of an op must not alias);
-//                 it is written in the same pass, so it costs one extra [N, H] store.
+//     dresidual = dh (the gradient of the pre-LN sum) [N, H] x's dtype when residual is given and there is an
+//                 activation; else None. With no activation dh equals dx, and outputs of an op must not alias:
+//                 the caller uses dx for both (bertfast/ops.py) instead of paying for a second [N, H] store.
 //     dweight, dbias [H] weight's dtype; dx_bias = sum over rows of dx [H] (None when x_bias is None).
 //     The column sums are deterministic: fixed row blocks (depending on N only) reduced in order.
 #include <torch/library.h>
@@ -137,7 +137,7 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
   const int64_t n = x.size(0), h = x.size(1);
 
   auto dx = at::empty_like(x);
-  const bool want_dres = residual.has_value();
+  const bool want_dres = residual.has_value() && act != Activation::kNone;
   std::optional<at::Tensor> dres;
   if (want_dres) dres = at::empty_like(x);
   auto dweight = at::empty({h}, weight.options());
@@ -161,44 +161,64 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
     T* dxp = dx.data_ptr<T>();
     T* drp = want_dres ? dres->data_ptr<T>() : nullptr;
     float* pp = partials.data_ptr<float>();
+    const float inv_h = 1.0f / static_cast<float>(h);
     cpu::dispatch_activation(act, [&](auto act_c) {
       constexpr Activation A = decltype(act_c)::value;
       cpu::parallel_rows(blocks.n_blocks, 1, [=](int64_t block_begin, int64_t block_end) {
-        std::vector<float> buf(6 * h, 0.0f);
-        float* w = buf.data();
-        float* xb = w + h;
-        float* rr = xb + h;
-        float* a = rr + h;
-        float* hr = a + h;
-        float* g = hr + h;
+        // fp32 weight and x_bias (zeros when absent); per row: xhat and act'(x + x_bias). A missing residual
+        // reads a row of zeros, so one loop serves both cases.
+        std::vector<float> buf(4 * h, 0.0f);
+        float* __restrict w = buf.data();
+        float* __restrict xb = w + h;
+        float* __restrict xhat = xb + h;
+        float* __restrict ag = xhat + h;
+        std::vector<T> zero_row(rp ? 0 : h, T(0));
         cpu::load_row(wp, w, h);
         if (xbp) cpu::load_row(xbp, xb, h);
         for (int64_t blk = block_begin; blk < block_end; ++blk) {
-          float* dw_acc = pp + blk * stride;
-          float* db_acc = dw_acc + h;
-          float* dxb_acc = db_acc + h;
+          float* __restrict dw_acc = pp + blk * stride;
+          float* __restrict db_acc = dw_acc + h;
+          float* __restrict dxb_acc = db_acc + h;
           const int64_t row_end = std::min(n, (blk + 1) * blocks.rows_per_block);
           for (int64_t row = blk * blocks.rows_per_block; row < row_end; ++row) {
-            const T* xr = xp + row * h;
-            if (rp) cpu::load_row(rp + row * h, rr, h);
+            const T* __restrict xr = xp + row * h;
+            const T* __restrict rr = rp ? rp + row * h : zero_row.data();
+            const T* __restrict dyr = dyp + row * h;
+            const float m = mp[row], s = sp[row];
+            // pass 1: recompute h = act(x + x_bias) + residual, xhat; the two row sums of the LayerNorm
+            // backward; the dweight / dbias partials
+            float sg = 0.0f, sgx = 0.0f;
+            _Pragma("omp simd reduction(+ : sg, sgx)")
             for (int64_t i = 0; i < h; ++i) {
-              a[i] = static_cast<float>(xr[i]) + xb[i];
-              hr[i] = cpu::act_f<A>(a[i]) + rr[i];
+              const float a = static_cast<float>(xr[i]) + xb[i];
+              const float xh = (cpu::act_f<A>(a) + static_cast<float>(rr[i]) - m) * s;
+              const float d = static_cast<float>(dyr[i]);
+              const float g = d * w[i];
+              sg += g;
+              sgx += g * xh;
+              dw_acc[i] += d * xh;
+              db_acc[i] += d;
+              xhat[i] = xh;
+              if constexpr (A != Activation::kNone) ag[i] = cpu::act_grad_f<A>(a);
             }
-            cpu::load_row(dyp + row * h, g, h);
-            cpu::row_layer_norm_backward(hr, g, w, mp[row], sp[row], dw_acc, db_acc, h);
-            if (drp) cpu::store_row(hr, drp + row * h, h);
-            T* dxr = dxp + row * h;
-            if constexpr (A == Activation::kNone) {
-              cpu::store_row(hr, dxr, h);
-              if (xbp) {
-                for (int64_t i = 0; i < h; ++i) dxb_acc[i] += hr[i];
+            // pass 2: dh = rstd (g - mean(g) - xhat mean(g xhat)); dx = dh act'(a); the dx_bias partial
+            const float mg = sg * inv_h, mgx = sgx * inv_h;
+            T* __restrict dxr = dxp + row * h;
+            if (drp) {
+              T* __restrict drr = drp + row * h;
+              for (int64_t i = 0; i < h; ++i) {
+                const float dh = s * (static_cast<float>(dyr[i]) * w[i] - mg - xhat[i] * mgx);
+                const float dxv = dh * ag[i];
+                drr[i] = static_cast<T>(dh);
+                dxr[i] = static_cast<T>(dxv);
+                dxb_acc[i] += dxv;
               }
             } else {
-              for (int64_t i = 0; i < h; ++i) hr[i] *= cpu::act_grad_f<A>(a[i]);
-              cpu::store_row(hr, dxr, h);
-              if (xbp) {
-                for (int64_t i = 0; i < h; ++i) dxb_acc[i] += hr[i];
+              for (int64_t i = 0; i < h; ++i) {
+                const float dh = s * (static_cast<float>(dyr[i]) * w[i] - mg - xhat[i] * mgx);
+                const float dxv = A == Activation::kNone ? dh : dh * ag[i];
+                dxr[i] = static_cast<T>(dxv);
+                dxb_acc[i] += dxv;
               }
             }
           }

@@ -8,7 +8,6 @@
 //   bias_act_backward(Tensor dy, Tensor x, Tensor? bias, str activation) -> (Tensor dx, Tensor? dbias)
 //     dx = dy * act'(x + bias) (x's dtype); dbias = sum of dx over all rows [H] (None when bias is None),
 //     accumulated in fp32 in fixed row blocks reduced in order: deterministic for any thread count.
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
@@ -114,50 +113,6 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> bias_act_backward_cpu(const at
   at::Tensor partials;
   if (bias.has_value()) partials = at::zeros({std::max<int64_t>(blocks.n_blocks, 1), h}, x.options().dtype(at::kFloat));
 
-  if (act == Activation::kGelu && x.scalar_type() == at::kFloat && n > 0) {
-    // fp32 exact GELU (see bias_act_cpu): per row block, dx = x + bias, then ATen's gelu_backward in place while
-    // the block is in L2, then the block's dbias partial.
-    auto dx2 = dx.view({n, h});
-    auto dy2 = dy.view({n, h});
-    const float* xp = x.data_ptr<float>();
-    const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-    float* dxp = dx.data_ptr<float>();
-    float* pp = bias.has_value() ? partials.data_ptr<float>() : nullptr;
-    // As in bias_act_cpu: carry InferenceMode into the workers, and call gelu_backward below autograd (dy may
-    // require grad under create_graph, which out= variants refuse; this op is not differentiable here anyway).
-    const bool inference = c10::InferenceMode::is_enabled();
-    at::parallel_for(0, blocks.n_blocks, 1, [&](int64_t bb, int64_t be) {
-      c10::InferenceMode inference_guard(inference);
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t blk = bb; blk < be; ++blk) {
-        const int64_t r0 = blk * blocks.rows_per_block, r1 = std::min(n, r0 + blocks.rows_per_block);
-        cpu::run_isa([=](int64_t begin, int64_t end) {
-          for (int64_t row = begin; row < end; ++row) {
-            const float* xr = xp + row * h;
-            float* dr = dxp + row * h;
-            if (bp) {
-              for (int64_t i = 0; i < h; ++i) dr[i] = xr[i] + bp[i];
-            } else {
-              for (int64_t i = 0; i < h; ++i) dr[i] = xr[i];
-            }
-          }
-        }, r0, r1);
-        auto chunk = dx2.narrow(0, r0, r1 - r0);
-        at::gelu_backward_out(chunk, dy2.narrow(0, r0, r1 - r0), chunk);
-        if (pp) {
-          cpu::run_isa([=](int64_t begin, int64_t end) {
-            float* acc = pp + blk * h;
-            for (int64_t row = begin; row < end; ++row) {
-              const float* dr = dxp + row * h;
-              for (int64_t i = 0; i < h; ++i) acc[i] += dr[i];
-            }
-          }, r0, r1);
-        }
-      }
-    });
-    if (dbias) cpu::reduce_partials(partials.data_ptr<float>(), blocks.n_blocks, h, 0, h, dbias->data_ptr<float>());
-    return {dx, dbias};
-  }
   BERTFAST_DISPATCH_FLOAT_TYPES(x.scalar_type(), "bias_act_backward_cpu", [&] {
     using T = scalar_t;
     const T* dyp = dy.data_ptr<T>();
@@ -168,22 +123,21 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> bias_act_backward_cpu(const at
     cpu::dispatch_activation(act, [&](auto act_c) {
       constexpr Activation A = decltype(act_c)::value;
       cpu::parallel_rows(blocks.n_blocks, 1, [=](int64_t block_begin, int64_t block_end) {
-        std::vector<float> buf(2 * h, 0.0f);
-        float* b = buf.data();
-        float* d = b + h;
+        // fp32 bias (zeros when absent); without a bias the column sums go to a scratch row nobody reads
+        std::vector<float> buf(pp ? h : 2 * h, 0.0f);
+        float* __restrict b = buf.data();
         if (bp) cpu::load_row(bp, b, h);
         for (int64_t blk = block_begin; blk < block_end; ++blk) {
+          float* __restrict acc = pp ? pp + blk * h : b + h;
           const int64_t row_end = std::min(n, (blk + 1) * blocks.rows_per_block);
           for (int64_t row = blk * blocks.rows_per_block; row < row_end; ++row) {
-            const T* xr = xp + row * h;
-            const T* dyr = dyp + row * h;
+            const T* __restrict xr = xp + row * h;
+            const T* __restrict dyr = dyp + row * h;
+            T* __restrict dxr = dxp + row * h;
             for (int64_t i = 0; i < h; ++i) {
-              d[i] = static_cast<float>(dyr[i]) * cpu::act_grad_f<A>(static_cast<float>(xr[i]) + b[i]);
-            }
-            cpu::store_row(d, dxp + row * h, h);
-            if (pp) {
-              float* acc = pp + blk * h;
-              for (int64_t i = 0; i < h; ++i) acc[i] += d[i];
+              const float d = static_cast<float>(dyr[i]) * cpu::act_grad_f<A>(static_cast<float>(xr[i]) + b[i]);
+              dxr[i] = static_cast<T>(d);
+              acc[i] += d;
             }
           }
         }
