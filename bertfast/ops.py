@@ -685,16 +685,25 @@ def _(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_
 @torch.library.custom_op("bertfast::embed_backward", mutates_args=())
 def _embed_backward_op(dy: Tensor, input_ids: Tensor, indices: Tensor, position_ids: Tensor,
                        token_type_ids: Optional[Tensor], word_emb: Tensor, pos_emb: Tensor,
-                       type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor, eps: float,
-                       padding_idx: int, impl: str) -> list[Tensor]:
+                       type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor, mean: Tensor, rstd: Tensor,
+                       eps: float, padding_idx: int, impl: str) -> list[Tensor]:
     """-> [d_word_emb, d_pos_emb, d_type_emb (empty when type_emb is None), d_ln_weight, d_ln_bias], dense.
-    Like nn.Embedding(padding_idx=...), the padding row of the word embeddings gets no gradient."""
-    # The backward scatters into the (large) embedding tables; torch's autograd of the reference is used for
-    # every implementation: its cost is one pass over the T rows plus the dense gradient tables.
-    grads = _recompute_grads(
-        lambda w, p, t, lw, lb: _embed_reference(input_ids, indices, position_ids, token_type_ids, w, p, t, lw,
-                                                 lb, eps)[0],
-        [word_emb, pos_emb, type_emb, ln_weight, ln_bias], [dy])
+    Like nn.Embedding(padding_idx=...), the padding row of the word embeddings gets no gradient.
+    mean / rstd: the forward's LayerNorm statistics (read by the C++ CPU backward only)."""
+    if impl == "cpp" and dy.device.type == "cpu":
+        if type_emb is not None and token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        # one pass over the T tokens: recompute the sum from the tables, LayerNorm backward, scatter each
+        # token's gradient into its table rows in token order (deterministic; csrc/embed.cpp)
+        grads = list(torch.ops.bertfast_C.embed_backward(dy, input_ids, indices, position_ids, token_type_ids,
+                                                         word_emb, pos_emb, type_emb, ln_weight, mean, rstd))
+    else:
+        # CUDA has no C++ backward: torch's autograd of the reference (one pass over the T rows plus the dense
+        # gradient tables)
+        grads = _recompute_grads(
+            lambda w, p, t, lw, lb: _embed_reference(input_ids, indices, position_ids, token_type_ids, w, p, t,
+                                                     lw, lb, eps)[0],
+            [word_emb, pos_emb, type_emb, ln_weight, ln_bias], [dy])
     if padding_idx >= 0 and grads[0] is not None:
         grads[0][padding_idx] = 0
     return _unaliased([_grad_or_empty(g, t, word_emb)
@@ -702,8 +711,8 @@ def _embed_backward_op(dy: Tensor, input_ids: Tensor, indices: Tensor, position_
 
 
 @_embed_backward_op.register_fake
-def _(dy, input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, eps,
-      padding_idx, impl):
+def _(dy, input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, mean,
+      rstd, eps, padding_idx, impl):
     return [torch.empty_like(word_emb), torch.empty_like(pos_emb), _empty_like_or_none(type_emb, word_emb),
             torch.empty_like(ln_weight), torch.empty_like(ln_bias)]
 
@@ -712,7 +721,7 @@ def _embed_setup(ctx, inputs, output):
     (input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, eps,
      padding_idx, impl) = inputs
     ctx.save_for_backward(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
-                          ln_weight, ln_bias)
+                          ln_weight, ln_bias, output[1], output[2])
     ctx.args = (eps, padding_idx, impl)
 
 

@@ -307,6 +307,38 @@ def test_embed_roberta_positions():
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_tt", [True, False])
+def test_embed_autograd_runs_the_cpp_backward(monkeypatch, dtype, with_tt):
+    """On CPU with BERTFAST_BACKEND=cpp, the gradients of bertfast.ops.embed are bertfast_C::embed_backward's
+    (whose numerics _check_embed bounds against float64), bit for bit, with the padding row of the word table
+    zeroed and token_type_ids=None read as type 0 (as transformers does)."""
+    from bertfast import ops as public
+    monkeypatch.setenv("BERTFAST_BACKEND", "cpp")
+    b, s, e, vocab, n_pos, pad = 3, 11, 40, 17, 13, 1
+    mask = torch.rand(b, s) < 0.7
+    mask[:, 0] = True
+    idx = mask.view(-1).nonzero().view(-1)
+    ids = torch.randint(0, vocab, (b * s,))
+    ids[idx[::3]] = pad                      # some real tokens are the padding id; repeated ids everywhere
+    pos = torch.arange(s).repeat(b) + 2
+    tt = torch.randint(0, 2, (b * s,)) if with_tt else None
+    tables = [t.to(dtype) for t in (torch.randn(vocab, e), torch.randn(n_pos, e), torch.randn(2, e),
+                                     1 + 0.1 * torch.randn(e), 0.1 * torch.randn(e))]
+    dy = torch.randn(idx.numel(), e).to(dtype)
+    leaves = [_leaf(t) for t in tables]
+    out = public.embed(ids, idx, pos, tt, *leaves, 1e-12, padding_idx=pad)
+    out.backward(dy)
+
+    _, mean, rstd = ops.embed(ids, idx, pos, tt if with_tt else torch.zeros_like(ids), *tables, 1e-12)
+    want = list(ops.embed_backward(dy, ids, idx, pos, tt if with_tt else torch.zeros_like(ids), *tables[:4],
+                                   mean, rstd))
+    assert torch.count_nonzero(want[0][pad]) > 0     # the padding id does occur among the real tokens
+    want[0][pad] = 0
+    for name, leaf, w in zip(["word", "pos", "type", "ln_weight", "ln_bias"], leaves, want):
+        assert leaf.grad.dtype == dtype and torch.equal(leaf.grad, w), name
+
+
 def test_embed_backward_repeated_ids_and_determinism():
     """Many tokens share few ids (the scatter sums them); the gradients are the same bits for 1 and 2 threads."""
     t, e = 600, 96
