@@ -547,10 +547,8 @@ def _add_layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float, resi
         return triton_module("add_layer_norm").add_layer_norm_forward(
             x, weight, bias, eps, residual, x_bias, activation or None, dropout_p, seed)
     if impl == "cpp":
-        if dropout_p == 0.0:
-            return torch.ops.bertfast_C.add_layer_norm(x, weight, bias, eps, residual, x_bias, activation)
-        notice_once("add_layer_norm:cpp:dropout", "add_layer_norm with dropout (training) runs the reference "
-                    "implementation: the C++ kernel has no dropout")
+        return torch.ops.bertfast_C.add_layer_norm(x, weight, bias, eps, residual, x_bias, activation, dropout_p,
+                                                   seed)
     return _layer_norm_reference(x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed)
 
 
@@ -569,11 +567,12 @@ def _add_layer_norm_backward_op(
     if impl == "triton":
         dx, dres, dw, db, dxb = triton_module("add_layer_norm").add_layer_norm_backward(
             dy, x, weight, bias, mean, rstd, residual, x_bias, activation or None, dropout_p, seed)
-    elif impl == "cpp" and dropout_p == 0.0:
+    elif impl == "cpp":
         # the C++ backward returns the gradient of the pre-LN sum as dresidual, and None where that equals dx
-        # (no activation): then this op returns an empty dresidual and the autograd formula uses dx for both
+        # (no activation, no dropout): then this op returns an empty dresidual and the autograd formula uses dx
+        # for both
         dx, dres, dw, db, dxb = torch.ops.bertfast_C.add_layer_norm_backward(dy, x, weight, mean, rstd, residual,
-                                                                              x_bias, activation)
+                                                                              x_bias, activation, dropout_p, seed)
         if _residual_grad_is_dx(activation, dropout_p, impl):
             return _unaliased([dx, x.new_empty((0,)), dw, db, _grad_or_empty(dxb, x_bias, x)])
     else:

@@ -1,21 +1,25 @@
 // bertfast_C::add_layer_norm / add_layer_norm_backward: bias + activation + residual + LayerNorm in one pass.
 //
 //   add_layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? residual, Tensor? x_bias,
-//                  str activation) -> (Tensor y, Tensor mean, Tensor rstd)
+//                  str activation, float dropout_p=0., int seed=0) -> (Tensor y, Tensor mean, Tensor rstd)
 //     x [N, H] float32/float16/bfloat16, contiguous; weight, bias, x_bias [H] and residual [N, H] of x's dtype.
-//     h = act(x + x_bias) + residual   (x_bias / residual skipped when None)
+//     h = dropout(act(x + x_bias)) + residual   (x_bias / residual skipped when None)
+//     dropout (training): element (r, c) is kept, times 1 / (1 - dropout_p), when Philox-uniform(seed, r * H + c)
+//     >= dropout_p (cpu_kernels.h: the same draw as the Triton kernels, so the same elements are kept on the
+//     CPU and the GPU); dropout_p in [0, 1], seed in [0, 2^63).
 //     y = (h - mean) * rstd * weight + bias   [N, H] x's dtype;  mean, rstd [N] float32 (statistics in fp32,
 //     rstd = 1 / sqrt(var + eps), biased variance). activation: "" (none), "gelu" (exact erf), "gelu_tanh",
 //     "relu", "silu".
 //
 //   add_layer_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? residual,
-//                           Tensor? x_bias, str activation)
+//                           Tensor? x_bias, str activation, float dropout_p=0., int seed=0)
 //       -> (Tensor dx, Tensor? dresidual, Tensor dweight, Tensor dbias, Tensor? dx_bias)
-//     h is recomputed from x, x_bias, residual (nothing else is saved). dh = dL/dh (the LayerNorm backward).
-//     dx = dh * act'(x + x_bias)                    [N, H] x's dtype
+//     h is recomputed from x, x_bias, residual and the regenerated dropout mask (nothing else is saved).
+//     dh = dL/dh (the LayerNorm backward).
+//     dx = dh * dropout factor * act'(x + x_bias)   [N, H] x's dtype
 //     dresidual = dh (the gradient of the pre-LN sum) [N, H] x's dtype when residual is given and there is an
-//                 activation; else None. With no activation dh equals dx, and outputs of an op must not alias:
-//                 the caller uses dx for both (bertfast/ops.py) instead of paying for a second [N, H] store.
+//                 activation or dropout; else None. Without either dh equals dx, and outputs of an op must not
+//                 alias: the caller uses dx for both (bertfast/ops.py) instead of paying for a second store.
 //     dweight, dbias [H] weight's dtype; dx_bias = sum over rows of dx [H] (None when x_bias is None).
 //     The column sums are deterministic: fixed row blocks (depending on N only) reduced in order.
 #include <torch/library.h>
@@ -49,6 +53,12 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& weight,
   if (x_bias.has_value()) check_feature_vector(op, "x_bias", *x_bias, x, h);
 }
 
+cpu::Dropout check_dropout(const char* op, double dropout_p, int64_t seed) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout_p);
+  TORCH_CHECK(dropout_p == 0.0 || seed >= 0, op, ": seed must be in [0, 2^63) when dropout_p > 0, got ", seed);
+  return cpu::Dropout(dropout_p, seed);
+}
+
 void check_stats(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
   check_device(op, name, t, x.device());
   check_dtype(op, name, t, at::kFloat);
@@ -68,12 +78,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tens
                                                                   const at::Tensor& bias, double eps,
                                                                   const std::optional<at::Tensor>& residual,
                                                                   const std::optional<at::Tensor>& x_bias,
-                                                                  const std::string& activation) {
+                                                                  const std::string& activation, double dropout_p,
+                                                                  int64_t seed) {
   check_device(kFwd, "x", x, at::Device(at::kCPU));
   check_common(kFwd, x, weight, residual, x_bias);
   check_feature_vector(kFwd, "bias", bias, x, x.size(1));
   TORCH_CHECK(eps >= 0.0, kFwd, ": eps must be >= 0, got ", eps);
   const Activation act = parse_activation(kFwd, activation);
+  const cpu::Dropout drop = check_dropout(kFwd, dropout_p, seed);
   const int64_t n = x.size(0), h = x.size(1);
   auto y = at::empty_like(x);
   auto mean = at::empty({n}, x.options().dtype(at::kFloat));
@@ -107,7 +119,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tens
         for (int64_t row = begin; row < end; ++row) {
           const T* xr = xp + row * h;
           if (rp) cpu::load_row(rp + row * h, rr, h);
-          for (int64_t i = 0; i < h; ++i) hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) + rr[i];
+          if (drop.on) {
+            const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
+            for (int64_t i = 0; i < h; ++i) {
+              hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) * drop.factor(base + i) + rr[i];
+            }
+          } else {
+            for (int64_t i = 0; i < h; ++i) hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) + rr[i];
+          }
           float m, s;
           cpu::row_moments(hr, h, feps, m, s);
           mp[row] = m;
@@ -124,7 +143,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor, std::o
 add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& mean, const at::Tensor& rstd,
                             const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& x_bias,
-                            const std::string& activation) {
+                            const std::string& activation, double dropout_p, int64_t seed) {
   check_device(kBwd, "x", x, at::Device(at::kCPU));
   check_common(kBwd, x, weight, residual, x_bias);
   check_device(kBwd, "dy", dy, x.device());
@@ -134,10 +153,13 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
   check_stats(kBwd, "mean", mean, x);
   check_stats(kBwd, "rstd", rstd, x);
   const Activation act = parse_activation(kBwd, activation);
+  const cpu::Dropout drop = check_dropout(kBwd, dropout_p, seed);
   const int64_t n = x.size(0), h = x.size(1);
 
   auto dx = at::empty_like(x);
-  const bool want_dres = residual.has_value() && act != Activation::kNone;
+  // dx = dh * g with g = dropout factor * act'(a); dresidual = dh differs from dx only where g is not 1
+  const bool scaled = act != Activation::kNone || drop.on;
+  const bool want_dres = residual.has_value() && scaled;
   std::optional<at::Tensor> dres;
   if (want_dres) dres = at::empty_like(x);
   auto dweight = at::empty({h}, weight.options());
@@ -165,8 +187,8 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
     cpu::dispatch_activation(act, [&](auto act_c) {
       constexpr Activation A = decltype(act_c)::value;
       cpu::parallel_rows(blocks.n_blocks, 1, [=](int64_t block_begin, int64_t block_end) {
-        // fp32 weight and x_bias (zeros when absent); per row: xhat and act'(x + x_bias). A missing residual
-        // reads a row of zeros, so one loop serves both cases.
+        // fp32 weight and x_bias (zeros when absent); per row: xhat and g = dropout factor * act'(x + x_bias).
+        // A missing residual reads a row of zeros, so one loop serves both cases.
         std::vector<float> buf(4 * h, 0.0f);
         float* __restrict w = buf.data();
         float* __restrict xb = w + h;
@@ -185,21 +207,39 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
             const T* __restrict rr = rp ? rp + row * h : zero_row.data();
             const T* __restrict dyr = dyp + row * h;
             const float m = mp[row], s = sp[row];
-            // pass 1: recompute h = act(x + x_bias) + residual, xhat; the two row sums of the LayerNorm
-            // backward; the dweight / dbias partials
+            // pass 1: recompute h = dropout(act(x + x_bias)) + residual, xhat; the two row sums of the
+            // LayerNorm backward; the dweight / dbias partials
             float sg = 0.0f, sgx = 0.0f;
-            _Pragma("omp simd reduction(+ : sg, sgx)")
-            for (int64_t i = 0; i < h; ++i) {
-              const float a = static_cast<float>(xr[i]) + xb[i];
-              const float xh = (cpu::act_f<A>(a) + static_cast<float>(rr[i]) - m) * s;
-              const float d = static_cast<float>(dyr[i]);
-              const float g = d * w[i];
-              sg += g;
-              sgx += g * xh;
-              dw_acc[i] += d * xh;
-              db_acc[i] += d;
-              xhat[i] = xh;
-              if constexpr (A != Activation::kNone) ag[i] = cpu::act_grad_f<A>(a);
+            if (drop.on) {
+              const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
+              _Pragma("omp simd reduction(+ : sg, sgx)")
+              for (int64_t i = 0; i < h; ++i) {
+                const float a = static_cast<float>(xr[i]) + xb[i];
+                const float f = drop.factor(base + i);
+                const float xh = (cpu::act_f<A>(a) * f + static_cast<float>(rr[i]) - m) * s;
+                const float d = static_cast<float>(dyr[i]);
+                const float g = d * w[i];
+                sg += g;
+                sgx += g * xh;
+                dw_acc[i] += d * xh;
+                db_acc[i] += d;
+                xhat[i] = xh;
+                ag[i] = f * cpu::act_grad_f<A>(a);
+              }
+            } else {
+              _Pragma("omp simd reduction(+ : sg, sgx)")
+              for (int64_t i = 0; i < h; ++i) {
+                const float a = static_cast<float>(xr[i]) + xb[i];
+                const float xh = (cpu::act_f<A>(a) + static_cast<float>(rr[i]) - m) * s;
+                const float d = static_cast<float>(dyr[i]);
+                const float g = d * w[i];
+                sg += g;
+                sgx += g * xh;
+                dw_acc[i] += d * xh;
+                db_acc[i] += d;
+                xhat[i] = xh;
+                if constexpr (A != Activation::kNone) ag[i] = cpu::act_grad_f<A>(a);
+              }
             }
             // pass 2: dh = rstd (g - mean(g) - xhat mean(g xhat)); dx = dh act'(a); the dx_bias partial
             const float mg = sg * inv_h, mgx = sgx * inv_h;
@@ -213,12 +253,18 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
                 dxr[i] = static_cast<T>(dxv);
                 dxb_acc[i] += dxv;
               }
+            } else if (scaled) {
+              for (int64_t i = 0; i < h; ++i) {
+                const float dh = s * (static_cast<float>(dyr[i]) * w[i] - mg - xhat[i] * mgx);
+                const float dxv = dh * ag[i];
+                dxr[i] = static_cast<T>(dxv);
+                dxb_acc[i] += dxv;
+              }
             } else {
               for (int64_t i = 0; i < h; ++i) {
                 const float dh = s * (static_cast<float>(dyr[i]) * w[i] - mg - xhat[i] * mgx);
-                const float dxv = A == Activation::kNone ? dh : dh * ag[i];
-                dxr[i] = static_cast<T>(dxv);
-                dxb_acc[i] += dxv;
+                dxr[i] = static_cast<T>(dh);
+                dxb_acc[i] += dh;
               }
             }
           }
@@ -236,11 +282,11 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
 TORCH_LIBRARY_FRAGMENT(bertfast_C, m) {
   m.def(
       "add_layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? residual, Tensor? x_bias, "
-      "str activation) -> (Tensor y, Tensor mean, Tensor rstd)");
+      "str activation, float dropout_p=0., int seed=0) -> (Tensor y, Tensor mean, Tensor rstd)");
   m.def(
       "add_layer_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? residual, "
-      "Tensor? x_bias, str activation) -> (Tensor dx, Tensor? dresidual, Tensor dweight, Tensor dbias, "
-      "Tensor? dx_bias)");
+      "Tensor? x_bias, str activation, float dropout_p=0., int seed=0) -> (Tensor dx, Tensor? dresidual, "
+      "Tensor dweight, Tensor dbias, Tensor? dx_bias)");
 }
 
 TORCH_LIBRARY_IMPL(bertfast_C, CPU, m) {

@@ -178,6 +178,48 @@ BF_INLINE float erf_f(float x) {
   return std::copysign(r, x);
 }
 
+// Dropout's random numbers: Philox-4x32-10 uniform in [0, 1) on (seed, int64 offset), bit for bit what Triton's
+// tl.rand(seed, offset) returns (counter = (offset lo, offset hi, 0, 0), key = (seed lo, seed hi), first word,
+// as int32 folded to non-negative, times 2^-31). The Triton LayerNorm kernels draw element (row, col) of an
+// [N, H] tensor at offset row * H + col, so the CPU and GPU kernels keep the same elements for the same seed.
+BF_INLINE uint32_t mulhi_u32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+BF_INLINE float philox_uniform(uint32_t seed_lo, uint32_t seed_hi, uint64_t offset) {
+  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = seed_lo, k1 = seed_hi;
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t a = c0, c = c2;
+    c0 = mulhi_u32(0xCD9E8D57u, c) ^ c1 ^ k0;
+    c2 = mulhi_u32(0xD2511F53u, a) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * c;
+    c3 = 0xD2511F53u * a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  const int32_t v = static_cast<int32_t>(c0);
+  return static_cast<float>(v < 0 ? ~v : v) * 4.6566127342e-10f;  // ~v = -v - 1 without overflow
+}
+
+// Dropout of one element: kept (scaled by 1 / (1 - p)) when philox_uniform >= p, else 0.
+struct Dropout {
+  float p = 0.0f, scale = 1.0f;
+  uint32_t seed_lo = 0, seed_hi = 0;
+  bool on = false;
+  Dropout(double p_, int64_t seed) {
+    on = p_ > 0.0;
+    p = static_cast<float>(p_);
+    scale = p_ < 1.0 ? static_cast<float>(1.0 / (1.0 - p_)) : 0.0f;
+    seed_lo = static_cast<uint32_t>(static_cast<uint64_t>(seed));
+    seed_hi = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  }
+  // the factor that multiplies element `offset`: scale or 0
+  BF_INLINE float factor(uint64_t offset) const {
+    return philox_uniform(seed_lo, seed_hi, offset) >= p ? scale : 0.0f;
+  }
+};
+
 // Activations and their derivatives, on fp32.
 //   gelu(x)      = x/2 (1 + erf(x/sqrt2))                   gelu'(x) = Phi(x) + x phi(x)
 //   gelu_tanh(x) = x/2 (1 + tanh(u)) = x sigmoid(2u),  u = sqrt(2/pi) (x + 0.044715 x^3)

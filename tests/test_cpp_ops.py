@@ -43,10 +43,10 @@ def _f32(like, n):
     return like.new_empty((n,), dtype=torch.float32)
 
 
-_register_fake("add_layer_norm", lambda x, w, b, eps, r, xb, act: (torch.empty_like(x), _f32(x, x.shape[0]),
-                                                                     _f32(x, x.shape[0])))
-_register_fake("add_layer_norm_backward", lambda dy, x, w, m, s, r, xb, act: (
-    torch.empty_like(x), None if r is None or not act else torch.empty_like(x), torch.empty_like(w),
+_register_fake("add_layer_norm", lambda x, w, b, eps, r, xb, act, p=0.0, seed=0: (
+    torch.empty_like(x), _f32(x, x.shape[0]), _f32(x, x.shape[0])))
+_register_fake("add_layer_norm_backward", lambda dy, x, w, m, s, r, xb, act, p=0.0, seed=0: (
+    torch.empty_like(x), None if r is None or not (act or p > 0) else torch.empty_like(x), torch.empty_like(w),
     torch.empty_like(w), None if xb is None else torch.empty_like(xb)))
 _register_fake("bias_act", lambda x, b, act: torch.empty_like(x))
 _register_fake("bias_act_backward", lambda dy, x, b, act: (torch.empty_like(x),
@@ -152,6 +152,44 @@ def _check_add_layer_norm(n, h, dtype, act, with_r, with_xb, eps=1e-12):
 @pytest.mark.parametrize("act", ["", "gelu", "gelu_tanh"])
 def test_add_layer_norm(n, h, dtype, act):
     _check_add_layer_norm(n, h, dtype, act, with_r=True, with_xb=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act,with_r,p", [("", True, 0.1), ("gelu", True, 0.5), ("gelu_tanh", False, 0.1),
+                                          ("", True, 1.0)])
+@pytest.mark.parametrize("n,h", [(1, 384), (37, 1023), (300, 768)])
+def test_add_layer_norm_dropout(n, h, dtype, act, with_r, p):
+    """Dropout inside the C++ add_layer_norm: it keeps exactly the elements the Triton kernels keep for the same
+    seed (kernels.layer_norm.dropout_keep_mask, here in the interpreter), forward and every gradient within the
+    usual bounds of a float64 reference that applies that mask, dresidual given (it differs from dx now)."""
+    from bertfast.kernels.layer_norm import dropout_keep_mask
+    seed = int(torch.randint(0, 2 ** 62, ()).item())
+    x, w, b, r, xb = _aln_inputs(n, h, dtype, with_r, True)
+    keep = dropout_keep_mask((n, h), p, seed, "cpu")
+    y, mean, rstd = ops.add_layer_norm(x, w, b, 1e-12, r, xb, act, p, seed)
+    scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
+
+    def composite(x, w, b, r, xb):
+        z = torch.where(keep, _act(x + xb, act) * scale, 0.0)
+        return F.layer_norm(z if r is None else z + r, (h,), w, b, 1e-12)
+
+    leaves64 = [None if t is None else _leaf(t, torch.float64) for t in (x, w, b, r, xb)]
+    leaveslp = [None if t is None else _leaf(t) for t in (x, w, b, r, xb)]
+    ref, low = composite(*leaves64), composite(*leaveslp)
+    assert_within(y, ref, low, dtype, what="y")
+    dy = torch.randn(n, h).to(dtype)
+    ref.backward(dy.double())
+    low.backward(dy)
+    dx, dres, dw, db, dxb = ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, act, p, seed)
+    assert (dres is None) == (r is None)
+    for name, got, i in [("dx", dx, 0), ("dweight", dw, 1), ("dbias", db, 2), ("dresidual", dres, 3),
+                         ("dx_bias", dxb, 4)]:
+        if leaves64[i] is not None:
+            assert_within(got, leaves64[i].grad, leaveslp[i].grad, dtype, 3.0, name)
+    # a different seed draws a different mask; the same seed the same output
+    if 0.0 < p < 1.0 and n * h > 1000:
+        assert not torch.equal(ops.add_layer_norm(x, w, b, 1e-12, r, xb, act, p, seed + 1)[0], y)
+    assert torch.equal(ops.add_layer_norm(x, w, b, 1e-12, r, xb, act, p, seed)[0], y)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -451,6 +489,8 @@ def _opcheck_cases():
         ("add_layer_norm", (x, w, b, 1e-5, None, None, "")),
         ("add_layer_norm_backward", (dy, x, w, m, s, r, xb, "gelu")),
         ("add_layer_norm_backward", (dy, x, w, m, s, None, None, "")),
+        ("add_layer_norm", (x, w, b, 1e-5, r, xb, "gelu", 0.2, 77)),
+        ("add_layer_norm_backward", (dy, x, w, m, s, r, xb, "", 0.2, 77)),
         ("bias_act", (x, xb, "gelu_tanh")),
         ("bias_act", (x, None, "relu")),
         ("bias_act_backward", (dy, x, xb, "silu")),
@@ -502,6 +542,9 @@ def _bad_cases():
         (lambda: A(x, w, b, 1e-5, torch.randn(8, 4).t(), xb, ""), "residual must be contiguous"),
         (lambda: A(x, w, b, 1e-5, r, xb[:2], ""), r"x_bias must have shape \[8\]"),
         (lambda: A(x, w, b, 1e-5, r, xb, "tanh"), "activation must be one of"),
+        (lambda: A(x, w, b, 1e-5, r, xb, "", 1.5, 0), r"dropout_p must be in \[0, 1\], got 1.5"),
+        (lambda: A(x, w, b, 1e-5, r, xb, "", 0.1, -3), r"seed must be in \[0, 2\^63\) when dropout_p > 0"),
+        (lambda: AB(dy, x, w, m, s, r, xb, "", -0.1, 0), r"dropout_p must be in \[0, 1\], got -0.1"),
         (lambda: A(x, w, b, -1.0, r, xb, ""), "eps must be >= 0"),
         # add_layer_norm_backward
         (lambda: AB(dy[:2], x, w, m, s, r, xb, ""), "dy must have x's shape"),

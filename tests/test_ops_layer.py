@@ -121,3 +121,26 @@ def test_choose_reports_and_respects_forced_backend(monkeypatch):
     monkeypatch.setenv("BERTFAST_BACKEND", "auto")
     table = ops.implementation_table("cpu")
     assert set(table) == set(ops.PREFERENCE)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "reference"])
+def test_add_layer_norm_dropout_gradients_use_the_forward_mask(monkeypatch, impl):
+    """Training through bertfast.ops.add_layer_norm with dropout: the backward regenerates the forward's mask
+    from the saved seed. The kept elements are read off the forward itself (dropped ones carry no x gradient),
+    then float64 autograd with that mask must give the same gradients (a mask that differs between forward and
+    backward shows as O(1) errors, far above the fp32 noise the bound leaves room for)."""
+    monkeypatch.setenv("BERTFAST_BACKEND", impl)
+    n, h, p = 9, 384, 0.3
+    x, r = torch.randn(n, h, requires_grad=True), torch.randn(n, h, requires_grad=True)
+    w, b, xb = (torch.randn(h, requires_grad=True) for _ in range(3))
+    y = ops.add_layer_norm(x, w, b, 1e-12, residual=r, x_bias=xb, activation="gelu", dropout_p=p)
+    dy = torch.randn(n, h)
+    grads = torch.autograd.grad(y, (x, r, w, b, xb), dy)
+    keep = grads[0] != 0                        # gelu' is never exactly 0 on these inputs
+    assert 0.6 < keep.float().mean().item() < 0.8
+    leaves = [t.detach().double().requires_grad_() for t in (x, r, w, b, xb)]
+    z = torch.where(keep, torch.nn.functional.gelu(leaves[0] + leaves[4]) / (1 - p), 0.0) + leaves[1]
+    ref = torch.nn.functional.layer_norm(z, (h,), leaves[2], leaves[3], 1e-12)
+    assert (y.double() - ref).abs().max() < 1e-4
+    for g, ref_g in zip(grads, torch.autograd.grad(ref, leaves, dy.double())):
+        assert (g.double() - ref_g).abs().max() < 1e-4 * max(1.0, ref_g.abs().max().item())
