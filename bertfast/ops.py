@@ -315,21 +315,28 @@ def _attention_reference(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale
     batch = cu_seqlens.numel() - 1
     cdt = _compute_dtype(qkv.dtype)
     if qkv.device.type == "cpu":
-        # one SDPA call per sequence: no compute on padding (the host already has cu_seqlens)
+        # SDPA per sequence: no compute on padding (the host already has cu_seqlens). Its fused CPU kernel
+        # takes 4-D [batch, heads, L, d] only (3-D input ran the unfused math path), and a batch whose
+        # sequences all have one length (no padding at all) is one call.
         bounds = cu_seqlens.tolist()
+        lengths = {bounds[b + 1] - bounds[b] for b in range(batch)}
+        if dropout_p == 0.0 and len(lengths) == 1 and total > 0:
+            q, k, v = qkv.view(batch, total // batch, 3, heads, head_dim).to(cdt).permute(2, 0, 3, 1, 4).unbind(0)
+            o = F.scaled_dot_product_attention(q, k, v, scale=scale)          # [B, heads, L, d]
+            return o.transpose(1, 2).reshape(total, heads, head_dim).to(qkv.dtype)
         outs = []
         for b in range(batch):
             start, end = bounds[b], bounds[b + 1]
             if end == start:
                 continue
-            q, k, v = qkv[start:end].to(cdt).permute(1, 2, 0, 3).unbind(0)   # each [heads, L, d]
+            q, k, v = qkv[start:end].to(cdt).permute(1, 2, 0, 3)[:, None].unbind(0)   # each [1, heads, L, d]
             if dropout_p > 0.0:
                 probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
-                keep = _keep_mask(probs.shape, dropout_p, seed + b, qkv.device)
+                keep = _keep_mask(probs.shape[1:], dropout_p, seed + b, qkv.device)
                 o = (probs * keep / (1.0 - dropout_p)) @ v
             else:
                 o = F.scaled_dot_product_attention(q, k, v, scale=scale)
-            outs.append(o.transpose(0, 1))
+            outs.append(o[0].transpose(0, 1))
         out = torch.cat(outs) if outs else qkv.new_zeros((0, heads, head_dim), dtype=cdt)
         return out.to(qkv.dtype)
     # CUDA: pad to [B, heads, max_seqlen, d] on the device (no host read) and mask the padded keys
