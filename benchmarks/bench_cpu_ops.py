@@ -65,6 +65,12 @@ def _cases():
         out = F.layer_norm(z + leaves[3], (H,), leaves[1], leaves[2], 1e-12)
         return lambda: torch.autograd.grad(out, leaves, dy, retain_graph=True)
 
+    def ln_dropout_composite_bwd():
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, r, xb)]
+        z = F.dropout(leaves[0] + leaves[4], 0.1, training=True)
+        out = F.layer_norm(z + leaves[3], (H,), leaves[1], leaves[2], 1e-12)
+        return lambda: torch.autograd.grad(out, leaves, dy, retain_graph=True)
+
     def act_composite_bwd(approximate):
         lx, lb = u.clone().requires_grad_(), ub.clone().requires_grad_()
         out = F.gelu(lx + lb, approximate=approximate)
@@ -89,6 +95,15 @@ def _cases():
         h = F.embedding(ids[idx], we) + F.embedding(tt[idx], te) + F.embedding(pos[idx], pe)
         return F.layer_norm(h, (H,), w, b, 1e-12)
 
+    e_out, e_mean, e_rstd = ops.embed(ids, idx, pos, tt, we, pe, te, w, b, 1e-12)
+    de = randn(*e_out.shape)
+
+    def embed_composite_bwd():
+        leaves = [t.clone().requires_grad_() for t in (we, pe, te, w, b)]
+        h = F.embedding(ids[idx], leaves[0]) + F.embedding(tt[idx], leaves[2]) + F.embedding(pos[idx], leaves[1])
+        out = F.layer_norm(h, (H,), leaves[3], leaves[4], 1e-12)
+        return lambda: torch.autograd.grad(out, leaves, de, retain_graph=True)
+
     return [
         ("add_layer_norm", f"{T}x{H}",
          lambda: ops.add_layer_norm(x, w, b, 1e-12, r, xb, ""),
@@ -100,6 +115,12 @@ def _cases():
          lambda: ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, ""), ln_composite_bwd("")),
         ("add_layer_norm_backward(gelu)", f"{T}x{H}",
          lambda: ops.add_layer_norm_backward(dy, x, w, mean_g, rstd_g, r, xb, "gelu"), ln_composite_bwd("gelu")),
+        ("add_layer_norm(dropout 0.1)", f"{T}x{H}",
+         lambda: ops.add_layer_norm(x, w, b, 1e-12, r, xb, "", 0.1, 1234),
+         lambda: F.layer_norm(F.dropout(x + xb, 0.1, training=True) + r, (H,), w, b, 1e-12)),
+        ("add_layer_norm_backward(dropout 0.1)", f"{T}x{H}",
+         lambda: ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, "", 0.1, 1234),
+         ln_dropout_composite_bwd()),
         ("bias_act(gelu)", f"{T}x{I}", lambda: ops.bias_act(u, ub, "gelu"), lambda: F.gelu(u + ub)),
         ("bias_act(gelu_tanh)", f"{T}x{I}", lambda: ops.bias_act(u, ub, "gelu_tanh"),
          lambda: F.gelu(u + ub, approximate="tanh")),
@@ -107,6 +128,8 @@ def _cases():
          act_composite_bwd("none")),
         ("embed", f"{t_real}x{H} of {B}x{S}",
          lambda: ops.embed(ids, idx, pos, tt, we, pe, te, w, b, 1e-12), embed_torch),
+        ("embed_backward", f"{t_real}x{H} of {B}x{S}, dense [{VOCAB}, {H}] table",
+         lambda: ops.embed_backward(de, ids, idx, pos, tt, we, pe, te, w, e_mean, e_rstd), embed_composite_bwd()),
         ("unpad", f"{n}x{H} -> {t_real}", lambda: ops.unpad(xp, idx), lambda: xp.index_select(0, idx)),
         ("pad", f"{t_real}x{H} -> {n}", lambda: ops.pad(xu, idx, n),
          lambda: xu.new_zeros(n, H).index_put_((idx,), xu)),

@@ -106,6 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tens
     cpu::dispatch_activation(act, [&](auto act_c) {
       constexpr Activation A = decltype(act_c)::value;
       cpu::parallel_rows(n, cpu::row_grain(h), [=](int64_t begin, int64_t end) {
+        // a local copy: the captured one lives in the closure, which the row stores below may alias (GCC then
+        // reloads it each element and does not vectorise the loop)
+        const cpu::Dropout drop_l = drop;
         // fp32 copies of weight, bias, x_bias (zeros when absent), residual row (zeros when absent), h row.
         std::vector<float> buf(5 * h, 0.0f);
         float* w = buf.data();
@@ -119,10 +122,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tens
         for (int64_t row = begin; row < end; ++row) {
           const T* xr = xp + row * h;
           if (rp) cpu::load_row(rp + row * h, rr, h);
-          if (drop.on) {
+          if (drop_l.on) {
             const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
+            _Pragma("omp simd")
             for (int64_t i = 0; i < h; ++i) {
-              hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) * drop.factor(base + i) + rr[i];
+              hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) * drop_l.factor(base + i) + rr[i];
             }
           } else {
             for (int64_t i = 0; i < h; ++i) hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) + rr[i];
@@ -187,6 +191,7 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
     cpu::dispatch_activation(act, [&](auto act_c) {
       constexpr Activation A = decltype(act_c)::value;
       cpu::parallel_rows(blocks.n_blocks, 1, [=](int64_t block_begin, int64_t block_end) {
+        const cpu::Dropout drop_l = drop;  // a local copy, as in the forward
         // fp32 weight and x_bias (zeros when absent); per row: xhat and g = dropout factor * act'(x + x_bias).
         // A missing residual reads a row of zeros, so one loop serves both cases.
         std::vector<float> buf(4 * h, 0.0f);
@@ -210,12 +215,12 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
             // pass 1: recompute h = dropout(act(x + x_bias)) + residual, xhat; the two row sums of the
             // LayerNorm backward; the dweight / dbias partials
             float sg = 0.0f, sgx = 0.0f;
-            if (drop.on) {
+            if (drop_l.on) {
               const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
               _Pragma("omp simd reduction(+ : sg, sgx)")
               for (int64_t i = 0; i < h; ++i) {
                 const float a = static_cast<float>(xr[i]) + xb[i];
-                const float f = drop.factor(base + i);
+                const float f = drop_l.factor(base + i);
                 const float xh = (cpu::act_f<A>(a) * f + static_cast<float>(rr[i]) - m) * s;
                 const float d = static_cast<float>(dyr[i]);
                 const float g = d * w[i];
