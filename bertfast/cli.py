@@ -64,6 +64,8 @@ def cmd_info(args) -> int:
     built = "not importable: " + err if err else ("built with CUDA" if ops.cpp_built_with_cuda() else
                                                   "built for CPU only (no CUDA kernels)")
     print(f"  {'bertfast._C':<13} {built}")
+    if not err:
+        print(f"  {'CPU kernels':<13} {torch.ops.bertfast_C.cpu_isa()} (BERTFAST_CPU_ISA=avx2|base lowers it)")
     print(f"  {'backend':<13} BERTFAST_BACKEND={ops.backend_setting()}"
           f"{'  TRITON_INTERPRET=1' if os.environ.get('TRITON_INTERPRET') == '1' else ''}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

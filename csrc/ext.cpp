@@ -6,6 +6,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu_kernels.h"
+
 extern "C" {
 // Importing bertfast._C runs the static TORCH_LIBRARY registrations below; the module itself is empty.
 PyObject* PyInit__C(void) {
@@ -25,8 +29,12 @@ bool built_with_cuda() {
 #endif
 }
 
+// The instruction set the CPU kernels run with on this machine (BERTFAST_CPU_ISA can only lower it).
+std::string cpu_isa() { return cpu::isa_name(cpu::detect_isa()); }
+
 TORCH_LIBRARY(bertfast_C, m) {
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+  m.def("cpu_isa() -> str", &cpu_isa);
 }
 
 }  // namespace bertfast

@@ -20,6 +20,10 @@ def test_info_lists_every_op():
     for op in ("varlen_attention", "add_layer_norm", "bias_act", "embed", "unpad", "pad"):
         assert op in res.stdout
     assert "bertfast._C" in res.stdout
+    # the ISA the C++ CPU kernels use, and that BERTFAST_CPU_ISA lowers it (never raises it)
+    assert any(f"CPU kernels   {isa} " in res.stdout for isa in ("avx512", "avx2", "base")), res.stdout
+    low = _run([sys.executable, "-m", "bertfast", "info"], env={"BERTFAST_CPU_ISA": "base"})
+    assert "CPU kernels   base " in low.stdout, low.stdout
 
 
 def test_demo_runs_and_agrees():
