@@ -571,28 +571,30 @@ def _add_layer_norm_backward_op(
         residual: Optional[Tensor], x_bias: Optional[Tensor], activation: str, dropout_p: float, seed: int,
         impl: str) -> list[Tensor]:
     """-> [dx, dresidual, dweight, dbias, dx_bias] (empty tensors for absent residual / x_bias)"""
+    # the Triton and C++ backwards return the gradient of the pre-LN sum as dresidual, and None where that
+    # equals dx (no activation, no dropout): then this op returns an empty dresidual and the autograd formula
+    # uses dx for both
+    shared = _residual_grad_is_dx(activation, dropout_p, impl)
     if impl == "triton":
         dx, dres, dw, db, dxb = triton_module("add_layer_norm").add_layer_norm_backward(
-            dy, x, weight, bias, mean, rstd, residual, x_bias, activation or None, dropout_p, seed)
+            dy, x, weight, bias, mean, rstd, residual, x_bias, activation or None, dropout_p, seed,
+            residual_grad_is_dx=shared)
     elif impl == "cpp":
-        # the C++ backward returns the gradient of the pre-LN sum as dresidual, and None where that equals dx
-        # (no activation, no dropout): then this op returns an empty dresidual and the autograd formula uses dx
-        # for both
         dx, dres, dw, db, dxb = torch.ops.bertfast_C.add_layer_norm_backward(dy, x, weight, mean, rstd, residual,
                                                                               x_bias, activation, dropout_p, seed)
-        if _residual_grad_is_dx(activation, dropout_p, impl):
-            return _unaliased([dx, x.new_empty((0,)), dw, db, _grad_or_empty(dxb, x_bias, x)])
     else:
         dx, dw, db, dres, dxb = _recompute_grads(
             lambda a, w, b, r, xb: _layer_norm_reference(a, w, b, eps, r, xb, activation, dropout_p, seed)[0],
             [x, weight, bias, residual, x_bias], [dy])
+    if shared:
+        return _unaliased([dx, x.new_empty((0,)), dw, db, _grad_or_empty(dxb, x_bias, x)])
     return _unaliased([dx, _grad_or_empty(dres, residual, x), dw, db, _grad_or_empty(dxb, x_bias, x)])
 
 
 def _residual_grad_is_dx(activation: str, dropout_p: float, impl: str) -> bool:
-    """Whether add_layer_norm_backward leaves dresidual empty because it equals dx (the C++ backward with no
-    activation and no dropout: one [N, H] store less)."""
-    return impl == "cpp" and not activation and dropout_p == 0.0
+    """Whether add_layer_norm_backward leaves dresidual empty because it equals dx (the Triton and C++
+    backwards with no activation and no dropout: one [N, H] tensor less)."""
+    return impl in ("triton", "cpp") and not activation and dropout_p == 0.0
 
 
 @_add_layer_norm_backward_op.register_fake

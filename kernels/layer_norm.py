@@ -294,14 +294,20 @@ def add_layer_norm_forward(x, weight, bias, eps: float, residual=None, x_bias=No
 
 
 def add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=None, x_bias=None, activation=None,
-                            dropout_p: float = 0.0, seed: int = 0):
+                            dropout_p: float = 0.0, seed: int = 0, residual_grad_is_dx: bool = False):
     """Gradients of add_layer_norm_forward; recomputes the pre-LN value from x / x_bias / residual (and the
     dropout mask from seed).
 
     dy: [N, H] in x's dtype; mean, rstd: [N] fp32 from the forward; the other arguments as in the forward.
     Returns (dx [N, H], dresidual [N, H] or None, dweight [H], dbias [H], dx_bias [H] or None), each in its
-    input's dtype; the [H] gradients are summed in fp32, deterministically."""
+    input's dtype; the [H] gradients are summed in fp32, deterministically.
+    residual_grad_is_dx: with a residual but no activation and no dropout, dresidual equals dx; True returns
+    None for it instead of a second [N, H] tensor (the kernel writes both into dx, same values), and the caller
+    uses dx for the residual's gradient."""
     _check_common(x, weight, bias, residual, x_bias, activation, dropout_p, seed)
+    if residual_grad_is_dx and (activation is not None or dropout_p > 0.0):
+        raise UnsupportedInput("residual_grad_is_dx needs no activation and no dropout (dresidual differs from "
+                               f"dx otherwise), got activation={activation!r}, dropout_p={dropout_p}")
     _check_rows("dy", dy, x)
     n_rows, n_cols = x.shape
     for name, t in (("mean", mean), ("rstd", rstd)):
@@ -316,7 +322,7 @@ def add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=None, x_bi
     block_n, num_warps = row_block(n_cols, "hidden size (x.shape[-1])")
     num_warps = backward_warps(block_n, num_warps)
     dx = torch.empty_like(x)
-    dres = torch.empty_like(residual) if residual is not None else None
+    dres = torch.empty_like(residual) if residual is not None and not residual_grad_is_dx else None
     if n_rows == 0:
         zeros = torch.zeros_like(weight)
         return dx, dres, zeros, torch.zeros_like(bias), (torch.zeros_like(x_bias) if x_bias is not None else None)

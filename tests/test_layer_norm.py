@@ -182,6 +182,24 @@ def test_backward_deterministic(device):
         assert torch.equal(ga, gb)
 
 
+@pytest.mark.parametrize("n,h", [(1, 384), (67, 1023)])
+def test_backward_residual_grad_into_dx(device, n, h):
+    """residual_grad_is_dx=True (no activation, no dropout): no dresidual tensor, and dx is bit for bit the dx
+    and the dresidual of the ordinary call (the kernel stores the same values twice into dx)."""
+    x, weight, bias, res, xb, dy = _inputs(n, h, torch.float16, device)
+    _, mean, rstd = ln.add_layer_norm_forward(x, weight, bias, EPS, residual=res, x_bias=xb)
+    dx, dres, dw, db, dxb = ln.add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=res, x_bias=xb)
+    got = ln.add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=res, x_bias=xb,
+                                     residual_grad_is_dx=True)
+    assert got[1] is None
+    assert torch.equal(got[0], dx) and torch.equal(got[0], dres)
+    for a, b in zip(got[2:], (dw, db, dxb)):
+        assert torch.equal(a, b)
+    with pytest.raises(config.UnsupportedInput, match="residual_grad_is_dx needs no activation"):
+        ln.add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=res, x_bias=xb, activation="gelu",
+                                   residual_grad_is_dx=True)
+
+
 def test_empty_rows(device):
     x = torch.empty(0, 128, device=device)
     w, b = torch.ones(128, device=device), torch.zeros(128, device=device)
