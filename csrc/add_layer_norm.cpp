@@ -72,6 +72,35 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
+// Backward pass 1 over one row: recompute h = dropout(act(x + x_bias)) + residual and xhat; the two row sums of
+// the LayerNorm backward (sg = sum g, sgx = sum g xhat, g = dy w); the dweight / dbias partials; xhat and
+// ag = dropout factor * act'(x + x_bias) for pass 2. Every input is a parameter (nothing read through a
+// closure that the row stores might alias), so the loop vectorises.
+template <Activation A, bool kDropout, typename T>
+BF_INLINE void backward_pass1(const T* __restrict xr, const T* __restrict rr, const T* __restrict dyr,
+                              const float* __restrict xb, const float* __restrict w, float m, float s,
+                              cpu::Dropout drop, uint64_t base, int64_t h, float* __restrict dw_acc,
+                              float* __restrict db_acc, float* __restrict xhat, float* __restrict ag, float& sg_out,
+                              float& sgx_out) {
+  float sg = 0.0f, sgx = 0.0f;
+#pragma omp simd reduction(+ : sg, sgx)
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = static_cast<float>(xr[i]) + xb[i];
+    const float f = kDropout ? drop.factor(base + i) : 1.0f;
+    const float xh = (cpu::act_f<A>(a) * f + static_cast<float>(rr[i]) - m) * s;
+    const float d = static_cast<float>(dyr[i]);
+    const float g = d * w[i];
+    sg += g;
+    sgx += g * xh;
+    dw_acc[i] += d * xh;
+    db_acc[i] += d;
+    xhat[i] = xh;
+    if constexpr (kDropout || A != Activation::kNone) ag[i] = f * cpu::act_grad_f<A>(a);
+  }
+  sg_out = sg;
+  sgx_out = sgx;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -215,36 +244,11 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
             // pass 1: recompute h = dropout(act(x + x_bias)) + residual, xhat; the two row sums of the
             // LayerNorm backward; the dweight / dbias partials
             float sg = 0.0f, sgx = 0.0f;
+            const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
             if (drop_l.on) {
-              const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
-              _Pragma("omp simd reduction(+ : sg, sgx)")
-              for (int64_t i = 0; i < h; ++i) {
-                const float a = static_cast<float>(xr[i]) + xb[i];
-                const float f = drop_l.factor(base + i);
-                const float xh = (cpu::act_f<A>(a) * f + static_cast<float>(rr[i]) - m) * s;
-                const float d = static_cast<float>(dyr[i]);
-                const float g = d * w[i];
-                sg += g;
-                sgx += g * xh;
-                dw_acc[i] += d * xh;
-                db_acc[i] += d;
-                xhat[i] = xh;
-                ag[i] = f * cpu::act_grad_f<A>(a);
-              }
+              backward_pass1<A, true>(xr, rr, dyr, xb, w, m, s, drop_l, base, h, dw_acc, db_acc, xhat, ag, sg, sgx);
             } else {
-              _Pragma("omp simd reduction(+ : sg, sgx)")
-              for (int64_t i = 0; i < h; ++i) {
-                const float a = static_cast<float>(xr[i]) + xb[i];
-                const float xh = (cpu::act_f<A>(a) + static_cast<float>(rr[i]) - m) * s;
-                const float d = static_cast<float>(dyr[i]);
-                const float g = d * w[i];
-                sg += g;
-                sgx += g * xh;
-                dw_acc[i] += d * xh;
-                db_acc[i] += d;
-                xhat[i] = xh;
-                if constexpr (A != Activation::kNone) ag[i] = cpu::act_grad_f<A>(a);
-              }
+              backward_pass1<A, false>(xr, rr, dyr, xb, w, m, s, drop_l, base, h, dw_acc, db_acc, xhat, ag, sg, sgx);
             }
             // pass 2: dh = rstd (g - mean(g) - xhat mean(g xhat)); dx = dh act'(a); the dx_bias partial
             const float mg = sg * inv_h, mgx = sgx * inv_h;
