@@ -12,7 +12,7 @@ import gc
 
 import torch
 
-from benchmarks.common import timeit
+from benchmarks.common import timeit, timeit_interleaved
 
 MODELS = {
     "minilm-l6": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -127,8 +127,9 @@ def _train_step(name, dtype, cfg, sdpa, ours, device, quick, progress):
         return []
     b = 32 if device.type == "cuda" else 8
     ids, mask, lengths = _batch(b, 128, None, cfg.vocab_size, device)
-    rows = []
-    for impl, model in (("bertfast", ours), ("transformers-sdpa", sdpa)):
+    workload = f"train-{b}x128"
+
+    def make_step(model):
         model = copy.deepcopy(model).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
 
@@ -137,17 +138,17 @@ def _train_step(name, dtype, cfg, sdpa, ours, device, quick, progress):
             out.float().square().mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if progress:
-            progress(f"{name} {str(dtype)[6:]} train-32x128 {impl}")
-        try:
-            t = timeit(step, device, rep_ms=300 if quick else 600)
-            rows.append(_row(name, dtype, f"train-{b}x128", impl, t, 3 * forward_flops(MODELS[name], lengths),
-                             lengths, device))
-        except Exception as exc:  # noqa: BLE001
-            rows.append(_row(name, dtype, f"train-{b}x128", impl, None, 0, lengths, device,
-                             error=f"{type(exc).__name__}: {exc}"))
-        del model, opt
-    return rows
+        return step
+    steps = {"bertfast": make_step(ours), "transformers-sdpa": make_step(sdpa)}
+    if progress:
+        progress(f"{name} {str(dtype)[6:]} {workload} {' / '.join(steps)} (interleaved on CPU)")
+    try:
+        times = timeit_interleaved(steps, device, rep_ms=300 if quick else 600)
+        return [_row(name, dtype, workload, impl, t, 3 * forward_flops(MODELS[name], lengths), lengths, device)
+                for impl, t in times.items()]
+    except Exception as exc:  # noqa: BLE001
+        return [_row(name, dtype, workload, impl, None, 0, lengths, device, error=f"{type(exc).__name__}: {exc}")
+                for impl in steps]
 
 
 def _row(model, dtype, workload, impl, t, flops, lengths, device, peak_mib=None, error=None):

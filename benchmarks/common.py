@@ -32,6 +32,34 @@ def timeit(fn, device, warmup_ms: float = 100, rep_ms: float = 400, min_reps: in
     return {"ms": statistics.median(times), "p20": q[0], "p80": q[3]}
 
 
+def timeit_interleaved(fns: dict, device, rep_ms: float = 400, min_reps: int = 5) -> dict:
+    """{name: timeit-style dict} for several callables; on CPU their repetitions alternate (a, b, a, b, ...)
+    so that the drift of a shared machine (other tenants, clocks) hits each of them alike. On CUDA each is
+    timed on its own with do_bench (CUDA events are not disturbed that way)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {name: timeit(fn, device, rep_ms=rep_ms) for name, fn in fns.items()}
+    for fn in fns.values():     # warm-up (allocator, first-call costs)
+        fn()
+    one = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        one[name] = time.perf_counter() - t0
+    reps = max(min_reps, int(rep_ms / 1e3 / max(max(one.values()), 1e-6)))
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=5)
+        out[name] = {"ms": statistics.median(ts), "p20": q[0], "p80": q[3]}
+    return out
+
+
 def copy_bandwidth_gbs(device) -> float:
     """Measured device-to-device copy bandwidth (bytes read + written per second), the memory ceiling."""
     device = torch.device(device)
