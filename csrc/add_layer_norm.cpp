@@ -72,10 +72,24 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
+// The helpers below take every input as a parameter: nothing is read through a closure that the row stores
+// might alias (GCC then reloads it per element and does not vectorise the loop).
+
+// Forward, one row: the pre-LayerNorm h = dropout(act(x + x_bias)) + residual (rr: the fp32 residual row,
+// zeros when absent; base: the row's flat offset, the dropout counter of its first element).
+template <Activation A, bool kDropout, typename T>
+BF_INLINE void pre_norm_row(const T* __restrict xr, const float* __restrict xb, const float* __restrict rr,
+                            cpu::Dropout drop, uint64_t base, int64_t h, float* __restrict hr) {
+#pragma omp simd
+  for (int64_t i = 0; i < h; ++i) {
+    const float f = kDropout ? drop.factor(base + i) : 1.0f;
+    hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) * f + rr[i];
+  }
+}
+
 // Backward pass 1 over one row: recompute h = dropout(act(x + x_bias)) + residual and xhat; the two row sums of
 // the LayerNorm backward (sg = sum g, sgx = sum g xhat, g = dy w); the dweight / dbias partials; xhat and
-// ag = dropout factor * act'(x + x_bias) for pass 2. Every input is a parameter (nothing read through a
-// closure that the row stores might alias), so the loop vectorises.
+// ag = dropout factor * act'(x + x_bias) for pass 2.
 template <Activation A, bool kDropout, typename T>
 BF_INLINE void backward_pass1(const T* __restrict xr, const T* __restrict rr, const T* __restrict dyr,
                               const float* __restrict xb, const float* __restrict w, float m, float s,
@@ -99,6 +113,21 @@ BF_INLINE void backward_pass1(const T* __restrict xr, const T* __restrict rr, co
   }
   sg_out = sg;
   sgx_out = sgx;
+}
+
+// Backward pass 2 over one row: dh = rstd (g - mean(g) - xhat mean(g xhat)); dresidual = dh (kResidualGrad);
+// dx = dh * ag (kScaled: an activation or dropout; else dx = dh); the dx_bias partial.
+template <bool kResidualGrad, bool kScaled, typename T>
+BF_INLINE void backward_pass2(const T* __restrict dyr, const float* __restrict w, const float* __restrict xhat,
+                              const float* __restrict ag, float s, float mg, float mgx, int64_t h,
+                              T* __restrict dxr, T* __restrict drr, float* __restrict dxb_acc) {
+  for (int64_t i = 0; i < h; ++i) {
+    const float dh = s * (static_cast<float>(dyr[i]) * w[i] - mg - xhat[i] * mgx);
+    const float dxv = kScaled ? dh * ag[i] : dh;
+    if constexpr (kResidualGrad) drr[i] = static_cast<T>(dh);
+    dxr[i] = static_cast<T>(dxv);
+    dxb_acc[i] += dxv;
+  }
 }
 
 }  // namespace
@@ -135,9 +164,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tens
     cpu::dispatch_activation(act, [&](auto act_c) {
       constexpr Activation A = decltype(act_c)::value;
       cpu::parallel_rows(n, cpu::row_grain(h), [=](int64_t begin, int64_t end) {
-        // a local copy: the captured one lives in the closure, which the row stores below may alias (GCC then
-        // reloads it each element and does not vectorise the loop)
-        const cpu::Dropout drop_l = drop;
         // fp32 copies of weight, bias, x_bias (zeros when absent), residual row (zeros when absent), h row.
         std::vector<float> buf(5 * h, 0.0f);
         float* w = buf.data();
@@ -151,14 +177,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tens
         for (int64_t row = begin; row < end; ++row) {
           const T* xr = xp + row * h;
           if (rp) cpu::load_row(rp + row * h, rr, h);
-          if (drop_l.on) {
-            const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
-            _Pragma("omp simd")
-            for (int64_t i = 0; i < h; ++i) {
-              hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) * drop_l.factor(base + i) + rr[i];
-            }
+          const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
+          if (drop.on) {
+            pre_norm_row<A, true>(xr, xb, rr, drop, base, h, hr);
           } else {
-            for (int64_t i = 0; i < h; ++i) hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) + rr[i];
+            pre_norm_row<A, false>(xr, xb, rr, drop, base, h, hr);
           }
           float m, s;
           cpu::row_moments(hr, h, feps, m, s);
@@ -220,7 +243,6 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
     cpu::dispatch_activation(act, [&](auto act_c) {
       constexpr Activation A = decltype(act_c)::value;
       cpu::parallel_rows(blocks.n_blocks, 1, [=](int64_t block_begin, int64_t block_end) {
-        const cpu::Dropout drop_l = drop;  // a local copy, as in the forward
         // fp32 weight and x_bias (zeros when absent); per row: xhat and g = dropout factor * act'(x + x_bias).
         // A missing residual reads a row of zeros, so one loop serves both cases.
         std::vector<float> buf(4 * h, 0.0f);
@@ -245,36 +267,20 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
             // LayerNorm backward; the dweight / dbias partials
             float sg = 0.0f, sgx = 0.0f;
             const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
-            if (drop_l.on) {
-              backward_pass1<A, true>(xr, rr, dyr, xb, w, m, s, drop_l, base, h, dw_acc, db_acc, xhat, ag, sg, sgx);
+            if (drop.on) {
+              backward_pass1<A, true>(xr, rr, dyr, xb, w, m, s, drop, base, h, dw_acc, db_acc, xhat, ag, sg, sgx);
             } else {
-              backward_pass1<A, false>(xr, rr, dyr, xb, w, m, s, drop_l, base, h, dw_acc, db_acc, xhat, ag, sg, sgx);
+              backward_pass1<A, false>(xr, rr, dyr, xb, w, m, s, drop, base, h, dw_acc, db_acc, xhat, ag, sg, sgx);
             }
-            // pass 2: dh = rstd (g - mean(g) - xhat mean(g xhat)); dx = dh act'(a); the dx_bias partial
+            // pass 2 (dresidual is only written where it differs from dx, i.e. when scaled)
             const float mg = sg * inv_h, mgx = sgx * inv_h;
             T* __restrict dxr = dxp + row * h;
             if (drp) {
-              T* __restrict drr = drp + row * h;
-              for (int64_t i = 0; i < h; ++i) {
-                const float dh = s * (static_cast<float>(dyr[i]) * w[i] - mg - xhat[i] * mgx);
-                const float dxv = dh * ag[i];
-                drr[i] = static_cast<T>(dh);
-                dxr[i] = static_cast<T>(dxv);
-                dxb_acc[i] += dxv;
-              }
+              backward_pass2<true, true>(dyr, w, xhat, ag, s, mg, mgx, h, dxr, drp + row * h, dxb_acc);
             } else if (scaled) {
-              for (int64_t i = 0; i < h; ++i) {
-                const float dh = s * (static_cast<float>(dyr[i]) * w[i] - mg - xhat[i] * mgx);
-                const float dxv = dh * ag[i];
-                dxr[i] = static_cast<T>(dxv);
-                dxb_acc[i] += dxv;
-              }
+              backward_pass2<false, true>(dyr, w, xhat, ag, s, mg, mgx, h, dxr, drp, dxb_acc);
             } else {
-              for (int64_t i = 0; i < h; ++i) {
-                const float dh = s * (static_cast<float>(dyr[i]) * w[i] - mg - xhat[i] * mgx);
-                dxr[i] = static_cast<T>(dh);
-                dxb_acc[i] += dh;
-              }
+              backward_pass2<false, false>(dyr, w, xhat, ag, s, mg, mgx, h, dxr, drp, dxb_acc);
             }
           }
         }
