@@ -58,16 +58,11 @@ def _cases():
     yg, mean_g, rstd_g = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "gelu")
     u, ub, du = randn(T, I), randn(I), randn(T, I)
 
-    def ln_composite_bwd(act):
+    def ln_composite_bwd(act, dropout_p=0.0):
         leaves = [t.clone().requires_grad_() for t in (x, w, b, r, xb)]
         z = leaves[0] + leaves[4]
         z = F.gelu(z) if act == "gelu" else z
-        out = F.layer_norm(z + leaves[3], (H,), leaves[1], leaves[2], 1e-12)
-        return lambda: torch.autograd.grad(out, leaves, dy, retain_graph=True)
-
-    def ln_dropout_composite_bwd():
-        leaves = [t.clone().requires_grad_() for t in (x, w, b, r, xb)]
-        z = F.dropout(leaves[0] + leaves[4], 0.1, training=True)
+        z = F.dropout(z, dropout_p, training=True) if dropout_p else z
         out = F.layer_norm(z + leaves[3], (H,), leaves[1], leaves[2], 1e-12)
         return lambda: torch.autograd.grad(out, leaves, dy, retain_graph=True)
 
@@ -120,7 +115,7 @@ def _cases():
          lambda: F.layer_norm(F.dropout(x + xb, 0.1, training=True) + r, (H,), w, b, 1e-12)),
         ("add_layer_norm_backward(dropout 0.1)", f"{T}x{H}",
          lambda: ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, "", 0.1, 1234),
-         ln_dropout_composite_bwd()),
+         ln_composite_bwd("", 0.1)),
         ("bias_act(gelu)", f"{T}x{I}", lambda: ops.bias_act(u, ub, "gelu"), lambda: F.gelu(u + ub)),
         ("bias_act(gelu_tanh)", f"{T}x{I}", lambda: ops.bias_act(u, ub, "gelu_tanh"),
          lambda: F.gelu(u + ub, approximate="tanh")),

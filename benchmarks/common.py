@@ -18,18 +18,7 @@ def timeit(fn, device, warmup_ms: float = 100, rep_ms: float = 400, min_reps: in
         from triton.testing import do_bench
         med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return {"ms": med, "p20": p20, "p80": p80}
-    fn()   # warm-up (allocator, first-call costs)
-    t0 = time.perf_counter()
-    fn()
-    one = time.perf_counter() - t0
-    reps = max(min_reps, int(rep_ms / 1e3 / max(one, 1e-6)))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return {"ms": statistics.median(times), "p20": q[0], "p80": q[3]}
+    return timeit_interleaved({"fn": fn}, device, rep_ms=rep_ms, min_reps=min_reps)["fn"]
 
 
 def timeit_interleaved(fns: dict, device, rep_ms: float = 400, min_reps: int = 5) -> dict:
@@ -46,7 +35,7 @@ def timeit_interleaved(fns: dict, device, rep_ms: float = 400, min_reps: int = 5
         t0 = time.perf_counter()
         fn()
         one[name] = time.perf_counter() - t0
-    reps = max(min_reps, int(rep_ms / 1e3 / max(max(one.values()), 1e-6)))
+    reps = max(min_reps, 2, int(rep_ms / 1e3 / max(max(one.values()), 1e-6)))   # quantiles need two
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():

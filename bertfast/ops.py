@@ -674,8 +674,7 @@ def _embed_op(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_ty
               word_emb: Tensor, pos_emb: Tensor, type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor,
               eps: float, padding_idx: int, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     if impl == "cpp":
-        if type_emb is not None and token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+        # token_type_ids=None with a type table reads type 0 for every token inside the C++ op (as transformers)
         return tuple(torch.ops.bertfast_C.embed(input_ids, indices, position_ids, token_type_ids, word_emb,
                                                 pos_emb, type_emb, ln_weight, ln_bias, eps))
     return _embed_reference(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
@@ -699,8 +698,6 @@ def _embed_backward_op(dy: Tensor, input_ids: Tensor, indices: Tensor, position_
     Like nn.Embedding(padding_idx=...), the padding row of the word embeddings gets no gradient.
     mean / rstd: the forward's LayerNorm statistics (read by the C++ CPU backward only)."""
     if impl == "cpp" and dy.device.type == "cpu":
-        if type_emb is not None and token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
         # one pass over the T tokens: recompute the sum from the tables, LayerNorm backward, scatter each
         # token's gradient into its table rows in token order (deterministic; csrc/embed.cpp)
         grads = list(torch.ops.bertfast_C.embed_backward(dy, input_ids, indices, position_ids, token_type_ids,
