@@ -48,6 +48,7 @@ if [ $DRY = 1 ]; then
   $PY -c "import torch, bertfast, benchmarks.suite" || { log "bertfast or benchmarks not importable"; exit 1; }
   $PY -m bertfast bench --dry-run --device cpu >>"$LOG" 2>&1 || { log "bench --dry-run failed"; exit 1; }
   $PY -m pytest --collect-only -q tests >>"$LOG" 2>&1 || { log "pytest cannot collect tests"; exit 1; }
+  $PY -m benchmarks.host_profile --device cpu --tiny --calls 2 >>"$LOG" 2>&1 || { log "host_profile failed"; exit 1; }
 fi
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -74,6 +75,9 @@ probe() {
 }
 export -f probe
 step "exception probe" 240 bash -c probe
+# where an eager forward's host time goes (bert-base 1x128: per forward, per op through each layer of the call,
+# cProfile, torch.profiler), into OUT/host_profile.txt: eager bertfast was host-bound on the H100 (NOTES)
+step "host profile" 150 $PY -m benchmarks.host_profile --device cuda --out "$OUT"
 # one pytest process per test file: a crash in one file (a bad kernel can take the process down) cannot hide
 # the results of the others; every file's summary line lands in the log
 run_tests() {

@@ -73,5 +73,5 @@ def test_gpu_suite_dry_run(tmp_path):
     res = _run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path), "--dry-run"], env={"PYTHON": sys.executable})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "dry run: OK" in res.stdout
-    for step in ("install + CUDA build", "GPU tests", "benchmarks"):
+    for step in ("install + CUDA build", "host profile", "GPU tests", "benchmarks"):
         assert step in res.stdout
