@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import KernelSpec, UnsupportedInput, launch_arch, torch_to_triton_dtype
+from .config import KernelSpec, UnsupportedInput, cdiv, launch_arch, next_pow2, torch_to_triton_dtype
 
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -443,7 +443,7 @@ def _dropout_mask_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 def _block_d(head_dim: int) -> int:
-    return triton.next_power_of_2(head_dim)
+    return next_pow2(head_dim)
 
 
 # The launch rule. Keys: (input kind: "16" = fp16/bf16, "tf32" / "ieee" = fp32 with that dot precision;
@@ -700,7 +700,7 @@ def attention_forward(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: i
     cfg = _fwd_config(head_dim, qkv.dtype, launch_arch(qkv.device), dropout_p > 0.0, fp32_precision)
     batch = cu_seqlens.shape[0] - 1
     seed_lo, seed_hi = _seed_halves(seed)
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), heads, batch)
+    grid = (cdiv(max_seqlen, cfg["BLOCK_M"]), heads, batch)
     with _device_ctx(qkv.device):
         _attn_fwd_kernel[grid](
             qkv, out, lse, cu_seqlens,
@@ -761,12 +761,12 @@ def attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, PRECISION=precision,
                   N_ROUNDS=PHILOX_ROUNDS)
     with _device_ctx(qkv.device):
-        _attn_bwd_preprocess_kernel[(triton.cdiv(n_tokens, _pre_block_t(qkv.dtype)), heads)](
+        _attn_bwd_preprocess_kernel[(cdiv(n_tokens, _pre_block_t(qkv.dtype)), heads)](
             out, dout, delta, n_tokens,
             out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=_pre_block_t(qkv.dtype), num_warps=4, num_stages=1,
         )
-        _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, kv_cfg["BLOCK_N"]), heads, batch)](
+        _attn_bwd_dkdv_kernel[(cdiv(max_seqlen, kv_cfg["BLOCK_N"]), heads, batch)](
             qkv, dout, lse, delta, dqkv, cu_seqlens,
             qkv.stride(0), qkv.stride(1), qkv.stride(2),
             dout.stride(0), dout.stride(1),
@@ -776,7 +776,7 @@ def attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
             float(dropout_p), seed_lo, seed_hi,
             **common, **kv_cfg,
         )
-        _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, q_cfg["BLOCK_M"]), heads, batch)](
+        _attn_bwd_dq_kernel[(cdiv(max_seqlen, q_cfg["BLOCK_M"]), heads, batch)](
             qkv, dout, lse, delta, dqkv, cu_seqlens,
             qkv.stride(0), qkv.stride(1), qkv.stride(2),
             dout.stride(0), dout.stride(1),
@@ -806,7 +806,7 @@ def dropout_mask(cu_seqlens: torch.Tensor, max_seqlen: int, heads: int, dropout_
     mask = torch.empty((batch, heads, max_seqlen, max_seqlen), dtype=torch.uint8, device=device)
     seed_lo, seed_hi = _seed_halves(seed)
     with _device_ctx(device):
-        _dropout_mask_kernel[(triton.cdiv(max_seqlen, _MASK_BLOCK), heads, batch)](
+        _dropout_mask_kernel[(cdiv(max_seqlen, _MASK_BLOCK), heads, batch)](
             mask, cu_seqlens, max_seqlen, float(dropout_p), seed_lo, seed_hi,
             BLOCK_M=_MASK_BLOCK, BLOCK_N=_MASK_BLOCK, N_ROUNDS=PHILOX_ROUNDS, num_warps=4, num_stages=1,
         )

@@ -7,6 +7,7 @@ the configurations these functions can return, so the compile report covers exac
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import triton
@@ -38,6 +39,18 @@ class KernelSpec:
     archs: tuple = (80, 90)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code. triton.cdiv and triton.next_power_of_2 are ConstexprFunctions in Triton 3.6,
+    which cost ~1.5 us a call from host code (about a hundred calls per eager BERT forward)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for host code (see cdiv)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+@functools.lru_cache(maxsize=512)
 def row_block(n_cols: int, what: str = "hidden size") -> tuple[int, int]:
     """(BLOCK_N, num_warps) for a kernel that keeps a whole row of n_cols in registers.
 
@@ -46,7 +59,7 @@ def row_block(n_cols: int, what: str = "hidden size") -> tuple[int, int]:
         raise UnsupportedInput(f"{what} must be >= 1, got {n_cols}")
     if n_cols > MAX_FUSED_HIDDEN:
         raise UnsupportedInput(f"{what} {n_cols} is larger than the fused kernels support ({MAX_FUSED_HIDDEN})")
-    block = triton.next_power_of_2(n_cols)
+    block = next_pow2(n_cols)
     num_warps = 1 if block <= 256 else 2 if block <= 512 else 4 if block <= 2048 else 8
     return block, num_warps
 
@@ -59,10 +72,16 @@ def torch_to_triton_dtype(dtype) -> str:
 
 def launch_arch(device) -> int:
     """Compute capability as an int (80, 86, 89, 90, ...) of the device the tensor lives on; 80 under the
-    interpreter (CPU tensors), so CPU runs take the sm_80 configs."""
-    import torch
+    interpreter (CPU tensors), so CPU runs take the sm_80 configs. Cached per device: it is asked on every
+    attention launch."""
     if device.type != "cuda":
         return 80
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
+    import torch
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
 
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    import torch
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bertfast.kernels.config import KernelSpec, UnsupportedInput, torch_to_triton_dtype
+from bertfast.kernels.config import KernelSpec, UnsupportedInput, cdiv, torch_to_triton_dtype
 
 # activation codes shared with layer_norm.py (constexpr ACTIVATION)
 ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SILU = 0, 1, 2, 3, 4
@@ -157,7 +157,7 @@ def _programs_per_column(device, n_row_tiles: int, n_col_blocks: int) -> int:
         idx = device.index if device.index is not None else torch.cuda.current_device()
         if idx not in _SM_COUNT:
             _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        target = triton.cdiv(_SM_COUNT[idx] * 8, n_col_blocks)
+        target = cdiv(_SM_COUNT[idx] * 8, n_col_blocks)
     else:
         target = 4
     return max(1, min(n_row_tiles, target))
@@ -221,7 +221,7 @@ def bias_act_forward(x, bias=None, activation: str = "gelu", out=None):
             raise UnsupportedInput(f"out must have x's shape {tuple(x.shape)}, got {tuple(out.shape)}")
     if x.numel() == 0:
         return out
-    grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(n_cols, BLOCK_N))
+    grid = (cdiv(n_rows, BLOCK_M), cdiv(n_cols, BLOCK_N))
     with device_guard(x):
         _bias_act_fwd_kernel[grid](
             x, bias if bias is not None else x, out, n_rows, n_cols,
@@ -246,8 +246,8 @@ def bias_act_backward(dy, x, bias=None, activation: str = "gelu"):
     if x.numel() == 0:
         dbias = None if bias is None else torch.zeros_like(bias)
         return dx, dbias
-    n_row_tiles = triton.cdiv(n_rows, BLOCK_M)
-    n_col_blocks = triton.cdiv(n_cols, BLOCK_N)
+    n_row_tiles = cdiv(n_rows, BLOCK_M)
+    n_col_blocks = cdiv(n_cols, BLOCK_N)
     g = _programs_per_column(x.device, n_row_tiles, n_col_blocks)
     part = torch.empty((g, n_cols), dtype=torch.float32, device=x.device) if bias is not None else dx
     with device_guard(x):

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bertfast.kernels.config import (MAX_FUSED_HIDDEN, KernelSpec, UnsupportedInput, row_block,
+from bertfast.kernels.config import (MAX_FUSED_HIDDEN, KernelSpec, UnsupportedInput, cdiv, row_block,
                                      torch_to_triton_dtype)
 from bertfast.kernels.gelu import ACT_GELU, ACT_GELU_TANH, ACT_NONE, _act_bwd, _act_fwd, device_guard
 
@@ -327,8 +327,8 @@ def add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=None, x_bi
         zeros = torch.zeros_like(weight)
         return dx, dres, zeros, torch.zeros_like(bias), (torch.zeros_like(x_bias) if x_bias is not None else None)
     g = _backward_programs(x.device, n_rows, num_warps)
-    rows_per_program = triton.cdiv(n_rows, g)
-    g = triton.cdiv(n_rows, rows_per_program)  # no empty programs
+    rows_per_program = cdiv(n_rows, g)
+    g = cdiv(n_rows, rows_per_program)  # no empty programs
     n_parts = 3 if x_bias is not None else 2
     parts = torch.empty((n_parts, g, n_cols), dtype=torch.float32, device=x.device)
     dropout_p = float(dropout_p)
@@ -361,7 +361,7 @@ def dropout_keep_mask(shape, p: float, seed: int, device) -> torch.Tensor:
     keep = torch.empty(numel, dtype=torch.uint8, device=device)
     if numel:
         with device_guard(keep):
-            _dropout_keep_kernel[(triton.cdiv(numel, DROPOUT_BLOCK),)](
+            _dropout_keep_kernel[(cdiv(numel, DROPOUT_BLOCK),)](
                 keep, numel, float(p), int(seed), BLOCK=DROPOUT_BLOCK, num_warps=4, num_stages=1)
     return keep.view(shape).bool()
 

@@ -75,3 +75,28 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "dry run: OK" in res.stdout
     for step in ("install + CUDA build", "host profile", "GPU tests", "benchmarks"):
         assert step in res.stdout
+
+
+def test_host_proxy_times_the_triton_launch_path():
+    """benchmarks.host_proxy claims to time a CUDA eager forward's host path: under its stand-in driver every
+    layer must launch its four Triton kernels through Triton's JITFunction.run (none silently skipped or sent to
+    another implementation). Runs in a subprocess: this process has TRITON_INTERPRET=1, which swaps Triton's
+    launch path for the interpreter's."""
+    code = """
+import torch
+from benchmarks import host_proxy
+cfg, model = host_proxy._model(layers=2)
+launched = []
+with host_proxy.stand_in_gpu(), torch.inference_mode():
+    from triton.runtime import driver
+    driver.active.launcher_cls = lambda src, metadata: (lambda *args: launched.append(src.name))
+    ids = torch.randint(1, cfg.vocab_size, (2, 9))
+    model(ids, attention_mask=torch.ones_like(ids))
+print(sorted(launched))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    per_layer = ["_add_ln_fwd_kernel", "_add_ln_fwd_kernel", "_attn_fwd_kernel", "_bias_act_fwd_kernel"]
+    assert res.stdout.strip().splitlines()[-1] == str(sorted(per_layer * 2))

@@ -1,0 +1,155 @@
+"""The host side of a CUDA eager forward, timed on a machine without a GPU.
+
+Eager bertfast on the H100 was host-bound (bert-base 1x128: 8.8 ms eager against 0.53 ms as a CUDA graph), so
+the Python work around each kernel launch is what to shrink, and most of it does not need a GPU to be timed:
+here every Triton kernel goes through Triton's real launch path (``JITFunction.run``: argument binding,
+specialisation, cache lookup, and our launchers' checks and allocations before it) with a stand-in driver whose
+launch does nothing, while GEMMs and the C++ ops run on the CPU. A 12-layer model 64 wide (head dim 32, so the
+Triton attention serves it) on 16 tokens in fp32 keeps the CPU arithmetic small (its GEMMs: ~5% of the time),
+so what is timed is host work. The per-launcher rows use fp16 inputs.
+
+Not included (so the proxy underestimates a GPU machine's host time): Triton's C launcher and the CUDA driver
+call behind each launch, the CUDA caching allocator, and stream / device queries. Triton internals used:
+``triton.runtime.driver.set_active``, a driver's ``launcher_cls`` / ``utils.load_binary`` (Triton 3.x).
+
+    python -m benchmarks.host_proxy             per-forward and per-launcher host time
+    python -m benchmarks.host_proxy --profile   plus a cProfile of the forwards
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import pstats
+import time
+import types
+
+import torch
+
+
+class StandInDriver:
+    """Enough of a Triton GPU driver for JITFunction.run to compile (for sm_90) and 'launch' (a no-op)."""
+
+    def __init__(self, arch: int = 90):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+        props = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+        self.utils = types.SimpleNamespace(get_device_properties=lambda device: props,
+                                           load_binary=lambda name, kernel, shared, device: (1, 1, 64, 0, 1024))
+        self.launcher_cls = lambda src, metadata: (lambda *args: None)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+@contextlib.contextmanager
+def stand_in_gpu():
+    """Triton launches through StandInDriver; bertfast picks the Triton kernels on CPU tensors as it would on
+    CUDA (the C++ ops where CUDA would use them)."""
+    from triton import knobs
+    from triton.runtime import driver
+
+    from bertfast import ops
+    if knobs.runtime.interpret:
+        raise RuntimeError("host_proxy times Triton's compiled launch path, which TRITON_INTERPRET=1 replaces with "
+                           "the interpreter: unset TRITON_INTERPRET")
+    previous = driver._active
+    driver.set_active(StandInDriver())
+    original = ops.choose
+
+    def choose(op, device, **facts):
+        return "triton" if op in ops.TRITON_MODULES else original(op, device, **facts)
+
+    ops.choose = choose
+    try:
+        yield
+    finally:
+        ops.choose = original
+        driver._active = previous
+
+
+def per_call_us(fn, calls: int = 2000, repeats: int = 7) -> float:
+    """Host microseconds per call: the fastest of `repeats` runs of `calls` calls (the least disturbed by the
+    shared machine; host overhead has no benefit of luck to hide)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return min(times)
+
+
+def _model(layers=12, hidden=64, heads=2):
+    from transformers import BertConfig
+    from transformers import BertModel as HFBertModel
+
+    import bertfast
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=4 * hidden, vocab_size=30522)
+    hf = HFBertModel._from_config(cfg, attn_implementation="sdpa").eval()
+    return cfg, bertfast.BertModel.from_hf(hf).eval()
+
+
+def run(profile: bool = False, tokens: int = 16) -> dict:
+    from bertfast import ops
+    from bertfast.kernels import attention, gelu, layer_norm
+    torch.set_num_threads(1)
+    cfg, model = _model()
+    h, i, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    dt = torch.float16
+    x, r, w, b = torch.randn(tokens, h, dtype=dt), torch.randn(tokens, h, dtype=dt), torch.ones(h, dtype=dt), \
+        torch.zeros(h, dtype=dt)
+    u, ub = torch.randn(tokens, i, dtype=dt), torch.randn(i, dtype=dt)
+    qkv = torch.randn(tokens, 3, heads, h // heads, dtype=dt)
+    cu = torch.tensor([0, tokens], dtype=torch.int32)
+    ids = torch.randint(1, cfg.vocab_size, (1, tokens))
+    mask = torch.ones_like(ids)
+    results = {}
+    with stand_in_gpu(), torch.inference_mode():
+        rows = {
+            "add_layer_norm  bertfast.ops": lambda: ops.add_layer_norm(x, w, b, 1e-12, residual=r, x_bias=b),
+            "add_layer_norm  launcher": lambda: layer_norm.add_layer_norm_forward(x, w, b, 1e-12, r, b),
+            "bias_act        bertfast.ops": lambda: ops.bias_act(u, ub, "gelu"),
+            "bias_act        launcher": lambda: gelu.bias_act_forward(u, ub, "gelu"),
+            "attention       bertfast.ops": lambda: ops.varlen_attention(qkv, cu, tokens),
+            "attention       launcher": lambda: attention.attention_forward(qkv, cu, tokens, 0.125, validate=False),
+            "torch.empty (reference point)": lambda: torch.empty(tokens, h, dtype=dt),
+        }
+        for name, fn in rows.items():
+            results[name] = per_call_us(fn)
+        fwd = {"forward, attention_mask given": lambda: model(ids, attention_mask=mask),
+               "forward, no attention_mask": lambda: model(ids)}
+        for name, fn in fwd.items():
+            results[name] = per_call_us(fn, calls=50, repeats=15)
+        print(f"host time per call (us), Triton launches through a stand-in driver; {cfg.num_hidden_layers}-layer "
+              f"{h}-wide model (fp32) on {tokens} tokens, 1 thread; launcher rows fp16")
+        for name, us in results.items():
+            print(f"  {name:<36} {us:9.1f}")
+        if profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(100):
+                fwd["forward, attention_mask given"]()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--profile", action="store_true", help="also print a cProfile of 100 forwards")
+    a = p.parse_args(argv)
+    run(a.profile)
+
+
+if __name__ == "__main__":
+    main()
