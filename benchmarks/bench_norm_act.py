@@ -53,16 +53,22 @@ def _ln_impls(n, h, dtype, device):
 
     impls = {}
 
-    def ours_fwd():
-        return ln.add_layer_norm_forward(x.detach(), w.detach(), b.detach(), EPS, residual=res.detach(),
-                                         x_bias=xb.detach())
+    def ours(rows=None):
+        def fwd():
+            return ln.add_layer_norm_forward(x.detach(), w.detach(), b.detach(), EPS, residual=res.detach(),
+                                             x_bias=xb.detach(), rows=rows)
 
-    def ours_fwd_bwd():
-        y, mean, rstd = ours_fwd()
-        return ln.add_layer_norm_backward(dy, x.detach(), w.detach(), b.detach(), mean, rstd,
-                                          residual=res.detach(), x_bias=xb.detach())
+        def fwd_bwd():
+            # as the encoder calls it: with no activation or dropout, dresidual is dx (one tensor, NOTES change 8)
+            y, mean, rstd = fwd()
+            return ln.add_layer_norm_backward(dy, x.detach(), w.detach(), b.detach(), mean, rstd,
+                                              residual=res.detach(), x_bias=xb.detach(), residual_grad_is_dx=True)
+        return fwd, fwd_bwd
 
-    impls["bertfast"] = (ours_fwd, ours_fwd_bwd)
+    impls["bertfast"] = ours()
+    # the launch policy's multi-row candidate for narrow rows (NOTES change 10), timed beside the default
+    for rows in ln.forward_row_choices(ln.row_block(h)[0])[1:]:
+        impls[f"bertfast rows={rows}"] = ours(rows)
 
     def autograd_pair(fn):
         def fwd():
@@ -136,8 +142,10 @@ def _bytes(op, n, h, elem, mode):
     if op == "add_layer_norm":
         # fwd: read x, residual (+ 3 [H] vectors), write y, mean, rstd
         fwd = (3 * n * h + 3 * h) * elem + 8 * n
-        # bwd: read dy, x, residual, w, xb, mean, rstd; write dx, dresidual, dw, db, dxb
-        bwd = (5 * n * h + 5 * h) * elem + 8 * n
+        # bwd: read dy, x, residual, w, xb, mean, rstd; write dx (= dresidual: autograd hands the one tensor to
+        # both inputs, in torch as in bertfast), dw, db, dxb. (Before 2026-11-25 this counted a separate
+        # dresidual, 5 [N, H] tensors instead of 4: fwd+bwd GB/s of earlier results are not comparable.)
+        bwd = (4 * n * h + 5 * h) * elem + 8 * n
     else:
         fwd = (2 * n * h + h) * elem
         bwd = (3 * n * h + 2 * h) * elem  # read dy, x (+bias), write dx (+dbias)

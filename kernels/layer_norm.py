@@ -12,8 +12,9 @@ offset in the [N, H] tensor, scaled by 1 / (1 - dropout_p). The backward regener
 (seed, offset); ``dropout_keep_mask`` returns it for tests and reference code. seed: 0 <= seed < 2**63.
 
 Launch rules (block sizes from config.row_block, the library's one row-kernel policy):
-  forward : grid (N,), one row per program, the whole row in registers (BLOCK_N = next_pow2(H), num_warps
-            from row_block).
+  forward : grid (cdiv(N, ROWS),), program p normalises rows [p * ROWS, (p + 1) * ROWS) as one [ROWS, BLOCK_N]
+            tile in registers (BLOCK_N = next_pow2(H)); ROWS = 1 by default, num_warps from row_block for
+            ROWS * BLOCK_N elements (forward_row_choices / forward_warps).
   backward: grid (G,), num_warps = backward_warps(BLOCK_N) (more than the forward's: the backward holds more
             row-sized fp32 arrays; the table is checked by the compile report), hidden <= BACKWARD_MAX_HIDDEN = 4096
             (wider rows spill even at 32 warps); program g takes rows [g * R, (g + 1) * R), R = cdiv(N, G); it writes dx (and
@@ -55,33 +56,36 @@ def _add_ln_fwd_kernel(
     y_ptr,         # [N, H] output, x's dtype
     mean_ptr,      # [N] fp32
     rstd_ptr,      # [N] fp32
-    n_cols, eps, dropout_p, dropout_scale, seed,
+    n_rows, n_cols, eps, dropout_p, dropout_scale, seed,
     HAS_X_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # program p normalises rows [p * ROWS, (p + 1) * ROWS) as one [ROWS, BLOCK_N] tile
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
     col_mask = cols < n_cols
-    row_off = row * n_cols  # int64 scalar: pointers are a 64-bit row base plus 32-bit column offsets
-    z = tl.load(x_ptr + row_off + cols, mask=col_mask, other=0.0).to(tl.float32)
+    mask = row_mask[:, None] & col_mask[None, :]
+    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]   # int64: N * H may pass 2**31
+    z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_X_BIAS:
-        z += tl.load(x_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        z += tl.load(x_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     z = _act_fwd(z, ACTIVATION)
     if HAS_DROPOUT:
-        z = tl.where(_dropout_keep(seed, row_off + cols, dropout_p), z * dropout_scale, 0.0)
+        z = tl.where(_dropout_keep(seed, offs, dropout_p), z * dropout_scale, 0.0)
     if HAS_RESIDUAL:
-        z += tl.load(res_ptr + row_off + cols, mask=col_mask, other=0.0).to(tl.float32)
-    z = tl.where(col_mask, z, 0.0)
-    mean = tl.sum(z, axis=0) / n_cols
-    diff = tl.where(col_mask, z - mean, 0.0)
-    var = tl.sum(diff * diff, axis=0) / n_cols
+        z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.where(mask, z, 0.0)
+    mean = tl.sum(z, axis=1) / n_cols
+    diff = tl.where(mask, z - mean[:, None], 0.0)
+    var = tl.sum(diff * diff, axis=1) / n_cols
     rstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    y = diff * rstd * w + b
-    tl.store(y_ptr + row_off + cols, y.to(y_ptr.dtype.element_ty), mask=col_mask)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
+    y = diff * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=row_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
 @triton.jit
@@ -262,18 +266,38 @@ def _backward_programs(device, n_rows: int, num_warps: int) -> int:
 # launchers
 
 
+def forward_row_choices(block_n: int) -> tuple[int, ...]:
+    """Rows per forward program the launcher accepts for a row block: the policy's first (one row: what the H100
+    measured on 2026-11-24, 96% of copy bandwidth at H = 3072 but 57% at 768), then the multi-row candidate for
+    narrow rows (a [ROWS, BLOCK_N] tile of ~4096 elements, NOTES change 10), which bench_norm_act times beside it
+    until a GPU run decides the default. The compile report compiles each."""
+    candidate = max(1, min(16, 4096 // block_n))
+    return (1,) if candidate == 1 else (1, candidate)
+
+
+def forward_warps(block_n: int, rows: int) -> int:
+    """num_warps of a [rows, block_n] forward tile: row_block's rule for a row of rows * block_n elements."""
+    return row_block(rows * block_n)[1]
+
+
 def add_layer_norm_forward(x, weight, bias, eps: float, residual=None, x_bias=None, activation: str | None = None,
-                           dropout_p: float = 0.0, seed: int = 0, out=None):
+                           dropout_p: float = 0.0, seed: int = 0, out=None, rows: int | None = None):
     """y = LayerNorm(dropout(act(x + x_bias)) + residual) * weight + bias over the last dim.
 
     x, residual: [N, H] contiguous, fp32/fp16/bf16 (any leading dims flattened by the caller);
     weight, bias, x_bias: [H] in x's dtype; activation: None | "gelu" | "gelu_tanh";
     dropout_p in [0, 1], seed in [0, 2**63) (used only when dropout_p > 0);
-    out: optional [N, H] tensor in x's dtype to write y into.
+    out: optional [N, H] tensor in x's dtype to write y into;
+    rows: rows per program, one of forward_row_choices(BLOCK_N) (default: the first, the launch policy).
     Returns (y [N, H] in x's dtype, mean [N] fp32, rstd [N] fp32)."""
     _check_common(x, weight, bias, residual, x_bias, activation, dropout_p, seed)
     n_rows, n_cols = x.shape
-    block_n, num_warps = row_block(n_cols, "hidden size (x.shape[-1])")
+    block_n, _ = row_block(n_cols, "hidden size (x.shape[-1])")
+    choices = forward_row_choices(block_n)
+    if rows is None:
+        rows = choices[0]
+    elif rows not in choices:
+        raise UnsupportedInput(f"rows must be one of {choices} for hidden size {n_cols}, got {rows!r}")
     if out is None:
         out = torch.empty_like(x)
     else:
@@ -284,12 +308,12 @@ def add_layer_norm_forward(x, weight, bias, eps: float, residual=None, x_bias=No
         return out, mean, rstd
     dropout_p = float(dropout_p)
     with device_guard(x):
-        _add_ln_fwd_kernel[(n_rows,)](
+        _add_ln_fwd_kernel[(cdiv(n_rows, rows),)](
             x, x_bias if x_bias is not None else x, residual if residual is not None else x, weight, bias,
-            out, mean, rstd, n_cols, float(eps), dropout_p, _dropout_scale(dropout_p), int(seed),
+            out, mean, rstd, n_rows, n_cols, float(eps), dropout_p, _dropout_scale(dropout_p), int(seed),
             HAS_X_BIAS=x_bias is not None, HAS_RESIDUAL=residual is not None,
-            ACTIVATION=LN_ACTIVATIONS[activation], HAS_DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
-            num_warps=num_warps, num_stages=NUM_STAGES)
+            ACTIVATION=LN_ACTIVATIONS[activation], HAS_DROPOUT=dropout_p > 0.0, ROWS=rows, BLOCK_N=block_n,
+            num_warps=forward_warps(block_n, rows), num_stages=NUM_STAGES)
     return out, mean, rstd
 
 
@@ -388,14 +412,18 @@ def aot_specs() -> list[KernelSpec]:
     for dtype in SUPPORTED_DTYPES:
         t = torch_to_triton_dtype(dtype)
         for block_n, num_warps in _hidden_blocks():
+            for rows in forward_row_choices(block_n):
+                const = dict(HAS_X_BIAS=True, HAS_RESIDUAL=True, ACTIVATION=ACT_GELU, HAS_DROPOUT=True, ROWS=rows,
+                             BLOCK_N=block_n)
+                warps = forward_warps(block_n, rows)
+                cfg = f"{t} ROWS={rows} BLOCK_N={block_n} warps={warps} x_bias+gelu+dropout+residual"
+                sig = {"x_ptr": f"*{t}", "x_bias_ptr": f"*{t}", "res_ptr": f"*{t}", "w_ptr": f"*{t}",
+                       "b_ptr": f"*{t}", "y_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "n_rows": "i32",
+                       "n_cols": "i32", "eps": "fp32", "dropout_p": "fp32", "dropout_scale": "fp32", "seed": "i64"}
+                sig.update({k: "constexpr" for k in const})
+                specs.append(KernelSpec("add_layer_norm_fwd", _add_ln_fwd_kernel, sig, const, warps, NUM_STAGES,
+                                        cfg))
             const = dict(HAS_X_BIAS=True, HAS_RESIDUAL=True, ACTIVATION=ACT_GELU, HAS_DROPOUT=True, BLOCK_N=block_n)
-            cfg = f"{t} BLOCK_N={block_n} warps={num_warps} x_bias+gelu+dropout+residual"
-            sig = {"x_ptr": f"*{t}", "x_bias_ptr": f"*{t}", "res_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}",
-                   "y_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "n_cols": "i32", "eps": "fp32",
-                   "dropout_p": "fp32", "dropout_scale": "fp32", "seed": "i64"}
-            sig.update({k: "constexpr" for k in const})
-            specs.append(KernelSpec("add_layer_norm_fwd", _add_ln_fwd_kernel, sig, const, num_warps, NUM_STAGES,
-                                    cfg))
             sig = {"dy_ptr": f"*{t}", "x_ptr": f"*{t}", "x_bias_ptr": f"*{t}", "res_ptr": f"*{t}", "w_ptr": f"*{t}",
                    "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": f"*{t}", "dres_ptr": f"*{t}",
                    "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "dxb_part_ptr": "*fp32", "n_rows": "i32",

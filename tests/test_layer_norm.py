@@ -70,10 +70,11 @@ def _inputs(n, h, dtype, device, residual=True, x_bias=True):
     return x, weight, bias, res, xb, dy
 
 
-def _check(n, h, dtype, device, residual=True, x_bias=True, activation=None, p=0.0, seed=0, backward=True):
+def _check(n, h, dtype, device, residual=True, x_bias=True, activation=None, p=0.0, seed=0, backward=True,
+           rows=None):
     x, weight, bias, res, xb, dy = _inputs(n, h, dtype, device, residual, x_bias)
     y, mean, rstd = ln.add_layer_norm_forward(x, weight, bias, EPS, residual=res, x_bias=xb, activation=activation,
-                                              dropout_p=p, seed=seed)
+                                              dropout_p=p, seed=seed, rows=rows)
     keep = ln.dropout_keep_mask((n, h), p, seed, device) if p > 0 else None
     ref_y, ref_g = _composite(torch.float64, x, weight, bias, res, xb, activation, keep, p, dy)
     low_y, low_g = _composite(dtype, x, weight, bias, res, xb, activation, keep, p, dy)
@@ -124,6 +125,44 @@ def test_row_counts(n, dtype, device):
 
 def test_row_count_large_hidden(device):
     _check(1000, 768, torch.float16, device, x_bias=False)
+
+
+def _multi_rows(h):
+    choices = ln.forward_row_choices(config.row_block(h)[0])
+    assert len(choices) == 2 and choices[0] == 1, choices
+    return choices[1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,h", [(1, 128), (7, 312), (13, 768), (5, 1023)])
+def test_forward_several_rows_per_program(n, h, dtype, device):
+    """The multi-row forward tile (the candidate policy for narrow rows): row counts that are not a multiple of
+    the tile's rows, with every feature on (dropout keeps the same elements: offsets are row * H + col)."""
+    rows = _multi_rows(h)
+    assert n % rows or n < rows
+    _check(n, h, dtype, device, activation="gelu", p=0.1, seed=77, backward=False, rows=rows)
+    _check(n, h, dtype, device, backward=False, rows=rows)
+
+
+def test_forward_several_rows_fully_written(device):
+    """Poisoned out and the statistics of a last, partial tile are all written by the multi-row forward."""
+    n, h = 11, 384
+    x, weight, bias, res, xb, _ = _inputs(n, h, torch.float32, device)
+    out = torch.full_like(x, float("nan"))
+    y, mean, rstd = ln.add_layer_norm_forward(x, weight, bias, EPS, residual=res, x_bias=xb, out=out,
+                                              rows=_multi_rows(h))
+    z = x.double() + xb.double() + res.double()
+    ref = F.layer_norm(z, (h,), weight.double(), bias.double(), EPS)
+    assert torch.isfinite(out).all()
+    assert (out.double() - ref).abs().max() < 1e-4
+    assert (mean.double() - z.mean(1)).abs().max() < 1e-5
+    assert (rstd.double() - 1 / (z.var(1, unbiased=False) + EPS).sqrt()).abs().max() < 1e-3
+
+
+def test_forward_rows_must_be_a_choice(device):
+    x, weight, bias, res, xb, _ = _inputs(4, 768, torch.float32, device)
+    with pytest.raises(config.UnsupportedInput, match="rows must be one of"):
+        ln.add_layer_norm_forward(x, weight, bias, EPS, rows=3)
 
 
 def test_out_is_fully_written(device):
