@@ -3,12 +3,11 @@
 //   bias_act(Tensor x, Tensor? bias, str activation) -> Tensor
 //     x [..., H] float32/float16/bfloat16, contiguous; bias [H] of x's dtype or None.
 //     y = act(x + bias), x's shape and dtype, computed in fp32 and rounded once.
-//     activation: "gelu" (exact erf), "gelu_tanh", "relu", "silu", or "" (none: a plain bias add).
+//     activation: "gelu" (exact, through cpu::gelu_parts), "gelu_tanh", "relu", "silu", or "" (a plain bias add).
 //
 //   bias_act_backward(Tensor dy, Tensor x, Tensor? bias, str activation) -> (Tensor dx, Tensor? dbias)
 //     dx = dy * act'(x + bias) (x's dtype); dbias = sum of dx over all rows [H] (None when bias is None),
 //     accumulated in fp32 in fixed row blocks reduced in order: deterministic for any thread count.
-#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -41,38 +40,6 @@ at::Tensor bias_act_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bi
   auto y = at::empty_like(x);
   if (x.numel() == 0) return y;
   const int64_t n = x.numel() / h;
-  if (act == Activation::kGelu && x.scalar_type() == at::kFloat) {
-    // fp32 exact GELU: our erf costs ~2x ATen's AVX-512 one (which has the same ~1e-7 accuracy), so the fused
-    // pass adds the bias into y for a chunk of rows (~256 KiB, still in L2) and runs ATen's gelu in place on it.
-    const int64_t rows = std::max<int64_t>(1, 65536 / h);
-    auto y2 = y.view({n, h});
-    const float* xp = x.data_ptr<float>();
-    const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-    float* yp = y.data_ptr<float>();
-    // at::parallel_for's worker threads do not inherit the caller's InferenceMode, and at::gelu_ on an inference
-    // tensor (y is one when called under torch.inference_mode) is refused outside it: carry it over.
-    const bool inference = c10::InferenceMode::is_enabled();
-    at::parallel_for(0, (n + rows - 1) / rows, 1, [&](int64_t cb, int64_t ce) {
-      c10::InferenceMode inference_guard(inference);
-      for (int64_t c = cb; c < ce; ++c) {
-        const int64_t r0 = c * rows, r1 = std::min(n, r0 + rows);
-        cpu::run_isa([=](int64_t begin, int64_t end) {
-          for (int64_t row = begin; row < end; ++row) {
-            const float* xr = xp + row * h;
-            float* yr = yp + row * h;
-            if (bp) {
-              for (int64_t i = 0; i < h; ++i) yr[i] = xr[i] + bp[i];
-            } else {
-              for (int64_t i = 0; i < h; ++i) yr[i] = xr[i];
-            }
-          }
-        }, r0, r1);
-        auto chunk = y2.narrow(0, r0, r1 - r0);
-        at::gelu_(chunk);
-      }
-    });
-    return y;
-  }
   BERTFAST_DISPATCH_FLOAT_TYPES(x.scalar_type(), "bias_act_cpu", [&] {
     using T = scalar_t;
     const T* xp = x.data_ptr<T>();
