@@ -126,8 +126,8 @@ def run(device="cuda", quick=False) -> list[dict]:
                         torch.cuda.synchronize()
                         row["ms"], row["ms_p20"], row["ms_p80"] = _bench(fn)
                         row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
-                    except RuntimeError as err:     # a backend that cannot run this input
-                        row["error"] = str(err).splitlines()[0][:200]
+                    except Exception as err:  # noqa: BLE001 - a backend that cannot run this input; the rest go on
+                        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
                     group.append(row)
                     torch.cuda.empty_cache()
                 ref = next((r["ms"] for r in group if r["impl"] == "sdpa-flash"), None)
