@@ -76,13 +76,13 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
 // might alias (GCC then reloads it per element and does not vectorise the loop).
 
 // Forward, one row: the pre-LayerNorm h = dropout(act(x + x_bias)) + residual (rr: the fp32 residual row,
-// zeros when absent; base: the row's flat offset, the dropout counter of its first element).
+// zeros when absent; fr: the row's dropout factors, Dropout::fill, read only when kDropout).
 template <Activation A, bool kDropout, typename T>
 BF_INLINE void pre_norm_row(const T* __restrict xr, const float* __restrict xb, const float* __restrict rr,
-                            cpu::Dropout drop, uint64_t base, int64_t h, float* __restrict hr) {
+                            const float* __restrict fr, int64_t h, float* __restrict hr) {
 #pragma omp simd
   for (int64_t i = 0; i < h; ++i) {
-    const float f = kDropout ? drop.factor(base + i) : 1.0f;
+    const float f = kDropout ? fr[i] : 1.0f;
     hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) * f + rr[i];
   }
 }
@@ -93,14 +93,14 @@ BF_INLINE void pre_norm_row(const T* __restrict xr, const float* __restrict xb, 
 template <Activation A, bool kDropout, typename T>
 BF_INLINE void backward_pass1(const T* __restrict xr, const T* __restrict rr, const T* __restrict dyr,
                               const float* __restrict xb, const float* __restrict w, float m, float s,
-                              cpu::Dropout drop, uint64_t base, int64_t h, float* __restrict dw_acc,
+                              const float* __restrict fr, int64_t h, float* __restrict dw_acc,
                               float* __restrict db_acc, float* __restrict xhat, float* __restrict ag, float& sg_out,
                               float& sgx_out) {
   float sg = 0.0f, sgx = 0.0f;
 #pragma omp simd reduction(+ : sg, sgx)
   for (int64_t i = 0; i < h; ++i) {
     const float a = static_cast<float>(xr[i]) + xb[i];
-    const float f = kDropout ? drop.factor(base + i) : 1.0f;
+    const float f = kDropout ? fr[i] : 1.0f;
     const float xh = (cpu::act_f<A>(a) * f + static_cast<float>(rr[i]) - m) * s;
     const float d = static_cast<float>(dyr[i]);
     const float g = d * w[i];
@@ -164,13 +164,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tens
     cpu::dispatch_activation(act, [&](auto act_c) {
       constexpr Activation A = decltype(act_c)::value;
       cpu::parallel_rows(n, cpu::row_grain(h), [=](int64_t begin, int64_t end) {
-        // fp32 copies of weight, bias, x_bias (zeros when absent), residual row (zeros when absent), h row.
-        std::vector<float> buf(5 * h, 0.0f);
+        // fp32 copies of weight, bias, x_bias (zeros when absent), residual row (zeros when absent), h row,
+        // the row's dropout factors.
+        std::vector<float> buf(6 * h, 0.0f);
         float* w = buf.data();
         float* b = w + h;
         float* xb = b + h;
         float* rr = xb + h;
         float* hr = rr + h;
+        float* fr = hr + h;
         cpu::load_row(wp, w, h);
         cpu::load_row(bp, b, h);
         if (xbp) cpu::load_row(xbp, xb, h);
@@ -179,9 +181,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tens
           if (rp) cpu::load_row(rp + row * h, rr, h);
           const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
           if (drop.on) {
-            pre_norm_row<A, true>(xr, xb, rr, drop, base, h, hr);
+            drop.fill(base, h, fr);
+            pre_norm_row<A, true>(xr, xb, rr, fr, h, hr);
           } else {
-            pre_norm_row<A, false>(xr, xb, rr, drop, base, h, hr);
+            pre_norm_row<A, false>(xr, xb, rr, fr, h, hr);
           }
           float m, s;
           cpu::row_moments(hr, h, feps, m, s);
@@ -245,11 +248,12 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
       cpu::parallel_rows(blocks.n_blocks, 1, [=](int64_t block_begin, int64_t block_end) {
         // fp32 weight and x_bias (zeros when absent); per row: xhat and g = dropout factor * act'(x + x_bias).
         // A missing residual reads a row of zeros, so one loop serves both cases.
-        std::vector<float> buf(4 * h, 0.0f);
+        std::vector<float> buf(5 * h, 0.0f);
         float* __restrict w = buf.data();
         float* __restrict xb = w + h;
         float* __restrict xhat = xb + h;
         float* __restrict ag = xhat + h;
+        float* __restrict fr = ag + h;  // the row's dropout factors
         std::vector<T> zero_row(rp ? 0 : h, T(0));
         cpu::load_row(wp, w, h);
         if (xbp) cpu::load_row(xbp, xb, h);
@@ -268,9 +272,10 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
             float sg = 0.0f, sgx = 0.0f;
             const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
             if (drop.on) {
-              backward_pass1<A, true>(xr, rr, dyr, xb, w, m, s, drop, base, h, dw_acc, db_acc, xhat, ag, sg, sgx);
+              drop.fill(base, h, fr);
+              backward_pass1<A, true>(xr, rr, dyr, xb, w, m, s, fr, h, dw_acc, db_acc, xhat, ag, sg, sgx);
             } else {
-              backward_pass1<A, false>(xr, rr, dyr, xb, w, m, s, drop, base, h, dw_acc, db_acc, xhat, ag, sg, sgx);
+              backward_pass1<A, false>(xr, rr, dyr, xb, w, m, s, fr, h, dw_acc, db_acc, xhat, ag, sg, sgx);
             }
             // pass 2 (dresidual is only written where it differs from dx, i.e. when scaled)
             const float mg = sg * inv_h, mgx = sgx * inv_h;
@@ -294,7 +299,18 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
   return {dx, dres, dweight, dbias, dxb};
 }
 
+// For tests: the dropout factors (0 or 1 / (1 - p)) of the n elements at flat offsets base, base + 1, ... as the
+// kernels above draw them, through the vectorised Philox of this CPU's ISA (BERTFAST_CPU_ISA lowers it).
+at::Tensor dropout_factors(double dropout_p, int64_t seed, int64_t base, int64_t n) {
+  const cpu::Dropout drop = check_dropout("bertfast_C::_dropout_factors", dropout_p, seed);
+  TORCH_CHECK(base >= 0 && n >= 0, "bertfast_C::_dropout_factors: base and n must be >= 0, got ", base, ", ", n);
+  auto out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  drop.fill(static_cast<uint64_t>(base), n, out.data_ptr<float>());
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(bertfast_C, m) {
+  m.def("_dropout_factors(float dropout_p, int seed, int base, int n) -> Tensor", &dropout_factors);
   m.def(
       "add_layer_norm(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? residual, Tensor? x_bias, "
       "str activation, float dropout_p=0., int seed=0) -> (Tensor y, Tensor mean, Tensor rstd)");

@@ -473,6 +473,44 @@ def test_lower_isa_paths(isa):
     assert worst < 16, f"{isa}: worst error {worst} ulps of max|ref|"
 
 
+def _philox_uniform_reference(seed: int, offsets):
+    """Philox-4x32-10 uniform of Triton's tl.rand(seed, offset), in numpy (independent of the C++ code)."""
+    import numpy as np
+    mask = np.uint64(0xFFFFFFFF)
+    offsets = np.asarray(offsets, dtype=np.uint64)
+    c0, c1 = offsets & mask, offsets >> np.uint64(32)
+    c2 = c3 = np.zeros_like(offsets)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xCD9E8D57) * c2, np.uint64(0xD2511F53) * c0   # < 2**64: exact
+        c0, c2 = (p0 >> np.uint64(32)) ^ c1 ^ k0, (p1 >> np.uint64(32)) ^ c3 ^ k1
+        c1, c3 = p0 & mask, p1 & mask
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    v = c0.astype(np.uint32).view(np.int32)
+    v = np.where(v < 0, ~v, v)
+    return v.astype(np.float32) * np.float32(4.6566127342e-10)
+
+
+@pytest.mark.parametrize("isa", ["best", "avx2", "base"])
+def test_dropout_factors_every_isa(isa, tmp_path):
+    """The vectorised Philox of each ISA (16 / 8 lanes, scalar) draws what Triton's tl.rand draws, at offsets that
+    are not multiples of the vector width, across a 2**32 boundary of the counter's low word, for a 64-bit seed."""
+    cases = [(0, 37), (2**32 - 7, 29), (2**40 + 3, 21), (123_456_789, 1)]
+    seed, p = (5 << 32) + 77, 0.3
+    env = dict(os.environ)
+    if isa != "best":
+        env["BERTFAST_CPU_ISA"] = isa
+    script = (f"import torch, bertfast._C\ntorch.save([torch.ops.bertfast_C._dropout_factors({p}, {seed}, b, n) "
+              f"for b, n in {cases}], {str(tmp_path / 'f.pt')!r})")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(tmp_path / "f.pt", weights_only=True)
+    for (base, n), factors in zip(cases, got):
+        u = torch.from_numpy(_philox_uniform_reference(seed, [base + i for i in range(n)]))
+        want = torch.where(u >= p, torch.tensor(1 / (1 - p), dtype=torch.float32), torch.tensor(0.0))
+        assert torch.equal(factors, want), (isa, base, n)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # opcheck on every CPU op
 
