@@ -27,8 +27,12 @@ START=$(date +%s)
 # a step's limit is cut to what is left, and the GPU tests leave BENCH_RESERVE seconds for the benchmarks, whose
 # results are what a GPU session commits (the tests also run in CI's interpreter; the benchmarks run nowhere else).
 BUDGET=${SUITE_BUDGET:-530}
+GRACE=30   # a step cut at its limit gets SIGINT, then SIGKILL GRACE seconds later (timeout -k)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-cap() { local want=$1 have; have=$(( $(left) - ${2:-0} )); [ $have -lt 10 ] && have=10; echo $(( want < have ? want : have )); }
+# cap WANT [RESERVE]: WANT, or less so that the step (with its grace) ends RESERVE seconds before the budget;
+# 0 when under 10 s would be left (the step is then skipped and recorded as such)
+cap() { local want=$1 have; have=$(( $(left) - ${2:-0} - GRACE )); [ $have -lt 10 ] && have=0
+        echo $(( want < have ? want : have )); }
 
 log() { echo "$*" | tee -a "$LOG"; }
 # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, logs everything, records failures, never aborts the suite
@@ -36,10 +40,15 @@ step() {
   local name=$1 limit; limit=$(cap "$2"); shift 2
   log "== [$(( $(date +%s) - START ))s] $name: $*"
   if [ $DRY = 1 ]; then return 0; fi
+  if [ "$limit" -le 0 ]; then
+    log "== $name: skipped, the suite's budget (SUITE_BUDGET=$BUDGET s) is spent"
+    FAILED+=("$name(skipped: budget)")
+    return 1
+  fi
   local t0=$(date +%s)
   # SIGINT first: pytest then stops like on Ctrl-C and still prints its summary, the slowest tests and the
   # junit file (with the default SIGTERM a step cut at its limit left nothing to learn from); KILL 30 s later
-  timeout -s INT -k 30 "$limit" "$@" >>"$LOG" 2>&1
+  timeout -s INT -k $GRACE "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
   log "== $name: exit $rc after $(( $(date +%s) - t0 ))s"
   [ $rc = 0 ] || FAILED+=("$name(exit $rc)")
@@ -111,7 +120,7 @@ if [ -n "${SEPARATE_TESTS:-}" ]; then      # tests run on their own (e.g. one kn
   step "separate tests" 120 $PY -m pytest -q -ra -x -p no:cacheprovider $SEPARATE_TESTS
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  step "benchmarks" ${BENCH_TIMEOUT:-330} $PY -m bertfast bench --device cuda --out "$OUT/results" ${BENCH_ARGS:---quick}
+  step "benchmarks" ${BENCH_TIMEOUT:-330} $PY -m bertfast bench --device cuda --out "$OUT/results" ${BENCH_ARGS---quick}
 fi
 if [ $DRY = 1 ]; then log "gpu_suite dry run: OK (every step above would run)"; exit 0; fi
 log "gpu_suite finished in $(( $(date +%s) - START ))s; failed steps: ${FAILED[*]:-none}"

@@ -86,12 +86,15 @@ def _op_cases(cfg, dtype, device, tokens: int):
     scale = d ** -0.5
     cases = {}
 
+    # every name a lambda reads is bound when the lambda is made (default arguments): the late-bound `impl` /
+    # `mod` of one op would otherwise be the next op's by the time the rows run
     impl = ops.choose("add_layer_norm", device, dtype=dtype, hidden=h)
     ln = {"public": lambda: ops.add_layer_norm(x, w, b, 1e-12, residual=r, x_bias=b),
-          f"impl ({impl})": lambda: ops._add_layer_norm_op._init_fn(x, w, b, 1e-12, r, b, "", 0.0, 0, impl)}
+          f"impl ({impl})": lambda impl=impl: ops._add_layer_norm_op._init_fn(x, w, b, 1e-12, r, b, "", 0.0, 0,
+                                                                              impl)}
     if impl == "triton":
-        mod = ops.triton_module("add_layer_norm")
-        ln["launcher"] = lambda: mod.add_layer_norm_forward(x, w, b, 1e-12, r, b)
+        ln["launcher"] = lambda mod=ops.triton_module("add_layer_norm"): mod.add_layer_norm_forward(
+            x, w, b, 1e-12, r, b)
     elif impl == "cpp":
         ln["launcher"] = lambda: torch.ops.bertfast_C.add_layer_norm(x, w, b, 1e-12, r, b, "", 0.0, 0)
     ln["torch"] = lambda: F.layer_norm(x + b + r, (h,), w, b, 1e-12)
@@ -99,10 +102,9 @@ def _op_cases(cfg, dtype, device, tokens: int):
 
     impl = ops.choose("bias_act", device, dtype=dtype)
     act = {"public": lambda: ops.bias_act(u, ub, "gelu"),
-           f"impl ({impl})": lambda: ops._bias_act_op._init_fn(u, ub, "gelu", impl)}
+           f"impl ({impl})": lambda impl=impl: ops._bias_act_op._init_fn(u, ub, "gelu", impl)}
     if impl == "triton":
-        mod = ops.triton_module("bias_act")
-        act["launcher"] = lambda: mod.bias_act_forward(u, ub, "gelu")
+        act["launcher"] = lambda mod=ops.triton_module("bias_act"): mod.bias_act_forward(u, ub, "gelu")
     elif impl == "cpp":
         act["launcher"] = lambda: torch.ops.bertfast_C.bias_act(u, ub, "gelu")
     act["torch"] = lambda: F.gelu(u + ub)
@@ -110,10 +112,11 @@ def _op_cases(cfg, dtype, device, tokens: int):
 
     impl = ops.choose("varlen_attention", device, dtype=dtype, head_dim=d)
     att = {"public": lambda: ops.varlen_attention(qkv, cu, tokens),
-           f"impl ({impl})": lambda: ops._varlen_attention_op._init_fn(qkv, cu, tokens, scale, 0.0, 0, impl)}
+           f"impl ({impl})": lambda impl=impl: ops._varlen_attention_op._init_fn(qkv, cu, tokens, scale, 0.0, 0,
+                                                                                 impl)}
     if impl == "triton":
-        mod = ops.triton_module("varlen_attention")
-        att["launcher"] = lambda: mod.attention_forward(qkv, cu, tokens, scale, validate=False)
+        att["launcher"] = lambda mod=ops.triton_module("varlen_attention"): mod.attention_forward(
+            qkv, cu, tokens, scale, validate=False)
     q4 = qkv.permute(1, 2, 0, 3)[:, None]
     att["torch"] = lambda: F.scaled_dot_product_attention(q4[0], q4[1], q4[2])
     cases["varlen_attention"] = att

@@ -9,7 +9,8 @@ Triton attention serves it) on 16 tokens in fp32 keeps the CPU arithmetic small 
 so what is timed is host work. The per-launcher rows use fp16 inputs.
 
 Not included (so the proxy underestimates a GPU machine's host time): Triton's C launcher and the CUDA driver
-call behind each launch, the CUDA caching allocator, and stream / device queries. Triton internals used:
+call behind each launch, the CUDA caching allocator, and stream / device queries. The kernels are compiled for
+sm_90, but the launchers pick their sm_80 configurations for CPU tensors (same host work). Triton internals used:
 ``triton.runtime.driver.set_active``, a driver's ``launcher_cls`` / ``utils.load_binary`` (Triton 3.x).
 
     python -m benchmarks.host_proxy             per-forward and per-launcher host time

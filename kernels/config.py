@@ -14,6 +14,9 @@ import triton
 
 # Largest row handled by the one-pass row kernels (LayerNorm, GELU + LayerNorm): the row must fit in registers.
 MAX_FUSED_HIDDEN = 8192
+# Smallest row block: narrower rows are masked inside a block of this size, so the compile report's blocks
+# (MIN_ROW_BLOCK .. MAX_FUSED_HIDDEN) are every block a launcher can pick.
+MIN_ROW_BLOCK = 16
 
 
 class UnsupportedInput(ValueError):
@@ -59,7 +62,7 @@ def row_block(n_cols: int, what: str = "hidden size") -> tuple[int, int]:
         raise UnsupportedInput(f"{what} must be >= 1, got {n_cols}")
     if n_cols > MAX_FUSED_HIDDEN:
         raise UnsupportedInput(f"{what} {n_cols} is larger than the fused kernels support ({MAX_FUSED_HIDDEN})")
-    block = next_pow2(n_cols)
+    block = max(MIN_ROW_BLOCK, next_pow2(n_cols))
     num_warps = 1 if block <= 256 else 2 if block <= 512 else 4 if block <= 2048 else 8
     return block, num_warps
 

@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bertfast.kernels.config import (MAX_FUSED_HIDDEN, KernelSpec, UnsupportedInput, cdiv, row_block,
-                                     torch_to_triton_dtype)
+from bertfast.kernels.config import (MAX_FUSED_HIDDEN, MIN_ROW_BLOCK, KernelSpec, UnsupportedInput, cdiv,
+                                     row_block, torch_to_triton_dtype)
 from bertfast.kernels.gelu import ACT_GELU, ACT_GELU_TANH, ACT_NONE, _act_bwd, _act_fwd, device_guard
 
 LN_ACTIVATIONS = {None: ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
@@ -296,7 +296,7 @@ def add_layer_norm_forward(x, weight, bias, eps: float, residual=None, x_bias=No
     choices = forward_row_choices(block_n)
     if rows is None:
         rows = choices[0]
-    elif rows not in choices:
+    elif isinstance(rows, bool) or not isinstance(rows, int) or rows not in choices:
         raise UnsupportedInput(f"rows must be one of {choices} for hidden size {n_cols}, got {rows!r}")
     if out is None:
         out = torch.empty_like(x)
@@ -395,9 +395,9 @@ def dropout_keep_mask(shape, p: float, seed: int, device) -> torch.Tensor:
 
 
 def _hidden_blocks():
-    """Every BLOCK_N config.row_block can return for hidden sizes 1..MAX_FUSED_HIDDEN that the kernels serve
-    (starting at 128: the smallest hidden size of the BERT family)."""
-    out, h = [], 128
+    """Every (BLOCK_N, num_warps) config.row_block can return for hidden sizes 1..MAX_FUSED_HIDDEN (its smallest
+    block is config.MIN_ROW_BLOCK)."""
+    out, h = [], MIN_ROW_BLOCK
     while h <= MAX_FUSED_HIDDEN:
         out.append(row_block(h))
         h *= 2

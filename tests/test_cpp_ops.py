@@ -497,18 +497,23 @@ def test_dropout_factors_every_isa(isa, tmp_path):
     are not multiples of the vector width, across a 2**32 boundary of the counter's low word, for a 64-bit seed."""
     cases = [(0, 37), (2**32 - 7, 29), (2**40 + 3, 21), (123_456_789, 1)]
     seed, p = (5 << 32) + 77, 0.3
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "BERTFAST_CPU_ISA"}
     if isa != "best":
         env["BERTFAST_CPU_ISA"] = isa
-    script = (f"import torch, bertfast._C\ntorch.save([torch.ops.bertfast_C._dropout_factors({p}, {seed}, b, n) "
+    script = (f"import torch, bertfast._C\nprint(torch.ops.bertfast_C.cpu_isa())\n"
+              f"torch.save([torch.ops.bertfast_C._dropout_factors({p}, {seed}, b, n) "
               f"for b, n in {cases}], {str(tmp_path / 'f.pt')!r})")
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
+    ran = res.stdout.split()[-1]
+    order = ["base", "avx2", "avx512"]
+    # a forced ISA runs unless the CPU lacks it (the override only lowers); "best" is whatever this CPU has
+    assert isa == "best" or order.index(ran) <= order.index(isa), (isa, ran)
     got = torch.load(tmp_path / "f.pt", weights_only=True)
     for (base, n), factors in zip(cases, got):
         u = torch.from_numpy(_philox_uniform_reference(seed, [base + i for i in range(n)]))
         want = torch.where(u >= p, torch.tensor(1 / (1 - p), dtype=torch.float32), torch.tensor(0.0))
-        assert torch.equal(factors, want), (isa, base, n)
+        assert torch.equal(factors, want), (isa, ran, base, n)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -321,3 +321,17 @@ def test_backward_bad_stats(device):
     with pytest.raises(config.UnsupportedInput, match="dy"):
         ln.add_layer_norm_backward(x.half(), x, kw["weight"], kw["bias"], torch.zeros(4, device=device),
                                    torch.zeros(4, device=device))
+
+
+def test_compile_report_covers_every_launch_config():
+    """Every (BLOCK_N, num_warps, ROWS) the forward launcher can pick, and every backward (BLOCK_N, num_warps), for
+    any hidden size it accepts, is among the compile report's specs (which must compile without spills)."""
+    fwd = {(s.constexprs["BLOCK_N"], s.num_warps, s.constexprs["ROWS"]) for s in ln.aot_specs()
+           if s.kernel == "add_layer_norm_fwd"}
+    bwd = {(s.constexprs["BLOCK_N"], s.num_warps) for s in ln.aot_specs() if s.kernel == "add_layer_norm_bwd"}
+    for h in list(range(1, 300)) + [312, 384, 768, 1023, 1024, 3072, 4095, 4096, 6000, config.MAX_FUSED_HIDDEN]:
+        block, warps = config.row_block(h)
+        for rows in ln.forward_row_choices(block):
+            assert (block, ln.forward_warps(block, rows), rows) in fwd, (h, block, rows)
+        if h <= ln.BACKWARD_MAX_HIDDEN:
+            assert (block, ln.backward_warps(block, warps)) in bwd, h
