@@ -24,6 +24,7 @@ KERNEL_BENCHES = {  # module -> devices it runs on
     "bench_norm_act": ("cuda",),
     "bench_cpu_ops": ("cpu",),
     "bench_cuda_ops": ("cuda",),
+    "bench_linear_act": ("cuda",),
 }
 
 

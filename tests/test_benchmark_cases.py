@@ -4,7 +4,7 @@ one). Nothing here measures anything."""
 import pytest
 import torch
 
-from benchmarks import bench_attention, bench_norm_act
+from benchmarks import bench_attention, bench_linear_act, bench_norm_act
 from bertfast.kernels import layer_norm as ln
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmarks themselves run")
@@ -40,3 +40,11 @@ def test_norm_act_cases_run(make, shape, monkeypatch):
         a = impls["bertfast"][0]()[0]
         b = impls[f"bertfast rows={rows[-1]}"][0]()[0]
         assert torch.equal(a, b)
+
+
+def test_linear_act_cases_run():
+    """The rows that exist on CPU (linear_act itself is CUDA-only) run and compare against the encoder's path."""
+    rows = bench_linear_act.run("cpu")
+    assert not [r for r in rows if "error" in r], rows
+    assert {r["impl"] for r in rows} == {"encoder", "torch", "gemm F.linear"}
+    assert all(r["speedup"] > 0 for r in rows)
