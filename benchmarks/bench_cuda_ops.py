@@ -11,12 +11,10 @@ quantiles on CUDA; on CPU (a smoke run only) wall clock through benchmarks.commo
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import copy_bandwidth_gbs, timeit
+from benchmarks.common import bench_args, copy_bandwidth_gbs, timeit
 
 SHAPES = [(16384, 768), (16384, 1024)]        # (real tokens T, hidden H)
 VOCAB, POSITIONS, TYPES, EPS = 30522, 512, 2, 1e-12
@@ -86,10 +84,7 @@ def run(device="cuda", quick=False) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    args = bench_args(__doc__, argv)
     rows = run(args.device, args.quick)
     print(f"{'op':<8} {'shape':<11} {'dtype':<9} {'impl':<11} {'ms':>8} {'GB/s':>8} {'of copy':>8} {'speed-up':>8}")
     for r in rows:

@@ -18,12 +18,10 @@ there (linear_act is CUDA-only).
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import timeit
+from benchmarks.common import bench_args, timeit
 
 SHAPES = [(16384, 768, 3072), (4096, 768, 3072), (16384, 1024, 4096)]   # (T, K = hidden, O = intermediate)
 
@@ -85,10 +83,7 @@ def run(device="cuda", quick=False) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    args = bench_args(__doc__, argv)
     rows = run(args.device, args.quick)
     print(f"{'case':<20} {'shape':<16} {'dtype':<9} {'impl':<16} {'ms':>8} {'TFLOP/s':>8} {'vs encoder':>10}")
     for r in rows:

@@ -98,3 +98,12 @@ def device_slug(device) -> str:
     short = re.sub(r"\(.*\)", "", name).lower()
     short = re.sub(r"(\(r\)|\(tm\)|cpu|processor|@.*)", " ", short)
     return "cpu-" + re.sub(r"[^a-z0-9]+", "-", short).strip("-")[:40] + f"-{torch.get_num_threads()}t"
+
+
+def bench_args(doc: str, argv=None):
+    """The command line every kernel benchmark module takes: --quick and --device (CUDA when present)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and dtypes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
