@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import cProfile
 import pstats
 import time
@@ -131,6 +132,15 @@ def run(profile: bool = False, tokens: int = 16) -> dict:
                "forward, no attention_mask": lambda: model(ids)}
         for name, fn in fwd.items():
             results[name] = per_call_us(fn, calls=50, repeats=15)
+    # a fine-tuning step's forward + backward (dropout on, as in training; no optimizer step), outside
+    # inference_mode; the stand-in kernels leave their outputs unwritten, so flush denormals for steady CPU GEMMs
+    torch.set_flush_denormal(True)
+    train_model = copy.deepcopy(model).train()
+    with stand_in_gpu():
+        def train_step():
+            train_model(ids, attention_mask=mask).last_hidden_state.sum().backward()
+        results["training step (fwd + bwd), mask given"] = per_call_us(train_step, calls=20, repeats=15)
+    with stand_in_gpu(), torch.inference_mode():
         print(f"host time per call (us), Triton launches through a stand-in driver; {cfg.num_hidden_layers}-layer "
               f"{h}-wide model (fp32) on {tokens} tokens, 1 thread; launcher rows fp16")
         for name, us in results.items():

@@ -286,13 +286,47 @@ def _as_rows(t: Tensor, hidden: int) -> Tensor:
     return t.reshape(-1, hidden).contiguous()
 
 
+_EAGER_AUTOGRAD: dict = {}   # custom op -> torch.autograd.Function running its implementation and backward formula
+
+
+def _register_autograd(op, backward, setup_context) -> None:
+    """Register `backward` / `setup_context` as the custom op's autograd formula (torch.compile, opcheck and
+    higher-order gradients use that), and build the same formula as a torch.autograd.Function around the op's
+    implementation for eager calls: the custom op's autograd wrapping and dispatcher trips cost ~100 us a call
+    on the host, more than most of these kernels take on a GPU."""
+    op.register_autograd(backward, setup_context=setup_context)
+    impl = op._init_fn
+
+    # forward(ctx, ...) rather than a separate setup_context staticmethod: with the latter, Function.apply binds
+    # the arguments through inspect.signature on every call (~40 us)
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            output = impl(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Eager.__name__ = Eager.__qualname__ = f"{op._name.split('::')[-1]}_eager"
+    _EAGER_AUTOGRAD[op] = Eager
+
+
 def _run(op, *args):
-    """Call a bertfast:: op. Eager calls that need no gradient skip the custom-op dispatcher (its host cost per
-    call is larger than many of these kernels at BERT sizes) and run the same implementation directly; calls
-    that need gradients, or that torch.compile is tracing, go through the registered op (autograd, fake impl)."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            isinstance(a, Tensor) and a.requires_grad for a in args)):
+    """Call a bertfast:: op. Eager calls skip the custom-op dispatcher, whose host cost per call is larger than
+    many of these kernels at BERT sizes: without gradients they run the implementation directly, with gradients
+    they run it through the op's autograd formula as a torch.autograd.Function (_register_autograd). Calls that
+    torch.compile is tracing, calls inside torch.func transforms, and ops without an autograd formula that a
+    graph is being built through (a backward op under create_graph) go through the registered op."""
+    if torch.compiler.is_compiling():
         return op(*args)
+    if torch._C._functorch.peek_interpreter_stack() is not None:   # inside torch.func transforms (grad, vmap)
+        return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        eager = _EAGER_AUTOGRAD.get(op)
+        return eager.apply(*args) if eager is not None else op(*args)
     return op._init_fn(*args)
 
 
@@ -409,11 +443,11 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_backward(ctx, dout, dlse):
     qkv, out, lse, cu_seqlens = ctx.saved_tensors
-    dqkv = _varlen_attention_backward_op(dout.contiguous(), qkv, out, lse, cu_seqlens, *ctx.args)
+    dqkv = _run(_varlen_attention_backward_op, dout.contiguous(), qkv, out, lse, cu_seqlens, *ctx.args)
     return dqkv, None, None, None, None, None, None
 
 
-_varlen_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+_register_autograd(_varlen_attention_op, _attention_backward, _attention_setup)
 
 
 def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_scale: float | None = None,
@@ -497,11 +531,11 @@ def _bias_act_setup(ctx, inputs, output):
 
 def _bias_act_backward(ctx, dy):
     x, bias = ctx.saved_tensors
-    dx, dbias = _bias_act_backward_op(dy.contiguous(), x, bias, *ctx.args)
+    dx, dbias = _run(_bias_act_backward_op, dy.contiguous(), x, bias, *ctx.args)
     return dx, (dbias if bias is not None else None), None, None
 
 
-_bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup)
+_register_autograd(_bias_act_op, _bias_act_backward, _bias_act_setup)
 
 
 def _check_same(name: str, t: Optional[Tensor], x: Tensor, what: str, shape=None):
@@ -622,15 +656,15 @@ def _add_layer_norm_setup(ctx, inputs, output):
 def _add_layer_norm_backward(ctx, dy, dmean, drstd):
     x, weight, bias, mean, rstd, residual, x_bias = ctx.saved_tensors
     eps, activation, dropout_p, seed, impl = ctx.args
-    dx, dres, dw, db, dxb = _add_layer_norm_backward_op(dy.contiguous(), x, weight, bias, mean, rstd, eps,
-                                                        residual, x_bias, activation, dropout_p, seed, impl)
+    dx, dres, dw, db, dxb = _run(_add_layer_norm_backward_op, dy.contiguous(), x, weight, bias, mean, rstd, eps,
+                                 residual, x_bias, activation, dropout_p, seed, impl)
     if residual is not None and _residual_grad_is_dx(activation, dropout_p, impl):
         dres = dx
     return (dx, dw, db, None, dres if residual is not None else None, dxb if x_bias is not None else None,
             None, None, None, None)
 
 
-_add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
+_register_autograd(_add_layer_norm_op, _add_layer_norm_backward, _add_layer_norm_setup)
 
 
 def add_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Optional[Tensor] = None,
@@ -740,11 +774,11 @@ def _embed_setup(ctx, inputs, output):
 
 def _embed_backward(ctx, dy, dmean, drstd):
     saved = ctx.saved_tensors
-    dw, dp, dt, dlw, dlb = _embed_backward_op(dy.contiguous(), *saved, *ctx.args)
+    dw, dp, dt, dlw, dlb = _run(_embed_backward_op, dy.contiguous(), *saved, *ctx.args)
     return None, None, None, None, dw, dp, (dt if saved[6] is not None else None), dlw, dlb, None, None, None
 
 
-_embed_op.register_autograd(_embed_backward, setup_context=_embed_setup)
+_register_autograd(_embed_op, _embed_backward, _embed_setup)
 
 
 def embed(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_ids: Optional[Tensor],
@@ -799,7 +833,7 @@ def _unpad_setup(ctx, inputs, output):
 def _unpad_backward(ctx, dy):
     (indices,) = ctx.saved_tensors
     n_rows, impl = ctx.args
-    return _pad_op(dy.contiguous(), indices, n_rows, impl), None, None
+    return _run(_pad_op, dy.contiguous(), indices, n_rows, impl), None, None
 
 
 def _pad_setup(ctx, inputs, output):
@@ -810,11 +844,11 @@ def _pad_setup(ctx, inputs, output):
 
 def _pad_backward(ctx, dy):
     (indices,) = ctx.saved_tensors
-    return _unpad_op(dy.contiguous(), indices, ctx.args[0]), None, None, None
+    return _run(_unpad_op, dy.contiguous(), indices, ctx.args[0]), None, None, None
 
 
-_unpad_op.register_autograd(_unpad_backward, setup_context=_unpad_setup)
-_pad_op.register_autograd(_pad_backward, setup_context=_pad_setup)
+_register_autograd(_unpad_op, _unpad_backward, _unpad_setup)
+_register_autograd(_pad_op, _pad_backward, _pad_setup)
 
 
 def unpad(x: Tensor, indices: Tensor) -> Tensor:
