@@ -65,18 +65,25 @@ def _batch(b, s, lengths, vocab, device):
     return ids.to(device), mask.to(device), lengths
 
 
-def _models(name, dtype, device):
+def build_models(dims: dict, dtype, device, eager: bool = True):
+    """(config, transformers SDPA model, transformers eager model or None, bertfast model), random weights
+    (seed 0) shared by all three, for a BertConfig with `dims` (hidden_size, num_hidden_layers, ...)."""
     from transformers import BertConfig
     from transformers import BertModel as HFBertModel
 
     import bertfast
-    cfg = BertConfig(**MODELS[name], vocab_size=30522)
+    cfg = BertConfig(**dims, vocab_size=30522)
     torch.manual_seed(0)
     sdpa = HFBertModel._from_config(copy.deepcopy(cfg), attn_implementation="sdpa").to(device, dtype).eval()
-    eager = HFBertModel._from_config(copy.deepcopy(cfg), attn_implementation="eager").to(device, dtype).eval()
-    eager.load_state_dict(sdpa.state_dict())
-    ours = bertfast.BertModel.from_hf(sdpa).eval()
-    return cfg, sdpa, eager, ours
+    eager_model = None
+    if eager:
+        eager_model = HFBertModel._from_config(copy.deepcopy(cfg), attn_implementation="eager").to(device, dtype)
+        eager_model.eval().load_state_dict(sdpa.state_dict())
+    return cfg, sdpa, eager_model, bertfast.BertModel.from_hf(sdpa).eval()
+
+
+def _models(name, dtype, device):
+    return build_models(MODELS[name], dtype, device)
 
 
 def run(device="cuda", quick=False, progress=None, on_model_done=None) -> list[dict]:

@@ -101,7 +101,7 @@ def device_slug(device) -> str:
 
 
 def bench_args(doc: str, argv=None):
-    """The command line every kernel benchmark module takes: --quick and --device (CUDA when present)."""
+    """The command line of the kernel benchmarks that take a device: --quick and --device (CUDA when present)."""
     import argparse
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and dtypes")

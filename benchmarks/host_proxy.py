@@ -6,7 +6,7 @@ here every Triton kernel goes through Triton's real launch path (``JITFunction.r
 specialisation, cache lookup, and our launchers' checks and allocations before it) with a stand-in driver whose
 launch does nothing, while GEMMs and the C++ ops run on the CPU. A 12-layer model 64 wide (head dim 32, so the
 Triton attention serves it) on 16 tokens in fp32 keeps the CPU arithmetic small (its GEMMs: ~5% of the time),
-so what is timed is host work. The per-launcher rows use fp16 inputs.
+so what is timed is host work. The per-op rows (benchmarks.host_profile's cases) use fp16 inputs.
 
 Not included (so the proxy underestimates a GPU machine's host time): Triton's C launcher and the CUDA driver
 call behind each launch, the CUDA caching allocator, and stream / device queries. The kernels are compiled for
@@ -23,10 +23,11 @@ import contextlib
 import copy
 import cProfile
 import pstats
-import time
 import types
 
 import torch
+
+from benchmarks import bench_model, host_profile
 
 
 class StandInDriver:
@@ -79,55 +80,26 @@ def stand_in_gpu():
 def per_call_us(fn, calls: int = 2000, repeats: int = 7) -> float:
     """Host microseconds per call: the fastest of `repeats` runs of `calls` calls (the least disturbed by the
     shared machine; host overhead has no benefit of luck to hide)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    return min(times)
+    return host_profile.host_ms(fn, torch.device("cpu"), calls, repeats)["host_min_ms"] * 1e3
 
 
 def _model(layers=12, hidden=64, heads=2):
-    from transformers import BertConfig
-    from transformers import BertModel as HFBertModel
-
-    import bertfast
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=4 * hidden, vocab_size=30522)
-    hf = HFBertModel._from_config(cfg, attn_implementation="sdpa").eval()
-    return cfg, bertfast.BertModel.from_hf(hf).eval()
+    dims = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden)
+    cfg, _, _, ours = bench_model.build_models(dims, torch.float32, "cpu", eager=False)
+    return cfg, ours
 
 
 def run(profile: bool = False, tokens: int = 16) -> dict:
-    from bertfast import ops
-    from bertfast.kernels import attention, gelu, layer_norm
     torch.set_num_threads(1)
     cfg, model = _model()
-    h, i, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-    dt = torch.float16
-    x, r, w, b = torch.randn(tokens, h, dtype=dt), torch.randn(tokens, h, dtype=dt), torch.ones(h, dtype=dt), \
-        torch.zeros(h, dtype=dt)
-    u, ub = torch.randn(tokens, i, dtype=dt), torch.randn(i, dtype=dt)
-    qkv = torch.randn(tokens, 3, heads, h // heads, dtype=dt)
-    cu = torch.tensor([0, tokens], dtype=torch.int32)
     ids = torch.randint(1, cfg.vocab_size, (1, tokens))
     mask = torch.ones_like(ids)
     results = {}
     with stand_in_gpu(), torch.inference_mode():
-        rows = {
-            "add_layer_norm  bertfast.ops": lambda: ops.add_layer_norm(x, w, b, 1e-12, residual=r, x_bias=b),
-            "add_layer_norm  launcher": lambda: layer_norm.add_layer_norm_forward(x, w, b, 1e-12, r, b),
-            "bias_act        bertfast.ops": lambda: ops.bias_act(u, ub, "gelu"),
-            "bias_act        launcher": lambda: gelu.bias_act_forward(u, ub, "gelu"),
-            "attention       bertfast.ops": lambda: ops.varlen_attention(qkv, cu, tokens),
-            "attention       launcher": lambda: attention.attention_forward(qkv, cu, tokens, 0.125, validate=False),
-            "torch.empty (reference point)": lambda: torch.empty(tokens, h, dtype=dt),
-        }
-        for name, fn in rows.items():
-            results[name] = per_call_us(fn)
+        # per op: bertfast.ops (public), the custom op's implementation, the Triton launcher, torch's composite
+        for op, variants in host_profile._op_cases(cfg, torch.float16, torch.device("cpu"), tokens).items():
+            for variant, fn in variants.items():
+                results[f"{op:<17} {variant}"] = per_call_us(fn)
         fwd = {"forward, attention_mask given": lambda: model(ids, attention_mask=mask),
                "forward, no attention_mask": lambda: model(ids)}
         for name, fn in fwd.items():
@@ -140,18 +112,18 @@ def run(profile: bool = False, tokens: int = 16) -> dict:
         def train_step():
             train_model(ids, attention_mask=mask).last_hidden_state.sum().backward()
         results["training step (fwd + bwd), mask given"] = per_call_us(train_step, calls=20, repeats=15)
-    with stand_in_gpu(), torch.inference_mode():
-        print(f"host time per call (us), Triton launches through a stand-in driver; {cfg.num_hidden_layers}-layer "
-              f"{h}-wide model (fp32) on {tokens} tokens, 1 thread; launcher rows fp16")
-        for name, us in results.items():
-            print(f"  {name:<36} {us:9.1f}")
-        if profile:
+    print(f"host time per call (us), Triton launches through a stand-in driver; {cfg.num_hidden_layers}-layer "
+          f"{cfg.hidden_size}-wide model (fp32) on {tokens} tokens, 1 thread; per-op rows fp16")
+    for name, us in results.items():
+        print(f"  {name:<44} {us:9.1f}")
+    if profile:
+        with stand_in_gpu(), torch.inference_mode():
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(100):
                 fwd["forward, attention_mask given"]()
             prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
     return results
 
 

@@ -320,9 +320,8 @@ def _run(op, *args):
     they run it through the op's autograd formula as a torch.autograd.Function (_register_autograd). Calls that
     torch.compile is tracing, calls inside torch.func transforms, and ops without an autograd formula that a
     graph is being built through (a backward op under create_graph) go through the registered op."""
-    if torch.compiler.is_compiling():
-        return op(*args)
-    if torch._C._functorch.peek_interpreter_stack() is not None:   # inside torch.func transforms (grad, vmap)
+    # peek_interpreter_stack: inside torch.func transforms (grad, vmap)
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return op(*args)
     if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
         eager = _EAGER_AUTOGRAD.get(op)
@@ -628,9 +627,8 @@ def _add_layer_norm_backward_op(
         dx, dw, db, dres, dxb = _recompute_grads(
             lambda a, w, b, r, xb: _layer_norm_reference(a, w, b, eps, r, xb, activation, dropout_p, seed)[0],
             [x, weight, bias, residual, x_bias], [dy])
-    if shared:
-        return _unaliased([dx, x.new_empty((0,)), dw, db, _grad_or_empty(dxb, x_bias, x)])
-    return _unaliased([dx, _grad_or_empty(dres, residual, x), dw, db, _grad_or_empty(dxb, x_bias, x)])
+    dres = x.new_empty((0,)) if shared else _grad_or_empty(dres, residual, x)
+    return _unaliased([dx, dres, dw, db, _grad_or_empty(dxb, x_bias, x)])
 
 
 def _residual_grad_is_dx(activation: str, dropout_p: float, impl: str) -> bool:
