@@ -111,6 +111,29 @@ inline void parallel_rows(int64_t n, int64_t grain, const F& f) {
 // Rows per parallel chunk so that a chunk moves about 64 KiB of fp32.
 inline int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1)); }
 
+// Zeroes n bytes at p with streaming (non-temporal) stores where the CPU has them (SSE2 on x86-64: every x86-64
+// CPU): a large buffer is written without first reading each cache line for ownership (NOTES change 14). The
+// unaligned head and tail go through memset. Call stream_fence() at the end of each thread's writes.
+inline void stream_zero(void* p, size_t n) {
+#if BERTFAST_X86_MULTIVERSION
+  char* c = static_cast<char*>(p);
+  const size_t head = std::min(n, (16 - reinterpret_cast<uintptr_t>(c) % 16) % 16);
+  std::memset(c, 0, head);
+  c += head;
+  n -= head;
+  const __m128i zero = _mm_setzero_si128();
+  for (; n >= 16; n -= 16, c += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(c), zero);
+  std::memset(c, 0, n);
+#else
+  std::memset(p, 0, n);
+#endif
+}
+inline void stream_fence() {
+#if BERTFAST_X86_MULTIVERSION
+  _mm_sfence();
+#endif
+}
+
 // ----------------------------------------------------------------------------------------------------------
 // scalar <-> fp32 conversion of rows. c10's Half/BFloat16 conversions are branch-free bit manipulation, which
 // vectorises once inlined.

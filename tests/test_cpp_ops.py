@@ -396,6 +396,43 @@ def test_embed_backward_repeated_ids_and_determinism():
         assert torch.equal(a, b)
 
 
+def _on_poisoned_memory(shape, dtype, call):
+    """call() with the CPU allocator primed to hand back NaN-filled (all-ones for integers and bool) memory for an
+    output of this shape and dtype: blocks of that size are filled and freed just before the call, and the call is
+    repeated until its output lands in one of them (checked by address), so an element the kernel does not write
+    shows up. The block must be under glibc's mmap threshold (128 KiB), or it goes back to the OS."""
+    for _ in range(10):  # the allocator usually reuses a block at once; other threads' allocations can intervene
+        poison = [torch.full(shape, float("nan")).to(dtype) if dtype.is_floating_point
+                  else torch.ones(shape, dtype=dtype) for _ in range(32)]
+        ranges = [(p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in poison]
+        del poison
+        out = call()
+        if any(lo <= out.data_ptr() < hi for lo, hi in ranges):
+            return out
+    pytest.fail("no poisoned block was reused in 10 tries: the test would check nothing")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("e", [1, 3, 40, 1023])
+def test_embed_backward_writes_every_table_row(dtype, e):
+    """The table gradients are allocated uninitialised and the scatter writes every row (zeros past the cache for
+    rows no token uses, NOTES change 14). Poison: free NaN-filled blocks of the word gradient's size just before
+    the call, so that the allocator hands that memory back (checked by address); every unused row must come back
+    exactly zero. Odd E puts rows off 16-byte boundaries."""
+    vocab = max(29, 4096 // e)  # <= 116 KiB: under glibc's mmap threshold, so freed blocks are reused
+    t = 12
+    args = list(_embed_inputs(t, e, dtype, vocab=vocab, n_pos=16))
+    out, mean, rstd = ops.embed(*args, 1e-12)
+    g = torch.randn(t, e).to(dtype)
+    ids, idx = args[0], args[1]
+    used = torch.zeros(vocab, dtype=torch.bool)
+    used[ids[idx]] = True
+    assert (~used).any() and used.any()
+    d_word = _on_poisoned_memory((vocab, e), dtype, lambda: ops.embed_backward(g, *args[:8], mean, rstd)[0])
+    assert torch.equal(d_word[~used], torch.zeros_like(d_word[~used]))
+    assert torch.isfinite(d_word[used]).all()
+
+
 def test_backward_determinism_across_threads():
     x, w, b, r, xb = _aln_inputs(1000, 768, torch.float32)
     y, m, s = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "gelu")
@@ -427,6 +464,21 @@ def test_unpad_pad(t, h, dtype):
     p = ops.pad(u, idx, n)
     ref = torch.zeros_like(x)
     ref[idx] = x[idx]
+    assert torch.equal(p, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.int64, torch.bool], ids=str)
+@pytest.mark.parametrize("h", [1, 3, 40, 1023])
+def test_pad_writes_every_row(h, dtype):
+    """pad fills an uninitialised output in one pass (copy or zeros per row): on poisoned memory every padding
+    row must come back zero, every real row its source."""
+    n = max(9, 16384 // (h * torch.empty(0, dtype=dtype).element_size()))  # block <= 16 KiB
+    t = n // 3
+    x = torch.randn(t, h).to(dtype)
+    idx = torch.randperm(n)[:t]
+    p = _on_poisoned_memory((n, h), dtype, lambda: ops.pad(x, idx, n))
+    ref = torch.zeros(n, h, dtype=dtype)
+    ref[idx] = x
     assert torch.equal(p, ref)
 
 
