@@ -101,8 +101,10 @@ def cpp_built_with_cuda() -> bool:
     return cpp_extension_error() is None and bool(torch.ops.bertfast_C.built_with_cuda())
 
 
+@torch.compiler.assume_constant_result
 def _available(impl: str, op: str, device: torch.device) -> Optional[str]:
-    """None when `impl` of `op` exists and runs on `device`, else the reason it does not."""
+    """None when `impl` of `op` exists and runs on `device`, else the reason it does not. A constant of the
+    process for torch.compile (called, not traced: tracing went through its lru_cache and the extension import)."""
     return _available_cached(impl, op, device.type, os.environ.get("TRITON_INTERPRET") == "1")
 
 
