@@ -351,6 +351,62 @@ def _check_attention_args(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int):
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
 
 
+def _cpu_flash(cdt: torch.dtype, dropout_p: float):
+    """ATen's fused CPU attention forward and backward (what F.scaled_dot_product_attention runs on CPU), called
+    directly because they return / take the log-sum-exp that lets the backward skip recomputing P: used for
+    float32 compute without dropout. None where this torch lacks them (the formula backward serves then)."""
+    if cdt != torch.float32 or dropout_p > 0.0:
+        return None
+    fwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is None or bwd is None:
+        notice_once("cpu-flash", "this torch has no aten::_scaled_dot_product_flash_attention_for_cpu(_backward): "
+                    "the CPU attention backward recomputes the probabilities")
+        return None
+    return fwd, bwd
+
+
+def _attention_cpu(qkv: Tensor, cu_seqlens: Tensor, scale: float, dropout_p: float,
+                   seed: int) -> tuple[Tensor, Tensor]:
+    """CPU attention of each packed sequence over itself: (out [T, heads, d] in qkv's dtype, lse [heads, T] fp32,
+    the log-sum-exp of each query's scaled scores where ATen's fused kernel gives it (float32 compute, no
+    dropout), NaN elsewhere). No compute on padding (the host already has cu_seqlens); the fused CPU kernel takes
+    4-D [batch, heads, L, d] only, and a batch whose sequences all have one length is one call."""
+    total, _, heads, head_dim = qkv.shape
+    batch = cu_seqlens.numel() - 1
+    cdt = _compute_dtype(qkv.dtype)
+    flash = _cpu_flash(cdt, dropout_p)
+    lse = _nan((heads, total), qkv.device)
+    bounds = cu_seqlens.tolist()
+    lengths = {bounds[b + 1] - bounds[b] for b in range(batch)}
+    if dropout_p == 0.0 and len(lengths) == 1 and total > 0:
+        q, k, v = qkv.view(batch, total // batch, 3, heads, head_dim).to(cdt).permute(2, 0, 3, 1, 4).unbind(0)
+        if flash:
+            o, l = flash[0](q, k, v, 0.0, False, attn_mask=None, scale=scale)    # [B, heads, L, d], [B, heads, L]
+            lse.copy_(l.transpose(0, 1).reshape(heads, total))
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return o.transpose(1, 2).reshape(total, heads, head_dim).to(qkv.dtype), lse
+    outs = []
+    for b in range(batch):
+        start, end = bounds[b], bounds[b + 1]
+        if end == start:
+            continue
+        q, k, v = qkv[start:end].to(cdt).permute(1, 2, 0, 3)[:, None].unbind(0)   # each [1, heads, L, d]
+        if dropout_p > 0.0:
+            probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
+            keep = _keep_mask(probs.shape[1:], dropout_p, seed + b, qkv.device)
+            o = (probs * keep / (1.0 - dropout_p)) @ v
+        elif flash:
+            o, l = flash[0](q, k, v, 0.0, False, attn_mask=None, scale=scale)
+            lse[:, start:end] = l[0]
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        outs.append(o[0].transpose(0, 1))
+    out = torch.cat(outs) if outs else qkv.new_zeros((0, heads, head_dim), dtype=cdt)
+    return out.to(qkv.dtype), lse
+
+
 def _attention_reference(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, dropout_p: float,
                          seed: int) -> Tensor:
     """Attention of each packed sequence over itself; computes in float32 (float64 for float64 input)."""
@@ -358,30 +414,7 @@ def _attention_reference(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale
     batch = cu_seqlens.numel() - 1
     cdt = _compute_dtype(qkv.dtype)
     if qkv.device.type == "cpu":
-        # SDPA per sequence: no compute on padding (the host already has cu_seqlens). Its fused CPU kernel
-        # takes 4-D [batch, heads, L, d] only (3-D input ran the unfused math path), and a batch whose
-        # sequences all have one length (no padding at all) is one call.
-        bounds = cu_seqlens.tolist()
-        lengths = {bounds[b + 1] - bounds[b] for b in range(batch)}
-        if dropout_p == 0.0 and len(lengths) == 1 and total > 0:
-            q, k, v = qkv.view(batch, total // batch, 3, heads, head_dim).to(cdt).permute(2, 0, 3, 1, 4).unbind(0)
-            o = F.scaled_dot_product_attention(q, k, v, scale=scale)          # [B, heads, L, d]
-            return o.transpose(1, 2).reshape(total, heads, head_dim).to(qkv.dtype)
-        outs = []
-        for b in range(batch):
-            start, end = bounds[b], bounds[b + 1]
-            if end == start:
-                continue
-            q, k, v = qkv[start:end].to(cdt).permute(1, 2, 0, 3)[:, None].unbind(0)   # each [1, heads, L, d]
-            if dropout_p > 0.0:
-                probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
-                keep = _keep_mask(probs.shape[1:], dropout_p, seed + b, qkv.device)
-                o = (probs * keep / (1.0 - dropout_p)) @ v
-            else:
-                o = F.scaled_dot_product_attention(q, k, v, scale=scale)
-            outs.append(o[0].transpose(0, 1))
-        out = torch.cat(outs) if outs else qkv.new_zeros((0, heads, head_dim), dtype=cdt)
-        return out.to(qkv.dtype)
+        return _attention_cpu(qkv, cu_seqlens, scale, dropout_p, seed)[0]
     # CUDA: pad to [B, heads, max_seqlen, d] on the device (no host read) and mask the padded keys
     seqlens = cu_seqlens[1:] - cu_seqlens[:-1]
     pos = torch.arange(max_seqlen, device=qkv.device)
@@ -398,6 +431,71 @@ def _attention_reference(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale
     return o[valid].to(qkv.dtype)
 
 
+_ATTN_BWD_BLOCK_BYTES = 2 << 20
+
+
+def _attention_backward_cpu(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, scale: float,
+                            dropout_p: float, seed: int) -> Tensor:
+    """dqkv of _attention_cpu, blocks of sequences of one length at a time, each sequence's rows of dqkv written
+    once (re-running the forward under autograd cost a full-size zero gradient per sequence, summed: NOTES change
+    16). Without dropout in float32: ATen's fused CPU backward from the forward's out and lse. Otherwise the
+    gradient's formulas, with P and the keep-mask recomputed as the forward computed them (the same expression,
+    the same seeds). Computes in float32 (float64 for float64 input)."""
+    total, _, heads, head_dim = qkv.shape
+    cdt = _compute_dtype(qkv.dtype)
+    bounds = cu_seqlens.tolist()
+    batch = len(bounds) - 1
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype)
+    dqkv[:bounds[0]].zero_()      # rows outside every sequence (validation has bounds[0] == 0, bounds[-1] == T)
+    dqkv[bounds[-1]:].zero_()
+
+    flash = _cpu_flash(cdt, dropout_p)
+
+    def block(first: int, count: int, start: int, length: int) -> None:
+        """Sequences first .. first+count-1, all `length` tokens long, rows start .. start+count*length-1."""
+        end = start + count * length
+        x = qkv[start:end].view(count, length, 3, heads, head_dim).to(cdt)
+        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)                                  # each [count, heads, L, d]
+        do = dout[start:end].view(count, length, heads, head_dim).to(cdt).transpose(1, 2)
+        rows = dqkv[start:end].view(count, length, 3, heads, head_dim)
+        if flash:
+            o = out[start:end].view(count, length, heads, head_dim).to(cdt).transpose(1, 2)
+            l = lse[:, start:end].view(heads, count, length).transpose(0, 1).contiguous()
+            dq, dk, dv = flash[1](do, q, k, v, o, l, 0.0, False, attn_mask=None, scale=scale)
+            for i, g in enumerate((dq, dk, dv)):
+                rows[:, :, i] = g.transpose(1, 2)
+            return
+        probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)              # [count, heads, L, L]
+        dp = do @ v.transpose(-1, -2)
+        if dropout_p > 0.0:
+            keep = torch.stack([_keep_mask(probs.shape[1:], dropout_p, seed + b, qkv.device)
+                                for b in range(first, first + count)])
+            dv = (probs * keep / (1.0 - dropout_p)).transpose(-1, -2) @ do
+            dp = dp * keep / (1.0 - dropout_p)
+        else:
+            dv = probs.transpose(-1, -2) @ do
+        ds = probs * (dp - (probs * dp).sum(-1, keepdim=True))
+        rows[:, :, 0] = (ds @ k).mul_(scale).transpose(1, 2)
+        rows[:, :, 1] = (ds.transpose(-1, -2) @ q).mul_(scale).transpose(1, 2)
+        rows[:, :, 2] = dv.transpose(1, 2)
+
+    # Runs of consecutive sequences of one length go together: all of them for the fused kernel, for the formulas
+    # as many as keep a [count, heads, L, L] fp32 temporary within _ATTN_BWD_BLOCK_BYTES (cache-sized: larger
+    # blocks were slower with dropout's extra temporaries).
+    b = 0
+    while b < batch:
+        length = bounds[b + 1] - bounds[b]
+        per_seq = max(heads * length * length * 4, 1)
+        count = 1
+        while (b + count < batch and bounds[b + count + 1] - bounds[b + count] == length
+               and (flash or (count + 1) * per_seq <= _ATTN_BWD_BLOCK_BYTES)):
+            count += 1
+        if length > 0:
+            block(b, count, bounds[b], length)
+        b += count
+    return dqkv
+
+
 def _fp32_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
@@ -409,6 +507,8 @@ def _varlen_attention_op(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softm
         out, lse = triton_module("varlen_attention").attention_forward(
             qkv, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed, _fp32_precision(), validate=False)
         return out, lse
+    if qkv.device.type == "cpu":
+        return _attention_cpu(qkv, cu_seqlens, softmax_scale, dropout_p, seed)
     out = _attention_reference(qkv, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed)
     return out, _nan((qkv.shape[2], qkv.shape[0]), qkv.device)
 
@@ -426,6 +526,8 @@ def _varlen_attention_backward_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: T
     if impl == "triton":
         return triton_module("varlen_attention").attention_backward(
             dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed, _fp32_precision())
+    if qkv.device.type == "cpu":
+        return _attention_backward_cpu(dout, qkv, out, lse, cu_seqlens, softmax_scale, dropout_p, seed)
     (dqkv,) = _recompute_grads(
         lambda t: _attention_reference(t, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed), [qkv], [dout])
     return dqkv if dqkv is not None else torch.zeros_like(qkv)

@@ -47,6 +47,87 @@ def test_gradcheck_attention(backend):
     assert torch.autograd.gradcheck(lambda t: ops.varlen_attention(t, cu, m), (qkv,), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+def _attention_naive(qkv, cu, scale, dropout_p, seed):
+    """Attention per sequence in qkv's dtype, with the reference implementation's keep-mask (ops._keep_mask,
+    seed + sequence index); autograd of this is the independent gradient."""
+    outs = []
+    for b, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if e == s:
+            continue
+        q, k, v = (qkv[s:e, i].transpose(0, 1) for i in range(3))              # [heads, L, d]
+        p = torch.softmax(q @ k.transpose(-1, -2) * scale, -1)
+        if dropout_p > 0:
+            p = p * ops._keep_mask(p.shape, dropout_p, seed + b, "cpu").to(p.dtype) / (1 - dropout_p)
+        outs.append((p @ v).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "formula"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("lengths", [[1, 0, 17, 5, 33, 33, 2], [24, 24, 24], [1]], ids=["varlen", "equal", "one"])
+def test_cpu_attention_gradients(lengths, dropout_p, dtype, fused, monkeypatch):
+    """The CPU attention's backward (NOTES change 16: ATen's fused CPU kernel without dropout, the gradient's
+    formulas with dropout or where the fused kernel is missing) against float64 autograd of a naive attention
+    with the same keep-mask; flash-attention's rule: max error within 3x PyTorch's own in the same dtype, plus one
+    ulp of the gradient's scale (and of fp32 over head_dim, as in test_attention.py). Equal consecutive lengths go through the batched blocks, a 0-length sequence has
+    no rows, a 1-token one a zero dq/dk. The forward's lse is checked where the fused kernel gives it."""
+    if not fused:
+        monkeypatch.setattr(ops, "_cpu_flash", lambda cdt, p: None)
+    elif ops._cpu_flash(torch.float32, 0.0) is None:
+        pytest.fail("this torch lacks ATen's fused CPU attention ops")
+    torch.manual_seed(len(lengths) * 1000 + int(dropout_p * 100) + hash(str(dtype)) % 97)
+    qkv, cu, m = _packed(lengths, heads=3, head_dim=16, dtype=dtype)
+    dout = torch.randn(qkv.shape[0], 3, 16).to(dtype)
+    scale = 16 ** -0.5
+    torch.manual_seed(1234)
+    seed = ops.new_seed()   # what varlen_attention draws after the same manual_seed
+    torch.manual_seed(1234)
+    x = qkv.clone().requires_grad_(True)
+    out = ops.varlen_attention(x, cu, m, dropout_p=dropout_p)
+    (grad,) = torch.autograd.grad(out, x, dout)
+    assert grad.dtype == dtype and grad.shape == qkv.shape
+
+    def naive(dt):
+        leaf = qkv.to(dt).requires_grad_(True)
+        o = _attention_naive(leaf, cu, scale, dropout_p, seed)
+        return o.detach(), torch.autograd.grad(o, leaf, dout.to(dt))[0]
+    ref_out, ref_grad = naive(torch.float64)
+    _, lse = ops._attention_cpu(qkv, cu, scale, dropout_p, seed)
+    if fused and dropout_p == 0:
+        ref_lse = torch.cat([torch.logsumexp(qkv[s:e, 0].double().transpose(0, 1)
+                                             @ qkv[s:e, 1].double().permute(1, 2, 0) * scale, -1)
+                             for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()) if e > s], dim=1)
+        assert (lse.double() - ref_lse).abs().max() <= 1e-5 * max(1.0, ref_lse.abs().max().item())
+    else:
+        assert lse.isnan().all()
+    low_out, low_grad = naive(dtype)
+    eps = torch.finfo(dtype).eps
+    err = (out.double() - ref_out).abs().max().item()
+    assert err <= 2 * (low_out.double() - ref_out).abs().max().item() + eps * ref_out.abs().max().item()
+    for i, name in enumerate("qkv"):
+        got, ref, low = grad[:, i].double(), ref_grad[:, i], low_grad[:, i].double()
+        err = (got - ref).abs().max().item()
+        # + the fp32 rounding of dP - rowsum(dO * O): head_dim-long dot products of O(1) values that cancel
+        # (exactly, for a one-token sequence, in PyTorch's softmax backward; not in the fused kernel, which takes
+        # the row sum from the forward's output as flash attention does)
+        bound = (3 * (low - ref).abs().max().item() + eps * max(ref.abs().max().item(), 1.0)
+                 + torch.finfo(torch.float32).eps * 16)
+        assert err <= bound, f"d{name}: max error {err:.3g} > bound {bound:.3g}"
+
+
+def test_gradcheck_attention_with_dropout(backend):
+    """The keep-mask is a function of the seed (drawn from torch's generator, reset before each call here), so
+    with dropout the op is still a deterministic function."""
+    qkv, cu, m = _packed([1, 4, 3, 3], heads=2, head_dim=8)
+    qkv.requires_grad_(True)
+
+    def f(t):
+        torch.manual_seed(7)
+        return ops.varlen_attention(t, cu, m, dropout_p=0.3)
+    assert torch.autograd.gradcheck(f, (qkv,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
 @pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
 def test_gradcheck_add_layer_norm(backend, activation):
     x, r = torch.randn(3, 16, dtype=torch.float64, requires_grad=True), torch.randn(3, 16, dtype=torch.float64,
