@@ -366,6 +366,18 @@ def _cpu_flash(cdt: torch.dtype, dropout_p: float):
     return fwd, bwd
 
 
+def _cpu_bounds(cu_seqlens: Tensor, total: int) -> list[int]:
+    """cu_seqlens as a list, checked (free on CPU: the values are on the host): the CPU attention reads them."""
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError("cu_seqlens must be monotonic non-decreasing")
+    if bounds[-1] != total:
+        raise ValueError(f"cu_seqlens must end at T = qkv.shape[0] = {total}, got {bounds[-1]}")
+    return bounds
+
+
 def _attention_cpu(qkv: Tensor, cu_seqlens: Tensor, scale: float, dropout_p: float,
                    seed: int) -> tuple[Tensor, Tensor]:
     """CPU attention of each packed sequence over itself: (out [T, heads, d] in qkv's dtype, lse [heads, T] fp32,
@@ -377,7 +389,7 @@ def _attention_cpu(qkv: Tensor, cu_seqlens: Tensor, scale: float, dropout_p: flo
     cdt = _compute_dtype(qkv.dtype)
     flash = _cpu_flash(cdt, dropout_p)
     lse = _nan((heads, total), qkv.device)
-    bounds = cu_seqlens.tolist()
+    bounds = _cpu_bounds(cu_seqlens, total)
     lengths = {bounds[b + 1] - bounds[b] for b in range(batch)}
     if dropout_p == 0.0 and len(lengths) == 1 and total > 0:
         q, k, v = qkv.view(batch, total // batch, 3, heads, head_dim).to(cdt).permute(2, 0, 3, 1, 4).unbind(0)
@@ -440,14 +452,13 @@ def _attention_backward_cpu(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
     once (re-running the forward under autograd cost a full-size zero gradient per sequence, summed: NOTES change
     16). Without dropout in float32: ATen's fused CPU backward from the forward's out and lse. Otherwise the
     gradient's formulas, with P and the keep-mask recomputed as the forward computed them (the same expression,
-    the same seeds). Computes in float32 (float64 for float64 input)."""
+    the same seeds). Computes in float32 (float64 for float64 input); the fused backward's row sums of dO * O use
+    the forward's output as returned, rounded to qkv's dtype (as flash attention's backward does)."""
     total, _, heads, head_dim = qkv.shape
     cdt = _compute_dtype(qkv.dtype)
-    bounds = cu_seqlens.tolist()
+    bounds = _cpu_bounds(cu_seqlens, total)   # so every row of dqkv belongs to one sequence
     batch = len(bounds) - 1
-    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype)
-    dqkv[:bounds[0]].zero_()      # rows outside every sequence (validation has bounds[0] == 0, bounds[-1] == T)
-    dqkv[bounds[-1]:].zero_()
+    dqkv = qkv.new_empty(qkv.shape)
 
     flash = _cpu_flash(cdt, dropout_p)
 

@@ -76,7 +76,8 @@ def test_cpu_attention_gradients(lengths, dropout_p, dtype, fused, monkeypatch):
         monkeypatch.setattr(ops, "_cpu_flash", lambda cdt, p: None)
     elif ops._cpu_flash(torch.float32, 0.0) is None:
         pytest.fail("this torch lacks ATen's fused CPU attention ops")
-    torch.manual_seed(len(lengths) * 1000 + int(dropout_p * 100) + hash(str(dtype)) % 97)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    torch.manual_seed(len(lengths) * 1000 + int(dropout_p * 100) * 10 + dtypes.index(dtype) * 2 + fused)
     qkv, cu, m = _packed(lengths, heads=3, head_dim=16, dtype=dtype)
     dout = torch.randn(qkv.shape[0], 3, 16).to(dtype)
     scale = 16 ** -0.5
@@ -114,6 +115,15 @@ def test_cpu_attention_gradients(lengths, dropout_p, dtype, fused, monkeypatch):
         bound = (3 * (low - ref).abs().max().item() + eps * max(ref.abs().max().item(), 1.0)
                  + torch.finfo(torch.float32).eps * 16)
         assert err <= bound, f"d{name}: max error {err:.3g} > bound {bound:.3g}"
+
+
+def test_cpu_attention_checks_cu_seqlens():
+    """The CPU attention reads cu_seqlens on the host, so it checks them: a batch that does not cover qkv's rows
+    exactly is an error, not attention over made-up sequences."""
+    qkv = torch.randn(6, 3, 2, 8)
+    for cu, what in (([0, 2, 4], "end at T"), ([1, 3, 6], "start at 0"), ([0, 4, 2, 6], "monotonic")):
+        with pytest.raises(ValueError, match=f"cu_seqlens must .*{what}"):
+            ops.varlen_attention(qkv, torch.tensor(cu, dtype=torch.int32), 4)
 
 
 def test_gradcheck_attention_with_dropout(backend):
