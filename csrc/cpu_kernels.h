@@ -27,6 +27,10 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #endif
+#if defined(__linux__) || defined(__APPLE__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #define BF_INLINE inline __attribute__((always_inline))
 
@@ -128,6 +132,27 @@ inline void stream_zero(void* p, size_t n) {
   std::memset(p, 0, n);
 #endif
 }
+// Whether the memory page holding p is resident. A block fresh from mmap (glibc serves blocks over 32 MiB so,
+// every time) is not: its first write faults, and the kernel zeroes the page with ordinary stores, so it is then
+// in the cache, where streaming stores cost more than ordinary ones (embed_backward on a fresh 94 MB table:
+// 26 -> 35 ms streamed against 29 ms with memset; on reused memory 9.4 ms with memset, 7 ms streamed: NOTES
+// change 14). Without mincore (not Linux / macOS): treated as resident.
+inline bool page_resident(const void* p) {
+#if defined(__linux__) || defined(__APPLE__)
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  void* start = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) & ~(page - 1));
+#if defined(__APPLE__)
+  char v = 0;
+#else
+  unsigned char v = 0;
+#endif
+  return mincore(start, page, &v) != 0 || (v & 1);
+#else
+  (void)p;
+  return true;
+#endif
+}
+
 inline void stream_fence() {
 #if BERTFAST_X86_MULTIVERSION
   _mm_sfence();

@@ -111,7 +111,7 @@ BF_INLINE void embed_row(const T* word, const T* pos, const T* type, const int64
 // out[u] = sum, in token order, of the rows dh[k] of the tokens k with ids[k] == u, for every row u of a table
 // of n_rows rows; rows no token uses are zeroed (out need not be initialised). Parallel over (row, 256-column
 // chunk) work items, deterministic (each element sums its tokens in token order, whatever the split). Each
-// thread zeroes its consecutive unused rows as one range with streaming stores: a
+// thread zeroes its consecutive unused rows as one range, with streaming stores where that pays: a
 // [30522, 768] fp32 word table is 94 MB, and zeroing it first with ordinary stores and then overwriting the used
 // rows cost twice the traffic (NOTES change 14).
 template <typename T>
@@ -144,7 +144,17 @@ void scatter_rows(const std::vector<int64_t>& ids, int64_t n_rows, const float* 
     }
     return lo;
   };
-  const auto zero = [](T* from, T* to) { cpu::stream_zero(from, (to - from) * sizeof(T)); };
+  // Streaming stores only where the table's memory is already resident (page_resident: on fresh pages the
+  // kernel's own zeroing leaves them in the cache, and ordinary stores are faster).
+  // (Its middle: the allocator writes its bookkeeping just before the block, on the first page.)
+  const bool stream = n_rows > 0 && cpu::page_resident(out + n_rows * e / 2);
+  const auto zero = [stream](T* from, T* to) {
+    if (stream) {
+      cpu::stream_zero(from, (to - from) * sizeof(T));
+    } else {
+      std::memset(from, 0, (to - from) * sizeof(T));
+    }
+  };
   cpu::parallel_rows(parts, 1, [=](int64_t part_begin, int64_t part_end) {
     T* zero_from = nullptr;  // start of the pending run of unused rows' chunks
     T* zero_to = nullptr;
@@ -181,7 +191,7 @@ void scatter_rows(const std::vector<int64_t>& ids, int64_t n_rows, const float* 
       }
     }
     if (zero_from) zero(zero_from, zero_to);
-    cpu::stream_fence();
+    if (stream) cpu::stream_fence();
   });
 }
 
