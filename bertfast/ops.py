@@ -378,6 +378,24 @@ def _cpu_bounds(cu_seqlens: Tensor, total: int) -> list[int]:
     return bounds
 
 
+def _heads_first(qkv: Tensor, start: int, count: int, length: int, cdt: torch.dtype):
+    """q, k, v of `count` consecutive sequences of `length` tokens from row `start`, each [count, heads, L, d]
+    in cdt (views where no cast is needed): the layout the CPU attention computes in."""
+    x = qkv[start:start + count * length].view(count, length, 3, qkv.shape[2], qkv.shape[3]).to(cdt)
+    return x.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _cpu_probs(q: Tensor, k: Tensor, scale: float, dropout_p: float, seed: int, first: int):
+    """(P, keep-mask or None) of sequences first, first+1, ... ([count, heads, L, L]): one expression for the
+    CPU attention's forward and its backward's recomputation, so that the backward sees the forward's P and
+    mask (sequence b's mask from seed + b)."""
+    probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
+    if dropout_p == 0.0:
+        return probs, None
+    return probs, torch.stack([_keep_mask(probs.shape[1:], dropout_p, seed + b, q.device)
+                               for b in range(first, first + q.shape[0])])
+
+
 def _attention_cpu(qkv: Tensor, cu_seqlens: Tensor, scale: float, dropout_p: float,
                    seed: int) -> tuple[Tensor, Tensor]:
     """CPU attention of each packed sequence over itself: (out [T, heads, d] in qkv's dtype, lse [heads, T] fp32,
@@ -392,7 +410,7 @@ def _attention_cpu(qkv: Tensor, cu_seqlens: Tensor, scale: float, dropout_p: flo
     bounds = _cpu_bounds(cu_seqlens, total)
     lengths = {bounds[b + 1] - bounds[b] for b in range(batch)}
     if dropout_p == 0.0 and len(lengths) == 1 and total > 0:
-        q, k, v = qkv.view(batch, total // batch, 3, heads, head_dim).to(cdt).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _heads_first(qkv, 0, batch, total // batch, cdt)
         if flash:
             o, l = flash[0](q, k, v, 0.0, False, attn_mask=None, scale=scale)    # [B, heads, L, d], [B, heads, L]
             lse.copy_(l.transpose(0, 1).reshape(heads, total))
@@ -404,10 +422,9 @@ def _attention_cpu(qkv: Tensor, cu_seqlens: Tensor, scale: float, dropout_p: flo
         start, end = bounds[b], bounds[b + 1]
         if end == start:
             continue
-        q, k, v = qkv[start:end].to(cdt).permute(1, 2, 0, 3)[:, None].unbind(0)   # each [1, heads, L, d]
+        q, k, v = _heads_first(qkv, start, 1, end - start, cdt)                      # each [1, heads, L, d]
         if dropout_p > 0.0:
-            probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
-            keep = _keep_mask(probs.shape[1:], dropout_p, seed + b, qkv.device)
+            probs, keep = _cpu_probs(q, k, scale, dropout_p, seed, b)
             o = (probs * keep / (1.0 - dropout_p)) @ v
         elif flash:
             o, l = flash[0](q, k, v, 0.0, False, attn_mask=None, scale=scale)
@@ -465,8 +482,7 @@ def _attention_backward_cpu(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
     def block(first: int, count: int, start: int, length: int) -> None:
         """Sequences first .. first+count-1, all `length` tokens long, rows start .. start+count*length-1."""
         end = start + count * length
-        x = qkv[start:end].view(count, length, 3, heads, head_dim).to(cdt)
-        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)                                  # each [count, heads, L, d]
+        q, k, v = _heads_first(qkv, start, count, length, cdt)                        # each [count, heads, L, d]
         do = dout[start:end].view(count, length, heads, head_dim).to(cdt).transpose(1, 2)
         rows = dqkv[start:end].view(count, length, 3, heads, head_dim)
         if flash:
@@ -476,11 +492,9 @@ def _attention_backward_cpu(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
             for i, g in enumerate((dq, dk, dv)):
                 rows[:, :, i] = g.transpose(1, 2)
             return
-        probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)              # [count, heads, L, L]
+        probs, keep = _cpu_probs(q, k, scale, dropout_p, seed, first)                 # [count, heads, L, L]
         dp = do @ v.transpose(-1, -2)
-        if dropout_p > 0.0:
-            keep = torch.stack([_keep_mask(probs.shape[1:], dropout_p, seed + b, qkv.device)
-                                for b in range(first, first + count)])
+        if keep is not None:
             dv = (probs * keep / (1.0 - dropout_p)).transpose(-1, -2) @ do
             dp = dp * keep / (1.0 - dropout_p)
         else:
