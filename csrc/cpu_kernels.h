@@ -244,49 +244,78 @@ struct Dropout {
 
 // Philox-4x32-10 on 16 / 8 consecutive counters at once, lane for lane what philox_uniform computes. Each round
 // needs the high and the low 32 bits of two 32x32-bit products per lane: (v)pmuludq multiplies the even lanes,
-// and the odd lanes shifted down, into 64-bit products whose halves are blended back into 32-bit lanes.
+// and the odd lanes shifted down, into 64-bit products whose halves are put back into 32-bit lanes.
 // (Written with intrinsics: GCC builds these products from shuffles, or from the slow 64x64 vpmullq.)
 #if BERTFAST_X86_MULTIVERSION
+// AVX-512, per round and 16 lanes: 2 shifts, 4 vpmuludq, 4 masked vpshufd (each moves the wanted halves of one
+// product pair into place in one instruction: the high words of the even products down into the even lanes
+// under the odd products, the low words of the odd products up into the odd lanes over the even products) and
+// 2 vpternlogd (the three-way xor with the key); 12 instructions where shift + blend + two xors took 18, which
+// is what bounds it (ports 0 and 5). Unused results of the last two rounds are dropped by the compiler.
+#define BF_TARGET_PHILOX512 __attribute__((target("avx512f"), always_inline))
+BF_TARGET_PHILOX512 inline __m512i philox_word0_avx512(__m512i c0, __m512i c1, const __m512i* k0,
+                                                       const __m512i* k1) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  constexpr __mmask16 kOdd = 0xAAAA, kEven = 0x5555;
+  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    const __m512i pe0 = _mm512_mul_epu32(c2, m0), po0 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m0);
+    const __m512i pe1 = _mm512_mul_epu32(c0, m1), po1 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m1);
+    const __m512i hi0 = _mm512_mask_shuffle_epi32(po0, kEven, pe0, _MM_PERM_DDBB);
+    const __m512i hi1 = _mm512_mask_shuffle_epi32(po1, kEven, pe1, _MM_PERM_DDBB);
+    const __m512i lo0 = _mm512_mask_shuffle_epi32(pe0, kOdd, po0, _MM_PERM_CCAA);
+    const __m512i lo1 = _mm512_mask_shuffle_epi32(pe1, kOdd, po1, _MM_PERM_CCAA);
+    c0 = _mm512_ternarylogic_epi32(hi0, c1, k0[round], 0x96);  // hi0 ^ c1 ^ k0
+    c2 = _mm512_ternarylogic_epi32(hi1, c3, k1[round], 0x96);
+    c1 = lo0;
+    c3 = lo1;
+  }
+  return c0;
+}
+
 __attribute__((target("avx512f"), noinline)) inline void dropout_fill_avx512(const Dropout& d, uint64_t base,
                                                                             int64_t n, float* out) {
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m512 p = _mm512_set1_ps(d.p), scale = _mm512_set1_ps(d.scale), unit = _mm512_set1_ps(4.6566127342e-10f);
-  constexpr __mmask16 kOdd = 0xAAAA;
-  for (int64_t i = 0; i < n; i += 16) {
-    const uint64_t off = base + static_cast<uint64_t>(i);
+  const __m512 p = _mm512_set1_ps(d.p), unit = _mm512_set1_ps(4.6566127342e-10f);
+  __m512i k0[10], k1[10];  // the round keys
+  uint32_t key0 = d.seed_lo, key1 = d.seed_hi;
+  for (int round = 0; round < 10; ++round, key0 += 0x9E3779B9u, key1 += 0xBB67AE85u) {
+    k0[round] = _mm512_set1_epi32(static_cast<int>(key0));
+    k1[round] = _mm512_set1_epi32(static_cast<int>(key1));
+  }
+  // the counters (offset lo, offset hi) of 16 consecutive offsets from off, the carry into hi where lo wraps
+  auto counters = [&](uint64_t off, __m512i& lo_words, __m512i& hi_words) BF_TARGET_PHILOX512 {
     const __m512i lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(off)));
-    __m512i c0 = _mm512_add_epi32(lo, iota);
+    lo_words = _mm512_add_epi32(lo, iota);
     const __m512i hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(off >> 32)));
-    __m512i c1 = _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(c0, lo), hi, _mm512_set1_epi32(1));  // carry
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-    uint32_t k0 = d.seed_lo, k1 = d.seed_hi;
-#pragma GCC unroll 10
-    for (int round = 0; round < 10; ++round) {
-      const __m512i pe0 = _mm512_mul_epu32(c2, m0), po0 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m0);
-      const __m512i pe1 = _mm512_mul_epu32(c0, m1), po1 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m1);
-      const __m512i hi0 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(pe0, 32), po0);
-      const __m512i hi1 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(pe1, 32), po1);
-      const __m512i lo0 = _mm512_mask_blend_epi32(kOdd, pe0, _mm512_slli_epi64(po0, 32));
-      const __m512i lo1 = _mm512_mask_blend_epi32(kOdd, pe1, _mm512_slli_epi64(po1, 32));
-      c0 = _mm512_xor_si512(_mm512_xor_si512(hi0, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm512_xor_si512(_mm512_xor_si512(hi1, c3), _mm512_set1_epi32(static_cast<int>(k1)));
-      c1 = lo0;
-      c3 = lo1;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
+    hi_words = _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(lo_words, lo), hi, _mm512_set1_epi32(1));
+  };
+  auto kept = [&](__m512i c0) BF_TARGET_PHILOX512 {  // the lanes whose uniform is >= p
     const __m512i v = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));  // v < 0 ? ~v : v
-    const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(v), unit);
-    const __m512 f = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u, p, _CMP_GE_OQ), scale);
-    if (n - i >= 16) {
-      _mm512_storeu_ps(out + i, f);
-    } else {
-      _mm512_mask_storeu_ps(out + i, static_cast<__mmask16>((1u << (n - i)) - 1u), f);
-    }
+    return _mm512_cmp_ps_mask(_mm512_mul_ps(_mm512_cvtepi32_ps(v), unit), p, _CMP_GE_OQ);
+  };
+  const __m512 scale = _mm512_set1_ps(d.scale);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {  // two independent vectors per step: each round's chain is ~8 cycles long
+    __m512i a0, a1, b0, b1;
+    counters(base + static_cast<uint64_t>(i), a0, a1);
+    counters(base + static_cast<uint64_t>(i + 16), b0, b1);
+    const __mmask16 ka = kept(philox_word0_avx512(a0, a1, k0, k1));
+    const __mmask16 kb = kept(philox_word0_avx512(b0, b1, k0, k1));
+    _mm512_storeu_ps(out + i, _mm512_maskz_mov_ps(ka, scale));
+    _mm512_storeu_ps(out + i + 16, _mm512_maskz_mov_ps(kb, scale));
+  }
+  for (; i < n; i += 16) {
+    __m512i a0, a1;
+    counters(base + static_cast<uint64_t>(i), a0, a1);
+    const __mmask16 k = kept(philox_word0_avx512(a0, a1, k0, k1));
+    const int64_t count = std::min<int64_t>(n - i, 16);
+    _mm512_mask_storeu_ps(out + i, static_cast<__mmask16>((1u << count) - 1u), _mm512_maskz_mov_ps(k, scale));
   }
 }
+#undef BF_TARGET_PHILOX512
 
 __attribute__((target("avx2"), noinline)) inline void dropout_fill_avx2(const Dropout& d, uint64_t base, int64_t n,
                                                                       float* out) {
