@@ -54,8 +54,10 @@ def _cases():
 
     x, r, dy = randn(T, H), randn(T, H), randn(T, H)
     w, b, xb = 1 + 0.1 * randn(H), 0.1 * randn(H), randn(H)
-    y, mean, rstd = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "")
-    yg, mean_g, rstd_g = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "gelu")
+    y, mean, rstd, _ = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "")
+    yg, mean_g, rstd_g, _ = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "gelu")
+    # with dropout the backward reads the forward's keep bits (as bertfast.ops passes them)
+    _, mean_d, rstd_d, keep_d = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "", 0.1, 1234)
     u, ub, du = randn(T, I), randn(I), randn(T, I)
 
     def ln_composite_bwd(act, dropout_p=0.0):
@@ -114,7 +116,7 @@ def _cases():
          lambda: ops.add_layer_norm(x, w, b, 1e-12, r, xb, "", 0.1, 1234),
          lambda: F.layer_norm(F.dropout(x + xb, 0.1, training=True) + r, (H,), w, b, 1e-12)),
         ("add_layer_norm_backward(dropout 0.1)", f"{T}x{H}",
-         lambda: ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, "", 0.1, 1234),
+         lambda: ops.add_layer_norm_backward(dy, x, w, mean_d, rstd_d, r, xb, "", 0.1, 1234, keep_d),
          ln_composite_bwd("", 0.1)),
         ("bias_act(gelu)", f"{T}x{I}", lambda: ops.bias_act(u, ub, "gelu"), lambda: F.gelu(u + ub)),
         ("bias_act(gelu_tanh)", f"{T}x{I}", lambda: ops.bias_act(u, ub, "gelu_tanh"),

@@ -719,28 +719,38 @@ def _layer_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, eps: float, r
 @torch.library.custom_op("bertfast::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Optional[Tensor],
                        x_bias: Optional[Tensor], activation: str, dropout_p: float, seed: int,
-                       impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    if impl == "triton":
-        return triton_module("add_layer_norm").add_layer_norm_forward(
-            x, weight, bias, eps, residual, x_bias, activation or None, dropout_p, seed)
+                       impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (y, mean, rstd, keep): keep is the C++ CPU kernel's dropout keep-mask in bits (uint8 [N, ceil(H / 8)]),
+    which its backward reads instead of drawing the mask again; uint8 [0] elsewhere (the GPU redraws it)."""
     if impl == "cpp":
-        return torch.ops.bertfast_C.add_layer_norm(x, weight, bias, eps, residual, x_bias, activation, dropout_p,
-                                                   seed)
-    return _layer_norm_reference(x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed)
+        return tuple(torch.ops.bertfast_C.add_layer_norm(x, weight, bias, eps, residual, x_bias, activation,
+                                                         dropout_p, seed))
+    if impl == "triton":
+        out = triton_module("add_layer_norm").add_layer_norm_forward(
+            x, weight, bias, eps, residual, x_bias, activation or None, dropout_p, seed)
+    else:
+        out = _layer_norm_reference(x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed)
+    return (*out, x.new_empty((0,), dtype=torch.uint8))
+
+
+def _keep_bits_shape(x: Tensor, dropout_p: float, impl: str) -> tuple[int, ...]:
+    return (x.shape[0], (x.shape[1] + 7) // 8) if impl == "cpp" and dropout_p > 0.0 else (0,)
 
 
 @_add_layer_norm_op.register_fake
 def _(x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed, impl):
     n = x.shape[0]
-    return torch.empty_like(x), x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32)
+    return (torch.empty_like(x), x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32),
+            x.new_empty(_keep_bits_shape(x, dropout_p, impl), dtype=torch.uint8))
 
 
 @torch.library.custom_op("bertfast::add_layer_norm_backward", mutates_args=())
 def _add_layer_norm_backward_op(
         dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, eps: float,
         residual: Optional[Tensor], x_bias: Optional[Tensor], activation: str, dropout_p: float, seed: int,
-        impl: str) -> list[Tensor]:
-    """-> [dx, dresidual, dweight, dbias, dx_bias] (empty tensors for absent residual / x_bias)"""
+        impl: str, keep: Optional[Tensor] = None) -> list[Tensor]:
+    """-> [dx, dresidual, dweight, dbias, dx_bias] (empty tensors for absent residual / x_bias). keep: the
+    forward's keep bits (read by the C++ kernel instead of redrawing the mask; the other impls redraw it)."""
     # the Triton and C++ backwards return the gradient of the pre-LN sum as dresidual, and None where that
     # equals dx (no activation, no dropout): then this op returns an empty dresidual and the autograd formula
     # uses dx for both
@@ -750,8 +760,8 @@ def _add_layer_norm_backward_op(
             dy, x, weight, bias, mean, rstd, residual, x_bias, activation or None, dropout_p, seed,
             residual_grad_is_dx=shared)
     elif impl == "cpp":
-        dx, dres, dw, db, dxb = torch.ops.bertfast_C.add_layer_norm_backward(dy, x, weight, mean, rstd, residual,
-                                                                              x_bias, activation, dropout_p, seed)
+        dx, dres, dw, db, dxb = torch.ops.bertfast_C.add_layer_norm_backward(
+            dy, x, weight, mean, rstd, residual, x_bias, activation, dropout_p, seed, keep)
     else:
         dx, dw, db, dres, dxb = _recompute_grads(
             lambda a, w, b, r, xb: _layer_norm_reference(a, w, b, eps, r, xb, activation, dropout_p, seed)[0],
@@ -767,7 +777,7 @@ def _residual_grad_is_dx(activation: str, dropout_p: float, impl: str) -> bool:
 
 
 @_add_layer_norm_backward_op.register_fake
-def _(dy, x, weight, bias, mean, rstd, eps, residual, x_bias, activation, dropout_p, seed, impl):
+def _(dy, x, weight, bias, mean, rstd, eps, residual, x_bias, activation, dropout_p, seed, impl, keep=None):
     if _residual_grad_is_dx(activation, dropout_p, impl):
         residual = None
     return [torch.empty_like(x), _empty_like_or_none(residual, x), torch.empty_like(weight),
@@ -776,15 +786,15 @@ def _(dy, x, weight, bias, mean, rstd, eps, residual, x_bias, activation, dropou
 
 def _add_layer_norm_setup(ctx, inputs, output):
     x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed, impl = inputs
-    ctx.save_for_backward(x, weight, bias, output[1], output[2], residual, x_bias)
+    ctx.save_for_backward(x, weight, bias, output[1], output[2], residual, x_bias, output[3])
     ctx.args = (eps, activation, dropout_p, seed, impl)
 
 
-def _add_layer_norm_backward(ctx, dy, dmean, drstd):
-    x, weight, bias, mean, rstd, residual, x_bias = ctx.saved_tensors
+def _add_layer_norm_backward(ctx, dy, dmean, drstd, dkeep):
+    x, weight, bias, mean, rstd, residual, x_bias, keep = ctx.saved_tensors
     eps, activation, dropout_p, seed, impl = ctx.args
     dx, dres, dw, db, dxb = _run(_add_layer_norm_backward_op, dy.contiguous(), x, weight, bias, mean, rstd, eps,
-                                 residual, x_bias, activation, dropout_p, seed, impl)
+                                 residual, x_bias, activation, dropout_p, seed, impl, keep)
     if residual is not None and _residual_grad_is_dx(activation, dropout_p, impl):
         dres = dx
     return (dx, dw, db, None, dres if residual is not None else None, dxb if x_bias is not None else None,

@@ -238,9 +238,20 @@ struct Dropout {
   BF_INLINE float factor(uint64_t offset) const {
     return philox_uniform(seed_lo, seed_hi, offset) >= p ? scale : 0.0f;
   }
-  // out[i] = factor(base + i) for i < n, 16 (AVX-512) or 8 (AVX2) elements at a time
-  inline void fill(uint64_t base, int64_t n, float* out) const;
+  // out[i] = factor(base + i) for i < n, 16 (AVX-512) or 8 (AVX2) elements at a time. With keep_bits, also the
+  // keep-mask packed: bit i % 8 of keep_bits[i / 8] set where element i is kept; every byte of the
+  // ceil(n / 8) written, the bits past n of the last one 0.
+  inline void fill(uint64_t base, int64_t n, float* out, uint8_t* keep_bits = nullptr) const;
+  // out[i] = scale where bit i of keep_bits (as fill packs it) is set, else 0: the saved mask instead of Philox
+  inline void fill_from_bits(const uint8_t* keep_bits, int64_t n, float* out) const;
 };
+
+// The keep bits of elements [i, i + count) of a row (count <= 32, i a multiple of 8) into keep_bits from
+// their mask word: ceil(count / 8) bytes, the bits past count cleared.
+BF_INLINE void store_keep_bits(uint32_t mask, int64_t i, int64_t count, uint8_t* keep_bits) {
+  if (count < 32) mask &= (1u << count) - 1u;
+  for (int64_t b = 0; b * 8 < count; ++b) keep_bits[i / 8 + b] = static_cast<uint8_t>(mask >> (8 * b));
+}
 
 // Philox-4x32-10 on 16 / 8 consecutive counters at once, lane for lane what philox_uniform computes. Each round
 // needs the high and the low 32 bits of two 32x32-bit products per lane: (v)pmuludq multiplies the even lanes,
@@ -276,7 +287,8 @@ BF_TARGET_PHILOX512 inline __m512i philox_word0_avx512(__m512i c0, __m512i c1, c
 }
 
 __attribute__((target("avx512f"), noinline)) inline void dropout_fill_avx512(const Dropout& d, uint64_t base,
-                                                                            int64_t n, float* out) {
+                                                                            int64_t n, float* out,
+                                                                            uint8_t* keep_bits) {
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 p = _mm512_set1_ps(d.p), unit = _mm512_set1_ps(4.6566127342e-10f);
   __m512i k0[10], k1[10];  // the round keys
@@ -306,6 +318,7 @@ __attribute__((target("avx512f"), noinline)) inline void dropout_fill_avx512(con
     const __mmask16 kb = kept(philox_word0_avx512(b0, b1, k0, k1));
     _mm512_storeu_ps(out + i, _mm512_maskz_mov_ps(ka, scale));
     _mm512_storeu_ps(out + i + 16, _mm512_maskz_mov_ps(kb, scale));
+    if (keep_bits) store_keep_bits(static_cast<uint32_t>(ka) | (static_cast<uint32_t>(kb) << 16), i, 32, keep_bits);
   }
   for (; i < n; i += 16) {
     __m512i a0, a1;
@@ -313,12 +326,38 @@ __attribute__((target("avx512f"), noinline)) inline void dropout_fill_avx512(con
     const __mmask16 k = kept(philox_word0_avx512(a0, a1, k0, k1));
     const int64_t count = std::min<int64_t>(n - i, 16);
     _mm512_mask_storeu_ps(out + i, static_cast<__mmask16>((1u << count) - 1u), _mm512_maskz_mov_ps(k, scale));
+    if (keep_bits) store_keep_bits(k, i, count, keep_bits);
+  }
+}
+
+// out[i] = scale where bit i of keep_bits is set, 16 lanes at a time straight from the mask bits
+__attribute__((target("avx512f"), noinline)) inline void keep_bits_fill_avx512(const Dropout& d,
+                                                                              const uint8_t* keep_bits, int64_t n,
+                                                                              float* out) {
+  const __m512 scale = _mm512_set1_ps(d.scale);
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t count = std::min<int64_t>(n - i, 16);
+    uint16_t k = keep_bits[i / 8];
+    if (count > 8) k |= static_cast<uint16_t>(keep_bits[i / 8 + 1] << 8);
+    _mm512_mask_storeu_ps(out + i, static_cast<__mmask16>((1u << count) - 1u),
+                          _mm512_maskz_mov_ps(static_cast<__mmask16>(k), scale));
   }
 }
 #undef BF_TARGET_PHILOX512
 
+// the first min(count, 8) lanes of f to out
+__attribute__((target("avx2"), always_inline)) inline void store_up_to_8(__m256 f, int64_t count, float* out) {
+  if (count >= 8) {
+    _mm256_storeu_ps(out, f);
+  } else {
+    alignas(32) float tail[8];
+    _mm256_store_ps(tail, f);
+    std::memcpy(out, tail, static_cast<size_t>(count) * sizeof(float));
+  }
+}
+
 __attribute__((target("avx2"), noinline)) inline void dropout_fill_avx2(const Dropout& d, uint64_t base, int64_t n,
-                                                                      float* out) {
+                                                                      float* out, uint8_t* keep_bits) {
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
@@ -350,27 +389,54 @@ __attribute__((target("avx2"), noinline)) inline void dropout_fill_avx2(const Dr
     }
     const __m256i v = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31));  // v < 0 ? ~v : v
     const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(v), unit);
-    const __m256 f = _mm256_and_ps(_mm256_cmp_ps(u, p, _CMP_GE_OQ), scale);
-    if (n - i >= 8) {
-      _mm256_storeu_ps(out + i, f);
-    } else {
-      alignas(32) float tail[8];
-      _mm256_store_ps(tail, f);
-      std::memcpy(out + i, tail, static_cast<size_t>(n - i) * sizeof(float));
-    }
+    const __m256 keep = _mm256_cmp_ps(u, p, _CMP_GE_OQ);
+    const __m256 f = _mm256_and_ps(keep, scale);
+    if (keep_bits) store_keep_bits(static_cast<uint32_t>(_mm256_movemask_ps(keep)), i, std::min<int64_t>(n - i, 8),
+                                   keep_bits);
+    store_up_to_8(f, n - i, out + i);
+  }
+}
+
+// out[i] = scale where bit i of keep_bits is set: one byte broadcast to 8 lanes, each lane testing its own bit
+__attribute__((target("avx2"), noinline)) inline void keep_bits_fill_avx2(const Dropout& d, const uint8_t* keep_bits,
+                                                                        int64_t n, float* out) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 scale = _mm256_set1_ps(d.scale);
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256i b = _mm256_and_si256(_mm256_set1_epi32(keep_bits[i / 8]), bit);
+    const __m256 f = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(b, bit)), scale);
+    store_up_to_8(f, n - i, out + i);
   }
 }
 #endif
 
-inline void Dropout::fill(uint64_t base, int64_t n, float* out) const {
+inline void Dropout::fill(uint64_t base, int64_t n, float* out, uint8_t* keep_bits) const {
 #if BERTFAST_X86_MULTIVERSION
   switch (detect_isa()) {
-    case Isa::kAvx512: dropout_fill_avx512(*this, base, n, out); return;
-    case Isa::kAvx2: dropout_fill_avx2(*this, base, n, out); return;
+    case Isa::kAvx512: dropout_fill_avx512(*this, base, n, out, keep_bits); return;
+    case Isa::kAvx2: dropout_fill_avx2(*this, base, n, out, keep_bits); return;
     default: break;
   }
 #endif
   for (int64_t i = 0; i < n; ++i) out[i] = factor(base + i);
+  if (keep_bits) {
+    for (int64_t i = 0; i < n; i += 8) {
+      uint32_t byte = 0;
+      for (int64_t j = i; j < std::min(n, i + 8); ++j) byte |= static_cast<uint32_t>(out[j] != 0.0f) << (j - i);
+      keep_bits[i / 8] = static_cast<uint8_t>(byte);
+    }
+  }
+}
+
+inline void Dropout::fill_from_bits(const uint8_t* keep_bits, int64_t n, float* out) const {
+#if BERTFAST_X86_MULTIVERSION
+  switch (detect_isa()) {
+    case Isa::kAvx512: keep_bits_fill_avx512(*this, keep_bits, n, out); return;
+    case Isa::kAvx2: keep_bits_fill_avx2(*this, keep_bits, n, out); return;
+    default: break;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = (keep_bits[i / 8] >> (i % 8)) & 1 ? scale : 0.0f;
 }
 
 // Activations and their derivatives, on fp32.

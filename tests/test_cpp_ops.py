@@ -44,8 +44,9 @@ def _f32(like, n):
 
 
 _register_fake("add_layer_norm", lambda x, w, b, eps, r, xb, act, p=0.0, seed=0: (
-    torch.empty_like(x), _f32(x, x.shape[0]), _f32(x, x.shape[0])))
-_register_fake("add_layer_norm_backward", lambda dy, x, w, m, s, r, xb, act, p=0.0, seed=0: (
+    torch.empty_like(x), _f32(x, x.shape[0]), _f32(x, x.shape[0]),
+    x.new_empty((x.shape[0], (x.shape[1] + 7) // 8) if p > 0 else (0,), dtype=torch.uint8)))
+_register_fake("add_layer_norm_backward", lambda dy, x, w, m, s, r, xb, act, p=0.0, seed=0, keep=None: (
     torch.empty_like(x), None if r is None or not (act or p > 0) else torch.empty_like(x), torch.empty_like(w),
     torch.empty_like(w), None if xb is None else torch.empty_like(xb)))
 _register_fake("bias_act", lambda x, b, act: torch.empty_like(x))
@@ -65,6 +66,14 @@ _register_fake("pad", lambda x, idx, n: x.new_empty((n,) + tuple(x.shape[1:])))
 
 def _ulp(dtype, ref):
     return torch.finfo(dtype).eps * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
+
+
+def unpack_keep_bits(bits, h):
+    """add_layer_norm's keep bits, uint8 [N, ceil(H / 8)] (bit c % 8 of byte c // 8) -> bool [N, H]; the bits
+    past H must be 0."""
+    unpacked = ((bits.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).bool().flatten(1)
+    assert not unpacked[:, h:].any(), "keep bits past H are set"
+    return unpacked[:, :h]
 
 
 def assert_within(ours, ref, torch_lowp, dtype, factor=2.0, what=""):
@@ -116,8 +125,9 @@ def _aln_inputs(n, h, dtype, with_r=True, with_xb=True):
 
 def _check_add_layer_norm(n, h, dtype, act, with_r, with_xb, eps=1e-12):
     x, w, b, r, xb = _aln_inputs(n, h, dtype, with_r, with_xb)
-    y, mean, rstd = ops.add_layer_norm(x, w, b, eps, r, xb, act)
+    y, mean, rstd, keep = ops.add_layer_norm(x, w, b, eps, r, xb, act)
     assert y.dtype == dtype and mean.dtype == torch.float32 and rstd.dtype == torch.float32
+    assert keep.shape == (0,) and keep.dtype == torch.uint8  # no dropout, no keep bits
     # float64 reference and torch's same-dtype composite, with autograd for the backward
     leaves64 = [None if t is None else _leaf(t, torch.float64) for t in (x, w, b, r, xb)]
     leaveslp = [None if t is None else _leaf(t) for t in (x, w, b, r, xb)]
@@ -160,13 +170,15 @@ def test_add_layer_norm(n, h, dtype, act):
 @pytest.mark.parametrize("n,h", [(1, 384), (37, 1023), (300, 768)])
 def test_add_layer_norm_dropout(n, h, dtype, act, with_r, p):
     """Dropout inside the C++ add_layer_norm: it keeps exactly the elements the Triton kernels keep for the same
-    seed (kernels.layer_norm.dropout_keep_mask, here in the interpreter), forward and every gradient within the
-    usual bounds of a float64 reference that applies that mask, dresidual given (it differs from dx now)."""
+    seed (kernels.layer_norm.dropout_keep_mask, here in the interpreter), and returns that mask in bits; forward
+    and every gradient within the usual bounds of a float64 reference that applies that mask, dresidual given
+    (it differs from dx now); the backward from the saved bits equals, bit for bit, the one that redraws them."""
     from bertfast.kernels.layer_norm import dropout_keep_mask
     seed = int(torch.randint(0, 2 ** 62, ()).item())
     x, w, b, r, xb = _aln_inputs(n, h, dtype, with_r, True)
     keep = dropout_keep_mask((n, h), p, seed, "cpu")
-    y, mean, rstd = ops.add_layer_norm(x, w, b, 1e-12, r, xb, act, p, seed)
+    y, mean, rstd, keep_bits = ops.add_layer_norm(x, w, b, 1e-12, r, xb, act, p, seed)
+    assert torch.equal(unpack_keep_bits(keep_bits, h), keep)
     scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
     def composite(x, w, b, r, xb):
@@ -180,7 +192,10 @@ def test_add_layer_norm_dropout(n, h, dtype, act, with_r, p):
     dy = torch.randn(n, h).to(dtype)
     ref.backward(dy.double())
     low.backward(dy)
-    dx, dres, dw, db, dxb = ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, act, p, seed)
+    dx, dres, dw, db, dxb = ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, act, p, seed, keep_bits)
+    redrawn = ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, act, p, seed)
+    for got, want in zip((dx, dres, dw, db, dxb), redrawn):
+        assert (got is None and want is None) or torch.equal(got, want)
     assert (dres is None) == (r is None)
     for name, got, i in [("dx", dx, 0), ("dweight", dw, 1), ("dbias", db, 2), ("dresidual", dres, 3),
                          ("dx_bias", dxb, 4)]:
@@ -432,13 +447,21 @@ _UNWRITTEN_SCRIPT = textwrap.dedent("""
             ref[idx] = x
             assert torch.equal(ops.pad(x, idx, n), ref), (dtype, h)
             checked += 1
+    for h in (1, 3, 40, 1023):  # add_layer_norm's keep bits: every byte, the bits past H zero
+        for n in (1, 5):
+            bits = ops.add_layer_norm(torch.randn(n, h), torch.ones(h), torch.zeros(h), 1e-5, None, None, "",
+                                      0.5, 99)[3]
+            kept = torch.stack([ops._dropout_factors(0.5, 99, row * h, h) != 0 for row in range(n)])
+            kept = torch.nn.functional.pad(kept, (0, -h % 8)).view(n, -1, 8).long()
+            assert torch.equal(bits, (kept << torch.arange(8)).sum(-1).to(torch.uint8)), (h, n)
+            checked += 1
     print("CHECKED", checked)
 """)
 
 
 def test_uninitialised_outputs_are_fully_written():
-    """embed_backward's table gradients and pad's output are allocated uninitialised and written once, each row
-    either a result or zeros (NOTES changes 14-15): in a process whose allocator fills every block it hands out
+    """embed_backward's table gradients, pad's output and add_layer_norm's keep bits are allocated uninitialised
+    and written once, each row either a result or zeros (NOTES changes 14-15, 18): in a process whose allocator fills every block it hands out
     with 0xAA bytes (glibc's MALLOC_PERTURB_), every row no token uses / every padding row must come back exactly
     zero - for the word, position and type tables, with no tokens at all, for rows off 16-byte boundaries (odd E,
     half precision) and for a BERT-size word table (94 MB, where the zeros are streamed)."""
@@ -446,12 +469,12 @@ def test_uninitialised_outputs_are_fully_written():
     res = subprocess.run([sys.executable, "-c", _UNWRITTEN_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert int(res.stdout.split("CHECKED")[1]) == 3 * 5 * 2 * 3 + 4 * 4
+    assert int(res.stdout.split("CHECKED")[1]) == 3 * 5 * 2 * 3 + 4 * 4 + 4 * 2
 
 
 def test_backward_determinism_across_threads():
     x, w, b, r, xb = _aln_inputs(1000, 768, torch.float32)
-    y, m, s = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "gelu")
+    y, m, s, _ = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "gelu")
     dy = torch.randn_like(x)
     threads = torch.get_num_threads()
     try:
@@ -509,7 +532,7 @@ _ISA_SCRIPT = textwrap.dedent("""
             y = ops.bias_act(x, b, name).double()
             ref = f(x.double() + b.double())
             worst = max(worst, ((y - ref).abs().max() / (ref.abs().max() * torch.finfo(dtype).eps)).item())
-            y, _, _ = ops.add_layer_norm(x, w, b, 1e-5, r, b, name)
+            y = ops.add_layer_norm(x, w, b, 1e-5, r, b, name)[0]
             ref = F.layer_norm(f(x.double() + b.double()) + r.double(), (1023,), w.double(), b.double(), 1e-5)
             worst = max(worst, ((y.double() - ref).abs().max() / (ref.abs().max() * torch.finfo(dtype).eps)).item())
     print("WORST_ULPS", worst)
@@ -544,29 +567,54 @@ def _philox_uniform_reference(seed: int, offsets):
     return v.astype(np.float32) * np.float32(4.6566127342e-10)
 
 
+_ISA_DROPOUT_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch, bertfast._C
+    ops = torch.ops.bertfast_C
+    cases, seed, p, path = eval(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    print(ops.cpu_isa())
+    factors = [ops._dropout_factors(p, seed, b, n) for b, n in cases]
+    torch.manual_seed(0)
+    layer_norms = []
+    for n, h in ((3, 37), (2, 1023), (4, 16), (1, 5), (2, 40)):
+        x, r, dy, w, b = torch.randn(n, h), torch.randn(n, h), torch.randn(n, h), torch.randn(h), torch.randn(h)
+        y, mean, rstd, bits = ops.add_layer_norm(x, w, b, 1e-5, r, None, "", p, seed)
+        from_bits = ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, None, "", p, seed, bits)
+        redrawn = ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, None, "", p, seed)
+        layer_norms.append((h, bits, [from_bits[i] for i in (0, 1, 2, 3)], [redrawn[i] for i in (0, 1, 2, 3)]))
+    torch.save([factors, layer_norms], path)
+""")
+
+
 @pytest.mark.parametrize("isa", ["best", "avx2", "base"])
 def test_dropout_factors_every_isa(isa, tmp_path):
     """The vectorised Philox of each ISA (16 / 8 lanes, scalar) draws what Triton's tl.rand draws, at offsets that
-    are not multiples of the vector width, across a 2**32 boundary of the counter's low word, for a 64-bit seed."""
+    are not multiples of the vector width, across a 2**32 boundary of the counter's low word, for a 64-bit seed;
+    add_layer_norm's keep bits pack that draw (rows not a multiple of 8 or 16 wide), and its backward from the
+    bits equals the one that draws the mask again."""
     cases = [(0, 37), (2**32 - 7, 29), (2**40 + 3, 21), (123_456_789, 1)]
     seed, p = (5 << 32) + 77, 0.3
     env = {k: v for k, v in os.environ.items() if k != "BERTFAST_CPU_ISA"}
     if isa != "best":
         env["BERTFAST_CPU_ISA"] = isa
-    script = (f"import torch, bertfast._C\nprint(torch.ops.bertfast_C.cpu_isa())\n"
-              f"torch.save([torch.ops.bertfast_C._dropout_factors({p}, {seed}, b, n) "
-              f"for b, n in {cases}], {str(tmp_path / 'f.pt')!r})")
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", _ISA_DROPOUT_SCRIPT, repr(cases), str(seed), str(p),
+                          str(tmp_path / "f.pt")], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     ran = res.stdout.split()[-1]
     order = ["base", "avx2", "avx512"]
     # a forced ISA runs unless the CPU lacks it (the override only lowers); "best" is whatever this CPU has
     assert isa == "best" or order.index(ran) <= order.index(isa), (isa, ran)
-    got = torch.load(tmp_path / "f.pt", weights_only=True)
-    for (base, n), factors in zip(cases, got):
+    factors, layer_norms = torch.load(tmp_path / "f.pt", weights_only=True)
+    for (base, n), got in zip(cases, factors):
         u = torch.from_numpy(_philox_uniform_reference(seed, [base + i for i in range(n)]))
         want = torch.where(u >= p, torch.tensor(1 / (1 - p), dtype=torch.float32), torch.tensor(0.0))
-        assert torch.equal(factors, want), (isa, ran, base, n)
+        assert torch.equal(got, want), (isa, ran, base, n)
+    for h, bits, from_bits, redrawn in layer_norms:
+        n = bits.shape[0]
+        u = torch.from_numpy(_philox_uniform_reference(seed, range(n * h))).view(n, h)
+        assert bits.shape == (n, (h + 7) // 8) and torch.equal(unpack_keep_bits(bits, h), u >= p), (isa, ran, h)
+        for a, b in zip(from_bits, redrawn):
+            assert torch.equal(a, b), (isa, ran, h)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -574,7 +622,7 @@ def test_dropout_factors_every_isa(isa, tmp_path):
 
 def _opcheck_cases():
     x, w, b, r, xb = _aln_inputs(7, 48, torch.float32)
-    y, m, s = ops.add_layer_norm(x, w, b, 1e-5, r, xb, "gelu")
+    y, m, s, _ = ops.add_layer_norm(x, w, b, 1e-5, r, xb, "gelu")
     dy = torch.randn_like(x)
     eargs = _embed_inputs(9, 16, torch.float32, vocab=20, n_pos=30)
     out, em, es = ops.embed(*eargs, 1e-5)
@@ -587,6 +635,8 @@ def _opcheck_cases():
         ("add_layer_norm_backward", (dy, x, w, m, s, None, None, "")),
         ("add_layer_norm", (x, w, b, 1e-5, r, xb, "gelu", 0.2, 77)),
         ("add_layer_norm_backward", (dy, x, w, m, s, r, xb, "", 0.2, 77)),
+        ("add_layer_norm_backward", (dy, x, w, m, s, r, xb, "gelu", 0.2, 77,
+                                     ops.add_layer_norm(x, w, b, 1e-5, r, xb, "gelu", 0.2, 77)[3])),
         ("bias_act", (x, xb, "gelu_tanh")),
         ("bias_act", (x, None, "relu")),
         ("bias_act_backward", (dy, x, xb, "silu")),
@@ -599,7 +649,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(14))
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(ops, name).default, args)
@@ -610,7 +660,8 @@ def test_opcheck(case):
 
 def _bad_cases():
     x, w, b, r, xb = _aln_inputs(4, 8, torch.float32)
-    y, m, s = ops.add_layer_norm(x, w, b, 1e-5, r, xb, "")
+    y, m, s, _ = ops.add_layer_norm(x, w, b, 1e-5, r, xb, "")
+    keep = ops.add_layer_norm(x, w, b, 1e-5, r, xb, "", 0.1, 5)[3]
     dy = torch.randn_like(x)
     e = _embed_inputs(6, 8, torch.float32, vocab=10, n_pos=12)
     ids, idx, pos, tt, we, pe, te, lw, lb = e
@@ -648,6 +699,10 @@ def _bad_cases():
         (lambda: AB(dy, x, w, m.double(), s, r, xb, ""), "mean must be Float"),
         (lambda: AB(dy, x, w, m, s[:2], r, xb, ""), r"rstd must have shape \[4\]"),
         (lambda: AB(dy, x, w, m, s, r, xb, "swish"), "activation must be one of"),
+        (lambda: AB(dy, x, w, m, s, r, xb, "", 0.1, 5, keep.long()), "keep must be Byte, got Long"),
+        (lambda: AB(dy, x, w, m, s, r, xb, "", 0.1, 5, keep[:3]),
+         r"keep must be the forward's keep bits, shape \[4, 1\]"),
+        (lambda: AB(dy, x, w, m, s, r, xb, "", 0.0, 0, keep), "keep .* must be None or empty when dropout_p is 0"),
         # bias_act
         (lambda: BA(torch.tensor(1.0), None, "gelu"), "at least one dimension"),
         (lambda: BA(x.int(), None, "gelu"), "x must be float32"),
