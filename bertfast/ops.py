@@ -385,15 +385,28 @@ def _heads_first(qkv: Tensor, start: int, count: int, length: int, cdt: torch.dt
     return x.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _cpu_probs(q: Tensor, k: Tensor, scale: float, dropout_p: float, seed: int, first: int):
-    """(P, keep-mask or None) of sequences first, first+1, ... ([count, heads, L, L]): one expression for the
-    CPU attention's forward and its backward's recomputation, so that the backward sees the forward's P and
-    mask (sequence b's mask from seed + b)."""
+def _cpu_attention_keep(start: int, count: int, length: int, heads: int, dropout_p: float, seed: int) -> Tensor:
+    """The CPU attention's keep-mask [count, heads, L, L] of `count` sequences of `length` tokens from token row
+    `start`: the mask the Triton attention kernels draw for this seed (Philox-4x32-7 of (key, query token, head)),
+    drawn by bertfast._C (NOTES change 19). Without the extension, torch's generator per sequence (seed + the
+    sequence's first row), with a notice: then CPU and GPU runs of one seed drop different probabilities."""
+    if cpp_extension_error() is None and hasattr(torch.ops.bertfast_C, "attention_dropout_keep"):
+        return torch.ops.bertfast_C.attention_dropout_keep(start, count, length, heads, dropout_p, seed)
+    notice_once("attention-dropout-mask", "bertfast._C is unavailable, so the CPU attention draws its dropout mask "
+                f"with torch's generator, not the GPU kernels' Philox ({cpp_extension_error()})")
+    return torch.stack([_keep_mask((heads, length, length), dropout_p, seed + start + b * length, "cpu")
+                        for b in range(count)])
+
+
+def _cpu_probs(q: Tensor, k: Tensor, scale: float, dropout_p: float, seed: int, start: int):
+    """(P, keep-mask or None) of the sequences in q, k ([count, heads, L, d], from token row `start`), each
+    [count, heads, L, L]: one expression for the CPU attention's forward and its backward's recomputation, so
+    that the backward sees the forward's P and mask."""
     probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
     if dropout_p == 0.0:
         return probs, None
-    return probs, torch.stack([_keep_mask(probs.shape[1:], dropout_p, seed + b, q.device)
-                               for b in range(first, first + q.shape[0])])
+    count, heads, length, _ = q.shape
+    return probs, _cpu_attention_keep(start, count, length, heads, dropout_p, seed)
 
 
 def _attention_cpu(qkv: Tensor, cu_seqlens: Tensor, scale: float, dropout_p: float,
@@ -424,7 +437,7 @@ def _attention_cpu(qkv: Tensor, cu_seqlens: Tensor, scale: float, dropout_p: flo
             continue
         q, k, v = _heads_first(qkv, start, 1, end - start, cdt)                      # each [1, heads, L, d]
         if dropout_p > 0.0:
-            probs, keep = _cpu_probs(q, k, scale, dropout_p, seed, b)
+            probs, keep = _cpu_probs(q, k, scale, dropout_p, seed, start)
             o = (probs * keep / (1.0 - dropout_p)) @ v
         elif flash:
             o, l = flash[0](q, k, v, 0.0, False, attn_mask=None, scale=scale)
@@ -479,8 +492,8 @@ def _attention_backward_cpu(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
 
     flash = _cpu_flash(cdt, dropout_p)
 
-    def block(first: int, count: int, start: int, length: int) -> None:
-        """Sequences first .. first+count-1, all `length` tokens long, rows start .. start+count*length-1."""
+    def block(count: int, start: int, length: int) -> None:
+        """`count` sequences, all `length` tokens long, rows start .. start+count*length-1."""
         end = start + count * length
         q, k, v = _heads_first(qkv, start, count, length, cdt)                        # each [count, heads, L, d]
         do = dout[start:end].view(count, length, heads, head_dim).to(cdt).transpose(1, 2)
@@ -492,7 +505,7 @@ def _attention_backward_cpu(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
             for i, g in enumerate((dq, dk, dv)):
                 rows[:, :, i] = g.transpose(1, 2)
             return
-        probs, keep = _cpu_probs(q, k, scale, dropout_p, seed, first)                 # [count, heads, L, L]
+        probs, keep = _cpu_probs(q, k, scale, dropout_p, seed, start)                 # [count, heads, L, L]
         dp = do @ v.transpose(-1, -2)
         if keep is not None:
             dv = (probs * keep / (1.0 - dropout_p)).transpose(-1, -2) @ do
@@ -516,7 +529,7 @@ def _attention_backward_cpu(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
                and (flash or (count + 1) * per_seq <= _ATTN_BWD_BLOCK_BYTES)):
             count += 1
         if length > 0:
-            block(b, count, bounds[b], length)
+            block(count, bounds[b], length)
         b += count
     return dqkv
 

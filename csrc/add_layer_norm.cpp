@@ -274,6 +274,7 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
         float* __restrict ag = xhat + h;
         float* __restrict fr = ag + h;  // the row's dropout factors
         std::vector<T> zero_row(rp ? 0 : h, T(0));
+        std::vector<uint8_t> row_bits(kp ? 0 : keep_row);  // the row's keep bits, when drawn here
         cpu::load_row(wp, w, h);
         if (xbp) cpu::load_row(xbp, xb, h);
         for (int64_t blk = block_begin; blk < block_end; ++blk) {
@@ -294,7 +295,7 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
               if (kp) {
                 drop.fill_from_bits(kp + row * keep_row, h, fr);
               } else {
-                drop.fill(base, h, fr);
+                drop.fill(base, h, fr, row_bits.data());
               }
               backward_pass1<A, true>(xr, rr, dyr, xb, w, m, s, fr, h, dw_acc, db_acc, xhat, ag, sg, sgx);
             } else {
@@ -328,7 +329,8 @@ at::Tensor dropout_factors(double dropout_p, int64_t seed, int64_t base, int64_t
   const cpu::Dropout drop = check_dropout("bertfast_C::_dropout_factors", dropout_p, seed);
   TORCH_CHECK(base >= 0 && n >= 0, "bertfast_C::_dropout_factors: base and n must be >= 0, got ", base, ", ", n);
   auto out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
-  drop.fill(static_cast<uint64_t>(base), n, out.data_ptr<float>());
+  std::vector<uint8_t> bits((n + 7) / 8);
+  drop.fill(static_cast<uint64_t>(base), n, out.data_ptr<float>(), bits.data());
   return out;
 }
 

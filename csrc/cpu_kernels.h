@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -197,19 +198,21 @@ BF_INLINE float exp_f(float x) {
   return p * bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
 }
 
-// Dropout's random numbers: Philox-4x32-10 uniform in [0, 1) on (seed, int64 offset), bit for bit what Triton's
-// tl.rand(seed, offset) returns (counter = (offset lo, offset hi, 0, 0), key = (seed lo, seed hi), first word,
-// as int32 folded to non-negative, times 2^-31). The Triton LayerNorm kernels draw element (row, col) of an
-// [N, H] tensor at offset row * H + col, so the CPU and GPU kernels keep the same elements for the same seed.
+// Dropout's random numbers: Philox-4x32-R uniform in [0, 1), bit for bit what Triton's tl.philox / tl.rand
+// return: counter (c0, c1, c2, 0), key (seed lo, seed hi), the first output word as int32 folded to
+// non-negative, times 2^-31. The Triton LayerNorm kernels draw element (row, col) of an [N, H] tensor with
+// tl.rand(seed, row * H + col): R = 10, (c0, c1) the offset's low and high words, c2 = 0. The Triton attention
+// draws key k of query token q (packed index) in head h with R = 7 on (k, q, h, 0). The CPU kernels draw the
+// same, so CPU and GPU keep the same elements for the same seed.
 BF_INLINE uint32_t mulhi_u32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-BF_INLINE float philox_uniform(uint32_t seed_lo, uint32_t seed_hi, uint64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = seed_lo, k1 = seed_hi;
+template <int R>
+BF_INLINE float philox_uniform(uint32_t seed_lo, uint32_t seed_hi, uint32_t c0, uint32_t c1, uint32_t c2) {
+  uint32_t c3 = 0, k0 = seed_lo, k1 = seed_hi;
 #pragma GCC unroll 10
-  for (int round = 0; round < 10; ++round) {  // unrolled: a loop left inside the caller's loop blocks vectorising it
+  for (int round = 0; round < R; ++round) {  // unrolled: a loop left inside the caller's loop blocks vectorising it
     const uint32_t a = c0, c = c2;
     c0 = mulhi_u32(0xCD9E8D57u, c) ^ c1 ^ k0;
     c2 = mulhi_u32(0xD2511F53u, a) ^ c3 ^ k1;
@@ -222,7 +225,7 @@ BF_INLINE float philox_uniform(uint32_t seed_lo, uint32_t seed_hi, uint64_t offs
   return static_cast<float>(v < 0 ? ~v : v) * 4.6566127342e-10f;  // ~v = -v - 1 without overflow
 }
 
-// Dropout of one element: kept (scaled by 1 / (1 - p)) when philox_uniform >= p, else 0.
+// Dropout with probability p and a seed: an element is kept (scaled by 1 / (1 - p)) when its uniform is >= p.
 struct Dropout {
   float p = 0.0f, scale = 1.0f;
   uint32_t seed_lo = 0, seed_hi = 0;
@@ -234,26 +237,29 @@ struct Dropout {
     seed_lo = static_cast<uint32_t>(static_cast<uint64_t>(seed));
     seed_hi = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
   }
-  // the factor that multiplies element `offset`: scale or 0
-  BF_INLINE float factor(uint64_t offset) const {
-    return philox_uniform(seed_lo, seed_hi, offset) >= p ? scale : 0.0f;
-  }
-  // out[i] = factor(base + i) for i < n, 16 (AVX-512) or 8 (AVX2) elements at a time. With keep_bits, also the
-  // keep-mask packed: bit i % 8 of keep_bits[i / 8] set where element i is kept; every byte of the
-  // ceil(n / 8) written, the bits past n of the last one 0.
-  inline void fill(uint64_t base, int64_t n, float* out, uint8_t* keep_bits = nullptr) const;
-  // out[i] = scale where bit i of keep_bits (as fill packs it) is set, else 0: the saved mask instead of Philox
+  // The keep-mask of n consecutive counters packed in bits: bit i % 8 of keep_bits[i / 8] set where the
+  // element at counter (c0, c1) = the low and high words of base + i, c2 = c2 is kept; all ceil(n / 8) bytes
+  // written, the bits past n 0. R = 10 for the LayerNorm draw, 7 for the attention's.
+  template <int R>
+  inline void keep_bits(uint64_t base, uint32_t c2, int64_t n, uint8_t* keep_bits) const;
+  // out[i] = scale where bit i of keep_bits is set, else 0 (the factors that multiply the elements)
   inline void fill_from_bits(const uint8_t* keep_bits, int64_t n, float* out) const;
+  // The LayerNorm draw of elements base .. base + n - 1: their keep bits into keep_bits (ceil(n / 8) bytes) and
+  // their factors into out.
+  void fill(uint64_t base, int64_t n, float* out, uint8_t* keep_bits) const {
+    this->keep_bits<10>(base, 0, n, keep_bits);
+    fill_from_bits(keep_bits, n, out);
+  }
 };
 
-// The keep bits of elements [i, i + count) of a row (count <= 32, i a multiple of 8) into keep_bits from
-// their mask word: ceil(count / 8) bytes, the bits past count cleared.
+// The keep bits of elements [i, i + count) (count <= 32, i a multiple of 8) from their mask word: ceil(count / 8)
+// bytes, the bits past count cleared.
 BF_INLINE void store_keep_bits(uint32_t mask, int64_t i, int64_t count, uint8_t* keep_bits) {
   if (count < 32) mask &= (1u << count) - 1u;
   for (int64_t b = 0; b * 8 < count; ++b) keep_bits[i / 8 + b] = static_cast<uint8_t>(mask >> (8 * b));
 }
 
-// Philox-4x32-10 on 16 / 8 consecutive counters at once, lane for lane what philox_uniform computes. Each round
+// Philox-4x32-R on 16 / 8 consecutive counters at once, lane for lane what philox_uniform computes. Each round
 // needs the high and the low 32 bits of two 32x32-bit products per lane: (v)pmuludq multiplies the even lanes,
 // and the odd lanes shifted down, into 64-bit products whose halves are put back into 32-bit lanes.
 // (Written with intrinsics: GCC builds these products from shuffles, or from the slow 64x64 vpmullq.)
@@ -262,16 +268,18 @@ BF_INLINE void store_keep_bits(uint32_t mask, int64_t i, int64_t count, uint8_t*
 // product pair into place in one instruction: the high words of the even products down into the even lanes
 // under the odd products, the low words of the odd products up into the odd lanes over the even products) and
 // 2 vpternlogd (the three-way xor with the key); 12 instructions where shift + blend + two xors took 18, which
-// is what bounds it (ports 0 and 5). Unused results of the last two rounds are dropped by the compiler.
+// is what bounds it (ports 0 and 5; NOTES change 17). Unused results of the last two rounds are dropped by the
+// compiler.
 #define BF_TARGET_PHILOX512 __attribute__((target("avx512f"), always_inline))
-BF_TARGET_PHILOX512 inline __m512i philox_word0_avx512(__m512i c0, __m512i c1, const __m512i* k0,
+template <int R>
+BF_TARGET_PHILOX512 inline __m512i philox_word0_avx512(__m512i c0, __m512i c1, __m512i c2, const __m512i* k0,
                                                        const __m512i* k1) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
   constexpr __mmask16 kOdd = 0xAAAA, kEven = 0x5555;
-  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  __m512i c3 = _mm512_setzero_si512();
 #pragma GCC unroll 10
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < R; ++round) {
     const __m512i pe0 = _mm512_mul_epu32(c2, m0), po0 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m0);
     const __m512i pe1 = _mm512_mul_epu32(c0, m1), po1 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m1);
     const __m512i hi0 = _mm512_mask_shuffle_epi32(po0, kEven, pe0, _MM_PERM_DDBB);
@@ -286,52 +294,38 @@ BF_TARGET_PHILOX512 inline __m512i philox_word0_avx512(__m512i c0, __m512i c1, c
   return c0;
 }
 
-__attribute__((target("avx512f"), noinline)) inline void dropout_fill_avx512(const Dropout& d, uint64_t base,
-                                                                            int64_t n, float* out,
-                                                                            uint8_t* keep_bits) {
+template <int R>
+__attribute__((target("avx512f"), noinline)) void keep_bits_avx512(const Dropout& d, uint64_t base, uint32_t c2,
+                                                                  int64_t n, uint8_t* keep_bits) {
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 p = _mm512_set1_ps(d.p), unit = _mm512_set1_ps(4.6566127342e-10f);
-  __m512i k0[10], k1[10];  // the round keys
+  const __m512i third = _mm512_set1_epi32(static_cast<int>(c2));
+  __m512i k0[R], k1[R];  // the round keys
   uint32_t key0 = d.seed_lo, key1 = d.seed_hi;
-  for (int round = 0; round < 10; ++round, key0 += 0x9E3779B9u, key1 += 0xBB67AE85u) {
+  for (int round = 0; round < R; ++round, key0 += 0x9E3779B9u, key1 += 0xBB67AE85u) {
     k0[round] = _mm512_set1_epi32(static_cast<int>(key0));
     k1[round] = _mm512_set1_epi32(static_cast<int>(key1));
   }
-  // the counters (offset lo, offset hi) of 16 consecutive offsets from off, the carry into hi where lo wraps
-  auto counters = [&](uint64_t off, __m512i& lo_words, __m512i& hi_words) BF_TARGET_PHILOX512 {
+  // the lanes kept among the 16 consecutive counters from off (the carry into the high word where the low wraps)
+  auto kept = [&](uint64_t off) BF_TARGET_PHILOX512 {
     const __m512i lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(off)));
-    lo_words = _mm512_add_epi32(lo, iota);
+    const __m512i c0 = _mm512_add_epi32(lo, iota);
     const __m512i hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(off >> 32)));
-    hi_words = _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(lo_words, lo), hi, _mm512_set1_epi32(1));
-  };
-  auto kept = [&](__m512i c0) BF_TARGET_PHILOX512 {  // the lanes whose uniform is >= p
-    const __m512i v = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));  // v < 0 ? ~v : v
+    const __m512i c1 = _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(c0, lo), hi, _mm512_set1_epi32(1));
+    const __m512i w = philox_word0_avx512<R>(c0, c1, third, k0, k1);
+    const __m512i v = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));  // v < 0 ? ~v : v
     return _mm512_cmp_ps_mask(_mm512_mul_ps(_mm512_cvtepi32_ps(v), unit), p, _CMP_GE_OQ);
   };
-  const __m512 scale = _mm512_set1_ps(d.scale);
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {  // two independent vectors per step: each round's chain is ~8 cycles long
-    __m512i a0, a1, b0, b1;
-    counters(base + static_cast<uint64_t>(i), a0, a1);
-    counters(base + static_cast<uint64_t>(i + 16), b0, b1);
-    const __mmask16 ka = kept(philox_word0_avx512(a0, a1, k0, k1));
-    const __mmask16 kb = kept(philox_word0_avx512(b0, b1, k0, k1));
-    _mm512_storeu_ps(out + i, _mm512_maskz_mov_ps(ka, scale));
-    _mm512_storeu_ps(out + i + 16, _mm512_maskz_mov_ps(kb, scale));
-    if (keep_bits) store_keep_bits(static_cast<uint32_t>(ka) | (static_cast<uint32_t>(kb) << 16), i, 32, keep_bits);
+    const __mmask16 ka = kept(base + static_cast<uint64_t>(i)), kb = kept(base + static_cast<uint64_t>(i + 16));
+    store_keep_bits(static_cast<uint32_t>(ka) | (static_cast<uint32_t>(kb) << 16), i, 32, keep_bits);
   }
-  for (; i < n; i += 16) {
-    __m512i a0, a1;
-    counters(base + static_cast<uint64_t>(i), a0, a1);
-    const __mmask16 k = kept(philox_word0_avx512(a0, a1, k0, k1));
-    const int64_t count = std::min<int64_t>(n - i, 16);
-    _mm512_mask_storeu_ps(out + i, static_cast<__mmask16>((1u << count) - 1u), _mm512_maskz_mov_ps(k, scale));
-    if (keep_bits) store_keep_bits(k, i, count, keep_bits);
-  }
+  for (; i < n; i += 16) store_keep_bits(kept(base + static_cast<uint64_t>(i)), i, std::min<int64_t>(n - i, 16), keep_bits);
 }
 
 // out[i] = scale where bit i of keep_bits is set, 16 lanes at a time straight from the mask bits
-__attribute__((target("avx512f"), noinline)) inline void keep_bits_fill_avx512(const Dropout& d,
+__attribute__((target("avx512f"), noinline)) inline void fill_from_bits_avx512(const Dropout& d,
                                                                               const uint8_t* keep_bits, int64_t n,
                                                                               float* out) {
   const __m512 scale = _mm512_set1_ps(d.scale);
@@ -345,24 +339,14 @@ __attribute__((target("avx512f"), noinline)) inline void keep_bits_fill_avx512(c
 }
 #undef BF_TARGET_PHILOX512
 
-// the first min(count, 8) lanes of f to out
-__attribute__((target("avx2"), always_inline)) inline void store_up_to_8(__m256 f, int64_t count, float* out) {
-  if (count >= 8) {
-    _mm256_storeu_ps(out, f);
-  } else {
-    alignas(32) float tail[8];
-    _mm256_store_ps(tail, f);
-    std::memcpy(out, tail, static_cast<size_t>(count) * sizeof(float));
-  }
-}
-
-__attribute__((target("avx2"), noinline)) inline void dropout_fill_avx2(const Dropout& d, uint64_t base, int64_t n,
-                                                                      float* out, uint8_t* keep_bits) {
+template <int R>
+__attribute__((target("avx2"), noinline)) void keep_bits_avx2(const Dropout& d, uint64_t base, uint32_t c2,
+                                                              int64_t n, uint8_t* keep_bits) {
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m256 p = _mm256_set1_ps(d.p), scale = _mm256_set1_ps(d.scale), unit = _mm256_set1_ps(4.6566127342e-10f);
+  const __m256 p = _mm256_set1_ps(d.p), unit = _mm256_set1_ps(4.6566127342e-10f);
   for (int64_t i = 0; i < n; i += 8) {
     const uint64_t off = base + static_cast<uint64_t>(i);
     const __m256i lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(off)));
@@ -370,73 +354,91 @@ __attribute__((target("avx2"), noinline)) inline void dropout_fill_avx2(const Dr
     // carry into the high word where the low word wrapped (unsigned c0 < lo, as a signed compare of flipped signs)
     const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(lo, sign), _mm256_xor_si256(c0, sign));
     __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(off >> 32))), wrapped);
-    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    __m256i c2v = _mm256_set1_epi32(static_cast<int>(c2)), c3 = _mm256_setzero_si256();
     uint32_t k0 = d.seed_lo, k1 = d.seed_hi;
 #pragma GCC unroll 10
-    for (int round = 0; round < 10; ++round) {
-      const __m256i pe0 = _mm256_mul_epu32(c2, m0), po0 = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m0);
+    for (int round = 0; round < R; ++round) {
+      const __m256i pe0 = _mm256_mul_epu32(c2v, m0), po0 = _mm256_mul_epu32(_mm256_srli_epi64(c2v, 32), m0);
       const __m256i pe1 = _mm256_mul_epu32(c0, m1), po1 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m1);
       const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(pe0, 32), po0, 0xAA);
       const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(pe1, 32), po1, 0xAA);
       const __m256i lo0 = _mm256_blend_epi32(pe0, _mm256_slli_epi64(po0, 32), 0xAA);
       const __m256i lo1 = _mm256_blend_epi32(pe1, _mm256_slli_epi64(po1, 32), 0xAA);
       c0 = _mm256_xor_si256(_mm256_xor_si256(hi0, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi1, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c2v = _mm256_xor_si256(_mm256_xor_si256(hi1, c3), _mm256_set1_epi32(static_cast<int>(k1)));
       c1 = lo0;
       c3 = lo1;
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
     const __m256i v = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31));  // v < 0 ? ~v : v
-    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(v), unit);
-    const __m256 keep = _mm256_cmp_ps(u, p, _CMP_GE_OQ);
-    const __m256 f = _mm256_and_ps(keep, scale);
-    if (keep_bits) store_keep_bits(static_cast<uint32_t>(_mm256_movemask_ps(keep)), i, std::min<int64_t>(n - i, 8),
-                                   keep_bits);
-    store_up_to_8(f, n - i, out + i);
+    const __m256 keep = _mm256_cmp_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), unit), p, _CMP_GE_OQ);
+    store_keep_bits(static_cast<uint32_t>(_mm256_movemask_ps(keep)), i, std::min<int64_t>(n - i, 8), keep_bits);
   }
 }
 
 // out[i] = scale where bit i of keep_bits is set: one byte broadcast to 8 lanes, each lane testing its own bit
-__attribute__((target("avx2"), noinline)) inline void keep_bits_fill_avx2(const Dropout& d, const uint8_t* keep_bits,
+__attribute__((target("avx2"), noinline)) inline void fill_from_bits_avx2(const Dropout& d, const uint8_t* keep_bits,
                                                                         int64_t n, float* out) {
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const __m256 scale = _mm256_set1_ps(d.scale);
   for (int64_t i = 0; i < n; i += 8) {
     const __m256i b = _mm256_and_si256(_mm256_set1_epi32(keep_bits[i / 8]), bit);
     const __m256 f = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(b, bit)), scale);
-    store_up_to_8(f, n - i, out + i);
+    if (n - i >= 8) {
+      _mm256_storeu_ps(out + i, f);
+    } else {
+      alignas(32) float tail[8];
+      _mm256_store_ps(tail, f);
+      std::memcpy(out + i, tail, static_cast<size_t>(n - i) * sizeof(float));
+    }
   }
 }
 #endif
 
-inline void Dropout::fill(uint64_t base, int64_t n, float* out, uint8_t* keep_bits) const {
+template <int R>
+inline void Dropout::keep_bits(uint64_t base, uint32_t c2, int64_t n, uint8_t* bits) const {
 #if BERTFAST_X86_MULTIVERSION
   switch (detect_isa()) {
-    case Isa::kAvx512: dropout_fill_avx512(*this, base, n, out, keep_bits); return;
-    case Isa::kAvx2: dropout_fill_avx2(*this, base, n, out, keep_bits); return;
+    case Isa::kAvx512: keep_bits_avx512<R>(*this, base, c2, n, bits); return;
+    case Isa::kAvx2: keep_bits_avx2<R>(*this, base, c2, n, bits); return;
     default: break;
   }
 #endif
-  for (int64_t i = 0; i < n; ++i) out[i] = factor(base + i);
-  if (keep_bits) {
-    for (int64_t i = 0; i < n; i += 8) {
-      uint32_t byte = 0;
-      for (int64_t j = i; j < std::min(n, i + 8); ++j) byte |= static_cast<uint32_t>(out[j] != 0.0f) << (j - i);
-      keep_bits[i / 8] = static_cast<uint8_t>(byte);
+  for (int64_t i = 0; i < n; i += 8) {
+    uint32_t byte = 0;
+    for (int64_t j = i; j < std::min(n, i + 8); ++j) {
+      const uint64_t off = base + static_cast<uint64_t>(j);
+      const float u = philox_uniform<R>(seed_lo, seed_hi, static_cast<uint32_t>(off), static_cast<uint32_t>(off >> 32), c2);
+      byte |= static_cast<uint32_t>(u >= p) << (j - i);
     }
+    bits[i / 8] = static_cast<uint8_t>(byte);
   }
 }
 
 inline void Dropout::fill_from_bits(const uint8_t* keep_bits, int64_t n, float* out) const {
 #if BERTFAST_X86_MULTIVERSION
   switch (detect_isa()) {
-    case Isa::kAvx512: keep_bits_fill_avx512(*this, keep_bits, n, out); return;
-    case Isa::kAvx2: keep_bits_fill_avx2(*this, keep_bits, n, out); return;
+    case Isa::kAvx512: fill_from_bits_avx512(*this, keep_bits, n, out); return;
+    case Isa::kAvx2: fill_from_bits_avx2(*this, keep_bits, n, out); return;
     default: break;
   }
 #endif
   for (int64_t i = 0; i < n; ++i) out[i] = (keep_bits[i / 8] >> (i % 8)) & 1 ? scale : 0.0f;
+}
+
+// keep[i] = bit i of keep_bits (0 / 1 bytes: a bool tensor's storage), 8 at a time through a table
+inline void bytes_from_bits(const uint8_t* keep_bits, int64_t n, uint8_t* keep) {
+  static const auto table = [] {
+    std::array<uint64_t, 256> t{};
+    for (int b = 0; b < 256; ++b) {
+      for (int k = 0; k < 8; ++k) t[b] |= static_cast<uint64_t>((b >> k) & 1) << (8 * k);  // little-endian bytes
+    }
+    return t;
+  }();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) std::memcpy(keep + i, &table[keep_bits[i / 8]], 8);
+  for (; i < n; ++i) keep[i] = (keep_bits[i / 8] >> (i % 8)) & 1;
 }
 
 // Activations and their derivatives, on fp32.

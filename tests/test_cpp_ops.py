@@ -549,15 +549,17 @@ def test_lower_isa_paths(isa):
     assert worst < 16, f"{isa}: worst error {worst} ulps of max|ref|"
 
 
-def _philox_uniform_reference(seed: int, offsets):
-    """Philox-4x32-10 uniform of Triton's tl.rand(seed, offset), in numpy (independent of the C++ code)."""
+def _philox_uniform_reference(seed: int, offsets, c2: int = 0, rounds: int = 10):
+    """Philox-4x32-R uniform of counter (offset low word, offset high word, c2, 0) as Triton's tl.philox returns
+    it (tl.rand(seed, offset) with c2 = 0, R = 10; the attention's mask with R = 7), in numpy (independent of the
+    C++ code)."""
     import numpy as np
     mask = np.uint64(0xFFFFFFFF)
     offsets = np.asarray(offsets, dtype=np.uint64)
     c0, c1 = offsets & mask, offsets >> np.uint64(32)
-    c2 = c3 = np.zeros_like(offsets)
+    c2, c3 = np.full_like(offsets, c2), np.zeros_like(offsets)
     k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
-    for _ in range(10):
+    for _ in range(rounds):
         p0, p1 = np.uint64(0xCD9E8D57) * c2, np.uint64(0xD2511F53) * c0   # < 2**64: exact
         c0, c2 = (p0 >> np.uint64(32)) ^ c1 ^ k0, (p1 >> np.uint64(32)) ^ c3 ^ k1
         c1, c3 = p0 & mask, p1 & mask
@@ -582,7 +584,9 @@ _ISA_DROPOUT_SCRIPT = textwrap.dedent("""
         from_bits = ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, None, "", p, seed, bits)
         redrawn = ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, None, "", p, seed)
         layer_norms.append((h, bits, [from_bits[i] for i in (0, 1, 2, 3)], [redrawn[i] for i in (0, 1, 2, 3)]))
-    torch.save([factors, layer_norms], path)
+    attention = [ops.attention_dropout_keep(first, count, length, 3, p, seed)
+                 for first, count, length in ((0, 2, 5), (7, 1, 37), (2**31 - 40, 2, 20))]
+    torch.save([factors, layer_norms, attention], path)
 """)
 
 
@@ -604,7 +608,7 @@ def test_dropout_factors_every_isa(isa, tmp_path):
     order = ["base", "avx2", "avx512"]
     # a forced ISA runs unless the CPU lacks it (the override only lowers); "best" is whatever this CPU has
     assert isa == "best" or order.index(ran) <= order.index(isa), (isa, ran)
-    factors, layer_norms = torch.load(tmp_path / "f.pt", weights_only=True)
+    factors, layer_norms, attention = torch.load(tmp_path / "f.pt", weights_only=True)
     for (base, n), got in zip(cases, factors):
         u = torch.from_numpy(_philox_uniform_reference(seed, [base + i for i in range(n)]))
         want = torch.where(u >= p, torch.tensor(1 / (1 - p), dtype=torch.float32), torch.tensor(0.0))
@@ -615,6 +619,41 @@ def test_dropout_factors_every_isa(isa, tmp_path):
         assert bits.shape == (n, (h + 7) // 8) and torch.equal(unpack_keep_bits(bits, h), u >= p), (isa, ran, h)
         for a, b in zip(from_bits, redrawn):
             assert torch.equal(a, b), (isa, ran, h)
+    # the attention's mask: key j of query token q in head h kept where Philox-7 of (j, q, h, 0) >= p
+    for (first, count, length), keep in zip(((0, 2, 5), (7, 1, 37), (2**31 - 40, 2, 20)), attention):
+        want = torch.empty(count, 3, length, length, dtype=torch.bool)
+        for b in range(count):
+            for h in range(3):
+                for i in range(length):
+                    q = first + b * length + i
+                    u = _philox_uniform_reference(seed, [(q << 32) + j for j in range(length)], c2=h, rounds=7)
+                    want[b, h, i] = torch.from_numpy(u >= p)
+        assert torch.equal(keep, want), (isa, ran, first, count, length)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_attention_dropout_keep_matches_the_triton_kernels(p):
+    """bertfast_C.attention_dropout_keep draws the keep-mask the Triton attention kernels draw for the same seed
+    (kernels.attention.dropout_mask, here in the interpreter), for sequences of odd lengths from any token row,
+    several consecutive equal-length sequences in one call; dropout_p 0 keeps all, 1 none."""
+    from bertfast.kernels.attention import dropout_mask
+    seed = int(torch.randint(0, 2 ** 62, ()).item())
+    lengths = [5, 17, 17, 17, 1, 33, 130]
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    heads = 3
+    want = dropout_mask(cu, max(lengths), heads, p, seed, "cpu")
+    kept = want[6, :, :130, :130].float().mean().item()      # 50700 draws of the longest sequence
+    assert abs(kept - (1 - p)) < 0.01, f"the reference keeps {kept}, not ~{1 - p}"
+    for b, length in enumerate(lengths):
+        got = ops.attention_dropout_keep(int(cu[b]), 1, length, heads, p, seed)
+        assert got.dtype == torch.bool and got.shape == (1, heads, length, length)
+        assert torch.equal(got[0], want[b, :, :length, :length]), (b, length)
+    batched = ops.attention_dropout_keep(int(cu[1]), 3, 17, heads, p, seed)        # sequences 1, 2, 3 together
+    assert torch.equal(batched, want[1:4, :, :17, :17])
+    assert not torch.equal(batched, ops.attention_dropout_keep(int(cu[1]), 3, 17, heads, p, seed + 1))
+    assert bool(ops.attention_dropout_keep(0, 2, 9, 2, 0.0, seed).all())
+    assert not bool(ops.attention_dropout_keep(0, 2, 9, 2, 1.0, seed).any())
+    assert ops.attention_dropout_keep(5, 0, 9, 2, p, seed).shape == (0, 2, 9, 9)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -703,6 +742,12 @@ def _bad_cases():
         (lambda: AB(dy, x, w, m, s, r, xb, "", 0.1, 5, keep[:3]),
          r"keep must be the forward's keep bits, shape \[4, 1\]"),
         (lambda: AB(dy, x, w, m, s, r, xb, "", 0.0, 0, keep), "keep .* must be None or empty when dropout_p is 0"),
+        # attention_dropout_keep
+        (lambda: ops.attention_dropout_keep(0, -1, 4, 2, 0.1, 5), "first_token, count and length must be >= 0"),
+        (lambda: ops.attention_dropout_keep(0, 1, 4, 0, 0.1, 5), "heads must be >= 1, got 0"),
+        (lambda: ops.attention_dropout_keep(0, 1, 4, 2, 1.5, 5), r"dropout_p must be in \[0, 1\], got 1.5"),
+        (lambda: ops.attention_dropout_keep(0, 1, 4, 2, 0.1, -5), r"seed must be in \[0, 2\^63\)"),
+        (lambda: ops.attention_dropout_keep(2**31 - 3, 1, 4, 2, 0.1, 5), r"must be <= 2\^31"),
         # bias_act
         (lambda: BA(torch.tensor(1.0), None, "gelu"), "at least one dimension"),
         (lambda: BA(x.int(), None, "gelu"), "x must be float32"),

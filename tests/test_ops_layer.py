@@ -48,8 +48,13 @@ def test_gradcheck_attention(backend):
 
 
 def _attention_naive(qkv, cu, scale, dropout_p, seed):
-    """Attention per sequence in qkv's dtype, with the reference implementation's keep-mask (ops._keep_mask,
-    seed + sequence index); autograd of this is the independent gradient."""
+    """Attention per sequence in qkv's dtype, with the Triton attention kernels' keep-mask for this seed
+    (kernels.attention.dropout_mask, in the interpreter: the mask the CPU attention must draw too, NOTES change
+    19); autograd of this is the independent gradient."""
+    from bertfast.kernels.attention import dropout_mask
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    if dropout_p > 0:
+        mask = dropout_mask(cu, max(max(lengths), 1), qkv.shape[2], dropout_p, seed, "cpu")
     outs = []
     for b, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         if e == s:
@@ -57,7 +62,7 @@ def _attention_naive(qkv, cu, scale, dropout_p, seed):
         q, k, v = (qkv[s:e, i].transpose(0, 1) for i in range(3))              # [heads, L, d]
         p = torch.softmax(q @ k.transpose(-1, -2) * scale, -1)
         if dropout_p > 0:
-            p = p * ops._keep_mask(p.shape, dropout_p, seed + b, "cpu").to(p.dtype) / (1 - dropout_p)
+            p = p * mask[b, :, :e - s, :e - s].to(p.dtype) / (1 - dropout_p)
         outs.append((p @ v).transpose(0, 1))
     return torch.cat(outs)
 
@@ -216,8 +221,8 @@ def test_choose_reports_and_respects_forced_backend(monkeypatch):
 
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
 def test_add_layer_norm_dropout_gradients_use_the_forward_mask(monkeypatch, impl):
-    """Training through bertfast.ops.add_layer_norm with dropout: the backward regenerates the forward's mask
-    from the saved seed. The kept elements are read off the forward itself (dropped ones carry no x gradient),
+    """Training through bertfast.ops.add_layer_norm with dropout: the backward applies the forward's mask (the
+    C++ kernel reads the keep bits its forward saved, the reference draws it again from the saved seed). The kept elements are read off the forward itself (dropped ones carry no x gradient),
     then float64 autograd with that mask must give the same gradients (a mask that differs between forward and
     backward shows as O(1) errors, far above the fp32 noise the bound leaves room for)."""
     monkeypatch.setenv("BERTFAST_BACKEND", impl)
