@@ -201,7 +201,16 @@ def implementation_table(device: torch.device | str = "cpu") -> dict[str, str]:
         skipped = [f"{i}: {_available(i, op, device) or _supports(i, op, facts[op])}"
                    for i in PREFERENCE[op][dev][: PREFERENCE[op][dev].index(impl)]] if impl in PREFERENCE[op][dev] else []
         table[op] = impl + (f"  ({'; '.join(skipped)})" if skipped else "")
+        if op == "varlen_attention" and dev == "cpu" and impl == "reference":
+            table[op] += f"  (dropout mask: {_cpu_attention_mask_source()})"
     return table
+
+
+def _cpu_attention_mask_source() -> str:
+    err = cpp_extension_error()
+    if err is None and hasattr(torch.ops.bertfast_C, "attention_dropout_keep"):
+        return "bertfast._C Philox, the GPU kernels' draw"
+    return f"torch's generator, not the GPU kernels' draw: {err or 'this build of bertfast._C lacks it'}"
 
 
 def notices() -> dict[str, str]:
@@ -390,10 +399,10 @@ def _cpu_attention_keep(start: int, count: int, length: int, heads: int, dropout
     `start`: the mask the Triton attention kernels draw for this seed (Philox-4x32-7 of (key, query token, head)),
     drawn by bertfast._C (NOTES change 19). Without the extension, torch's generator per sequence (seed + the
     sequence's first row), with a notice: then CPU and GPU runs of one seed drop different probabilities."""
-    if cpp_extension_error() is None and hasattr(torch.ops.bertfast_C, "attention_dropout_keep"):
+    source = _cpu_attention_mask_source()
+    if source.startswith("bertfast._C"):
         return torch.ops.bertfast_C.attention_dropout_keep(start, count, length, heads, dropout_p, seed)
-    notice_once("attention-dropout-mask", "bertfast._C is unavailable, so the CPU attention draws its dropout mask "
-                f"with torch's generator, not the GPU kernels' Philox ({cpp_extension_error()})")
+    notice_once("attention-dropout-mask", f"the CPU attention's dropout mask: {source}")
     return torch.stack([_keep_mask((heads, length, length), dropout_p, seed + start + b * length, "cpu")
                         for b in range(count)])
 
@@ -409,44 +418,52 @@ def _cpu_probs(q: Tensor, k: Tensor, scale: float, dropout_p: float, seed: int, 
     return probs, _cpu_attention_keep(start, count, length, heads, dropout_p, seed)
 
 
+_ATTN_BLOCK_BYTES = 1 << 20
+
+
+def _length_runs(bounds: list[int], heads: int, capped: bool):
+    """(count, start, length) of the runs of consecutive sequences of one length (empty ones skipped): a whole run
+    at once, or with `capped` as many of its sequences as keep a [count, heads, L, L] fp32 temporary within
+    _ATTN_BLOCK_BYTES (cache-sized: larger blocks were slower with dropout's extra temporaries, NOTES change 16)."""
+    b, batch = 0, len(bounds) - 1
+    while b < batch:
+        length = bounds[b + 1] - bounds[b]
+        per_seq = max(heads * length * length * 4, 1)
+        count = 1
+        while (b + count < batch and bounds[b + count + 1] - bounds[b + count] == length
+               and (not capped or (count + 1) * per_seq <= _ATTN_BLOCK_BYTES)):
+            count += 1
+        if length > 0:
+            yield count, bounds[b], length
+        b += count
+
+
 def _attention_cpu(qkv: Tensor, cu_seqlens: Tensor, scale: float, dropout_p: float,
                    seed: int) -> tuple[Tensor, Tensor]:
     """CPU attention of each packed sequence over itself: (out [T, heads, d] in qkv's dtype, lse [heads, T] fp32,
     the log-sum-exp of each query's scaled scores where ATen's fused kernel gives it (float32 compute, no
     dropout), NaN elsewhere). No compute on padding (the host already has cu_seqlens); the fused CPU kernel takes
-    4-D [batch, heads, L, d] only, and a batch whose sequences all have one length is one call."""
+    4-D [batch, heads, L, d] only, so consecutive sequences of one length go through it (or the formulas) as one
+    batch."""
     total, _, heads, head_dim = qkv.shape
-    batch = cu_seqlens.numel() - 1
     cdt = _compute_dtype(qkv.dtype)
     flash = _cpu_flash(cdt, dropout_p)
     lse = _nan((heads, total), qkv.device)
-    bounds = _cpu_bounds(cu_seqlens, total)
-    lengths = {bounds[b + 1] - bounds[b] for b in range(batch)}
-    if dropout_p == 0.0 and len(lengths) == 1 and total > 0:
-        q, k, v = _heads_first(qkv, 0, batch, total // batch, cdt)
-        if flash:
-            o, l = flash[0](q, k, v, 0.0, False, attn_mask=None, scale=scale)    # [B, heads, L, d], [B, heads, L]
-            lse.copy_(l.transpose(0, 1).reshape(heads, total))
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return o.transpose(1, 2).reshape(total, heads, head_dim).to(qkv.dtype), lse
-    outs = []
-    for b in range(batch):
-        start, end = bounds[b], bounds[b + 1]
-        if end == start:
-            continue
-        q, k, v = _heads_first(qkv, start, 1, end - start, cdt)                      # each [1, heads, L, d]
+    bounds = _cpu_bounds(cu_seqlens, total)   # so every row of out belongs to one sequence
+    out = qkv.new_empty((total, heads, head_dim))
+    for count, start, length in _length_runs(bounds, heads, capped=not flash):
+        end = start + count * length
+        q, k, v = _heads_first(qkv, start, count, length, cdt)                       # each [count, heads, L, d]
         if dropout_p > 0.0:
             probs, keep = _cpu_probs(q, k, scale, dropout_p, seed, start)
             o = (probs * keep / (1.0 - dropout_p)) @ v
         elif flash:
-            o, l = flash[0](q, k, v, 0.0, False, attn_mask=None, scale=scale)
-            lse[:, start:end] = l[0]
+            o, l = flash[0](q, k, v, 0.0, False, attn_mask=None, scale=scale)    # l: [count, heads, L]
+            lse[:, start:end] = l.transpose(0, 1).reshape(heads, count * length)
         else:
             o = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        outs.append(o[0].transpose(0, 1))
-    out = torch.cat(outs) if outs else qkv.new_zeros((0, heads, head_dim), dtype=cdt)
-    return out.to(qkv.dtype), lse
+        out[start:end] = o.transpose(1, 2).reshape(count * length, heads, head_dim)
+    return out, lse
 
 
 def _attention_reference(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, dropout_p: float,
@@ -473,9 +490,6 @@ def _attention_reference(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale
     return o[valid].to(qkv.dtype)
 
 
-_ATTN_BWD_BLOCK_BYTES = 2 << 20
-
-
 def _attention_backward_cpu(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, scale: float,
                             dropout_p: float, seed: int) -> Tensor:
     """dqkv of _attention_cpu, blocks of sequences of one length at a time, each sequence's rows of dqkv written
@@ -487,7 +501,6 @@ def _attention_backward_cpu(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
     total, _, heads, head_dim = qkv.shape
     cdt = _compute_dtype(qkv.dtype)
     bounds = _cpu_bounds(cu_seqlens, total)   # so every row of dqkv belongs to one sequence
-    batch = len(bounds) - 1
     dqkv = qkv.new_empty(qkv.shape)
 
     flash = _cpu_flash(cdt, dropout_p)
@@ -517,20 +530,9 @@ def _attention_backward_cpu(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
         rows[:, :, 1] = (ds.transpose(-1, -2) @ q).mul_(scale).transpose(1, 2)
         rows[:, :, 2] = dv.transpose(1, 2)
 
-    # Runs of consecutive sequences of one length go together: all of them for the fused kernel, for the formulas
-    # as many as keep a [count, heads, L, L] fp32 temporary within _ATTN_BWD_BLOCK_BYTES (cache-sized: larger
-    # blocks were slower with dropout's extra temporaries).
-    b = 0
-    while b < batch:
-        length = bounds[b + 1] - bounds[b]
-        per_seq = max(heads * length * length * 4, 1)
-        count = 1
-        while (b + count < batch and bounds[b + count + 1] - bounds[b + count] == length
-               and (flash or (count + 1) * per_seq <= _ATTN_BWD_BLOCK_BYTES)):
-            count += 1
-        if length > 0:
-            block(count, bounds[b], length)
-        b += count
+    # sequences of one length together: a whole run for the fused kernel, cache-sized blocks for the formulas
+    for count, start, length in _length_runs(bounds, heads, capped=not flash):
+        block(count, start, length)
     return dqkv
 
 

@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "cpu_kernels.h"
@@ -152,7 +153,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(
   auto mean = at::empty({n}, x.options().dtype(at::kFloat));
   auto rstd = at::empty({n}, x.options().dtype(at::kFloat));
   const int64_t keep_row = (h + 7) / 8;  // bytes of keep bits a row
-  auto keep = drop.on ? at::empty({n, keep_row}, x.options().dtype(at::kByte)) : at::empty({0}, x.options().dtype(at::kByte));
+  const std::vector<int64_t> keep_shape = drop.on ? std::vector<int64_t>{n, keep_row} : std::vector<int64_t>{0};
+  auto keep = at::empty(keep_shape, x.options().dtype(at::kByte));
   if (n == 0) return {y, mean, rstd, keep};
   const float feps = static_cast<float>(eps);
 

@@ -321,7 +321,9 @@ __attribute__((target("avx512f"), noinline)) void keep_bits_avx512(const Dropout
     const __mmask16 ka = kept(base + static_cast<uint64_t>(i)), kb = kept(base + static_cast<uint64_t>(i + 16));
     store_keep_bits(static_cast<uint32_t>(ka) | (static_cast<uint32_t>(kb) << 16), i, 32, keep_bits);
   }
-  for (; i < n; i += 16) store_keep_bits(kept(base + static_cast<uint64_t>(i)), i, std::min<int64_t>(n - i, 16), keep_bits);
+  for (; i < n; i += 16) {
+    store_keep_bits(kept(base + static_cast<uint64_t>(i)), i, std::min<int64_t>(n - i, 16), keep_bits);
+  }
 }
 
 // out[i] = scale where bit i of keep_bits is set, 16 lanes at a time straight from the mask bits
@@ -409,7 +411,8 @@ inline void Dropout::keep_bits(uint64_t base, uint32_t c2, int64_t n, uint8_t* b
     uint32_t byte = 0;
     for (int64_t j = i; j < std::min(n, i + 8); ++j) {
       const uint64_t off = base + static_cast<uint64_t>(j);
-      const float u = philox_uniform<R>(seed_lo, seed_hi, static_cast<uint32_t>(off), static_cast<uint32_t>(off >> 32), c2);
+      const float u =
+          philox_uniform<R>(seed_lo, seed_hi, static_cast<uint32_t>(off), static_cast<uint32_t>(off >> 32), c2);
       byte |= static_cast<uint32_t>(u >= p) << (j - i);
     }
     bits[i / 8] = static_cast<uint8_t>(byte);

@@ -461,10 +461,11 @@ _UNWRITTEN_SCRIPT = textwrap.dedent("""
 
 def test_uninitialised_outputs_are_fully_written():
     """embed_backward's table gradients, pad's output and add_layer_norm's keep bits are allocated uninitialised
-    and written once, each row either a result or zeros (NOTES changes 14-15, 18): in a process whose allocator fills every block it hands out
-    with 0xAA bytes (glibc's MALLOC_PERTURB_), every row no token uses / every padding row must come back exactly
-    zero - for the word, position and type tables, with no tokens at all, for rows off 16-byte boundaries (odd E,
-    half precision) and for a BERT-size word table (94 MB, where the zeros are streamed)."""
+    and written once, each row either a result or zeros (NOTES changes 14-15, 18): in a process whose allocator
+    fills every block it hands out with 0xAA bytes (glibc's MALLOC_PERTURB_), every row no token uses / every
+    padding row must come back exactly zero - for the word, position and type tables, with no tokens at all, for
+    rows off 16-byte boundaries (odd E, half precision) and for a BERT-size word table (94 MB, where the zeros are
+    streamed) - and every byte of the keep bits must be the draw's, the bits past H zero."""
     env = dict(os.environ, MALLOC_PERTURB_=str(0x55))
     res = subprocess.run([sys.executable, "-c", _UNWRITTEN_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)

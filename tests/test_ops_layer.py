@@ -122,6 +122,24 @@ def test_cpu_attention_gradients(lengths, dropout_p, dtype, fused, monkeypatch):
         assert err <= bound, f"d{name}: max error {err:.3g} > bound {bound:.3g}"
 
 
+def test_cpu_attention_dropout_mask_without_the_extension(monkeypatch):
+    """Without bertfast._C the CPU attention still trains with dropout (torch's generator draws the mask, the
+    backward the same one), and says so: a notice, and `bertfast info`'s table names the mask's source."""
+    assert "bertfast._C Philox" in ops.implementation_table("cpu")["varlen_attention"]
+    monkeypatch.setattr(ops, "cpp_extension_error", lambda: "bertfast._C could not be imported (test)")
+    assert "torch's generator" in ops.implementation_table("cpu")["varlen_attention"]
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    qkv = torch.randn(20, 3, 2, 16, dtype=torch.float64, requires_grad=True)
+    out = ops.varlen_attention(qkv, cu, 13, dropout_p=0.3)
+    (grad,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
+    assert torch.isfinite(grad).all() and any("torch's generator" in v for v in ops.notices().values())
+    def attention(t):  # the same seed each call: the backward must apply the forward's mask
+        torch.manual_seed(3)
+        return ops.varlen_attention(t, cu, 13, dropout_p=0.3)
+
+    assert torch.autograd.gradcheck(attention, (qkv,))
+
+
 def test_cpu_attention_checks_cu_seqlens():
     """The CPU attention reads cu_seqlens on the host, so it checks them: a batch that does not cover qkv's rows
     exactly is an error, not attention over made-up sequences."""
@@ -222,9 +240,10 @@ def test_choose_reports_and_respects_forced_backend(monkeypatch):
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
 def test_add_layer_norm_dropout_gradients_use_the_forward_mask(monkeypatch, impl):
     """Training through bertfast.ops.add_layer_norm with dropout: the backward applies the forward's mask (the
-    C++ kernel reads the keep bits its forward saved, the reference draws it again from the saved seed). The kept elements are read off the forward itself (dropped ones carry no x gradient),
-    then float64 autograd with that mask must give the same gradients (a mask that differs between forward and
-    backward shows as O(1) errors, far above the fp32 noise the bound leaves room for)."""
+    C++ kernel reads the keep bits its forward saved, the reference draws it again from the saved seed). The kept
+    elements are read off the forward itself (dropped ones carry no x gradient), then float64 autograd with that
+    mask must give the same gradients (a mask that differs between forward and backward shows as O(1) errors,
+    far above the fp32 noise the bound leaves room for)."""
     monkeypatch.setenv("BERTFAST_BACKEND", impl)
     n, h, p = 9, 384, 0.3
     x, r = torch.randn(n, h, requires_grad=True), torch.randn(n, h, requires_grad=True)
