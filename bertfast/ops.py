@@ -94,7 +94,18 @@ def cpp_extension_error() -> Optional[str]:
         importlib.import_module("bertfast._C")
     except ImportError as exc:
         return f"bertfast._C could not be imported ({exc})"
+    _register_cpp_fakes()
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _register_cpp_fakes() -> None:
+    """Fake kernels of the bertfast_C ops the ops layer calls outside a bertfast:: op's body (torch.compile and
+    FakeTensorMode run those directly)."""
+    if hasattr(torch.ops.bertfast_C, "attention_dropout_keep"):
+        @torch.library.register_fake("bertfast_C::attention_dropout_keep")
+        def _(first_token, count, length, heads, dropout_p, seed):
+            return torch.empty((count, heads, length, length), dtype=torch.bool)
 
 
 def cpp_built_with_cuda() -> bool:
@@ -397,8 +408,9 @@ def _heads_first(qkv: Tensor, start: int, count: int, length: int, cdt: torch.dt
 def _cpu_attention_keep(start: int, count: int, length: int, heads: int, dropout_p: float, seed: int) -> Tensor:
     """The CPU attention's keep-mask [count, heads, L, L] of `count` sequences of `length` tokens from token row
     `start`: the mask the Triton attention kernels draw for this seed (Philox-4x32-7 of (key, query token, head)),
-    drawn by bertfast._C (NOTES change 19). Without the extension, torch's generator per sequence (seed + the
-    sequence's first row), with a notice: then CPU and GPU runs of one seed drop different probabilities."""
+    drawn by bertfast._C (NOTES change 19), also under BERTFAST_BACKEND=reference (the CPU attention has no other
+    implementation). Without the extension, torch's generator per sequence (seed + the sequence's first row),
+    with a notice: then CPU and GPU runs of one seed drop different probabilities."""
     source = _cpu_attention_mask_source()
     if source.startswith("bertfast._C"):
         return torch.ops.bertfast_C.attention_dropout_keep(start, count, length, heads, dropout_p, seed)
@@ -424,7 +436,7 @@ _ATTN_BLOCK_BYTES = 1 << 20
 def _length_runs(bounds: list[int], heads: int, capped: bool):
     """(count, start, length) of the runs of consecutive sequences of one length (empty ones skipped): a whole run
     at once, or with `capped` as many of its sequences as keep a [count, heads, L, L] fp32 temporary within
-    _ATTN_BLOCK_BYTES (cache-sized: larger blocks were slower with dropout's extra temporaries, NOTES change 16)."""
+    _ATTN_BLOCK_BYTES (cache-sized: larger blocks were slower with dropout's extra temporaries, NOTES change 20)."""
     b, batch = 0, len(bounds) - 1
     while b < batch:
         length = bounds[b + 1] - bounds[b]

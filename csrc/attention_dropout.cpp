@@ -28,15 +28,17 @@ at::Tensor attention_dropout_keep_cpu(int64_t first_token, int64_t count, int64_
   TORCH_CHECK(first_token >= 0 && count >= 0 && length >= 0, kOp,
               ": first_token, count and length must be >= 0, got ", first_token, ", ", count, ", ", length);
   TORCH_CHECK(heads >= 1, kOp, ": heads must be >= 1, got ", heads);
-  TORCH_CHECK(count == 0 || length == 0 || first_token + count * length <= (int64_t{1} << 31), kOp,
-              ": the tokens first_token + count * length = ", first_token + count * length,
-              " must be <= 2^31 (the attention kernels index packed tokens with int32)");
+  constexpr int64_t kMaxTokens = int64_t{1} << 31;  // the attention kernels index packed tokens with int32
+  TORCH_CHECK(first_token <= kMaxTokens && (length == 0 || count <= (kMaxTokens - first_token) / length), kOp,
+              ": the tokens first_token + count * length (", first_token, " + ", count, " * ", length,
+              ") must be <= 2^31 (the attention kernels index packed tokens with int32)");
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, kOp, ": dropout_p must be in [0, 1], got ", dropout_p);
   TORCH_CHECK(seed >= 0, kOp, ": seed must be in [0, 2^63), got ", seed);
   const cpu::Dropout drop(dropout_p, seed);
   auto keep = at::empty({count, heads, length, length}, at::TensorOptions().dtype(at::kBool));
   const int64_t rows = count * heads * length;  // one row of `length` keys per (sequence, head, query)
-  if (rows == 0 || length == 0) return keep;
+  if (rows == 0) return keep;
+  if (dropout_p == 0.0) return keep.fill_(true);  // every uniform is >= 0
   uint8_t* kp = reinterpret_cast<uint8_t*>(keep.data_ptr<bool>());
   at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / length), [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> bits((length + 7) / 8);
@@ -51,10 +53,15 @@ at::Tensor attention_dropout_keep_cpu(int64_t first_token, int64_t count, int64_
   return keep;
 }
 
-// No tensor argument to dispatch on: registered as the op's one kernel (a CPU tensor comes back).
+// No tensor argument to dispatch on: a CompositeExplicitAutograd kernel serves every call (a CPU tensor comes
+// back), and the fake kernel (bertfast/ops.py) serves torch.compile / FakeTensorMode.
 TORCH_LIBRARY_FRAGMENT(bertfast_C, m) {
   m.def("attention_dropout_keep(int first_token, int count, int length, int heads, float dropout_p, int seed) -> "
-        "Tensor", &attention_dropout_keep_cpu);
+        "Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bertfast_C, CompositeExplicitAutograd, m) {
+  m.impl("attention_dropout_keep", &attention_dropout_keep_cpu);
 }
 
 }  // namespace bertfast

@@ -267,9 +267,10 @@ BF_INLINE void store_keep_bits(uint32_t mask, int64_t i, int64_t count, uint8_t*
 // AVX-512, per round and 16 lanes: 2 shifts, 4 vpmuludq, 4 masked vpshufd (each moves the wanted halves of one
 // product pair into place in one instruction: the high words of the even products down into the even lanes
 // under the odd products, the low words of the odd products up into the odd lanes over the even products) and
-// 2 vpternlogd (the three-way xor with the key); 12 instructions where shift + blend + two xors took 18, which
-// is what bounds it (ports 0 and 5; NOTES change 17). Unused results of the last two rounds are dropped by the
-// compiler.
+// 2 vpternlogd (the three-way xor with the key): 12 instructions, plus 2 register copies (a merge-masked vpshufd
+// overwrites its merge source, which the other shuffle of the pair still reads; copies are usually eliminated
+// at rename), where shift + blend + two xors took 18 on ports 0 and 5 (NOTES change 17). Unused results of the
+// last two rounds are dropped by the compiler.
 #define BF_TARGET_PHILOX512 __attribute__((target("avx512f"), always_inline))
 template <int R>
 BF_TARGET_PHILOX512 inline __m512i philox_word0_avx512(__m512i c0, __m512i c1, __m512i c2, const __m512i* k0,

@@ -196,6 +196,12 @@ def test_add_layer_norm_dropout(n, h, dtype, act, with_r, p):
     redrawn = ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, act, p, seed)
     for got, want in zip((dx, dres, dw, db, dxb), redrawn):
         assert (got is None and want is None) or torch.equal(got, want)
+    # the bits given are the mask applied, not the seed's: another seed's bits give that seed's gradients
+    if 0.0 < p < 1.0:
+        other_bits = ops.add_layer_norm(x, w, b, 1e-12, r, xb, act, p, seed + 1)[3]
+        from_other = ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, act, p, seed, other_bits)
+        assert torch.equal(from_other[0], ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, act, p,
+                                                                      seed + 1)[0])
     assert (dres is None) == (r is None)
     for name, got, i in [("dx", dx, 0), ("dweight", dw, 1), ("dbias", db, 2), ("dresidual", dres, 3),
                          ("dx_bias", dxb, 4)]:
@@ -597,7 +603,7 @@ def test_dropout_factors_every_isa(isa, tmp_path):
     are not multiples of the vector width, across a 2**32 boundary of the counter's low word, for a 64-bit seed;
     add_layer_norm's keep bits pack that draw (rows not a multiple of 8 or 16 wide), and its backward from the
     bits equals the one that draws the mask again."""
-    cases = [(0, 37), (2**32 - 7, 29), (2**40 + 3, 21), (123_456_789, 1)]
+    cases = [(0, 37), (2**32 - 7, 29), (2**32 - 20, 45), (2**40 + 3, 21), (123_456_789, 1)]
     seed, p = (5 << 32) + 77, 0.3
     env = {k: v for k, v in os.environ.items() if k != "BERTFAST_CPU_ISA"}
     if isa != "best":
@@ -686,10 +692,11 @@ def _opcheck_cases():
         ("embed_backward", (eg, *eargs[:8], em, es)),
         ("unpad", (x, idx)),
         ("pad", (x[:3].clone(), idx, 9)),
+        ("attention_dropout_keep", (3, 2, 5, 2, 0.25, 99)),
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(15))
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(ops, name).default, args)

@@ -126,16 +126,19 @@ def test_cpu_attention_dropout_mask_without_the_extension(monkeypatch):
     """Without bertfast._C the CPU attention still trains with dropout (torch's generator draws the mask, the
     backward the same one), and says so: a notice, and `bertfast info`'s table names the mask's source."""
     assert "bertfast._C Philox" in ops.implementation_table("cpu")["varlen_attention"]
+    monkeypatch.setattr(ops, "_notices", {})
+    # only the attention's mask source is re-read per call; the other ops' availability stays cached (the
+    # extension is there), which this test does not touch
     monkeypatch.setattr(ops, "cpp_extension_error", lambda: "bertfast._C could not be imported (test)")
     assert "torch's generator" in ops.implementation_table("cpu")["varlen_attention"]
-    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
-    qkv = torch.randn(20, 3, 2, 16, dtype=torch.float64, requires_grad=True)
-    out = ops.varlen_attention(qkv, cu, 13, dropout_p=0.3)
+    cu = torch.tensor([0, 5, 10, 15, 15, 22], dtype=torch.int32)    # a block of three, an empty one, one more
+    qkv = torch.randn(22, 3, 2, 16, dtype=torch.float64, requires_grad=True)
+    out = ops.varlen_attention(qkv, cu, 7, dropout_p=0.3)
     (grad,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
     assert torch.isfinite(grad).all() and any("torch's generator" in v for v in ops.notices().values())
     def attention(t):  # the same seed each call: the backward must apply the forward's mask
         torch.manual_seed(3)
-        return ops.varlen_attention(t, cu, 13, dropout_p=0.3)
+        return ops.varlen_attention(t, cu, 7, dropout_p=0.3)
 
     assert torch.autograd.gradcheck(attention, (qkv,))
 
@@ -245,12 +248,18 @@ def test_add_layer_norm_dropout_gradients_use_the_forward_mask(monkeypatch, impl
     mask must give the same gradients (a mask that differs between forward and backward shows as O(1) errors,
     far above the fp32 noise the bound leaves room for)."""
     monkeypatch.setenv("BERTFAST_BACKEND", impl)
+    backward_keeps = []
+    real_backward = ops._add_layer_norm_backward_op._init_fn
+    monkeypatch.setattr(ops._add_layer_norm_backward_op, "_init_fn",
+                        lambda *a: backward_keeps.append(a[-1]) or real_backward(*a))
     n, h, p = 9, 384, 0.3
     x, r = torch.randn(n, h, requires_grad=True), torch.randn(n, h, requires_grad=True)
     w, b, xb = (torch.randn(h, requires_grad=True) for _ in range(3))
     y = ops.add_layer_norm(x, w, b, 1e-12, residual=r, x_bias=xb, activation="gelu", dropout_p=p)
     dy = torch.randn(n, h)
     grads = torch.autograd.grad(y, (x, r, w, b, xb), dy)
+    # the C++ backward got the forward's keep bits (the reference none: it draws the mask again)
+    assert [k.shape for k in backward_keeps] == [(n, h // 8) if impl == "cpp" else (0,)]
     keep = grads[0] != 0                        # gelu' is never exactly 0 on these inputs
     assert 0.6 < keep.float().mean().item() < 0.8
     leaves = [t.detach().double().requires_grad_() for t in (x, r, w, b, xb)]
