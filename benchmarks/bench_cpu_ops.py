@@ -13,10 +13,17 @@ sides' timings. jemalloc / tcmalloc behave like the reuse mode.
 
 run(quick=False) -> list of rows {name, shape, dtype, impl, ms, speedup, ms_min, speedup_min} (ms = median;
 speedup = torch ms / our ms on our rows, 1.0 on torch's; the _min pair from the fastest repeat, steadier on a
-shared machine).
+shared machine). suite_run(quick) -> the rows of both allocator modes, the second measured in a child process
+(mallopt lasts for the rest of a process), each row's `malloc` saying which (`bertfast bench` uses it).
 """
 import argparse
+import json
+import os
+import pathlib
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -152,7 +159,7 @@ def run(quick=False, reuse_memory=False):
         # no torch.no_grad(): the backward composites build their graphs once in _cases() (no other input
         # requires grad, so the forward composites record nothing either)
         for name, shape, ours, theirs in _cases():
-            (ms_ours, ms_torch), (min_ours, min_torch) = _time_pair(ours, theirs, 7 if quick else 41)
+            (ms_ours, ms_torch), (min_ours, min_torch) = _time_pair(ours, theirs, 21 if quick else 41)
             rows.append(dict(name=name, shape=shape, dtype="float32", impl="bertfast_C", ms=round(ms_ours, 3),
                              speedup=round(ms_torch / ms_ours, 2), ms_min=round(min_ours, 3),
                              speedup_min=round(min_torch / min_ours, 2)))
@@ -163,15 +170,36 @@ def run(quick=False, reuse_memory=False):
     return rows
 
 
+MALLOC_MODES = {False: "glibc defaults", True: "freed memory reused"}
+
+
+def suite_run(quick=False):
+    """Both allocator modes: glibc's defaults in this process, then --reuse-memory in a child process."""
+    rows = [dict(r, malloc=MALLOC_MODES[False]) for r in run(quick=quick)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "benchmarks.bench_cpu_ops", "--reuse-memory", "--json", str(path)]
+        root = pathlib.Path(__file__).resolve().parent.parent
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+        res = subprocess.run(cmd + (["--quick"] if quick else []), cwd=root, env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"bench_cpu_ops --reuse-memory failed: {res.stderr[-2000:]}")
+        reused = json.loads(path.read_text())
+    return rows + [dict(r, shape=f"{r['shape']}, {MALLOC_MODES[True]}", malloc=MALLOC_MODES[True]) for r in reused]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--reuse-memory", action="store_true", help="keep freed memory in the process (see above)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows to PATH as JSON")
     args = parser.parse_args()
     rows = run(quick=args.quick, reuse_memory=args.reuse_memory)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available, benchmark uses 2; "
           f"{torch.backends.cpu.get_cpu_capability()}; "
-          f"malloc: {'freed memory reused' if args.reuse_memory else 'glibc defaults'}")
+          f"malloc: {MALLOC_MODES[args.reuse_memory]}")
     print("median (and min) wall ms over the repeats; speedup = torch / bertfast_C")
     print(f"{'op':30s} {'shape':24s} {'bertfast_C ms':>14s} {'torch ms':>10s} {'speedup':>8s} "
           f"{'min ours':>9s} {'min torch':>9s} {'speedup':>8s}")
