@@ -18,12 +18,8 @@ shared machine). suite_run(quick) -> the rows of both allocator modes, the secon
 """
 import argparse
 import json
-import os
 import pathlib
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
@@ -175,16 +171,9 @@ MALLOC_MODES = {False: "glibc defaults", True: "freed memory reused"}
 
 def suite_run(quick=False):
     """Both allocator modes: glibc's defaults in this process, then --reuse-memory in a child process."""
+    from benchmarks.common import child_rows   # here: the file also runs as a script, without the package
     rows = [dict(r, malloc=MALLOC_MODES[False]) for r in run(quick=quick)]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = pathlib.Path(tmp) / "rows.json"
-        cmd = [sys.executable, "-m", "benchmarks.bench_cpu_ops", "--reuse-memory", "--json", str(path)]
-        root = pathlib.Path(__file__).resolve().parent.parent
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-        res = subprocess.run(cmd + (["--quick"] if quick else []), cwd=root, env=env, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"bench_cpu_ops --reuse-memory failed: {res.stderr[-2000:]}")
-        reused = json.loads(path.read_text())
+    reused = child_rows("benchmarks.bench_cpu_ops", ["--reuse-memory"] + (["--quick"] if quick else []))
     return rows + [dict(r, shape=f"{r['shape']}, {MALLOC_MODES[True]}", malloc=MALLOC_MODES[True]) for r in reused]
 
 

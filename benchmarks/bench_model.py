@@ -12,7 +12,7 @@ import gc
 
 import torch
 
-from benchmarks.common import timeit, timeit_interleaved
+from benchmarks.common import child_rows, timeit, timeit_interleaved
 
 MODELS = {
     "minilm-l6": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -170,26 +170,14 @@ def _train_step_memory_kept(quick, progress):
     """The CPU fine-tuning step again in a child process whose glibc keeps freed memory: with the defaults every
     step faults in fresh pages for its large temporaries, which changes the comparison (NOTES, "The CPU
     fine-tuning step and the allocator"). Rows carry the workload "<train workload>, freed memory kept"."""
-    import json
-    import os
-    import pathlib
-    import subprocess
-    import sys
-    import tempfile
     if progress:
         progress(f"bert-base float32 train step, {MEMORY_KEPT} (child process)")
-    root = pathlib.Path(__file__).resolve().parent.parent
-    env = dict(os.environ, GLIBC_TUNABLES=MEMORY_KEPT_TUNABLES,
-               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = pathlib.Path(tmp) / "rows.json"
-        cmd = [sys.executable, "-m", "benchmarks.bench_model", "--train-cpu", "--json", str(path)]
-        res = subprocess.run(cmd + (["--quick"] if quick else []), cwd=root, env=env, capture_output=True, text=True)
-        if res.returncode != 0:
-            return [{"kind": "model", "model": "bert-base", "dtype": "float32", "workload": f"train, {MEMORY_KEPT}",
-                     "impl": impl, "device": "cpu", "error": f"child process failed: {res.stderr[-1000:]}"}
-                    for impl in ("bertfast", "transformers-sdpa")]
-        rows = json.loads(path.read_text())
+    try:
+        rows = child_rows("benchmarks.bench_model", ["--train-cpu"] + (["--quick"] if quick else []),
+                          env={"GLIBC_TUNABLES": MEMORY_KEPT_TUNABLES})
+    except RuntimeError as exc:
+        return [{"kind": "model", "model": "bert-base", "dtype": "float32", "workload": f"train, {MEMORY_KEPT}",
+                 "impl": impl, "device": "cpu", "error": str(exc)} for impl in ("bertfast", "transformers-sdpa")]
     return [dict(r, workload=f"{r['workload']}, {MEMORY_KEPT}", malloc=MEMORY_KEPT) for r in rows]
 
 

@@ -5,10 +5,33 @@ does not hold them where the caller passes several input sets. CPU: wall clock w
 """
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def child_rows(module: str, args: list[str], env: dict | None = None) -> list[dict]:
+    """The rows `python -m <module> <args> --json PATH` writes, run in a child process from the repository root
+    with `env` added to this process's environment: for settings that must be in place from a process's start
+    or that last for the rest of it (the allocator's). Raises RuntimeError with the child's stderr on failure."""
+    child_env = dict(os.environ, **(env or {}))
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "rows.json"
+        res = subprocess.run([sys.executable, "-m", module, *args, "--json", str(path)], cwd=ROOT, env=child_env,
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{module} {' '.join(args)} failed: {res.stderr[-2000:]}")
+        return json.loads(path.read_text())
 
 
 def timeit(fn, device, warmup_ms: float = 100, rep_ms: float = 400, min_reps: int = 5) -> dict:
