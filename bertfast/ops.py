@@ -213,15 +213,23 @@ def implementation_table(device: torch.device | str = "cpu") -> dict[str, str]:
                    for i in PREFERENCE[op][dev][: PREFERENCE[op][dev].index(impl)]] if impl in PREFERENCE[op][dev] else []
         table[op] = impl + (f"  ({'; '.join(skipped)})" if skipped else "")
         if op == "varlen_attention" and dev == "cpu" and impl == "reference":
-            table[op] += f"  (dropout mask: {_cpu_attention_mask_source()})"
+            missing = _cpu_attention_keep_missing()
+            table[op] += ("  (dropout mask: bertfast._C Philox, the GPU kernels' draw)" if missing is None
+                          else f"  (dropout mask: {_torch_generator_mask(missing)})")
     return table
 
 
-def _cpu_attention_mask_source() -> str:
+def _cpu_attention_keep_missing() -> Optional[str]:
+    """None when bertfast._C draws the CPU attention's dropout mask, else why it cannot (read on every call: the
+    extension's availability is not cached here)."""
     err = cpp_extension_error()
-    if err is None and hasattr(torch.ops.bertfast_C, "attention_dropout_keep"):
-        return "bertfast._C Philox, the GPU kernels' draw"
-    return f"torch's generator, not the GPU kernels' draw: {err or 'this build of bertfast._C lacks it'}"
+    if err is None and not hasattr(torch.ops.bertfast_C, "attention_dropout_keep"):
+        err = "this build of bertfast._C lacks attention_dropout_keep"
+    return err
+
+
+def _torch_generator_mask(reason: str) -> str:
+    return f"torch's generator, not the GPU kernels' draw: {reason}"
 
 
 def notices() -> dict[str, str]:
@@ -411,10 +419,10 @@ def _cpu_attention_keep(start: int, count: int, length: int, heads: int, dropout
     drawn by bertfast._C (NOTES change 19), also under BERTFAST_BACKEND=reference (the CPU attention has no other
     implementation). Without the extension, torch's generator per sequence (seed + the sequence's first row),
     with a notice: then CPU and GPU runs of one seed drop different probabilities."""
-    source = _cpu_attention_mask_source()
-    if source.startswith("bertfast._C"):
+    missing = _cpu_attention_keep_missing()
+    if missing is None:
         return torch.ops.bertfast_C.attention_dropout_keep(start, count, length, heads, dropout_p, seed)
-    notice_once("attention-dropout-mask", f"the CPU attention's dropout mask: {source}")
+    notice_once("attention-dropout-mask", f"the CPU attention's dropout mask: {_torch_generator_mask(missing)}")
     return torch.stack([_keep_mask((heads, length, length), dropout_p, seed + start + b * length, "cpu")
                         for b in range(count)])
 

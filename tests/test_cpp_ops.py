@@ -580,7 +580,8 @@ _ISA_DROPOUT_SCRIPT = textwrap.dedent("""
     import sys
     import torch, bertfast._C
     ops = torch.ops.bertfast_C
-    cases, seed, p, path = eval(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    cases, attention_cases = eval(sys.argv[1]), eval(sys.argv[2])
+    seed, p, path = int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
     print(ops.cpu_isa())
     factors = [ops._dropout_factors(p, seed, b, n) for b, n in cases]
     torch.manual_seed(0)
@@ -592,7 +593,7 @@ _ISA_DROPOUT_SCRIPT = textwrap.dedent("""
         redrawn = ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, None, "", p, seed)
         layer_norms.append((h, bits, [from_bits[i] for i in (0, 1, 2, 3)], [redrawn[i] for i in (0, 1, 2, 3)]))
     attention = [ops.attention_dropout_keep(first, count, length, 3, p, seed)
-                 for first, count, length in ((0, 2, 5), (7, 1, 37), (2**31 - 40, 2, 20))]
+                 for first, count, length in attention_cases]
     torch.save([factors, layer_norms, attention], path)
 """)
 
@@ -604,12 +605,14 @@ def test_dropout_factors_every_isa(isa, tmp_path):
     add_layer_norm's keep bits pack that draw (rows not a multiple of 8 or 16 wide), and its backward from the
     bits equals the one that draws the mask again."""
     cases = [(0, 37), (2**32 - 7, 29), (2**32 - 20, 45), (2**40 + 3, 21), (123_456_789, 1)]
+    attention_cases = [(0, 2, 5), (7, 1, 37), (2**31 - 40, 2, 20)]   # (first token, sequences, length)
     seed, p = (5 << 32) + 77, 0.3
     env = {k: v for k, v in os.environ.items() if k != "BERTFAST_CPU_ISA"}
     if isa != "best":
         env["BERTFAST_CPU_ISA"] = isa
-    res = subprocess.run([sys.executable, "-c", _ISA_DROPOUT_SCRIPT, repr(cases), str(seed), str(p),
-                          str(tmp_path / "f.pt")], env=env, capture_output=True, text=True, timeout=120)
+    args = [repr(cases), repr(attention_cases), str(seed), str(p), str(tmp_path / "f.pt")]
+    res = subprocess.run([sys.executable, "-c", _ISA_DROPOUT_SCRIPT, *args], env=env, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     ran = res.stdout.split()[-1]
     order = ["base", "avx2", "avx512"]
@@ -627,7 +630,7 @@ def test_dropout_factors_every_isa(isa, tmp_path):
         for a, b in zip(from_bits, redrawn):
             assert torch.equal(a, b), (isa, ran, h)
     # the attention's mask: key j of query token q in head h kept where Philox-7 of (j, q, h, 0) >= p
-    for (first, count, length), keep in zip(((0, 2, 5), (7, 1, 37), (2**31 - 40, 2, 20)), attention):
+    for (first, count, length), keep in zip(attention_cases, attention):
         want = torch.empty(count, 3, length, length, dtype=torch.bool)
         for b in range(count):
             for h in range(3):
