@@ -8,8 +8,8 @@
 // The ISA is picked once at run time from the CPU (BERTFAST_CPU_ISA=base|avx2|avx512 overrides it, for tests).
 //
 // All arithmetic is fp32 (half and bfloat16 are converted on load and rounded once on store); the math
-// functions below avoid libm so that they vectorise: exp (Cody-Waite + degree-7 Taylor, <= 2 ulp on the
-// clamped range) and GELU's normal CDF (one exp and one fitted polynomial, gelu_parts), all branch-free.
+// functions below avoid libm so that they vectorise: exp of a non-positive argument (Cody-Waite + degree-5
+// minimax, <= 3 ulp) and GELU's normal CDF (one exp and one fitted polynomial, gelu_parts), all branch-free.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -178,24 +178,29 @@ BF_INLINE float bits_to_float(uint32_t u) {
   return f;
 }
 
-// e^x, branch-free. x is clamped to [-87, 88] (the result stays a normal float).
-BF_INLINE float exp_f(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float kMagic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  float n = (x * 1.44269504088896341f + kMagic) - kMagic;
-  float r = x - n * 0.693145751953125f;  // ln2 split in two (Cody-Waite): the high part has 16 bits
+BF_INLINE uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// e^x for x in [-87, 0] (the caller keeps it there: no clamps, NOTES change 21); the result is a normal float.
+// n = round(x / ln2) by adding and subtracting 1.5 * 2^23; r = x - n ln2 (ln2 split in two, Cody-Waite: the
+// high part has 16 bits) in [-ln2/2, ln2/2]; e^r by a degree-5 minimax polynomial (relative error 7.6e-8, 1.8e-7
+// = 3 ulp evaluated in fp32); 2^n built from the bits of the rounding sum, which are those of 1.5 * 2^23 plus n.
+BF_INLINE float exp_nonpos_f(float x) {
+  const float kMagic = 12582912.0f;  // 1.5 * 2^23
+  const float shifted = x * 1.44269504088896341f + kMagic;
+  const float n = shifted - kMagic;
+  float r = x - n * 0.693145751953125f;
   r = r - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t ni = static_cast<int32_t>(n);
-  return p * bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+  float p = 8.2946875299e-03f;
+  p = p * r + 4.1915222377e-02f;
+  p = p * r + 1.6667618864e-01f;
+  p = p * r + 4.9998896803e-01f;
+  p = p * r + 9.9999967902e-01f;
+  p = p * r + 1.0000000714e+00f;
+  return p * bits_to_float((float_to_bits(shifted) - 0x4B400000u + 127u) << 23);
 }
 
 // Dropout's random numbers: Philox-4x32-R uniform in [0, 1), bit for bit what Triton's tl.philox / tl.rand
@@ -455,10 +460,11 @@ constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
 constexpr float kSqrt2OverPi = 0.79788456080286535588f;
 constexpr float kGeluTanhC = 0.044715f;
 
-// sigmoid(z) and 1 - sigmoid(z) from e = exp(-|z|) in (0, 1]: neither overflows nor cancels, and exp_f's
-// upper clamp never applies (a clamp that can fire lets GCC split the loop on it and divide twice per vector).
+// sigmoid(z) and 1 - sigmoid(z) from e = exp(-|z|) in (0, 1]: neither overflows nor cancels. -|z| is floored at
+// -87 for exp_nonpos_f (e^-87 = 1.6e-38: 1 / (1 + e) is 1 and e / (1 + e) the same tiny value either way).
 BF_INLINE void sigmoid_pair(float z, float& s, float& one_minus_s) {
-  float e = exp_f(-std::fabs(z));
+  const float nz = -std::fabs(z);
+  float e = exp_nonpos_f(nz > -87.0f ? nz : -87.0f);
   float inv = 1.0f / (1.0f + e);
   float small = e * inv;
   s = z >= 0.0f ? inv : small;
@@ -474,7 +480,8 @@ BF_INLINE void sigmoid_pair(float z, float& s, float& one_minus_s) {
 // erfc(a) / 2 for x >= 0 and erfc(a) / 2 for x < 0: no cancellation in the negative tail (1 + erf would cancel).
 // One exp and one polynomial serve the forward and the backward (phi(x) = e / sqrt(2 pi)).
 BF_INLINE void gelu_parts(float x, float& phi_cdf, float& e) {
-  const float a = std::fabs(x) * kSqrt1_2;
+  const float a_full = std::fabs(x) * kSqrt1_2;
+  const float a = a_full < 9.0f ? a_full : 9.0f;  // -a^2 >= -81: within exp_nonpos_f's range
   const float s = (a < 4.0f ? a : 4.0f) - 2.0f;
   float g = 5.1408721359e-08f;
   g = g * s - 2.4355631978e-07f;
@@ -491,7 +498,7 @@ BF_INLINE void gelu_parts(float x, float& phi_cdf, float& e) {
   g = g * s + 4.1802436561e-02f;
   g = g * s - 1.0679659884e-01f;
   g = g * s + 2.5539568961e-01f;
-  e = a < 9.0f ? exp_f(-a * a) : 0.0f;  // below e^-81 both parts are 0 (exp_f would clamp at e^-87, not 0)
+  e = a_full < 9.0f ? exp_nonpos_f(-a * a) : 0.0f;  // below e^-81 both parts are 0
   const float half_erfc = 0.5f * g * e;
   phi_cdf = x >= 0.0f ? 1.0f - half_erfc : half_erfc;
 }
