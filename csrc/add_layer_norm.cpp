@@ -81,42 +81,53 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
 // The helpers below take every input as a parameter: nothing is read through a closure that the row stores
 // might alias (GCC then reloads it per element and does not vectorise the loop).
 
-// Forward, one row: the pre-LayerNorm h = dropout(act(x + x_bias)) + residual (rr: the fp32 residual row,
-// zeros when absent; fr: the row's dropout factors, Dropout::fill, read only when kDropout).
+// Forward, one row: the pre-LayerNorm h = dropout(act(x + x_bias)) + residual (rr: the residual row, a row of
+// zeros when absent; fr: the row's dropout factors, Dropout::fill, read only when kDropout). x and the residual
+// are prefetched ahead (cpu::prefetch_ahead; the zero row is not).
 template <Activation A, bool kDropout, typename T>
-BF_INLINE void pre_norm_row(const T* __restrict xr, const float* __restrict xb, const float* __restrict rr,
-                            const float* __restrict fr, int64_t h, float* __restrict hr) {
+BF_INLINE void pre_norm_row(const T* __restrict xr, const float* __restrict xb, const T* __restrict rr,
+                            bool prefetch_residual, const float* __restrict fr, int64_t h, float* __restrict hr) {
+  cpu::for_chunks(h, [&](int64_t c0, int64_t c1) {
+    cpu::prefetch_ahead(xr, c0, c1);
+    if (prefetch_residual) cpu::prefetch_ahead(rr, c0, c1);
 #pragma omp simd
-  for (int64_t i = 0; i < h; ++i) {
-    const float f = kDropout ? fr[i] : 1.0f;
-    hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) * f + rr[i];
-  }
+    for (int64_t i = c0; i < c1; ++i) {
+      const float f = kDropout ? fr[i] : 1.0f;
+      hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) * f + static_cast<float>(rr[i]);
+    }
+  });
 }
 
 // Backward pass 1 over one row: recompute h = dropout(act(x + x_bias)) + residual and xhat; the two row sums of
 // the LayerNorm backward (sg = sum g, sgx = sum g xhat, g = dy w); the dweight / dbias partials; xhat and
-// ag = dropout factor * act'(x + x_bias) for pass 2.
+// ag = dropout factor * act'(x + x_bias) for pass 2. x, dy and the residual (not the zero row standing in for a
+// missing one) are prefetched ahead.
 template <Activation A, bool kDropout, typename T>
-BF_INLINE void backward_pass1(const T* __restrict xr, const T* __restrict rr, const T* __restrict dyr,
-                              const float* __restrict xb, const float* __restrict w, float m, float s,
-                              const float* __restrict fr, int64_t h, float* __restrict dw_acc,
+BF_INLINE void backward_pass1(const T* __restrict xr, const T* __restrict rr, bool prefetch_residual,
+                              const T* __restrict dyr, const float* __restrict xb, const float* __restrict w,
+                              float m, float s, const float* __restrict fr, int64_t h, float* __restrict dw_acc,
                               float* __restrict db_acc, float* __restrict xhat, float* __restrict ag, float& sg_out,
                               float& sgx_out) {
   float sg = 0.0f, sgx = 0.0f;
+  cpu::for_chunks(h, [&](int64_t c0, int64_t c1) {
+    cpu::prefetch_ahead(xr, c0, c1);
+    if (prefetch_residual) cpu::prefetch_ahead(rr, c0, c1);
+    cpu::prefetch_ahead(dyr, c0, c1);
 #pragma omp simd reduction(+ : sg, sgx)
-  for (int64_t i = 0; i < h; ++i) {
-    const float a = static_cast<float>(xr[i]) + xb[i];
-    const float f = kDropout ? fr[i] : 1.0f;
-    const float xh = (cpu::act_f<A>(a) * f + static_cast<float>(rr[i]) - m) * s;
-    const float d = static_cast<float>(dyr[i]);
-    const float g = d * w[i];
-    sg += g;
-    sgx += g * xh;
-    dw_acc[i] += d * xh;
-    db_acc[i] += d;
-    xhat[i] = xh;
-    if constexpr (kDropout || A != Activation::kNone) ag[i] = f * cpu::act_grad_f<A>(a);
-  }
+    for (int64_t i = c0; i < c1; ++i) {
+      const float a = static_cast<float>(xr[i]) + xb[i];
+      const float f = kDropout ? fr[i] : 1.0f;
+      const float xh = (cpu::act_f<A>(a) * f + static_cast<float>(rr[i]) - m) * s;
+      const float d = static_cast<float>(dyr[i]);
+      const float g = d * w[i];
+      sg += g;
+      sgx += g * xh;
+      dw_acc[i] += d * xh;
+      db_acc[i] += d;
+      xhat[i] = xh;
+      if constexpr (kDropout || A != Activation::kNone) ag[i] = f * cpu::act_grad_f<A>(a);
+    }
+  });
   sg_out = sg;
   sgx_out = sgx;
 }
@@ -172,27 +183,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(
     cpu::dispatch_activation(act, [&](auto act_c) {
       constexpr Activation A = decltype(act_c)::value;
       cpu::parallel_rows(n, cpu::row_grain(h), [=](int64_t begin, int64_t end) {
-        // fp32 copies of weight, bias, x_bias (zeros when absent), residual row (zeros when absent), h row,
-        // the row's dropout factors.
-        std::vector<float> buf(6 * h, 0.0f);
+        // fp32 copies of weight, bias, x_bias (zeros when absent), h row, the row's dropout factors; a row of
+        // zeros for a missing residual.
+        std::vector<float> buf(5 * h, 0.0f);
         float* w = buf.data();
         float* b = w + h;
         float* xb = b + h;
-        float* rr = xb + h;
-        float* hr = rr + h;
+        float* hr = xb + h;
         float* fr = hr + h;
+        std::vector<T> zero_row(rp ? 0 : h, T(0));
         cpu::load_row(wp, w, h);
         cpu::load_row(bp, b, h);
         if (xbp) cpu::load_row(xbp, xb, h);
         for (int64_t row = begin; row < end; ++row) {
           const T* xr = xp + row * h;
-          if (rp) cpu::load_row(rp + row * h, rr, h);
+          const T* rr = rp ? rp + row * h : zero_row.data();
           const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
           if (drop.on) {
             drop.fill(base, h, fr, kp + row * keep_row);
-            pre_norm_row<A, true>(xr, xb, rr, fr, h, hr);
+            pre_norm_row<A, true>(xr, xb, rr, rp != nullptr, fr, h, hr);
           } else {
-            pre_norm_row<A, false>(xr, xb, rr, fr, h, hr);
+            pre_norm_row<A, false>(xr, xb, rr, rp != nullptr, fr, h, hr);
           }
           float m, s;
           cpu::row_moments(hr, h, feps, m, s);
@@ -299,9 +310,11 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
               } else {
                 drop.fill(base, h, fr, row_bits.data());
               }
-              backward_pass1<A, true>(xr, rr, dyr, xb, w, m, s, fr, h, dw_acc, db_acc, xhat, ag, sg, sgx);
+              backward_pass1<A, true>(xr, rr, rp != nullptr, dyr, xb, w, m, s, fr, h, dw_acc, db_acc, xhat, ag, sg,
+                                      sgx);
             } else {
-              backward_pass1<A, false>(xr, rr, dyr, xb, w, m, s, fr, h, dw_acc, db_acc, xhat, ag, sg, sgx);
+              backward_pass1<A, false>(xr, rr, rp != nullptr, dyr, xb, w, m, s, fr, h, dw_acc, db_acc, xhat, ag, sg,
+                                      sgx);
             }
             // pass 2 (dresidual is only written where it differs from dx, i.e. when scaled)
             const float mg = sg * inv_h, mgx = sgx * inv_h;

@@ -54,7 +54,10 @@ at::Tensor bias_act_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bi
         for (int64_t row = begin; row < end; ++row) {
           const T* xr = xp + row * h;
           T* yr = yp + row * h;
-          for (int64_t i = 0; i < h; ++i) yr[i] = static_cast<T>(cpu::act_f<A>(static_cast<float>(xr[i]) + bf[i]));
+          cpu::for_chunks(h, [&](int64_t c0, int64_t c1) {
+            cpu::prefetch_ahead(xr, c0, c1);
+            for (int64_t i = c0; i < c1; ++i) yr[i] = static_cast<T>(cpu::act_f<A>(static_cast<float>(xr[i]) + bf[i]));
+          });
         }
       });
     });
@@ -101,11 +104,15 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> bias_act_backward_cpu(const at
             const T* __restrict xr = xp + row * h;
             const T* __restrict dyr = dyp + row * h;
             T* __restrict dxr = dxp + row * h;
-            for (int64_t i = 0; i < h; ++i) {
-              const float d = static_cast<float>(dyr[i]) * cpu::act_grad_f<A>(static_cast<float>(xr[i]) + b[i]);
-              dxr[i] = static_cast<T>(d);
-              acc[i] += d;
-            }
+            cpu::for_chunks(h, [&](int64_t c0, int64_t c1) {
+              cpu::prefetch_ahead(xr, c0, c1);
+              cpu::prefetch_ahead(dyr, c0, c1);
+              for (int64_t i = c0; i < c1; ++i) {
+                const float d = static_cast<float>(dyr[i]) * cpu::act_grad_f<A>(static_cast<float>(xr[i]) + b[i]);
+                dxr[i] = static_cast<T>(d);
+                acc[i] += d;
+              }
+            });
           }
         }
       });
