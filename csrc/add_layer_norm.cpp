@@ -81,53 +81,43 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
 // The helpers below take every input as a parameter: nothing is read through a closure that the row stores
 // might alias (GCC then reloads it per element and does not vectorise the loop).
 
-// Forward, one row: the pre-LayerNorm h = dropout(act(x + x_bias)) + residual (rr: the residual row, a row of
-// zeros when absent; fr: the row's dropout factors, Dropout::fill, read only when kDropout). x and the residual
-// are prefetched ahead (cpu::prefetch_ahead; the zero row is not).
-template <Activation A, bool kDropout, typename T>
-BF_INLINE void pre_norm_row(const T* __restrict xr, const float* __restrict xb, const T* __restrict rr,
-                            bool prefetch_residual, const float* __restrict fr, int64_t h, float* __restrict hr) {
-  cpu::for_chunks(h, [&](int64_t c0, int64_t c1) {
-    cpu::prefetch_ahead(xr, c0, c1);
-    if (prefetch_residual) cpu::prefetch_ahead(rr, c0, c1);
+// The row loops below take every pointer as a __restrict parameter.
+// Forward, over a chunk of n elements (cpu::chunked_row; N an int64_t or a compile-time constant): the
+// pre-LayerNorm h = dropout(act(x + x_bias)) + residual (r: the residual, a row of zeros when absent; f: the
+// dropout factors, Dropout::fill, read only when kDropout).
+template <Activation A, bool kDropout, typename T, typename N>
+BF_INLINE void pre_norm_span(const T* __restrict x, const float* __restrict xb, const T* __restrict r,
+                             const float* __restrict f, N n, float* __restrict hr) {
 #pragma omp simd
-    for (int64_t i = c0; i < c1; ++i) {
-      const float f = kDropout ? fr[i] : 1.0f;
-      hr[i] = cpu::act_f<A>(static_cast<float>(xr[i]) + xb[i]) * f + static_cast<float>(rr[i]);
-    }
-  });
+  for (int64_t i = 0; i < static_cast<int64_t>(n); ++i) {
+    const float fi = kDropout ? f[i] : 1.0f;
+    hr[i] = cpu::act_f<A>(static_cast<float>(x[i]) + xb[i]) * fi + static_cast<float>(r[i]);
+  }
 }
 
-// Backward pass 1 over one row: recompute h = dropout(act(x + x_bias)) + residual and xhat; the two row sums of
+// Backward pass 1 over a row: recompute h = dropout(act(x + x_bias)) + residual and xhat; the two row sums of
 // the LayerNorm backward (sg = sum g, sgx = sum g xhat, g = dy w); the dweight / dbias partials; xhat and
-// ag = dropout factor * act'(x + x_bias) for pass 2. x, dy and the residual (not the zero row standing in for a
-// missing one) are prefetched ahead.
+// ag = dropout factor * act'(x + x_bias) for pass 2.
 template <Activation A, bool kDropout, typename T>
-BF_INLINE void backward_pass1(const T* __restrict xr, const T* __restrict rr, bool prefetch_residual,
-                              const T* __restrict dyr, const float* __restrict xb, const float* __restrict w,
-                              float m, float s, const float* __restrict fr, int64_t h, float* __restrict dw_acc,
-                              float* __restrict db_acc, float* __restrict xhat, float* __restrict ag, float& sg_out,
-                              float& sgx_out) {
+BF_INLINE void backward_pass1(const T* __restrict x, const T* __restrict r, const T* __restrict dy,
+                              const float* __restrict xb, const float* __restrict w, float m, float s,
+                              const float* __restrict f, int64_t n, float* __restrict dw_acc, float* __restrict db_acc,
+                              float* __restrict xhat, float* __restrict ag, float& sg_out, float& sgx_out) {
   float sg = 0.0f, sgx = 0.0f;
-  cpu::for_chunks(h, [&](int64_t c0, int64_t c1) {
-    cpu::prefetch_ahead(xr, c0, c1);
-    if (prefetch_residual) cpu::prefetch_ahead(rr, c0, c1);
-    cpu::prefetch_ahead(dyr, c0, c1);
 #pragma omp simd reduction(+ : sg, sgx)
-    for (int64_t i = c0; i < c1; ++i) {
-      const float a = static_cast<float>(xr[i]) + xb[i];
-      const float f = kDropout ? fr[i] : 1.0f;
-      const float xh = (cpu::act_f<A>(a) * f + static_cast<float>(rr[i]) - m) * s;
-      const float d = static_cast<float>(dyr[i]);
-      const float g = d * w[i];
-      sg += g;
-      sgx += g * xh;
-      dw_acc[i] += d * xh;
-      db_acc[i] += d;
-      xhat[i] = xh;
-      if constexpr (kDropout || A != Activation::kNone) ag[i] = f * cpu::act_grad_f<A>(a);
-    }
-  });
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = static_cast<float>(x[i]) + xb[i];
+    const float fi = kDropout ? f[i] : 1.0f;
+    const float xh = (cpu::act_f<A>(a) * fi + static_cast<float>(r[i]) - m) * s;
+    const float d = static_cast<float>(dy[i]);
+    const float g = d * w[i];
+    sg += g;
+    sgx += g * xh;
+    dw_acc[i] += d * xh;
+    db_acc[i] += d;
+    xhat[i] = xh;
+    if constexpr (kDropout || A != Activation::kNone) ag[i] = fi * cpu::act_grad_f<A>(a);
+  }
   sg_out = sg;
   sgx_out = sgx;
 }
@@ -199,11 +189,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(
           const T* xr = xp + row * h;
           const T* rr = rp ? rp + row * h : zero_row.data();
           const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
+          if (drop.on) drop.fill(base, h, fr, kp + row * keep_row);
+          // x and the residual (not the zero row standing in for a missing one) prefetched ahead
+          auto prefetch = [&](int64_t c0, int64_t c1) {
+            cpu::prefetch_ahead(xr, c0, c1);
+            if (rp) cpu::prefetch_ahead(rr, c0, c1);
+          };
           if (drop.on) {
-            drop.fill(base, h, fr, kp + row * keep_row);
-            pre_norm_row<A, true>(xr, xb, rr, rp != nullptr, fr, h, hr);
+            cpu::chunked_row(h, prefetch, [&](int64_t c0, auto len) {
+              pre_norm_span<A, true>(xr + c0, xb + c0, rr + c0, fr + c0, len, hr + c0);
+            });
           } else {
-            pre_norm_row<A, false>(xr, xb, rr, rp != nullptr, fr, h, hr);
+            cpu::chunked_row(h, prefetch, [&](int64_t c0, auto len) {
+              pre_norm_span<A, false>(xr + c0, xb + c0, rr + c0, fr + c0, len, hr + c0);
+            });
           }
           float m, s;
           cpu::row_moments(hr, h, feps, m, s);
@@ -310,11 +309,12 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
               } else {
                 drop.fill(base, h, fr, row_bits.data());
               }
-              backward_pass1<A, true>(xr, rr, rp != nullptr, dyr, xb, w, m, s, fr, h, dw_acc, db_acc, xhat, ag, sg,
-                                      sgx);
+            }
+            // Not chunked or prefetched as the forward is: that was slower here (NOTES change 22)
+            if (drop.on) {
+              backward_pass1<A, true>(xr, rr, dyr, xb, w, m, s, fr, h, dw_acc, db_acc, xhat, ag, sg, sgx);
             } else {
-              backward_pass1<A, false>(xr, rr, rp != nullptr, dyr, xb, w, m, s, fr, h, dw_acc, db_acc, xhat, ag, sg,
-                                      sgx);
+              backward_pass1<A, false>(xr, rr, dyr, xb, w, m, s, fr, h, dw_acc, db_acc, xhat, ag, sg, sgx);
             }
             // pass 2 (dresidual is only written where it differs from dx, i.e. when scaled)
             const float mg = sg * inv_h, mgx = sgx * inv_h;

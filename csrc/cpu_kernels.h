@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -157,9 +158,9 @@ inline bool page_resident(const void* p) {
 // Software prefetch (NOTES change 22). A streaming loop with an activation consumes a cache line of each input
 // every ~20 cycles, and the hardware prefetchers (of the VMs measured, at least) do not run far enough ahead for
 // the loads to overlap the arithmetic: the time was compute plus memory instead of the larger of the two. So the
-// loops run in chunks of kChunk elements (for_chunks) and, before each chunk, prefetch each input stream
-// kPrefetchBytes past it (prefetch_ahead). Prefetching a whole row at once was slower (it fills the miss buffers
-// in a burst). The addresses are formed as integers: past the end of an array is fine, a prefetch never faults.
+// row loops run in chunks of kChunk elements and, before each chunk, prefetch each input stream kPrefetchBytes
+// past it (prefetch_ahead). Prefetching a whole row at once was slower (it fills the miss buffers in a burst).
+// The addresses are formed as integers: past the end of an array is fine, a prefetch never faults.
 constexpr int64_t kChunk = 64;
 constexpr uintptr_t kPrefetchBytes = 2048;
 
@@ -171,10 +172,19 @@ BF_INLINE void prefetch_ahead(const T* p, int64_t begin, int64_t end) {
   }
 }
 
-// body(begin, end) over [0, n) in chunks of kChunk elements.
-template <typename F>
-BF_INLINE void for_chunks(int64_t n, const F& body) {
-  for (int64_t c = 0; c < n; c += kChunk) body(c, std::min(n, c + kChunk));
+// A row of h elements in chunks: prefetch(c0, c0 + kChunk) then span(c0, kChunk as a compile-time constant) for
+// each full chunk, then span(c0, h - c0) for the rest. `span` runs its loop in a function whose row pointers are
+// __restrict parameters (a loop reading them through a lambda's closure is vectorised behind alias checks), and
+// the constant trip count of the full chunks spares each one the vector loop's peeling and remainder: with a
+// run-time chunk length the in-cache LayerNorm backward was ~45% slower.
+template <typename Prefetch, typename Span>
+BF_INLINE void chunked_row(int64_t h, const Prefetch& prefetch, const Span& span) {
+  int64_t c0 = 0;
+  for (; c0 + kChunk <= h; c0 += kChunk) {
+    prefetch(c0, c0 + kChunk);
+    span(c0, std::integral_constant<int64_t, kChunk>());
+  }
+  if (c0 < h) span(c0, h - c0);
 }
 
 inline void stream_fence() {
