@@ -104,7 +104,7 @@ def _register_cpp_fakes() -> None:
     FakeTensorMode run those directly)."""
     if hasattr(torch.ops.bertfast_C, "attention_dropout_keep"):
         @torch.library.register_fake("bertfast_C::attention_dropout_keep")
-        def _(first_token, count, length, heads, dropout_p, seed):
+        def _(first_token, count, length, heads, dropout_p, seed, device=None):
             return torch.empty((count, heads, length, length), dtype=torch.bool)
 
 
@@ -723,6 +723,41 @@ def bias_act(x: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Ten
     impl = choose("bias_act", x.device, dtype=x.dtype)
     y = _run(_bias_act_op, _as_rows(x, shape[-1]), bias, activation, impl)
     return y if x.dim() == 2 else y.view(shape)
+
+
+@torch.library.custom_op("bertfast::bias_act_", mutates_args=("x",))
+def _bias_act_inplace_op(x: Tensor, bias: Optional[Tensor], activation: str, impl: str) -> None:
+    if impl == "cpp":
+        torch.ops.bertfast_C.bias_act_(x, bias, activation)
+    else:  # the Triton kernel and the reference write a new tensor: same result, no memory saved
+        x.copy_(_bias_act_op._init_fn(x, bias, activation, impl))
+
+
+@_bias_act_inplace_op.register_fake
+def _(x, bias, activation, impl):
+    return None
+
+
+def bias_act_(x: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Tensor:
+    """bias_act written over x (contiguous), for inference: returns x. With the C++ implementation (the CPU
+    default) no output is allocated; a large new one costs more in fresh pages than the arithmetic (NOTES change
+    23). x must not need a gradient: nothing is recorded for autograd."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if not x.is_contiguous():
+        raise ValueError(f"x must be contiguous to be written in place, got strides {x.stride()} for shape "
+                         f"{tuple(x.shape)}")
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError("bias_act_ records no gradient, but x or bias requires grad: use bias_act, or call it "
+                         "under torch.no_grad() / torch.inference_mode()")
+    _check_same("bias", bias, x, "x", shape=(x.shape[-1],))
+    if x.numel() == 0:
+        return x
+    impl = choose("bias_act", x.device, dtype=x.dtype)
+    _run(_bias_act_inplace_op, x if x.dim() == 2 else x.view(-1, x.shape[-1]), bias, activation, impl)
+    return x
 
 
 def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:

@@ -50,6 +50,7 @@ _register_fake("add_layer_norm_backward", lambda dy, x, w, m, s, r, xb, act, p=0
     torch.empty_like(x), None if r is None or not (act or p > 0) else torch.empty_like(x), torch.empty_like(w),
     torch.empty_like(w), None if xb is None else torch.empty_like(xb)))
 _register_fake("bias_act", lambda x, b, act: torch.empty_like(x))
+_register_fake("bias_act_", lambda x, b, act: None)
 _register_fake("bias_act_backward", lambda dy, x, b, act: (torch.empty_like(x),
                                                            None if b is None else torch.empty_like(b)))
 _register_fake("embed", lambda ids, idx, pos, tt, we, pe, te, lw, lb, eps: (
@@ -257,6 +258,34 @@ def test_bias_act_no_bias_3d(dtype, act):
     dx, db = ops.bias_act_backward(dy, x, None, act)
     assert db is None
     assert_within(dx, x64.grad, xl.grad, dtype, 3.0, "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS + [""])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 1023), (3, 5, 130), (300, 384)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_act_in_place(shape, act, dtype, with_bias):
+    """bias_act_ writes exactly bias_act's output over x, in the same storage."""
+    x = (3.0 * torch.randn(*shape)).to(dtype)
+    b = torch.randn(shape[-1]).to(dtype) if with_bias else None
+    want = ops.bias_act(x, b, act)
+    got = x.clone()
+    ptr = got.data_ptr()
+    assert ops.bias_act_(got, b, act) is None
+    assert got.data_ptr() == ptr
+    assert torch.equal(got, want)
+
+
+def test_bias_act_in_place_bad_input():
+    x = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="bias_act_.*contiguous"):
+        ops.bias_act_(x.t(), None, "gelu")
+    with pytest.raises(RuntimeError, match="bias_act_.*bias"):
+        ops.bias_act_(x, torch.randn(5), "gelu")
+    with pytest.raises(RuntimeError, match="bias_act_.*activation"):
+        ops.bias_act_(x, None, "tanh")
+    with pytest.raises(RuntimeError, match="bias_act_.*x"):
+        ops.bias_act_(x.double(), None, "gelu")
 
 
 def test_bias_act_under_inference_mode_and_create_graph():
@@ -693,6 +722,13 @@ def test_attention_dropout_keep_matches_the_triton_kernels(p):
     assert bool(ops.attention_dropout_keep(0, 2, 9, 2, 0.0, seed).all())
     assert not bool(ops.attention_dropout_keep(0, 2, 9, 2, 1.0, seed).any())
     assert ops.attention_dropout_keep(5, 0, 9, 2, p, seed).shape == (0, 2, 9, 9)
+    # FakeTensorMode (torch.compile) calls an op without tensor inputs as a factory, with device=meta
+    meta = ops.attention_dropout_keep(0, 2, 9, 3, p, seed, device=torch.device("meta"))
+    assert meta.device.type == "meta" and meta.shape == (2, 3, 9, 9) and meta.dtype == torch.bool
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        fake = ops.attention_dropout_keep(0, 2, 9, 3, p, seed)
+    assert fake.shape == (2, 3, 9, 9) and fake.device.type == "cpu"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -717,6 +753,7 @@ def _opcheck_cases():
                                      ops.add_layer_norm(x, w, b, 1e-5, r, xb, "gelu", 0.2, 77)[3])),
         ("bias_act", (x, xb, "gelu_tanh")),
         ("bias_act", (x, None, "relu")),
+        ("bias_act_", (x.clone(), xb, "gelu")),
         ("bias_act_backward", (dy, x, xb, "silu")),
         ("bias_act_backward", (dy, x, None, "gelu")),
         ("embed", (*eargs, 1e-5)),
@@ -728,7 +765,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(15))
+@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(ops, name).default, args)
@@ -786,6 +823,8 @@ def _bad_cases():
         (lambda: ops.attention_dropout_keep(0, -1, 4, 2, 0.1, 5), "first_token, count and length must be >= 0"),
         (lambda: ops.attention_dropout_keep(0, 1, 4, 0, 0.1, 5), "heads must be >= 1, got 0"),
         (lambda: ops.attention_dropout_keep(0, 1, 4, 2, 1.5, 5), r"dropout_p must be in \[0, 1\], got 1.5"),
+        (lambda: ops.attention_dropout_keep(0, 1, 4, 2, 0.1, 5, device=torch.device("cuda")),
+         "device must be the CPU"),
         (lambda: ops.attention_dropout_keep(0, 1, 4, 2, 0.1, -5), r"seed must be in \[0, 2\^63\)"),
         (lambda: ops.attention_dropout_keep(2**31 - 3, 1, 4, 2, 0.1, 5), r"must be <= 2\^31"),
         # bias_act

@@ -228,6 +228,56 @@ def test_opcheck_every_op():
                                                      "test_autograd_registration"))
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_bias_act_in_place(backend, activation, dtype):
+    """ops.bias_act_ writes bias_act's output over x and returns x, with any backend."""
+    x = torch.randn(3, 5, 67).to(dtype)
+    b = torch.randn(67).to(dtype)
+    want = ops.bias_act(x, b, activation)
+    got = x.clone()
+    assert ops.bias_act_(got, b, activation) is got
+    assert torch.equal(got, want)
+    empty = torch.empty(0, 67, dtype=dtype)
+    assert ops.bias_act_(empty, b, activation) is empty
+
+
+def test_bias_act_in_place_bad_input():
+    x, b = torch.randn(4, 6), torch.randn(6)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        ops.bias_act_(x.t().contiguous().t(), b)
+    with pytest.raises(ValueError, match="records no gradient"):
+        ops.bias_act_(x.clone().requires_grad_(), b)
+    with pytest.raises(ValueError, match="records no gradient"):
+        ops.bias_act_(x.clone(), b.clone().requires_grad_())
+    with torch.no_grad():  # parameters that require grad are fine where no gradient is recorded
+        ops.bias_act_(x.clone(), b.clone().requires_grad_())
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.bias_act_(x.clone(), torch.randn(5))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.bias_act_(x.clone(), b, "tanh")
+
+
+def test_encoder_inference_on_cpu_activates_in_place(monkeypatch):
+    """The encoder's FFN activation runs in place on the CPU when no gradient is recorded, out of place when
+    one is, with identical outputs."""
+    import bertfast
+    from helpers import bert_config, hf_bert, random_batch
+    hf = hf_bert(bert_config(layers=2))
+    model = bertfast.BertModel.from_hf(hf).eval()
+    ids, mask, types = random_batch(3, 11, hf.config.vocab_size)
+    calls = []
+    real_inplace = ops.bias_act_
+    monkeypatch.setattr(ops, "bias_act_", lambda *a: calls.append(1) or real_inplace(*a))
+    with torch.no_grad():
+        out_inference = model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    assert len(calls) == 2  # one per layer
+    calls.clear()
+    out_grad = model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    assert not calls and out_grad.requires_grad
+    assert torch.equal(out_inference, out_grad.detach())
+
+
 def test_choose_reports_and_respects_forced_backend(monkeypatch):
     monkeypatch.setenv("BERTFAST_BACKEND", "reference")
     assert ops.choose("add_layer_norm", torch.device("cpu"), dtype=torch.float32, hidden=64) == "reference"
