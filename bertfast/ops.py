@@ -105,7 +105,8 @@ def _register_cpp_fakes() -> None:
     if hasattr(torch.ops.bertfast_C, "attention_dropout_keep"):
         @torch.library.register_fake("bertfast_C::attention_dropout_keep")
         def _(first_token, count, length, heads, dropout_p, seed, device=None):
-            return torch.empty((count, heads, length, length), dtype=torch.bool)
+            return torch.empty((count, heads, length, length), dtype=torch.bool,
+                               device=torch.device("cpu") if device is None else device)
 
 
 def cpp_built_with_cuda() -> bool:
@@ -757,6 +758,9 @@ def bias_act_(x: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Te
         return x
     impl = choose("bias_act", x.device, dtype=x.dtype)
     _run(_bias_act_inplace_op, x if x.dim() == 2 else x.view(-1, x.shape[-1]), bias, activation, impl)
+    # _run's eager path skips the dispatcher's in-place bookkeeping: mark x modified, so that autograd refuses a
+    # graph that saved x before this call instead of computing wrong gradients (as for torch's relu_)
+    torch.autograd.graph.increment_version(x)
     return x
 
 

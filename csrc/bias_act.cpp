@@ -12,6 +12,7 @@
 //   bias_act_backward(Tensor dy, Tensor x, Tensor? bias, str activation) -> (Tensor dx, Tensor? dbias)
 //     dx = dy * act'(x + bias) (x's dtype); dbias = sum of dx over all rows [H] (None when bias is None),
 //     accumulated in fp32 in fixed row blocks reduced in order: deterministic for any thread count.
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -111,6 +112,9 @@ void bias_act_inplace_cpu(const at::Tensor& x, const std::optional<at::Tensor>& 
   check_device(kInPlace, "x", x, at::Device(at::kCPU));
   const int64_t h = check_bias_act(kInPlace, x, bias);
   const Activation act = parse_activation(kInPlace, activation);
+  // each thread copies the bias when it starts: a bias inside x could already be overwritten by then
+  TORCH_CHECK(!bias.has_value() || at::get_overlap_status(x, *bias) == at::MemOverlapStatus::No, kInPlace,
+              ": bias must not share memory with x, which is written in place");
   run_bias_act(x, bias, act, h, x);
 }
 

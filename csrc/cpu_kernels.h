@@ -493,11 +493,12 @@ constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
 constexpr float kSqrt2OverPi = 0.79788456080286535588f;
 constexpr float kGeluTanhC = 0.044715f;
 
-// sigmoid(z) and 1 - sigmoid(z) from e = exp(-|z|) in (0, 1]: neither overflows nor cancels. -|z| is floored at
-// -87 for exp_nonpos_f (e^-87 = 1.6e-38: 1 / (1 + e) is 1 and e / (1 + e) the same tiny value either way).
+// sigmoid(z) and 1 - sigmoid(z) from e = exp(-|z|) in [0, 1]: neither overflows nor cancels. Below -87, -|z| is
+// floored for exp_nonpos_f and e set to 0 (e^-87 = 1.6e-38): the tiny side is then 0, so that x * sigmoid(-x)
+// for a huge x is 0, not x * 1.6e-38 (silu(-1e38) was -1.65).
 BF_INLINE void sigmoid_pair(float z, float& s, float& one_minus_s) {
   const float nz = -std::fabs(z);
-  float e = exp_nonpos_f(nz > -87.0f ? nz : -87.0f);
+  float e = nz > -87.0f ? exp_nonpos_f(nz > -87.0f ? nz : -87.0f) : 0.0f;
   float inv = 1.0f / (1.0f + e);
   float small = e * inv;
   s = z >= 0.0f ? inv : small;
@@ -565,10 +566,13 @@ BF_INLINE float act_grad_f(float x) {
     gelu_parts(x, phi_cdf, e);
     return phi_cdf + x * kInvSqrt2Pi * e;
   } else if constexpr (A == Activation::kGeluTanh) {
-    // 1 - s from sigmoid_pair, not by subtraction: no cancellation where s -> 1.
+    // 1 - s from sigmoid_pair, not by subtraction: no cancellation where s -> 1. Where s (1 - s) is 0 (|x| beyond
+    // ~25) the second term is 0: computed, it is 0 * inf = NaN once x^2 overflows (|x| > 1.8e19).
     float s, one_minus_s;
     sigmoid_pair(2.0f * kSqrt2OverPi * (x + kGeluTanhC * x * x * x), s, one_minus_s);
-    return s + 2.0f * x * s * one_minus_s * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhC * x * x);
+    const float s_one_minus_s = s * one_minus_s;
+    const float slope = 2.0f * x * s_one_minus_s * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhC * x * x);
+    return s + (s_one_minus_s != 0.0f ? slope : 0.0f);
   } else if constexpr (A == Activation::kRelu) {
     return x > 0.0f ? 1.0f : 0.0f;
   } else if constexpr (A == Activation::kSilu) {

@@ -258,6 +258,31 @@ def test_bias_act_in_place_bad_input():
         ops.bias_act_(x.clone(), b, "tanh")
 
 
+def test_bias_act_in_place_marks_x_modified():
+    """A graph that saved x before bias_act_ wrote over it refuses to run backward, as it does for torch's relu_."""
+    a = torch.randn(4, 6, requires_grad=True)
+    y = a * 2
+    z = (y * y).sum()  # saves y
+    with torch.no_grad():
+        ops.bias_act_(y, None, "relu")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
+
+
+def test_encoder_trains_a_bias_of_frozen_weights():
+    """Only the FFN bias trainable: the forward records its gradient, so the activation is not written in place."""
+    import bertfast
+    from helpers import bert_config, hf_bert, random_batch
+    model = bertfast.BertModel.from_hf(hf_bert(bert_config(layers=1)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bias = model.encoder.layer[0].intermediate.dense.bias
+    bias.requires_grad_(True)
+    ids, mask, types = random_batch(2, 7, 211)
+    model(ids, attention_mask=mask, token_type_ids=types).last_hidden_state.sum().backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
+
+
 def test_encoder_inference_on_cpu_activates_in_place(monkeypatch):
     """The encoder's FFN activation runs in place on the CPU when no gradient is recorded, out of place when
     one is, with identical outputs."""
