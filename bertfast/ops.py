@@ -345,6 +345,11 @@ def _register_autograd(op, backward, setup_context) -> None:
     _EAGER_AUTOGRAD[op] = Eager
 
 
+def records_grad(*args) -> bool:
+    """Whether autograd records this call: gradients are enabled and a tensor among `args` requires one."""
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
 def _run(op, *args):
     """Call a bertfast:: op. Eager calls skip the custom-op dispatcher, whose host cost per call is larger than
     many of these kernels at BERT sizes: without gradients they run the implementation directly, with gradients
@@ -354,7 +359,7 @@ def _run(op, *args):
     # peek_interpreter_stack: inside torch.func transforms (grad, vmap)
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return op(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+    if records_grad(*args):
         eager = _EAGER_AUTOGRAD.get(op)
         return eager.apply(*args) if eager is not None else op(*args)
     return op._init_fn(*args)
@@ -713,13 +718,17 @@ def _check_same(name: str, t: Optional[Tensor], x: Tensor, what: str, shape=None
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def bias_act(x: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Tensor:
-    """activation(x + bias) over [..., I]; activation "gelu" (exact erf), "gelu_tanh", "relu" or "silu"."""
+def _check_bias_act(x: Tensor, bias: Optional[Tensor], activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
     _check_same("bias", bias, x, "x", shape=(x.shape[-1],))
+
+
+def bias_act(x: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Tensor:
+    """activation(x + bias) over [..., I]; activation "gelu" (exact erf), "gelu_tanh", "relu" or "silu"."""
+    _check_bias_act(x, bias, activation)
     shape = x.shape
     impl = choose("bias_act", x.device, dtype=x.dtype)
     y = _run(_bias_act_op, _as_rows(x, shape[-1]), bias, activation, impl)
@@ -743,17 +752,13 @@ def bias_act_(x: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Te
     """bias_act written over x (contiguous), for inference: returns x. With the C++ implementation (the CPU
     default) no output is allocated; a large new one costs more in fresh pages than the arithmetic (NOTES change
     23). x must not need a gradient: nothing is recorded for autograd."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    _check_bias_act(x, bias, activation)
     if not x.is_contiguous():
         raise ValueError(f"x must be contiguous to be written in place, got strides {x.stride()} for shape "
                          f"{tuple(x.shape)}")
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+    if records_grad(x, bias):
         raise ValueError("bias_act_ records no gradient, but x or bias requires grad: use bias_act, or call it "
                          "under torch.no_grad() / torch.inference_mode()")
-    _check_same("bias", bias, x, "x", shape=(x.shape[-1],))
     if x.numel() == 0:
         return x
     impl = choose("bias_act", x.device, dtype=x.dtype)

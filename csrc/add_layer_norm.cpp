@@ -78,10 +78,9 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
-// The helpers below take every input as a parameter: nothing is read through a closure that the row stores
-// might alias (GCC then reloads it per element and does not vectorise the loop).
+// The helpers below take every input as a __restrict parameter: nothing is read through a closure that the row
+// stores might alias (GCC then reloads it per element and does not vectorise the loop).
 
-// The row loops below take every pointer as a __restrict parameter.
 // Forward, over a chunk of n elements (cpu::chunked_row; N an int64_t or a compile-time constant): the
 // pre-LayerNorm h = dropout(act(x + x_bias)) + residual (r: the residual, a row of zeros when absent; f: the
 // dropout factors, Dropout::fill, read only when kDropout).
@@ -189,13 +188,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(
           const T* xr = xp + row * h;
           const T* rr = rp ? rp + row * h : zero_row.data();
           const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
-          if (drop.on) drop.fill(base, h, fr, kp + row * keep_row);
           // x and the residual (not the zero row standing in for a missing one) prefetched ahead
           auto prefetch = [&](int64_t c0, int64_t c1) {
             cpu::prefetch_ahead(xr, c0, c1);
             if (rp) cpu::prefetch_ahead(rr, c0, c1);
           };
           if (drop.on) {
+            drop.fill(base, h, fr, kp + row * keep_row);
             cpu::chunked_row(h, prefetch, [&](int64_t c0, auto len) {
               pre_norm_span<A, true>(xr + c0, xb + c0, rr + c0, fr + c0, len, hr + c0);
             });
@@ -299,7 +298,8 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
             const T* __restrict rr = rp ? rp + row * h : zero_row.data();
             const T* __restrict dyr = dyp + row * h;
             const float m = mp[row], s = sp[row];
-            // pass 1: recompute h = dropout(act(x + x_bias)) + residual, xhat; the two row sums of the
+            // pass 1 (not chunked or prefetched as the forward is: that was slower here, NOTES change 22):
+            // recompute h = dropout(act(x + x_bias)) + residual, xhat; the two row sums of the
             // LayerNorm backward; the dweight / dbias partials
             float sg = 0.0f, sgx = 0.0f;
             const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(h);
@@ -309,9 +309,6 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
               } else {
                 drop.fill(base, h, fr, row_bits.data());
               }
-            }
-            // Not chunked or prefetched as the forward is: that was slower here (NOTES change 22)
-            if (drop.on) {
               backward_pass1<A, true>(xr, rr, dyr, xb, w, m, s, fr, h, dw_acc, db_acc, xhat, ag, sg, sgx);
             } else {
               backward_pass1<A, false>(xr, rr, dyr, xb, w, m, s, fr, h, dw_acc, db_acc, xhat, ag, sg, sgx);

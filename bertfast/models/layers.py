@@ -192,12 +192,10 @@ class Intermediate(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.dense.weight)
-        bias = self.dense.bias
-        records_grad = torch.is_grad_enabled() and (y.requires_grad or bias.requires_grad)
-        if y.device.type == "cpu" and not records_grad and not torch.compiler.is_compiling():
+        if y.device.type == "cpu" and not ops.records_grad(y, self.dense.bias) and not torch.compiler.is_compiling():
             # inference on the CPU: write over the GEMM output instead of faulting in a new one (NOTES change 23)
-            return ops.bias_act_(y, bias, self.activation)
-        return ops.bias_act(y, bias, self.activation)
+            return ops.bias_act_(y, self.dense.bias, self.activation)
+        return ops.bias_act(y, self.dense.bias, self.activation)
 
 
 class Layer(nn.Module):
