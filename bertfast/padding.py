@@ -20,6 +20,8 @@ class Unpadded:
     seqlens:    (B,) int32 - real tokens per sequence (0 for a row whose mask is all zeros)
     max_seqlen: python int - the longest sequence (0 when every row is empty)
     batch, seqlen: the padded shape B, S
+
+    (unpad_mask_fixed adds filler tokens: then T counts them too and cu_seqlens has one more entry, see there.)
     """
     indices: torch.Tensor
     cu_seqlens: torch.Tensor
@@ -36,7 +38,7 @@ class Unpadded:
     def first_token(self) -> torch.Tensor:
         """(B,) int64 packed row of each sequence's first real token (the [CLS] row); clamped for empty rows,
         which callers mask with ``seqlens > 0``."""
-        return self.cu_seqlens[:-1].long().clamp(max=max(self.total - 1, 0))
+        return self.cu_seqlens[:self.batch].long().clamp(max=max(self.total - 1, 0))
 
 
 def unpad_mask(attention_mask: torch.Tensor, max_seqlen: int | None = None) -> Unpadded:
@@ -61,3 +63,40 @@ def full_batch(batch: int, seqlen: int, device) -> Unpadded:
     seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device=device)
     cu_seqlens = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
     return Unpadded(indices, cu_seqlens, seqlens, seqlen, batch, seqlen)
+
+
+def token_bucket(total: int, batch: int, seqlen: int) -> int:
+    """The packed length a captured CUDA graph serves ``total`` real tokens of a [batch, seqlen] batch with: total
+    rounded up to a multiple of q, the power of two >= total / 8 (at least 16, at most seqlen), and at most
+    batch * seqlen. So a bucket wastes under a quarter of its tokens (~10% on average), a doubling of total spans
+    4-8 buckets, and the filler tokens (bucket - total) are fewer than seqlen."""
+    q = 16
+    while q < seqlen and 8 * q < total:
+        q *= 2
+    q = min(q, seqlen)
+    return min(-(-total // q) * q, batch * seqlen)
+
+
+def unpad_mask_fixed(attention_mask: torch.Tensor, total: int) -> Unpadded:
+    """unpad_mask for a packed length fixed in advance, with no host read (what a CUDA graph captures).
+
+    ``total`` must be at least the number of real tokens T and at most T + S - 1 and B * S (token_bucket's
+    values). The packed rows are the T real tokens in unpad_mask's order, then ``total - T`` filler tokens: the
+    first padding positions of the batch, in order. cu_seqlens (B + 2 entries) makes the fillers one extra trailing
+    sequence, so the attention's inputs stay consistent (it ends at ``total``) and no real token attends to a filler;
+    seqlens, batch and first_token cover the B real sequences only. Padding the output scatters the filler rows
+    onto their padding positions: callers clear those (they hold values computed from pad tokens).
+    """
+    batch, seqlen = attention_mask.shape
+    real = (attention_mask != 0).reshape(-1)
+    count = real.to(torch.int32)
+    before = torch.cumsum(count, 0, dtype=torch.int32)         # real tokens up to and including each position
+    n_real = before[-1:] if real.numel() else count.new_zeros(1)
+    pads_before = torch.arange(1, real.numel() + 1, device=real.device, dtype=torch.int32) - before
+    # each position's packed row: real tokens first, in order, then the padding positions in order
+    dest = torch.where(real, before - 1, n_real + pads_before - 1).long()
+    order = torch.empty_like(dest).scatter_(0, dest, torch.arange(real.numel(), device=real.device))
+    seqlens = count.view(batch, seqlen).sum(dim=1, dtype=torch.int32)
+    cu_seqlens = torch.cat([seqlens.new_zeros(1), torch.cumsum(seqlens, 0, dtype=torch.int32),
+                            seqlens.new_full((1,), total)])
+    return Unpadded(order[:total], cu_seqlens, seqlens, seqlen, batch, seqlen)

@@ -486,7 +486,9 @@ _UNWRITTEN_SCRIPT = textwrap.dedent("""
     # glibc fills every block it hands out with 0xAA (MALLOC_PERTURB_=0x55): any element a kernel does not write
     # reads back as -3.0e-13 (fp32, bf16) or -0.052 (fp16), never 0.
     for n in (64, 1 << 16, 64 << 20):
-        assert bool((torch.empty(n, dtype=torch.uint8) == 0xAA).all()), "MALLOC_PERTURB_ is not in effect"
+        block = torch.empty(n, dtype=torch.uint8)
+        assert bool((block == 0xAA).all()), ("MALLOC_PERTURB_ is not in effect", n, block.unique().tolist()[:16],
+                                             int((block != 0xAA).sum()))
     torch.manual_seed(0)
     checked = 0
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -18,7 +18,7 @@ from torch import nn
 
 from bertfast import loading, ops
 from bertfast.models import layers
-from bertfast.padding import full_batch, unpad_mask
+from bertfast.padding import full_batch, token_bucket, unpad_mask, unpad_mask_fixed
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -196,18 +196,20 @@ class EncoderModel(nn.Module):
             # batches can be captured; the id range checks (a host read) are skipped while capturing.
             if attention_mask is not None:
                 raise ValueError("attention_mask cannot be given while a CUDA graph is being captured: unpadding "
-                                 "reads the mask on the host; capture batches without padding instead")
-            max_seqlen, unpadded = seqlen, True
+                                 "reads the mask on the host; capture batches without padding, or let "
+                                 "model.enable_cuda_graphs() capture padded batches")
+            max_seqlen, unpadded, total = seqlen, True, batch * seqlen
         else:
-            max_seqlen, unpadded = self._check_ranges(input_ids, attention_mask, token_type_ids, position_ids,
-                                                      seqlen)
+            max_seqlen, unpadded, total = self._check_ranges(input_ids, attention_mask, token_type_ids,
+                                                             position_ids, batch, seqlen)
         if output_attentions:
             ops.notice_once("output_attentions", "output_attentions=True runs a padded attention path that "
                             "materialises the probabilities; it is slower than the default path")
-        if (self._graphs is not None and device.type == "cuda" and unpadded and inputs_embeds is None
+        if (self._graphs is not None and device.type == "cuda" and inputs_embeds is None and total > 0
                 and not (output_hidden_states or output_attentions or self.training or torch.is_grad_enabled())
                 and not torch.cuda.is_current_stream_capturing()):
-            last, pooled = self._graph_forward(input_ids, token_type_ids, position_ids)
+            last, pooled = self._graph_forward(input_ids, None if unpadded else attention_mask, token_type_ids,
+                                               position_ids, total)
             return self._outputs(last, pooled, None, None, return_dict)
         unp = unpad_mask(attention_mask, max_seqlen) if attention_mask is not None and not unpadded else \
             full_batch(batch, seqlen, device)
@@ -226,55 +228,80 @@ class EncoderModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------- CUDA graphs
     def enable_cuda_graphs(self, enabled: bool = True, max_graphs: int = 16):
-        """Replay captured CUDA graphs for inference on unpadded batches (no mask, or a mask of all ones): the
-        whole forward becomes one graph launch, which removes the per-kernel launch cost that dominates small
-        batches. One graph per (batch, seq_len, token types given), captured on first use, at most max_graphs
-        (least recently captured dropped first); outputs are copied out of the graph's buffers. Padded batches,
-        training, gradients, inputs_embeds and output_hidden_states / output_attentions run eagerly. Returns
-        self."""
+        """Replay captured CUDA graphs for inference: the whole forward becomes one graph launch, which removes
+        the per-kernel launch cost that dominates eager batches on a GPU. Padded batches run padding-free in the
+        graph too: the graph is captured for a packed length (bertfast.padding.token_bucket: the real tokens
+        rounded up by at most a quarter), unpads the mask on the device and fills the packed rows past the real
+        tokens with padding positions, whose outputs it clears. One graph per (batch, seq_len, packed length,
+        mask given, token types given), captured on first use, at most max_graphs (least recently captured
+        dropped first); outputs are copied out of the graph's buffers. Training, gradients, inputs_embeds,
+        output_hidden_states / output_attentions and batches with no real token run eagerly. Returns self."""
         self._graphs = {} if enabled else None
         self._max_graphs = max_graphs
         self._graph_pool = None
         return self
 
-    def _graph_forward(self, input_ids, token_type_ids, position_ids):
-        key = (tuple(input_ids.shape), token_type_ids is not None)
+    def _graph_forward(self, input_ids, attention_mask, token_type_ids, position_ids, total: int,
+                       capture: bool = True):
+        """The graphed forward of an inference batch with `total` real tokens (attention_mask None: unpadded).
+        capture=False runs the same static-buffer function without capturing it (how the CPU tests check this
+        path's unpadding, filler tokens and buffer reuse)."""
+        batch, seqlen = input_ids.shape
+        packed = batch * seqlen if attention_mask is None else token_bucket(total, batch, seqlen)
+        key = (batch, seqlen, packed, attention_mask is not None, token_type_ids is not None)
         entry = self._graphs.get(key)
         if entry is None:
             if len(self._graphs) >= self._max_graphs:
                 self._graphs.pop(next(iter(self._graphs)))
-            entry = self._capture(input_ids, token_type_ids, position_ids)
+            entry = self._capture(input_ids, attention_mask, token_type_ids, position_ids, packed, capture)
             self._graphs[key] = entry
-        graph, static, outputs = entry
+        replay, static, (last, pooled) = entry
         static["input_ids"].copy_(input_ids)
         static["position_ids"].copy_(position_ids)
         if token_type_ids is not None:
             static["token_type_ids"].copy_(token_type_ids)
-        graph.replay()
-        last, pooled = outputs
-        return last.clone(), (pooled.clone() if pooled is not None else None)
+        if attention_mask is not None:
+            torch.ne(attention_mask, 0, out=static["real"])
+        replay()
+        # copied out of the graph's buffers; padding positions that filler tokens were scattered onto cleared
+        last = (last.clone() if attention_mask is None
+                else torch.where(static["real"][:, :, None], last, last.new_zeros(())))
+        return last, (pooled.clone() if pooled is not None else None)
 
-    def _capture(self, input_ids, token_type_ids, position_ids):
+    def _capture(self, input_ids, attention_mask, token_type_ids, position_ids, packed: int, capture: bool):
+        """(replay function, static input buffers, static outputs) of one graph."""
         static = {"input_ids": input_ids.clone(), "position_ids": position_ids.contiguous().clone(),
-                  "token_type_ids": token_type_ids.clone() if token_type_ids is not None else None}
+                  "token_type_ids": token_type_ids.clone() if token_type_ids is not None else None,
+                  "real": attention_mask != 0 if attention_mask is not None else None}
         batch, seqlen = input_ids.shape
-        unp = full_batch(batch, seqlen, input_ids.device)
+        device = input_ids.device
 
         def run():
+            unp = (full_batch(batch, seqlen, device) if static["real"] is None
+                   else unpad_mask_fixed(static["real"], packed))
             return self._encode(static["input_ids"], static["token_type_ids"], static["position_ids"], None,
                                 unp)[:2]
-        stream = torch.cuda.Stream(input_ids.device)
-        stream.wait_stream(torch.cuda.current_stream(input_ids.device))
+        if not capture:
+            outputs = run()
+
+            def replay():
+                last, pooled = run()
+                outputs[0].copy_(last)
+                if pooled is not None:
+                    outputs[1].copy_(pooled)
+            return replay, static, outputs
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):        # warm-up: Triton compiles and cuBLAS workspaces outside the capture
                 run()
-        torch.cuda.current_stream(input_ids.device).wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
             outputs = run()
-        return graph, static, outputs
+        return graph.replay, static, outputs
 
     def _encode(self, input_ids, token_type_ids, position_ids, inputs_embeds, unp,
                 output_hidden_states=False, output_attentions=False):
@@ -350,22 +377,23 @@ class EncoderModel(nn.Module):
             position_ids = self.default_position_ids(input_ids, shape, device)
         return input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
 
-    def _check_ranges(self, input_ids, attention_mask, token_type_ids, position_ids, seqlen) -> tuple[int, bool]:
-        """Range checks of every id, the batch's longest sequence and whether it has any padding, in one host
-        read. -> (max_seqlen, unpadded)"""
+    def _check_ranges(self, input_ids, attention_mask, token_type_ids, position_ids, batch,
+                      seqlen) -> tuple[int, bool, int]:
+        """Range checks of every id, the batch's longest sequence, whether it has any padding and its number of
+        real tokens, in one host read. -> (max_seqlen, unpadded, total)"""
         spec = self.spec
         stats = []
         if attention_mask is not None:
             lengths = (attention_mask != 0).sum(dim=1)
             zero = torch.zeros((), device=attention_mask.device, dtype=torch.long)
-            stats += [lengths.max(), lengths.min()] if attention_mask.shape[0] else [zero, zero]
+            stats += [lengths.max(), lengths.min(), lengths.sum()] if attention_mask.shape[0] else [zero] * 3
         for t in (input_ids, token_type_ids, position_ids):
             if t is not None and t.numel():
                 stats += [t.min(), t.max()]
         values = torch.stack([s.long() for s in stats]).tolist() if stats else []
-        max_seqlen, unpadded = seqlen, True
+        max_seqlen, unpadded, total = seqlen, True, batch * seqlen
         if attention_mask is not None:
-            max_seqlen, min_seqlen = int(values.pop(0)), int(values.pop(0))
+            max_seqlen, min_seqlen, total = int(values.pop(0)), int(values.pop(0)), int(values.pop(0))
             unpadded = min_seqlen == seqlen
         for name, t, limit, what in (("input_ids", input_ids, spec.vocab, "config.vocab_size"),
                                      ("token_type_ids", token_type_ids, spec.type_vocab,
@@ -377,7 +405,7 @@ class EncoderModel(nn.Module):
             lo, hi = values.pop(0), values.pop(0)
             if lo < 0 or hi >= limit:
                 raise ValueError(f"{name} holds values in [{lo}, {hi}], outside [0, {limit}) ({what})")
-        return max_seqlen, unpadded
+        return max_seqlen, unpadded, total
 
     # --------------------------------------------------------------------------------------- conveniences
     @property
