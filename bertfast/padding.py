@@ -68,8 +68,9 @@ def full_batch(batch: int, seqlen: int, device) -> Unpadded:
 def token_bucket(total: int, batch: int, seqlen: int) -> int:
     """The packed length a captured CUDA graph serves ``total`` real tokens of a [batch, seqlen] batch with: total
     rounded up to a multiple of q, the power of two >= total / 8 (at least 16, at most seqlen), and at most
-    batch * seqlen. So a bucket wastes under a quarter of its tokens (~10% on average), a doubling of total spans
-    4-8 buckets, and the filler tokens (bucket - total) are fewer than seqlen."""
+    batch * seqlen. So the filler tokens (bucket - total) are fewer than seqlen and fewer than max(16, total / 4)
+    (~5-10% of the bucket on average), and a doubling of total spans 4-8 buckets while 8 * seqlen >= total, one
+    bucket per seqlen tokens above that."""
     q = 16
     while q < seqlen and 8 * q < total:
         q *= 2

@@ -56,69 +56,120 @@ def test_unpad_mask_fixed_matches_unpad_mask(batch, seqlen):
             assert torch.equal(unp.first_token, ref.first_token)
 
 
-def _eager_and_graphed(family):
+def _eager_and_graphed(family, max_graphs=16):
+    """A model and its copy with graphs enabled, the copy's forward taking the graph path on this CPU (eligible
+    as on CUDA, the graph's function run uncaptured)."""
     torch.manual_seed(FAMILIES.index(family) + 11)
     cfg = family_config(family, dropout=False)
     hf = BASE[family]._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
     ours = bertfast.AutoModel.from_hf(hf).eval()
-    return cfg, ours, copy.deepcopy(ours).enable_cuda_graphs()
+    graphed = copy.deepcopy(ours).enable_cuda_graphs(max_graphs=max_graphs)
+    graphed._graph_capture = False
+    graphed._graph_eligible = lambda device, embeds, total, batch, unpadded, extra: (
+        embeds is None and total > 0 and not extra and not torch.is_grad_enabled())
+    return cfg, ours, graphed
+
+
+def _right(lengths, seqlen):
+    return (torch.arange(seqlen)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+def _inputs(cfg, model, mask, batch, seqlen, g):
+    ids = torch.randint(3, cfg.vocab_size, (batch, seqlen), generator=g)
+    if mask is not None:
+        ids[mask == 0] = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    types = max(getattr(cfg, "type_vocab_size", 1), 1)
+    tt = torch.randint(0, types, (batch, seqlen), generator=g) if model.has_token_types else None
+    return ids, tt
+
+
+def _assert_close_to_eager(out, eager, mask):
+    """The two runs differ only in the GEMMs' row counts (the packed length), which may change the CPU GEMM's
+    summation order: a few ulp of the largest value. Padding rows exactly zero in both."""
+    ref = eager.last_hidden_state
+    bound = 64 * torch.finfo(torch.float32).eps * ref.abs().max()
+    real = torch.ones(ref.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+    assert out.last_hidden_state.shape == ref.shape
+    assert (out.last_hidden_state[real] - ref[real]).abs().max() <= bound
+    assert not out.last_hidden_state[~real].any() and not ref[~real].any()
+    if getattr(eager, "pooler_output", None) is not None:
+        assert (out.pooler_output - eager.pooler_output).abs().max() <= bound
+    else:
+        assert getattr(out, "pooler_output", None) is None
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_graph_path_matches_eager(family):
-    """Batches of one [B, S] whose real-token counts share a packed length reuse one entry (stale buffers from the
-    previous batch must not leak); a different count opens another; unpadded batches have their own entries."""
+    """Through forward (its range checks count the real tokens): batches of B sequences whose real-token counts
+    round to one packed length share one graph whatever their padded length (stale buffers from the previous batch,
+    longer or shorter, must not leak); a different count opens another; unpadded batches get one per shape."""
     cfg, ours, graphed = _eager_and_graphed(family)
-    batch, seqlen = 4, 23
-    vocab, types = cfg.vocab_size, max(getattr(cfg, "type_vocab_size", 1), 1)
+    batch = 4
     g = torch.Generator().manual_seed(7)
-    right = lambda lengths: (torch.arange(seqlen)[None, :] < torch.tensor(lengths)[:, None]).long()  # noqa: E731
-    masks = [right([23, 20, 10, 7]),          # 60 real tokens -> packed 64
-             right([23, 1, 20, 6]).flip(1),   # 50 -> 64, left padding, reusing the entry above
-             right([5, 0, 23, 2]),            # 30 -> 32, a row with no real token
-             None]                            # unpadded: 92 -> 92
-    for mask in masks:
-        ids = torch.randint(3, vocab, (batch, seqlen), generator=g)
-        if mask is not None:
-            ids[mask == 0] = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-        tt = torch.randint(0, types, (batch, seqlen), generator=g) if ours.has_token_types else None
+    cases = [(23, _right([23, 20, 10, 7], 23)),            # 60 real tokens -> packed 64
+             (23, _right([23, 1, 20, 6], 23).flip(1)),     # 50 -> 64, left padding, the same graph
+             (31, _right([31, 9, 1, 12], 31)),             # 53 -> 64, padded longer: the same graph
+             (12, _right([5, 0, 12, 2], 12)),              # 19 -> 32, a row with no real token
+             (23, None)]                                   # unpadded: 92 -> 92, its own graph
+    for seqlen, mask in cases:
+        ids, tt = _inputs(cfg, ours, mask, batch, seqlen, g)
         with torch.inference_mode():
             eager = ours(ids, attention_mask=mask, token_type_ids=tt)
-            _, _, tt_c, pos, _ = graphed._check_inputs(ids, mask, tt, None, None)
-            total = batch * seqlen if mask is None else int(mask.sum())
-            last, pooled = graphed._graph_forward(ids, mask, tt_c, pos, total, capture=False)
-        ref = eager.last_hidden_state
-        # the two runs differ only in the GEMMs' row counts (packed length), which may change the summation order
-        # of the CPU GEMM: a few ulp of the largest value
-        bound = 64 * torch.finfo(torch.float32).eps * ref.abs().max()
-        real = torch.ones(batch, seqlen, dtype=torch.bool) if mask is None else mask.bool()
-        assert (last[real] - ref[real]).abs().max() <= bound
-        assert not last[~real].any() and not ref[~real].any()             # padding rows are exactly zero
-        if getattr(eager, "pooler_output", None) is not None:
-            assert (pooled - eager.pooler_output).abs().max() <= bound
-        else:
-            assert pooled is None
-    keys = sorted(graphed._graphs)
-    assert [k[:4] for k in keys] == [(batch, seqlen, 32, True), (batch, seqlen, 64, True),
-                                     (batch, seqlen, 92, False)]
+            out = graphed(ids, attention_mask=mask, token_type_ids=tt)
+        _assert_close_to_eager(out, eager, mask)
+    width = ours.max_sequence_length()
+    assert sorted(k[:4] for k in graphed._graphs) == [(batch, 23, 92, False), (batch, width, 32, True),
+                                                      (batch, width, 64, True)]
 
 
-def test_graph_path_poisoned_buffers():
-    """Whatever the graph's buffers held before (NaN here), a replay's outputs depend only on its inputs: the
-    filler rows and the padding positions they are scattered onto are recomputed and cleared every time."""
-    _, ours, graphed = _eager_and_graphed("bert")
+def test_graph_path_buffers_rewritten_every_call():
+    """Whatever a graph's input buffers hold from before (random valid ids, positions, token types and mask
+    here), a replay's outputs depend only on its own inputs; and a graph made under inference_mode serves a
+    no_grad call (its buffers are not inference tensors)."""
+    cfg, ours, graphed = _eager_and_graphed("bert")
     batch, seqlen = 3, 30
-    ids = torch.randint(3, 100, (batch, seqlen))
-    mask = (torch.arange(seqlen)[None, :] < torch.tensor([30, 11, 4])[:, None]).long()
+    g = torch.Generator().manual_seed(3)
+    mask = _right([30, 11, 4], seqlen)
+    ids, tt = _inputs(cfg, ours, mask, batch, seqlen, g)
     with torch.inference_mode():
-        _, _, _, pos, _ = graphed._check_inputs(ids, mask, None, None, None)
-        graphed._graph_forward(ids, mask, None, pos, 45, capture=False)
-        (entry,) = graphed._graphs.values()
-        for t in entry[2]:
-            t.fill_(float("nan"))
-        last, pooled = graphed._graph_forward(ids, mask, None, pos, 45, capture=False)
-        eager = ours(ids, attention_mask=mask)
-    assert token_bucket(45, batch, seqlen) == 48
-    bound = 64 * torch.finfo(torch.float32).eps * eager.last_hidden_state.abs().max()
-    assert (last - eager.last_hidden_state).abs().max() <= bound             # NaN would fail this
-    assert (pooled - eager.pooler_output).abs().max() <= bound
+        graphed(ids, attention_mask=mask, token_type_ids=tt)
+    (entry,) = graphed._graphs.values()
+    static = entry[1]
+    width = static["input_ids"].shape[1]
+    assert width == ours.max_sequence_length() and token_bucket(45, batch, width) == 48
+    with torch.no_grad():
+        static["input_ids"].copy_(torch.randint(0, cfg.vocab_size, (batch, width), generator=g))
+        static["position_ids"].copy_(torch.randint(0, cfg.max_position_embeddings, (batch, width), generator=g))
+        static["token_type_ids"].copy_(torch.randint(0, cfg.type_vocab_size, (batch, width), generator=g))
+        static["real"].copy_(torch.rand(batch, width, generator=g) < 0.5)
+        ids2, tt2 = _inputs(cfg, ours, mask, batch, seqlen, g)
+        out = graphed(ids2, attention_mask=mask, token_type_ids=tt2)
+        eager = ours(ids2, attention_mask=mask, token_type_ids=tt2)
+    assert len(graphed._graphs) == 1
+    _assert_close_to_eager(out, eager, mask)
+
+
+def test_graph_cache_keeps_the_most_recently_used():
+    cfg, ours, graphed = _eager_and_graphed("bert", max_graphs=2)
+    g = torch.Generator().manual_seed(5)
+    batch, seqlen = 2, 40
+    masks = {"a": _right([40, 40], seqlen), "b": _right([40, 1], seqlen), "c": _right([3, 1], seqlen)}  # 80, 41, 4
+    for name in "abac":
+        ids, tt = _inputs(cfg, ours, masks[name], batch, seqlen, g)
+        with torch.inference_mode():
+            graphed(ids, attention_mask=masks[name], token_type_ids=tt)
+    width = ours.max_sequence_length()
+    packed = {name: token_bucket(int(m.sum()), batch, width) for name, m in masks.items()}
+    assert len(set(packed.values())) == 3
+    assert [k[2] for k in graphed._graphs] == [packed["a"], packed["c"]]     # b, the least recently used, dropped
+
+
+def test_enable_cuda_graphs_arguments_and_cpu():
+    cfg, ours, _ = _eager_and_graphed("bert")
+    with pytest.raises(ValueError, match="max_graphs must be an int >= 1"):
+        ours.enable_cuda_graphs(max_graphs=0)
+    plain = copy.deepcopy(ours).enable_cuda_graphs()
+    ids, tt = _inputs(cfg, ours, None, 2, 9, torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        plain(ids, attention_mask=_right([9, 4], 9))
+    assert len(plain._graphs) == 0          # on the CPU forwards run eagerly

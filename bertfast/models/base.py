@@ -10,6 +10,7 @@ transformers' position 0).
 """
 from __future__ import annotations
 
+import collections
 import copy
 import re
 
@@ -205,11 +206,10 @@ class EncoderModel(nn.Module):
         if output_attentions:
             ops.notice_once("output_attentions", "output_attentions=True runs a padded attention path that "
                             "materialises the probabilities; it is slower than the default path")
-        if (self._graphs is not None and device.type == "cuda" and inputs_embeds is None and total > 0
-                and not (output_hidden_states or output_attentions or self.training or torch.is_grad_enabled())
-                and not torch.cuda.is_current_stream_capturing()):
+        if self._graphs is not None and self._graph_eligible(device, inputs_embeds, total, batch, unpadded,
+                                                             output_hidden_states or output_attentions):
             last, pooled = self._graph_forward(input_ids, None if unpadded else attention_mask, token_type_ids,
-                                               position_ids, total)
+                                               position_ids, total, capture=self._graph_capture)
             return self._outputs(last, pooled, None, None, return_dict)
         unp = unpad_mask(attention_mask, max_seqlen) if attention_mask is not None and not unpadded else \
             full_batch(batch, seqlen, device)
@@ -229,55 +229,104 @@ class EncoderModel(nn.Module):
     # ----------------------------------------------------------------------------------------- CUDA graphs
     def enable_cuda_graphs(self, enabled: bool = True, max_graphs: int = 16):
         """Replay captured CUDA graphs for inference: the whole forward becomes one graph launch, which removes
-        the per-kernel launch cost that dominates eager batches on a GPU. Padded batches run padding-free in the
-        graph too: the graph is captured for a packed length (bertfast.padding.token_bucket: the real tokens
-        rounded up by at most a quarter), unpads the mask on the device and fills the packed rows past the real
-        tokens with padding positions, whose outputs it clears. One graph per (batch, seq_len, packed length,
-        mask given, token types given), captured on first use, at most max_graphs (least recently captured
-        dropped first); outputs are copied out of the graph's buffers. Training, gradients, inputs_embeds,
-        output_hidden_states / output_attentions and batches with no real token run eagerly. Returns self."""
-        self._graphs = {} if enabled else None
+        the per-kernel launch cost that dominates eager batches on a GPU.
+
+        Padded batches run padding-free in the graph too. Their graph is captured for a batch size and a packed
+        length (bertfast.padding.token_bucket: the real tokens rounded up, by under a quarter from 64 tokens on),
+        not for a sequence length: the batch is placed in buffers as long as the model's positions, the graph
+        unpads the mask on the device, fills the packed rows past the real tokens with padding positions and
+        clears their outputs. So one graph serves every batch of B sequences whose real tokens round to the same
+        packed length, whatever they were padded to. Unpadded batches (no mask, or all ones) get a graph per
+        (batch, seq_len). Graphs are captured on first use (two warm-up forwards and a capture), at most
+        max_graphs kept, the least recently used dropped first; outputs are copied out of the graph's buffers.
+        Training, gradients, inputs_embeds, output_hidden_states / output_attentions, batches with no real token,
+        and models whose attention does not run the Triton kernel run eagerly (the last said once). Graphs read
+        the weights where they were at capture: call this again after moving, casting or reloading the model.
+        Returns self."""
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        self._graphs = collections.OrderedDict() if enabled else None
         self._max_graphs = max_graphs
         self._graph_pool = None
+        self._graph_capture = True     # False (tests): run the graphs' functions uncaptured
         return self
+
+    def _graph_eligible(self, device, inputs_embeds, total: int, batch: int, unpadded: bool,
+                        extra_outputs: bool) -> bool:
+        """Whether this forward replays a graph (enable_cuda_graphs says which forwards do)."""
+        if (device.type != "cuda" or inputs_embeds is not None or total == 0 or extra_outputs or self.training
+                or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing()):
+            return False
+        spec = self.spec
+        impl = ops.choose("varlen_attention", device, dtype=self.dtype, head_dim=spec.hidden // spec.heads)
+        if impl != "triton":
+            ops.notice_once(f"graphs:{impl}", f"enable_cuda_graphs: forwards run eagerly: varlen_attention runs "
+                            f"the {impl} implementation here, which reads the device on the host; only the Triton "
+                            "attention can be captured")
+            return False
+        from bertfast.kernels.attention import MAX_GRID_YZ
+        if not unpadded and batch + 1 > MAX_GRID_YZ:    # the graph's attention takes one sequence of fillers more
+            ops.notice_once("graphs:batch", f"enable_cuda_graphs: padded batches of more than {MAX_GRID_YZ - 1} "
+                            "sequences run eagerly")
+            return False
+        return True
 
     def _graph_forward(self, input_ids, attention_mask, token_type_ids, position_ids, total: int,
                        capture: bool = True):
         """The graphed forward of an inference batch with `total` real tokens (attention_mask None: unpadded).
         capture=False runs the same static-buffer function without capturing it (how the CPU tests check this
-        path's unpadding, filler tokens and buffer reuse)."""
-        batch, seqlen = input_ids.shape
-        packed = batch * seqlen if attention_mask is None else token_bucket(total, batch, seqlen)
-        key = (batch, seqlen, packed, attention_mask is not None, token_type_ids is not None)
-        entry = self._graphs.get(key)
-        if entry is None:
-            if len(self._graphs) >= self._max_graphs:
-                self._graphs.pop(next(iter(self._graphs)))
-            entry = self._capture(input_ids, attention_mask, token_type_ids, position_ids, packed, capture)
-            self._graphs[key] = entry
-        replay, static, (last, pooled) = entry
-        static["input_ids"].copy_(input_ids)
-        static["position_ids"].copy_(position_ids)
-        if token_type_ids is not None:
-            static["token_type_ids"].copy_(token_type_ids)
-        if attention_mask is not None:
-            torch.ne(attention_mask, 0, out=static["real"])
-        replay()
-        # copied out of the graph's buffers; padding positions that filler tokens were scattered onto cleared
-        last = (last.clone() if attention_mask is None
-                else torch.where(static["real"][:, :, None], last, last.new_zeros(())))
-        return last, (pooled.clone() if pooled is not None else None)
+        path's unpadding, filler tokens and buffer reuse). Runs outside inference mode (under no_grad), so that
+        graphs captured in one mode serve calls in the other."""
+        with torch.inference_mode(False), torch.no_grad():
+            batch, seqlen = input_ids.shape
+            if attention_mask is None:
+                width, packed = seqlen, batch * seqlen
+            else:
+                width = max(seqlen, self.max_sequence_length())
+                packed = token_bucket(total, batch, width)
+            key = (batch, width, packed, attention_mask is not None, token_type_ids is not None)
+            entry = self._graphs.get(key)
+            if entry is None:
+                if len(self._graphs) >= self._max_graphs:
+                    self._graphs.popitem(last=False)
+                entry = self._capture(input_ids, attention_mask, token_type_ids, position_ids, width, packed,
+                                      capture)
+                self._graphs[key] = entry
+            else:
+                self._graphs.move_to_end(key)
+            replay, static, (last, pooled) = entry
+            # every input is copied in on every call; columns past seqlen keep valid ids and no real token
+            static["input_ids"][:, :seqlen].copy_(input_ids)
+            static["position_ids"][:, :seqlen].copy_(position_ids)
+            if token_type_ids is not None:
+                static["token_type_ids"][:, :seqlen].copy_(token_type_ids)
+            if attention_mask is not None:
+                static["real"][:, seqlen:].fill_(False)
+                static["real"][:, :seqlen].copy_(attention_mask != 0)
+            replay()
+            # copied out of the graph's buffers; padding positions that filler tokens were scattered onto cleared
+            if attention_mask is None:
+                last = last.clone()
+            else:
+                last = torch.where(static["real"][:, :seqlen, None], last[:, :seqlen], last.new_zeros(()))
+            return last, (pooled.clone() if pooled is not None else None)
 
-    def _capture(self, input_ids, attention_mask, token_type_ids, position_ids, packed: int, capture: bool):
-        """(replay function, static input buffers, static outputs) of one graph."""
-        static = {"input_ids": input_ids.clone(), "position_ids": position_ids.contiguous().clone(),
-                  "token_type_ids": token_type_ids.clone() if token_type_ids is not None else None,
-                  "real": attention_mask != 0 if attention_mask is not None else None}
+    def _capture(self, input_ids, attention_mask, token_type_ids, position_ids, width: int, packed: int,
+                 capture: bool):
+        """(replay function, static input buffers [batch, width], static outputs) of one graph."""
         batch, seqlen = input_ids.shape
         device = input_ids.device
 
+        def buffer(t, dtype=torch.long):      # zeros past seqlen: a valid id, position and token type
+            out = torch.zeros((batch, width), dtype=dtype, device=device)
+            out[:, :seqlen].copy_(t)
+            return out
+        static = {"input_ids": buffer(input_ids), "position_ids": buffer(position_ids),
+                  "token_type_ids": buffer(token_type_ids) if token_type_ids is not None else None,
+                  "real": buffer(attention_mask != 0, torch.bool) if attention_mask is not None else None}
+
         def run():
-            unp = (full_batch(batch, seqlen, device) if static["real"] is None
+            unp = (full_batch(batch, width, device) if static["real"] is None
                    else unpad_mask_fixed(static["real"], packed))
             return self._encode(static["input_ids"], static["token_type_ids"], static["position_ids"], None,
                                 unp)[:2]
