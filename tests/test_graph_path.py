@@ -173,3 +173,28 @@ def test_enable_cuda_graphs_arguments_and_cpu():
     with torch.inference_mode():
         plain(ids, attention_mask=_right([9, 4], 9))
     assert len(plain._graphs) == 0          # on the CPU forwards run eagerly
+
+
+def test_graphs_dropped_when_weights_move():
+    """Graphs read the storage of the weights they were captured with: .to() / casting and load_state_dict
+    drop them (captured again on use); in-place weight edits keep them."""
+    cfg, ours, graphed = _eager_and_graphed("bert")
+    ids, tt = _inputs(cfg, ours, None, 2, 9, torch.Generator().manual_seed(2))
+    mask = _right([9, 4], 9)
+
+    def call():
+        with torch.inference_mode():
+            return graphed(ids, attention_mask=mask, token_type_ids=tt)
+    call()
+    with torch.no_grad():
+        graphed.pooler.dense.bias.add_(1.0)                   # in place: the graph stays
+    assert len(graphed._graphs) == 1
+    graphed.load_state_dict(ours.state_dict())
+    assert len(graphed._graphs) == 0
+    call()
+    graphed.to(torch.float32)
+    assert len(graphed._graphs) == 0
+    with torch.inference_mode():
+        eager = ours(ids, attention_mask=mask, token_type_ids=tt)
+    _assert_close_to_eager(call(), eager, mask)
+    assert len(graphed._graphs) == 1

@@ -64,6 +64,8 @@ class EncoderModel(nn.Module):
         self.pooler = self.build_pooler(spec) if add_pooling_layer else None
         layers.init_weights(self, spec.initializer_range)
         self._graphs = None            # CUDA graphs per input shape, when enabled (enable_cuda_graphs)
+        # graphs read the weights' storage of their capture: loading weights drops them (as _apply does)
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._drop_graphs())
         if self.key_map:
             self._to_family = [(_pattern(a), b) for a, b in self.key_map]
             self._to_internal = [(_pattern(b), a) for a, b in self.key_map]
@@ -241,8 +243,10 @@ class EncoderModel(nn.Module):
         max_graphs kept, the least recently used dropped first; outputs are copied out of the graph's buffers.
         Training, gradients, inputs_embeds, output_hidden_states / output_attentions, batches with no real token,
         and models whose attention does not run the Triton kernel run eagerly (the last said once). Graphs read
-        the weights where they were at capture: call this again after moving, casting or reloading the model.
-        Returns self."""
+        the weights' storage and the kernel choices (backend, TF32) of their capture: moving or casting the model
+        (.to, .half, ...) and load_state_dict drop them, to be captured again; in-place edits of the weights are
+        seen. Calls from several threads or streams at once share the graphs' buffers: serialise them. Returns
+        self."""
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
         self._graphs = collections.OrderedDict() if enabled else None
@@ -250,6 +254,18 @@ class EncoderModel(nn.Module):
         self._graph_pool = None
         self._graph_capture = True     # False (tests): run the graphs' functions uncaptured
         return self
+
+    def _drop_graphs(self) -> None:
+        """Forget the captured graphs (they are captured again on use)."""
+        if getattr(self, "_graphs", None):
+            self._graphs.clear()
+            self._graph_pool = None
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() / .cuda() move or recast the weights into new storage, which captured graphs never read
+        out = super()._apply(fn, *args, **kwargs)
+        self._drop_graphs()
+        return out
 
     def _graph_eligible(self, device, inputs_embeds, total: int, batch: int, unpadded: bool,
                         extra_outputs: bool) -> bool:
