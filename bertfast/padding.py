@@ -65,6 +65,16 @@ def full_batch(batch: int, seqlen: int, device) -> Unpadded:
     return Unpadded(indices, cu_seqlens, seqlens, seqlen, batch, seqlen)
 
 
+def graph_width(seqlen: int, max_positions: int) -> int:
+    """The padded length of a CUDA graph's input buffers for a batch padded to ``seqlen``: the model's positions,
+    so that batches padded to any length share graphs; for models with more than 512 positions at most the next
+    power of two >= seqlen (and >= 512), which bounds a graph's buffers to ~2x the batch. Never below seqlen."""
+    cap = 512
+    while cap < seqlen:
+        cap *= 2
+    return max(seqlen, min(max_positions, cap))
+
+
 def token_bucket(total: int, batch: int, seqlen: int) -> int:
     """The packed length a captured CUDA graph serves ``total`` real tokens of a [batch, seqlen] batch with: total
     rounded up to a multiple of q, the power of two >= total / 8 (at least 16, at most seqlen), and at most

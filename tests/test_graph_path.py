@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bertfast
-from bertfast.padding import token_bucket, unpad_mask, unpad_mask_fixed
+from bertfast.padding import graph_width, token_bucket, unpad_mask, unpad_mask_fixed
 from test_families import BASE, FAMILIES, family_config
 
 
@@ -23,6 +23,15 @@ def test_token_bucket_bounds(seqlen):
             assert total <= bucket <= n, (total, batch, seqlen, bucket)
             assert bucket - total < seqlen, (total, batch, seqlen, bucket)        # fillers fit one sequence
             assert bucket - total < max(16, total / 4), (total, batch, seqlen, bucket)
+
+
+def test_graph_width():
+    # the model's positions (512-position models: every padded length shares a width), bounded to the next power
+    # of two >= the padded length for longer models, never below the padded length (position_ids may allow that)
+    assert [graph_width(s, 512) for s in (1, 100, 512)] == [512, 512, 512]
+    assert [graph_width(s, 72) for s in (1, 72, 80)] == [72, 72, 80]
+    assert [graph_width(s, 4096) for s in (16, 512, 513, 1000, 2049, 4096, 5000)] == \
+        [512, 512, 1024, 1024, 4096, 4096, 5000]
 
 
 def _masks(batch, seqlen, generator):

@@ -19,7 +19,7 @@ from torch import nn
 
 from bertfast import loading, ops
 from bertfast.models import layers
-from bertfast.padding import full_batch, token_bucket, unpad_mask, unpad_mask_fixed
+from bertfast.padding import full_batch, graph_width, token_bucket, unpad_mask, unpad_mask_fixed
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -235,7 +235,8 @@ class EncoderModel(nn.Module):
 
         Padded batches run padding-free in the graph too. Their graph is captured for a batch size and a packed
         length (bertfast.padding.token_bucket: the real tokens rounded up, by under a quarter from 64 tokens on),
-        not for a sequence length: the batch is placed in buffers as long as the model's positions, the graph
+        not for a sequence length: the batch is placed in buffers as long as the model's positions (at most 512
+        or the next power of two of the padded length, bertfast.padding.graph_width), the graph
         unpads the mask on the device, fills the packed rows past the real tokens with padding positions and
         clears their outputs. So one graph serves every batch of B sequences whose real tokens round to the same
         packed length, whatever they were padded to. Unpadded batches (no mask, or all ones) get a graph per
@@ -298,7 +299,7 @@ class EncoderModel(nn.Module):
             if attention_mask is None:
                 width, packed = seqlen, batch * seqlen
             else:
-                width = max(seqlen, self.max_sequence_length())
+                width = graph_width(seqlen, self.max_sequence_length())
                 packed = token_bucket(total, batch, width)
             key = (batch, width, packed, attention_mask is not None, token_type_ids is not None)
             entry = self._graphs.get(key)
