@@ -13,7 +13,7 @@ from bertfast.ops import notice_once
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 # Buffers that older transformers versions saved and that carry no weights.
-IGNORED_KEYS = ("embeddings.position_ids",)
+IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
 class CheckpointError(ValueError):
@@ -30,7 +30,16 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
                               f"model.safetensors")
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
+        # the top-level config and weights only (a repo's onnx/, openvino/ or training_args.bin are not needed),
+        # safetensors first; pickle weights fetched only where a repo has no safetensors
+        common = ["config.json", "tokenizer*", "vocab.txt", "special_tokens_map.json"]
+        folder = Path(snapshot_download(str(path_or_id), allow_patterns=common + ["model.safetensors",
+                                                                                 "model.safetensors.index.json",
+                                                                                 "model-*.safetensors"]))
+        if not any((folder / name).is_file() for name in WEIGHT_FILES):
+            folder = Path(snapshot_download(str(path_or_id), allow_patterns=common + [
+                "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]))
+        return folder
     except Exception as exc:  # noqa: BLE001 - re-raised with the path named
         raise CheckpointError(f"{path_or_id!r} is neither a local directory nor a model id that could be "
                               f"fetched ({type(exc).__name__}: {exc})") from exc
@@ -52,7 +61,11 @@ def _load_file(path: Path) -> dict:
         from safetensors.torch import load_file
         return load_file(str(path))
     # pickle checkpoints: tensors only, never arbitrary objects
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        raise CheckpointError(f"{path} could not be loaded as a weights-only pickle checkpoint (objects other than "
+                              f"tensors are refused): {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
 def read_state_dict(directory: Path) -> tuple[dict, dict]:

@@ -31,8 +31,10 @@ def optimize(model: nn.Module) -> nn.Module:
         inner = st_module.model
         if isinstance(inner, EncoderModel):
             return model
-        ours = _encoder_like(hf_base_model(inner), inner)
-        st_module.model = ours
+        if hf_base_model(inner) is not inner:
+            optimize(inner)        # a task model (CrossEncoder's classifier, a fill-mask module): keep its head
+        else:
+            st_module.model = _encoder_like(inner, inner)
         model._bertfast_optimized = True
         return model
     if not hasattr(model, "config"):
@@ -52,12 +54,17 @@ def optimize(model: nn.Module) -> nn.Module:
     return model
 
 
+_ST_CLASSES = ("SentenceTransformer", "CrossEncoder", "SparseEncoder")
+
+
 def _sentence_transformer_module(model):
-    if type(model).__name__ != "SentenceTransformer" or not isinstance(model, nn.Sequential):
+    """The first module (holding the transformers model) of a sentence-transformers model, else None."""
+    name = type(model).__name__
+    if name not in _ST_CLASSES or not isinstance(model, nn.Sequential):
         return None
     first = model[0] if len(model) else None
     if first is None or not isinstance(getattr(first, "model", None), nn.Module):
-        raise TypeError("bertfast.optimize: this SentenceTransformer's first module has no transformers model")
+        raise TypeError(f"bertfast.optimize: this {name}'s first module has no transformers model")
     return first
 
 

@@ -158,3 +158,58 @@ def test_ops_bad_arguments():
         ops.bias_act(x, torch.zeros(16), "mish")
     with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
         ops.bias_gelu(x, torch.zeros(15))
+
+
+def test_checkpoint_token_type_ids_buffer_ignored(checkpoint):
+    """Some transformers versions saved the embeddings' token_type_ids buffer: it carries no weights."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(checkpoint / "model.safetensors"))
+    state["embeddings.token_type_ids"] = torch.zeros(1, 32, dtype=torch.long)
+    save_file(state, str(checkpoint / "model.safetensors"))
+    bertfast.BertModel.from_pretrained(checkpoint)
+
+
+class _NotATensor:
+    pass
+
+
+def test_pickle_checkpoint_with_objects_refused_by_name(checkpoint):
+    (checkpoint / "model.safetensors").unlink()
+    torch.save({"embeddings.word_embeddings.weight": torch.zeros(2), "payload": _NotATensor()},
+               checkpoint / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin could not be loaded as a weights-only pickle"):
+        bertfast.BertModel.from_pretrained(checkpoint)
+
+
+def test_hub_ids_fetch_config_and_weights_only(tmp_path, monkeypatch):
+    """A hub id is fetched with patterns that take the top-level config and weights, safetensors first; pickle
+    weights only where the repo has no safetensors (a stand-in for snapshot_download over a repo's file list)."""
+    import fnmatch
+    import itertools
+
+    import huggingface_hub
+
+    def fake_repo(files):
+        def snapshot_download(repo_id, allow_patterns):
+            calls.append(list(allow_patterns))
+            folder = tmp_path / f"snap{next(serial)}"
+            for name in files:
+                if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                    (folder / name).write_text("x")
+            folder.mkdir(exist_ok=True)
+            return str(folder)
+        return snapshot_download
+
+    calls, serial = [], itertools.count()
+    repo = ["config.json", "model.safetensors", "pytorch_model.bin", "onnx/model.onnx", "onnx/config.json",
+            "openvino/openvino_model.bin", "training_args.bin", "tokenizer.json", "vocab.txt"]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_repo(repo))
+    folder = bertfast.loading.resolve("someone/some-bert")
+    got = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert got == ["config.json", "model.safetensors", "tokenizer.json", "vocab.txt"] and len(calls) == 1
+    calls.clear()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_repo([n for n in repo if n != "model.safetensors"]))
+    folder = bertfast.loading.resolve("someone/old-bert")
+    got = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert got == ["config.json", "pytorch_model.bin", "tokenizer.json", "vocab.txt"] and len(calls) == 2

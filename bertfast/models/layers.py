@@ -58,6 +58,12 @@ class EncoderSpec:
     initializer_range: float
 
 
+def _has_forward_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as torch_module
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
 class Embeddings(nn.Module):
     """word + position + token-type embeddings, then LayerNorm (BertEmbeddings' parameters)."""
 
@@ -77,6 +83,10 @@ class Embeddings(nn.Module):
         """input_ids / token_type_ids / position_ids: [B, S] int64 (position_ids already expanded);
         inputs_embeds [B, S, H] or None. Returns the packed embeddings [T, H]."""
         ln = self.LayerNorm
+        if inputs_embeds is None and _has_forward_hooks(self.word_embeddings):
+            # hooks on the input embeddings (transformers' NEFTune noise, enable_input_require_grads) get what
+            # transformers' embeddings give them, [B, S, E]: the unfused path then
+            inputs_embeds = self.word_embeddings(input_ids)
         if inputs_embeds is None:
             tt = token_type_ids.reshape(-1) if token_type_ids is not None else None
             types = self.token_type_embeddings.weight if self.token_type_embeddings is not None else None
