@@ -408,3 +408,24 @@ def test_input_embedding_hooks_run_after_optimize():
         a, b = ref(**inputs).logits, model(**inputs).logits
     assert shapes == [tuple(inputs["input_ids"].shape) + (cfg.hidden_size,)] * 2
     assert (a - b).abs().max() <= TOL and (b - plain).abs().max() > 100 * TOL
+
+
+def test_resize_token_embeddings_after_optimize():
+    """transformers' resize_token_embeddings on an optimised model: the new ids embed (the range checks follow the
+    new size) and outputs equal transformers' with the same resized weights; the MLM decoder stays tied."""
+    torch.manual_seed(10)
+    cfg = family_config("bert", dropout=False)
+    ref = T.BertForMaskedLM._from_config(copy.deepcopy(cfg)).eval()
+    model = bertfast.optimize(copy.deepcopy(ref))
+    new_vocab = cfg.vocab_size + 7
+    for m in (ref, model):
+        m.resize_token_embeddings(new_vocab)
+    ref.load_state_dict(model.state_dict())
+    assert model.bert.get_input_embeddings().num_embeddings == new_vocab == model.bert.spec.vocab
+    assert model.get_output_embeddings().weight is model.bert.get_input_embeddings().weight
+    ids = torch.randint(cfg.vocab_size, new_vocab, (2, 9))           # only the new ids
+    with torch.no_grad():
+        a, b = ref(ids).logits, model(ids).logits
+    assert a.shape[-1] == new_vocab and (a - b).abs().max() <= TOL
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.full((1, 3), new_vocab))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import functools
 import pathlib
 import re
@@ -571,6 +572,16 @@ class EncoderModel(nn.Module):
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the word embeddings (transformers' resize_token_embeddings calls this); the id range checks
+        follow the new vocabulary size."""
+        if not isinstance(value, nn.Embedding) or value.embedding_dim != self.spec.embedding_size:
+            raise ValueError(f"set_input_embeddings takes an nn.Embedding of dimension {self.spec.embedding_size}, "
+                             f"got {value!r}")
+        self.embeddings.word_embeddings = value
+        self.spec = dataclasses.replace(self.spec, vocab=value.num_embeddings)
+        self._drop_graphs()
 
 
 def _drop_graphs_after_load(module, incompatible_keys) -> None:
