@@ -108,6 +108,13 @@ def _encoder_like(base: nn.Module, owner: nn.Module) -> EncoderModel:
             plan.append((module, attr, hf_params[key]))
     for module, attr, param in plan:
         module._parameters[attr] = param
+    # the word-embedding module itself is kept (it holds the same Parameter): hooks on it (transformers'
+    # enable_input_require_grads, NEFTune, user hooks) stay in place
+    theirs = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    mine = ours.embeddings.word_embeddings
+    if (isinstance(theirs, nn.Embedding) and theirs.weight is mine.weight and theirs.padding_idx == mine.padding_idx
+            and theirs.max_norm is None and not theirs.sparse):
+        ours.embeddings.word_embeddings = theirs
     ours.train(base.training)
     # activation checkpointing switched on in the transformers model stays on (transformers keeps the flag and
     # its checkpoint function on the encoder's modules)

@@ -192,6 +192,9 @@ def test_sentence_transformers_minilm(tmp_path):
     assert (before - after).abs().max() <= TOL
     # saving the optimised model (sentence-transformers calls the encoder's save_pretrained) and reloading it
     # into plain sentence-transformers gives the same embeddings
+    # the call transformers' Trainer makes on a sentence-transformers model (passed on to the encoder)
+    st.gradient_checkpointing_enable(gradient_checkpointing_kwargs=None, every_n_layers=1, offload=False)
+    assert st[0].model.gradient_checkpointing
     st.save(str(tmp_path / "st"))
     again = st_mod.SentenceTransformer(str(tmp_path / "st"), device="cpu")
     assert not isinstance(again[0].model, bertfast.models.EncoderModel)
@@ -429,3 +432,42 @@ def test_resize_token_embeddings_after_optimize():
     assert a.shape[-1] == new_vocab and (a - b).abs().max() <= TOL
     with pytest.raises(ValueError, match="input_ids"):
         model(torch.full((1, 3), new_vocab))
+
+
+def test_checkpointing_every_n_layers_frozen_embeddings_and_trainer_arguments():
+    """every_n_layers as transformers counts it (layer 0, n, 2n, ... recomputed); checkpointing switched on before
+    optimize with frozen embeddings and the reentrant checkpoint keeps transformers' input-gradient hook (the
+    word-embedding module is kept), so the encoder still gets gradients; the arguments Trainer passes are taken."""
+    torch.manual_seed(13)
+    cfg = family_config("bert", dropout=True)
+    inputs = _head_inputs(cfg, "ForSequenceClassification")
+    hf = T.BertForSequenceClassification._from_config(copy.deepcopy(cfg))
+    hf.bert.embeddings.requires_grad_(False)
+    _checkpointing_enable(hf, {"use_reentrant": True})
+    model = bertfast.optimize(hf).train()
+    model.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True},
+                                             every_n_layers=2, offload=False)      # as Trainer calls it
+    calls = {0: 0, 1: 0}
+    for i, layer in enumerate(model.bert.encoder.layer):
+        layer.register_forward_pre_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    model(**inputs).loss.backward()
+    assert calls == {0: 2, 1: 1}
+    assert model.bert.encoder.layer[0].attention.self.qkv_weight.grad is not None
+    with pytest.raises(ValueError, match="offload"):
+        model.bert.activation_checkpointing_enable(None, 1, True)
+
+
+def test_save_pretrained_replaces_older_saves_and_records_dtype(tmp_path):
+    torch.manual_seed(14)
+    cfg = family_config("bert", dropout=False)
+    ours = bertfast.AutoModel.from_hf(BASE["bert"]._from_config(copy.deepcopy(cfg)))
+    ours.save_pretrained(tmp_path)
+    with torch.no_grad():
+        ours.pooler.dense.bias.add_(1.0)
+    ours.half().save_pretrained(tmp_path, safe_serialization=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "pytorch_model.bin"]
+    again = BASE["bert"].from_pretrained(tmp_path)
+    assert again.dtype == torch.float16 and again.config.architectures == ["BertModel"]
+    assert torch.equal(again.pooler.dense.bias, ours.pooler.dense.bias)
+    assert bertfast.AutoModel.from_pretrained(tmp_path, dtype="float16", torch_dtype=torch.float16).dtype == \
+        torch.float16

@@ -207,3 +207,17 @@ def test_graphs_dropped_when_weights_move():
         eager = ours(ids, attention_mask=mask, token_type_ids=tt)
     _assert_close_to_eager(call(), eager, mask)
     assert len(graphed._graphs) == 1
+
+
+def test_models_with_graphs_pickle():
+    """Captured graphs do not travel: a pickled (or deep-copied) model starts with none and captures its own."""
+    import pickle
+    cfg, ours, graphed = _eager_and_graphed("bert")
+    del graphed._graph_eligible                           # the instance's stand-in, not the model's state
+    ids, tt = _inputs(cfg, ours, None, 2, 9, torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        graphed._graph_forward(ids, _right([9, 4], 9), tt, graphed.default_position_ids(ids, (2, 9), "cpu"), 13,
+                               capture=False)
+    assert len(graphed._graphs) == 1
+    again = pickle.loads(pickle.dumps(graphed))
+    assert again._graphs is not None and len(again._graphs) == 0 and len(graphed._graphs) == 1

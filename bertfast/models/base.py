@@ -154,7 +154,7 @@ class EncoderModel(nn.Module):
         the checkpoint's. add_pooling_layer None (default): a pooler where the checkpoint has its weights (MLM and
         RoBERTa classifier checkpoints have none: pooler_output is then None, where transformers initialises a
         random pooler); True: the checkpoint must hold it; False: none, its weights set aside."""
-        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        if dtype is not None and torch_dtype is not None and _dtype_spelling(dtype) != _dtype_spelling(torch_dtype):
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them")
         torch_dtype = dtype if dtype is not None else torch_dtype
         if unused:
@@ -290,6 +290,16 @@ class EncoderModel(nn.Module):
         self._graph_capture = True     # False (tests): run the graphs' functions uncaptured
         return self
 
+    def __getstate__(self):
+        # captured graphs (and their replay closures) do not pickle and are bound to this process's memory: a
+        # pickled or deep-copied model captures its own again
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        if state.get("_graphs"):
+            state["_graphs"] = collections.OrderedDict()
+            state["_graph_pool"] = None
+        return state
+
     def _drop_graphs(self) -> None:
         """Forget the captured graphs (they are captured again on use)."""
         if getattr(self, "_graphs", None):
@@ -307,6 +317,10 @@ class EncoderModel(nn.Module):
         """Whether this forward replays a graph (enable_cuda_graphs says which forwards do)."""
         if (device.type != "cuda" or inputs_embeds is not None or total == 0 or extra_outputs or self.training
                 or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing()):
+            return False
+        if layers.has_hooks(self.embeddings.word_embeddings):
+            ops.notice_once("graphs:hooks", "enable_cuda_graphs: forwards run eagerly while the input embeddings "
+                            "have hooks (a graph would replay them as captured)")
             return False
         spec = self.spec
         impl = ops.choose("varlen_attention", device, dtype=self.dtype, head_dim=spec.hidden // spec.heads)
@@ -413,8 +427,9 @@ class EncoderModel(nn.Module):
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
         checkpoint = self._layer_checkpoint() if self.training and torch.is_grad_enabled() else None
-        for layer in self.encoder.schedule():
-            if checkpoint is not None:
+        every = getattr(self, "_checkpoint_every", 1)
+        for depth, layer in enumerate(self.encoder.schedule()):
+            if checkpoint is not None and depth % every == 0:
                 # the layer's dropout seeds come from torch's CPU generator, whose state checkpoint restores for
                 # the recomputation: the same masks both times
                 x, probs = checkpoint(layer.__call__, x, unp, output_attentions)
@@ -434,24 +449,35 @@ class EncoderModel(nn.Module):
         return True
 
     # ---------------------------------------------------------------------------- activation checkpointing
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each layer's activations in the backward instead of keeping them (training memory), as
-        transformers' method of the same name; kwargs go to torch.utils.checkpoint.checkpoint (default
-        use_reentrant=False)."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute layers' activations in the backward instead of keeping them (training memory), as
+        transformers' method of the same name: every every_n_layers-th layer of the schedule from the first;
+        kwargs go to torch.utils.checkpoint.checkpoint (default use_reentrant=False). offload=True (activations
+        moved to host memory) is not supported."""
+        if offload:
+            raise ValueError("bertfast encoders do not support offload=True for activation checkpointing")
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be an int >= 1, got {every_n_layers!r}")
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)
+        self._checkpoint_every = every_n_layers
         self.gradient_checkpointing = True
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers 5's name for gradient_checkpointing_enable."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
 
     @property
     def is_gradient_checkpointing(self) -> bool:
         return bool(self.gradient_checkpointing)
 
-    # transformers 5's names for the same
-    activation_checkpointing_enable = gradient_checkpointing_enable
-    activation_checkpointing_disable = gradient_checkpointing_disable
     is_activation_checkpointing = is_gradient_checkpointing
 
     def _layer_checkpoint(self):
@@ -551,7 +577,14 @@ class EncoderModel(nn.Module):
             raise TypeError(f"{type(self).__name__}.save_pretrained does not support {', '.join(sorted(kwargs))}")
         directory = pathlib.Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.save_pretrained(str(directory))
+        for pattern in ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+                        "pytorch_model*.bin", "pytorch_model.bin.index.json"):
+            for old in directory.glob(pattern):    # an older save's weights would be read instead of these
+                old.unlink()
+        config = copy.deepcopy(self.config)
+        config.architectures = [type(self).__name__]     # the transformers base-model class of the same name
+        config.dtype = self.dtype
+        config.save_pretrained(str(directory))
         state = self.state_dict() if state_dict is None else state_dict
         # one tensor per key (Q / K / V are views of the packed parameter: safetensors refuses shared storage)
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
@@ -605,6 +638,11 @@ def _int_tensor(name: str, value, device) -> torch.Tensor:
     if t.dtype not in _INT_DTYPES:
         raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
     return t.to(device=device, dtype=torch.long)
+
+
+def _dtype_spelling(value):
+    """torch.float16 and "float16" as one value (for comparing dtype and torch_dtype)."""
+    return getattr(torch, value, value) if isinstance(value, str) and value != "auto" else value
 
 
 def _dtype_arg(torch_dtype, state: dict) -> torch.dtype:

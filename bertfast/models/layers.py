@@ -58,10 +58,13 @@ class EncoderSpec:
     initializer_range: float
 
 
-def _has_forward_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks (its own or global ones, forward or backward)."""
     from torch.nn.modules import module as torch_module
-    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks)
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks
+                or torch_module._global_backward_pre_hooks)
 
 
 class Embeddings(nn.Module):
@@ -83,7 +86,7 @@ class Embeddings(nn.Module):
         """input_ids / token_type_ids / position_ids: [B, S] int64 (position_ids already expanded);
         inputs_embeds [B, S, H] or None. Returns the packed embeddings [T, H]."""
         ln = self.LayerNorm
-        if inputs_embeds is None and _has_forward_hooks(self.word_embeddings):
+        if inputs_embeds is None and has_hooks(self.word_embeddings):
             # hooks on the input embeddings (transformers' NEFTune noise, enable_input_require_grads) get what
             # transformers' embeddings give them, [B, S, E]: the unfused path then
             inputs_embeds = self.word_embeddings(input_ids)
