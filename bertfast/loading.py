@@ -12,6 +12,9 @@ from bertfast.ops import notice_once
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+# every file of a checkpoint's weights, shards included (glob / hub patterns), per format
+SAFETENSORS_PATTERNS = ("model.safetensors", "model.safetensors.index.json", "model-*.safetensors")
+PICKLE_PATTERNS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin")
 # Buffers that older transformers versions saved and that carry no weights.
 IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
@@ -33,12 +36,9 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
         # the top-level config and weights only (a repo's onnx/, openvino/ or training_args.bin are not needed),
         # safetensors first; pickle weights fetched only where a repo has no safetensors
         common = ["config.json", "tokenizer*", "vocab.txt", "special_tokens_map.json"]
-        folder = Path(snapshot_download(str(path_or_id), allow_patterns=common + ["model.safetensors",
-                                                                                 "model.safetensors.index.json",
-                                                                                 "model-*.safetensors"]))
+        folder = Path(snapshot_download(str(path_or_id), allow_patterns=common + list(SAFETENSORS_PATTERNS)))
         if not any((folder / name).is_file() for name in WEIGHT_FILES):
-            folder = Path(snapshot_download(str(path_or_id), allow_patterns=common + [
-                "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]))
+            folder = Path(snapshot_download(str(path_or_id), allow_patterns=common + list(PICKLE_PATTERNS)))
         return folder
     except Exception as exc:  # noqa: BLE001 - re-raised with the path named
         raise CheckpointError(f"{path_or_id!r} is neither a local directory nor a model id that could be "

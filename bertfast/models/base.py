@@ -30,6 +30,8 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 # computes (num_items_in_batch: Trainer's loss normalisation; cache_position / use_cache: decoder caching);
 # head_mask is refused separately when given
 _IGNORED_FORWARD_KWARGS = ("head_mask", "use_cache", "num_items_in_batch", "cache_position")
+# activation checkpointing's default (transformers' checkpoint function, when it set one, is used instead)
+_CHECKPOINT = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
 
 def _pattern(template: str):
@@ -77,6 +79,7 @@ class EncoderModel(nn.Module):
         # gradient_checkpointing_enable sets them on every module that has them)
         self.gradient_checkpointing = False
         self._gradient_checkpointing_func = None
+        self._checkpoint_every = 1
         # graphs read the weights' storage of their capture: loading weights drops them (as _apply does)
         self.register_load_state_dict_post_hook(_drop_graphs_after_load)
         if self.key_map:
@@ -427,9 +430,8 @@ class EncoderModel(nn.Module):
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
         checkpoint = self._layer_checkpoint() if self.training and torch.is_grad_enabled() else None
-        every = getattr(self, "_checkpoint_every", 1)
         for depth, layer in enumerate(self.encoder.schedule()):
-            if checkpoint is not None and depth % every == 0:
+            if checkpoint is not None and depth % self._checkpoint_every == 0:
                 # the layer's dropout seeds come from torch's CPU generator, whose state checkpoint restores for
                 # the recomputation: the same masks both times
                 x, probs = checkpoint(layer.__call__, x, unp, output_attentions)
@@ -459,8 +461,7 @@ class EncoderModel(nn.Module):
             raise ValueError("bertfast encoders do not support offload=True for activation checkpointing")
         if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
             raise ValueError(f"every_n_layers must be an int >= 1, got {every_n_layers!r}")
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)
+        self._gradient_checkpointing_func = functools.partial(_CHECKPOINT, **(gradient_checkpointing_kwargs or {}))
         self._checkpoint_every = every_n_layers
         self.gradient_checkpointing = True
 
@@ -483,8 +484,7 @@ class EncoderModel(nn.Module):
     def _layer_checkpoint(self):
         if not self.gradient_checkpointing:
             return None
-        return self._gradient_checkpointing_func or functools.partial(torch.utils.checkpoint.checkpoint,
-                                                                      use_reentrant=False)
+        return self._gradient_checkpointing_func or _CHECKPOINT
 
     # ---------------------------------------------------------------------------------------- validation
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds):
@@ -577,8 +577,7 @@ class EncoderModel(nn.Module):
             raise TypeError(f"{type(self).__name__}.save_pretrained does not support {', '.join(sorted(kwargs))}")
         directory = pathlib.Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for pattern in ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
-                        "pytorch_model*.bin", "pytorch_model.bin.index.json"):
+        for pattern in loading.SAFETENSORS_PATTERNS + loading.PICKLE_PATTERNS:
             for old in directory.glob(pattern):    # an older save's weights would be read instead of these
                 old.unlink()
         config = copy.deepcopy(self.config)
