@@ -223,6 +223,16 @@ def main(argv=None) -> int:
                 "matmul_dtype": "bf16" if device.type == "cuda" else "fp32"}
     progress(f"ceilings: copy {ceilings['copy_gbs']:.0f} GB/s, matmul {ceilings['matmul_tflops']:.1f} TFLOP/s")
     rows: list[dict] = []
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(all_rows, final=False):
+        """Written before and after every benchmark, so a run cut short by its time limit keeps what it
+        measured."""
+        (out / "results.json").write_text(json.dumps({"environment": env, "ceilings": ceilings, "rows": all_rows,
+                                                     "complete": final}, indent=1, default=str))
+        write_markdown(out / "results.md", env, ceilings, all_rows)
+
+    save(rows)
     if args.only in (None, "kernels"):
         for name in benches:
             progress(f"kernel benchmark {name}")
@@ -236,15 +246,7 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 - a failing benchmark is reported, the rest still run
                 rows.append({"kind": "kernel", "bench": name, "error": f"{type(exc).__name__}: {exc}"})
                 progress(f"  {name} failed: {type(exc).__name__}: {exc}")
-    out.mkdir(parents=True, exist_ok=True)
-
-    def save(all_rows, final=False):
-        """Written after every model too, so a run cut short by its time limit keeps what it measured."""
-        (out / "results.json").write_text(json.dumps({"environment": env, "ceilings": ceilings, "rows": all_rows,
-                                                     "complete": final}, indent=1, default=str))
-        write_markdown(out / "results.md", env, ceilings, all_rows)
-
-    save(rows)
+            save(rows)
     if args.only in (None, "model"):
         kernel_rows = list(rows)
 

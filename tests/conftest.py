@@ -73,3 +73,17 @@ def pytest_report_header(config):
     if HAS_CUDA:
         return f"bertfast: CUDA device {torch.cuda.get_device_name()} - GPU tests run, Triton compiles for real"
     return "bertfast: no CUDA device - Triton kernels run in the interpreter (TRITON_INTERPRET=1); GPU-only tests are reported as skipped"
+
+
+# tests that run on the GPU when there is one: those taking the `device` fixture (CUDA on a GPU machine), those
+# with "cuda" in their name or parameters, and the files that run on CUDA throughout. benchmarks/gpu_suite.sh runs
+# them first (-m gpu), within its time budget, and the rest (which CI runs on CPU too) if time is left
+_GPU_FILES = {"test_gpu_model.py", "test_encoder_backends.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        device_fixture = "device" in item.fixturenames and not (callspec and "device" in callspec.params)
+        if device_fixture or "cuda" in item.name or item.path.name in _GPU_FILES:
+            item.add_marker(pytest.mark.gpu)

@@ -7,6 +7,10 @@ import torch
 from transformers import BertConfig
 from transformers import BertModel as HFBertModel
 
+# where the Triton kernels run: the GPU when there is one, else the CPU through the interpreter (conftest sets it);
+# reference masks drawn by the kernels come from there (the Philox draw does not depend on the device)
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def bert_config(hidden=96, heads=3, layers=2, intermediate=None, vocab=211, max_pos=80, type_vocab=3, **kw):
     return BertConfig(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,

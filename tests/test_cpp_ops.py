@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import bertfast._C  # noqa: F401  (registers torch.ops.bertfast_C)
+from helpers import KERNEL_DEVICE
 
 ops = torch.ops.bertfast_C
 HAS_CUDA = torch.cuda.is_available()
@@ -177,7 +178,7 @@ def test_add_layer_norm_dropout(n, h, dtype, act, with_r, p):
     from bertfast.kernels.layer_norm import dropout_keep_mask
     seed = int(torch.randint(0, 2 ** 62, ()).item())
     x, w, b, r, xb = _aln_inputs(n, h, dtype, with_r, True)
-    keep = dropout_keep_mask((n, h), p, seed, "cpu")
+    keep = dropout_keep_mask((n, h), p, seed, KERNEL_DEVICE).cpu()
     y, mean, rstd, keep_bits = ops.add_layer_norm(x, w, b, 1e-12, r, xb, act, p, seed)
     assert torch.equal(unpack_keep_bits(keep_bits, h), keep)
     scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
@@ -723,7 +724,7 @@ def test_attention_dropout_keep_matches_the_triton_kernels(p):
     lengths = [5, 17, 17, 17, 1, 33, 130]
     cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     heads = 3
-    want = dropout_mask(cu, max(lengths), heads, p, seed, "cpu")
+    want = dropout_mask(cu, max(lengths), heads, p, seed, KERNEL_DEVICE).cpu()
     kept = want[6, :, :130, :130].float().mean().item()      # 50700 draws of the longest sequence
     assert abs(kept - (1 - p)) < 0.01, f"the reference keeps {kept}, not ~{1 - p}"
     for b, length in enumerate(lengths):

@@ -4,6 +4,7 @@ import torch
 
 from bertfast import ops
 from bertfast.padding import unpad_mask
+from helpers import KERNEL_DEVICE
 
 BACKENDS = ["auto", "reference"]
 
@@ -54,7 +55,7 @@ def _attention_naive(qkv, cu, scale, dropout_p, seed):
     from bertfast.kernels.attention import dropout_mask
     lengths = (cu[1:] - cu[:-1]).tolist()
     if dropout_p > 0:
-        mask = dropout_mask(cu, max(max(lengths), 1), qkv.shape[2], dropout_p, seed, "cpu")
+        mask = dropout_mask(cu, max(max(lengths), 1), qkv.shape[2], dropout_p, seed, KERNEL_DEVICE).cpu()
     outs = []
     for b, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         if e == s:
