@@ -109,8 +109,11 @@ def cmd_demo(args) -> int:
 
     import bertfast
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     model_dir = args.model or default_model_dir()
+    if not os.path.isdir(model_dir):
+        raise SystemExit(f"bertfast demo: --model {model_dir!r} is not a directory (a BERT checkpoint folder with "
+                         f"config.json, the tokenizer and model.safetensors)")
     print(f"bertfast demo: {os.path.basename(model_dir.rstrip('/'))} at {model_dir}\n  device {device}, fp32")
     tok = AutoTokenizer.from_pretrained(model_dir)
     batch = tok(DEMO_SENTENCES, padding=True, return_tensors="pt").to(device)
@@ -169,7 +172,7 @@ def cmd_check(args) -> int:
     from transformers import BertModel as HFBertModel
 
     import bertfast
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     worst = 0.0
     for hidden, heads, layers_ in ((96, 3, 2), (384, 12, 2), (768, 12, 2)):
         cfg = BertConfig(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers_,
@@ -204,6 +207,30 @@ def cmd_bench(args, rest) -> int:
     return suite.main(rest)
 
 
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (a median and percentiles need two timings), got {value}")
+    return value
+
+
+def _device(args):
+    """The device of --device (default: cuda when available), refused by name when it cannot run here."""
+    import torch
+    if args.device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise SystemExit(f"bertfast {args.cmd}: --device {args.device!r} is not a device ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bertfast {args.cmd}: --device {args.device} asked for CUDA, but torch "
+                         f"{torch.__version__} sees no CUDA device (CUDA build: {torch.version.cuda or 'no'})")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"bertfast {args.cmd}: --device must be cpu or cuda, got {args.device!r}")
+    return device
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bertfast", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -211,7 +238,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="encode sentences with the embedded default model; compare and time")
     p.add_argument("--model", help="model directory (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=_at_least_two, default=20)
     p.add_argument("--tolerance", type=float, default=1e-5)
     p = sub.add_parser("check", help="parity with transformers on this machine's device")
     p.add_argument("--device")
@@ -224,7 +251,11 @@ def main(argv=None) -> int:
         cmd, rest = argv[0], argv[1:]
         return cmd_compile_report(None, rest) if cmd == "compile-report" else cmd_bench(None, rest)
     args = parser.parse_args(argv)
-    return {"info": cmd_info, "demo": cmd_demo, "check": cmd_check}[args.cmd](args)
+    try:
+        return {"info": cmd_info, "demo": cmd_demo, "check": cmd_check}[args.cmd](args)
+    except ValueError as exc:       # bad settings (BERTFAST_BACKEND=...), bad checkpoints: the message, no traceback
+        print(f"bertfast {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

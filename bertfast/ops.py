@@ -210,9 +210,14 @@ def implementation_table(device: torch.device | str = "cpu") -> dict[str, str]:
         except BackendError as exc:
             table[op] = f"error: {exc}"
             continue
-        skipped = [f"{i}: {_available(i, op, device) or _supports(i, op, facts[op])}"
-                   for i in PREFERENCE[op][dev][: PREFERENCE[op][dev].index(impl)]] if impl in PREFERENCE[op][dev] else []
-        table[op] = impl + (f"  ({'; '.join(skipped)})" if skipped else "")
+        setting = backend_setting()
+        if setting != "auto":          # forced: nothing was skipped; say why a forced backend is not the one running
+            table[op] = impl + (f"  (BERTFAST_BACKEND={setting}: {op} has no {setting} implementation)"
+                                if impl != setting else "")
+        else:
+            skipped = [f"{i}: {_available(i, op, device) or _supports(i, op, facts[op])}"
+                       for i in PREFERENCE[op][dev][: PREFERENCE[op][dev].index(impl)]]
+            table[op] = impl + (f"  ({'; '.join(skipped)})" if skipped else "")
         if op == "varlen_attention" and dev == "cpu" and impl == "reference":
             missing = _cpu_attention_keep_missing()
             table[op] += ("  (dropout mask: bertfast._C Philox, the GPU kernels' draw)" if missing is None
@@ -376,13 +381,39 @@ def _check_attention_args(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int):
         raise ValueError(f"qkv must be a floating-point tensor, got {qkv.dtype}")
     if qkv.stride(-1) != 1:
         raise ValueError("qkv must be contiguous in its last dimension (head_dim)")
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of batch + 1 offsets, got {cu_seqlens.dtype} "
-                         f"of shape {tuple(cu_seqlens.shape)}")
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
+            or cu_seqlens.numel() < 1:
+        got = (f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor)
+               else type(cu_seqlens).__name__)
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of batch + 1 offsets (at least [0]), got {got}")
     if cu_seqlens.device != qkv.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but qkv is on {qkv.device}")
     if int(max_seqlen) < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+
+
+def _check_cu_seqlens_values(cu_seqlens: Tensor, total: int, max_seqlen: int) -> None:
+    """cu_seqlens' values against qkv and max_seqlen (one host read; skipped while compiling or capturing a CUDA
+    graph, where nothing may be read): a kernel trusts them for its addresses."""
+    if torch.compiler.is_compiling() or (cu_seqlens.device.type == "cuda"
+                                         and torch.cuda.is_current_stream_capturing()):
+        return
+    if cu_seqlens.numel() == 1:
+        bounds = cu_seqlens.tolist()
+        first = last = bounds[0]
+        min_len = max_len = 0
+    else:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        first, last, min_len, max_len = torch.stack(
+            [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {first}")
+    if min_len < 0:
+        raise ValueError("cu_seqlens must be monotonic non-decreasing")
+    if last != total:
+        raise ValueError(f"cu_seqlens must end at T = qkv.shape[0] = {total}, got {last}")
+    if max_len > max_seqlen:
+        raise ValueError(f"max_seqlen {max_seqlen} is smaller than the longest sequence in cu_seqlens ({max_len})")
 
 
 def _cpu_flash(cdt: torch.dtype, dropout_p: float):
@@ -569,6 +600,8 @@ def _fp32_precision() -> str:
 @torch.library.custom_op("bertfast::varlen_attention", mutates_args=())
 def _varlen_attention_op(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_scale: float,
                          dropout_p: float, seed: int, impl: str) -> tuple[Tensor, Tensor]:
+    if impl == "triton" and qkv.shape[0] == 0:   # no token (e.g. an all-padding batch): max_seqlen may be 0
+        return qkv.new_empty((0, qkv.shape[2], qkv.shape[3])), qkv.new_empty((qkv.shape[2], 0), dtype=torch.float32)
     if impl == "triton":
         out, lse = triton_module("varlen_attention").attention_forward(
             qkv, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed, _fp32_precision(), validate=False)
@@ -589,6 +622,8 @@ def _(qkv, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed, impl):
 def _varlen_attention_backward_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
                                   max_seqlen: int, softmax_scale: float, dropout_p: float, seed: int,
                                   impl: str) -> Tensor:
+    if impl == "triton" and qkv.shape[0] == 0:
+        return torch.zeros_like(qkv)
     if impl == "triton":
         return triton_module("varlen_attention").attention_backward(
             dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed, _fp32_precision())
@@ -620,7 +655,7 @@ _register_autograd(_varlen_attention_op, _attention_backward, _attention_setup)
 
 
 def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_scale: float | None = None,
-                     dropout_p: float = 0.0) -> Tensor:
+                     dropout_p: float = 0.0, validate: bool = True) -> Tensor:
     """Non-causal attention of each packed sequence over itself.
 
     qkv:        (T, 3, heads, head_dim) - queries, keys, values of the T packed tokens (the QKV GEMM's output
@@ -628,6 +663,9 @@ def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_s
     cu_seqlens: (batch + 1,) int32 - sequence b is rows cu_seqlens[b] : cu_seqlens[b+1]
     max_seqlen: python int, the longest sequence (no host read is made for it)
     softmax_scale: default 1 / sqrt(head_dim);  dropout_p: dropout on the probabilities (training)
+    validate:   check cu_seqlens' values (start 0, non-decreasing, end at T, longest <= max_seqlen) before a
+                kernel trusts them: one host read on a GPU. bertfast's encoder, which builds cu_seqlens itself,
+                passes False.
     returns     (T, heads, head_dim) in qkv's dtype
     """
     _check_attention_args(qkv, cu_seqlens, max_seqlen)
@@ -635,6 +673,13 @@ def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_s
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
     impl = choose("varlen_attention", qkv.device, dtype=qkv.dtype, head_dim=qkv.shape[-1])
+    cu_seqlens = cu_seqlens.contiguous()       # the kernels read it by address
+    if cu_seqlens.numel() == 1:                # no sequence: nothing to attend
+        if qkv.shape[0]:
+            raise ValueError(f"cu_seqlens [0] describes no sequence but qkv holds {qkv.shape[0]} tokens")
+        return qkv[:, 0].clone()                   # [0, heads, head_dim], linked to qkv for autograd
+    if validate:
+        _check_cu_seqlens_values(cu_seqlens, qkv.shape[0], int(max_seqlen))
     seed = new_seed() if dropout_p > 0.0 else 0
     return _run(_varlen_attention_op, qkv, cu_seqlens, int(max_seqlen), scale, float(dropout_p), seed, impl)[0]
 
@@ -721,6 +766,9 @@ def _check_same(name: str, t: Optional[Tensor], x: Tensor, what: str, shape=None
 def _check_bias_act(x: Tensor, bias: Optional[Tensor], activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError(f"x must be a tensor of shape [..., I] (at least 1-D), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
     _check_same("bias", bias, x, "x", shape=(x.shape[-1],))
@@ -731,7 +779,8 @@ def bias_act(x: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Ten
     _check_bias_act(x, bias, activation)
     shape = x.shape
     impl = choose("bias_act", x.device, dtype=x.dtype)
-    y = _run(_bias_act_op, _as_rows(x, shape[-1]), bias, activation, impl)
+    y = _run(_bias_act_op, _as_rows(x, shape[-1]), bias.contiguous() if bias is not None else None, activation,
+             impl)
     return y if x.dim() == 2 else y.view(shape)
 
 
@@ -762,7 +811,8 @@ def bias_act_(x: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Te
     if x.numel() == 0:
         return x
     impl = choose("bias_act", x.device, dtype=x.dtype)
-    _run(_bias_act_inplace_op, x if x.dim() == 2 else x.view(-1, x.shape[-1]), bias, activation, impl)
+    _run(_bias_act_inplace_op, x if x.dim() == 2 else x.view(-1, x.shape[-1]),
+         bias.contiguous() if bias is not None else None, activation, impl)
     # _run's eager path skips the dispatcher's in-place bookkeeping: mark x modified, so that autograd refuses a
     # graph that saved x before this call instead of computing wrong gradients (as for torch's relu_)
     torch.autograd.graph.increment_version(x)
@@ -901,6 +951,10 @@ def add_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual
         raise ValueError(f"activation must be None or one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not eps >= 0.0:        # also NaN
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    weight, bias = weight.contiguous(), bias.contiguous()      # (H,) vectors: no-ops unless a strided view
+    x_bias = x_bias.contiguous() if x_bias is not None else None
     shape = x.shape
     x2 = _as_rows(x, hidden)
     r2 = _as_rows(residual, hidden) if residual is not None else None
@@ -1009,17 +1063,38 @@ def embed(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_i
     returns (T, E) in word_emb's dtype. Ids are not range-checked here (the model checks them once per batch).
     """
     impl = choose("embed", word_emb.device, dtype=word_emb.dtype)
+    # the kernels read the id / index vectors and the LayerNorm vectors by address: a strided view of them (e.g.
+    # the expanded position ids of a batch of length-1 rows) is made contiguous here, a no-op otherwise
+    input_ids, indices, position_ids = input_ids.contiguous(), indices.contiguous(), position_ids.contiguous()
+    token_type_ids = token_type_ids.contiguous() if token_type_ids is not None else None
     return _run(_embed_op, input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
-                ln_weight, ln_bias, float(eps), -1 if padding_idx is None else int(padding_idx), impl)[0]
+                ln_weight.contiguous(), ln_bias.contiguous(), float(eps), -1 if padding_idx is None else
+                int(padding_idx), impl)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
 # unpad / pad
 
+def _check_index_values(op: str, indices: Tensor, n_rows: int, what: str, distinct: bool) -> None:
+    """The reference's version of the C++ kernels' index checks (one host read; skipped while capturing a CUDA
+    graph, where nothing may be read): indices in [0, n_rows), and all distinct where rows are written."""
+    if not indices.numel() or (indices.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return
+    stats = [indices.min(), indices.max()]
+    if distinct:
+        stats.append(torch.bincount(indices.clamp(0, max(n_rows - 1, 0)), minlength=1).max())
+    values = torch.stack(stats).tolist()
+    if values[0] < 0 or values[1] >= n_rows:
+        raise ValueError(f"{op}: indices holds values in [{values[0]}, {values[1]}], outside [0, {n_rows}) ({what})")
+    if distinct and values[2] > 1:
+        raise ValueError(f"{op}: indices holds a row more than once (each padded row is written by one token)")
+
+
 @torch.library.custom_op("bertfast::unpad", mutates_args=())
 def _unpad_op(x: Tensor, indices: Tensor, impl: str) -> Tensor:
     if impl == "cpp":
         return torch.ops.bertfast_C.unpad(x, indices)
+    _check_index_values("unpad", indices, x.shape[0], "rows of x", distinct=False)
     return x.index_select(0, indices)
 
 
@@ -1032,6 +1107,7 @@ def _(x, indices, impl):
 def _pad_op(x: Tensor, indices: Tensor, n_rows: int, impl: str) -> Tensor:
     if impl == "cpp":
         return torch.ops.bertfast_C.pad(x, indices, n_rows)
+    _check_index_values("pad", indices, n_rows, "rows of the padded output, batch * seqlen", distinct=True)
     return x.new_zeros((n_rows,) + tuple(x.shape[1:])).index_copy_(0, indices, x)
 
 
@@ -1071,7 +1147,7 @@ def unpad(x: Tensor, indices: Tensor) -> Tensor:
     """x (N, ...) -> x[indices] (T, ...); e.g. hidden states [B*S, H] of a padded batch to its real tokens."""
     if indices.dtype != torch.int64 or indices.dim() != 1:
         raise ValueError(f"indices must be a 1-D int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
-    return _run(_unpad_op, x.contiguous(), indices, choose("unpad", x.device, dtype=x.dtype))
+    return _run(_unpad_op, x.contiguous(), indices.contiguous(), choose("unpad", x.device, dtype=x.dtype))
 
 
 def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
@@ -1079,5 +1155,5 @@ def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
     if indices.dtype != torch.int64 or indices.dim() != 1 or indices.shape[0] != x.shape[0]:
         raise ValueError(f"indices must be a 1-D int64 tensor with one entry per row of x ({x.shape[0]}), got "
                          f"{indices.dtype} of shape {tuple(indices.shape)}")
-    out = _run(_pad_op, x.contiguous(), indices, batch * seqlen, choose("pad", x.device, dtype=x.dtype))
+    out = _run(_pad_op, x.contiguous(), indices.contiguous(), batch * seqlen, choose("pad", x.device, dtype=x.dtype))
     return out.view((batch, seqlen) + tuple(x.shape[1:]))

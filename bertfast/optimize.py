@@ -47,6 +47,7 @@ def optimize(model: nn.Module) -> nn.Module:
         return model
     ours = _encoder_like(base, model)          # raises (model untouched) when bertfast cannot serve it
     heads = _fusable_head_transforms(model)
+    ours._padded_position_reader = _padded_position_reader(model)
     setattr(model, model.base_model_prefix, ours)
     for parent, name, transform in heads:
         setattr(parent, name, FusedHeadTransform(transform))
@@ -115,6 +116,7 @@ def _encoder_like(base: nn.Module, owner: nn.Module) -> EncoderModel:
     if (isinstance(theirs, nn.Embedding) and theirs.weight is mine.weight and theirs.padding_idx == mine.padding_idx
             and theirs.max_norm is None and not theirs.sparse):
         ours.embeddings.word_embeddings = theirs
+    _refuse_hooks(base, owner, kept=ours.embeddings.word_embeddings)
     ours.train(base.training)
     # activation checkpointing switched on in the transformers model stays on (transformers keeps the flag and
     # its checkpoint function on the encoder's modules)
@@ -124,6 +126,43 @@ def _encoder_like(base: nn.Module, owner: nn.Module) -> EncoderModel:
             ours._gradient_checkpointing_func = getattr(module, "_gradient_checkpointing_func", None)
             break
     return ours
+
+
+def _local_hooks(module: nn.Module) -> list[str]:
+    """The kinds of hooks registered on this module itself (global hooks run on any module: not counted)."""
+    kinds = (("forward", module._forward_hooks), ("forward pre", module._forward_pre_hooks),
+             ("backward", module._backward_hooks), ("backward pre", module._backward_pre_hooks))
+    return [kind for kind, hooks in kinds if hooks]
+
+
+def _refuse_hooks(base: nn.Module, owner: nn.Module, kept: nn.Module) -> None:
+    """Hooks on the encoder's modules would silently stop running once it is swapped out (except on `kept`, the
+    word-embedding module when the new encoder keeps it): refuse, naming them."""
+    found = [f"{name or type(base).__name__} ({', '.join(kinds)})" for name, module in base.named_modules()
+             if module is not kept and (kinds := _local_hooks(module))]
+    if found:
+        raise ValueError(f"bertfast.optimize: {type(owner).__name__}'s encoder modules have hooks that would no "
+                         f"longer run once bertfast replaces them: {'; '.join(found[:5])}"
+                         f"{' ...' if len(found) > 5 else ''}. Remove them (handle.remove()) before optimize and "
+                         f"register them on the optimised model's modules, or leave this model unoptimised")
+
+
+def _padded_position_reader(model: nn.Module) -> tuple[str, int | None] | None:
+    """What in a task model reads a fixed position of last_hidden_state, and which (0, -1, None = all):
+    bertfast leaves padded rows zero, so such a head must not be handed padding there. The pooler is not one:
+    bertfast's reads each row's first real token."""
+    name = type(model).__name__
+    if name.startswith("DistilBertFor") and name.endswith(("SequenceClassification", "MultipleChoice")):
+        return f"{name} (hidden_state[:, 0])", 0
+    for mod_name, module in model.named_modules():
+        cls = type(module).__name__
+        if cls.endswith("ClassificationHead"):        # RoBERTa / XLM-R / ELECTRA: features[:, 0, :]
+            return f"{name}.{mod_name} ({cls})", 0
+        if cls.endswith("SequenceSummary"):            # ELECTRA multiple choice
+            kind = getattr(module, "summary_type", "last")
+            position = {"first": 0, "last": -1, "cls_index": -1}.get(kind)
+            return f"{name}.{mod_name} ({cls}, summary_type {kind!r})", position
+    return None
 
 
 class FusedHeadTransform(nn.Module):
@@ -151,6 +190,12 @@ def _fusable_head_transforms(model: nn.Module):
     for name, module in model.named_modules():
         if type(module).__name__.endswith("PredictionHeadTransform") and hasattr(module, "dense") and \
                 isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm):
+            hooked = [n for n, m in module.named_modules() if _local_hooks(m)]
+            if hooked:     # the fused module would not call the hooked modules: keep transformers' transform
+                ops.notice_once(f"hooked-head:{name}", f"bertfast.optimize: {name} has hooks "
+                                f"({', '.join(n or 'itself' for n in hooked)}): it keeps running transformers' "
+                                f"unfused transform")
+                continue
             act = getattr(model.config, "hidden_act", None)
             if isinstance(act, str) and ACTIVATION_OF_HIDDEN_ACT.get(act) in ("gelu", "gelu_tanh", "relu", "silu"):
                 module._bertfast_activation = ACTIVATION_OF_HIDDEN_ACT[act]

@@ -47,6 +47,9 @@ def unpad_mask(attention_mask: torch.Tensor, max_seqlen: int | None = None) -> U
     Any mask pattern is allowed (right padding, left padding, holes): a sequence is its real tokens in order.
     ``max_seqlen`` may be given to avoid the one host read this function otherwise makes.
     """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be a [batch, seq_len] tensor, got "
+                         f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
     batch, seqlen = attention_mask.shape
     real = attention_mask != 0
     seqlens = real.sum(dim=1, dtype=torch.int32)
@@ -61,7 +64,7 @@ def full_batch(batch: int, seqlen: int, device) -> Unpadded:
     """Index data for a batch with no padding (no attention mask given): no host read needed."""
     indices = torch.arange(batch * seqlen, device=device)
     seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device=device)
-    cu_seqlens = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+    cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen     # also for seqlen 0
     return Unpadded(indices, cu_seqlens, seqlens, seqlen, batch, seqlen)
 
 

@@ -2,7 +2,8 @@
 
 One kernel family serves the encoder's three uses: bias + residual + LayerNorm after the attention output and
 the FFN output projections (x_bias, residual), the MLM head's transform (x_bias, activation="gelu", no
-residual), and training (dropout with a seed). activation is None | "gelu" (exact erf) | "gelu_tanh".
+residual), and training (dropout with a seed). activation is None | "gelu" (exact erf) | "gelu_tanh" | "relu" |
+"silu" (the MLM head transforms of relu / silu configs).
 
 Numerics: every element is loaded, upcast to fp32 and kept in fp32 until the final store; mean and rstd are
 fp32 for every input dtype and returned ([N] fp32) for the backward.
@@ -33,9 +34,10 @@ import triton.language as tl
 
 from bertfast.kernels.config import (MAX_FUSED_HIDDEN, MIN_ROW_BLOCK, KernelSpec, UnsupportedInput, cdiv,
                                      row_block, torch_to_triton_dtype)
-from bertfast.kernels.gelu import ACT_GELU, ACT_GELU_TANH, ACT_NONE, _act_bwd, _act_fwd, device_guard
+from bertfast.kernels.gelu import (ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACT_RELU, ACT_SILU, _act_bwd, _act_fwd,
+                                   device_guard)
 
-LN_ACTIVATIONS = {None: ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
+LN_ACTIVATIONS = {None: ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU, "silu": ACT_SILU}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NUM_STAGES = 1
 
@@ -215,7 +217,7 @@ def _check_common(x, weight, bias, residual, x_bias, activation, dropout_p, seed
     _check_rows("x", x)
     row_block(x.shape[1], "hidden size (x.shape[-1])")
     if activation not in LN_ACTIVATIONS:
-        raise UnsupportedInput(f"activation must be None, 'gelu' or 'gelu_tanh', got {activation!r}")
+        raise UnsupportedInput(f"activation must be None, 'gelu', 'gelu_tanh', 'relu' or 'silu', got {activation!r}")
     _check_vec("weight", weight, x)
     _check_vec("bias", bias, x)
     if residual is not None:
@@ -285,7 +287,7 @@ def add_layer_norm_forward(x, weight, bias, eps: float, residual=None, x_bias=No
     """y = LayerNorm(dropout(act(x + x_bias)) + residual) * weight + bias over the last dim.
 
     x, residual: [N, H] contiguous, fp32/fp16/bf16 (any leading dims flattened by the caller);
-    weight, bias, x_bias: [H] in x's dtype; activation: None | "gelu" | "gelu_tanh";
+    weight, bias, x_bias: [H] in x's dtype; activation: None | "gelu" | "gelu_tanh" | "relu" | "silu";
     dropout_p in [0, 1], seed in [0, 2**63) (used only when dropout_p > 0);
     out: optional [N, H] tensor in x's dtype to write y into;
     rows: rows per program, one of forward_row_choices(BLOCK_N) (default: the first, the launch policy).

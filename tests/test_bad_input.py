@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bertfast
+import bertfast.cli
 from bertfast import CheckpointError
 from helpers import bert_config, hf_bert, random_batch
 
@@ -213,3 +214,166 @@ def test_hub_ids_fetch_config_and_weights_only(tmp_path, monkeypatch):
     folder = bertfast.loading.resolve("someone/old-bert")
     got = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     assert got == ["config.json", "pytorch_model.bin", "tokenizer.json", "vocab.txt"] and len(calls) == 2
+
+
+BACKENDS_ON_CPU = ["auto", "reference", "triton"]
+
+
+def _backend(monkeypatch, backend):
+    monkeypatch.setenv("BERTFAST_BACKEND", backend)
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+def test_strided_ids_and_length_one_rows_match_transformers(backend, monkeypatch):
+    """Valid inputs that are views: a batch of length-1 rows (its default position ids are an expanded view),
+    column slices and strided ids / token types / positions. All match transformers."""
+    _backend(monkeypatch, backend)
+    torch.manual_seed(3)
+    cfg = bert_config(hidden=64, heads=2, layers=1, vocab=50, max_pos=32, type_vocab=2)
+    hf = hf_bert(cfg)
+    ours = bertfast.BertModel.from_hf(hf).eval()
+    ids = torch.randint(0, 50, (3, 14))
+    types = torch.randint(0, 2, (3, 14))
+    positions = torch.randint(0, 32, (3, 14))
+    cases = [dict(input_ids=ids[:, :1].contiguous()), dict(input_ids=ids[:, :1]), dict(input_ids=ids[:, ::2]),
+             dict(input_ids=ids[:, ::2], token_type_ids=types[:, ::2], position_ids=positions[:, ::2]),
+             dict(input_ids=ids[:, :1], attention_mask=torch.ones(3, 1, dtype=torch.long))]
+    for kwargs in cases:
+        with torch.no_grad():
+            a, b = hf(**kwargs), ours(**kwargs)
+        assert (a.last_hidden_state - b.last_hidden_state).abs().max() <= 1e-5, kwargs.keys()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+def test_empty_batches(backend, monkeypatch):
+    """Batch 0, sequence length 0 and an all-padding batch give empty / zero outputs, as transformers' shapes."""
+    _backend(monkeypatch, backend)
+    model = bertfast.BertModel(bert_config(hidden=64, heads=2, layers=1, vocab=50, max_pos=32)).eval()
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        assert model(ids[:0]).last_hidden_state.shape == (0, 7, 64)
+        assert model(ids[:, :0]).last_hidden_state.shape == (3, 0, 64)
+        out = model(ids, attention_mask=torch.zeros_like(ids))
+    assert out.last_hidden_state.shape == (3, 7, 64) and not out.last_hidden_state.any()
+    qkv = torch.randn(0, 3, 2, 32, requires_grad=True)
+    assert bertfast.ops.varlen_attention(qkv, torch.zeros(1, dtype=torch.int32), 0).shape == (0, 2, 32)
+    out = bertfast.ops.varlen_attention(qkv, torch.zeros(3, dtype=torch.int32), 0)
+    out.sum().backward()
+    assert out.shape == (0, 2, 32) and qkv.grad.shape == qkv.shape
+    with pytest.raises(ValueError, match=r"cu_seqlens \[0\] describes no sequence but qkv holds 5 tokens"):
+        bertfast.ops.varlen_attention(torch.randn(5, 3, 2, 32), torch.zeros(1, dtype=torch.int32), 5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+@pytest.mark.parametrize("cu,max_seqlen,message", [
+    ([1, 3, 8, 9], 5, "must start at 0, got 1"),
+    ([0, 8, 3, 9], 8, "monotonic non-decreasing"),
+    ([0, -3, 8, 9], 11, "monotonic non-decreasing"),
+    ([0, 3, 8], 5, r"must end at T = qkv.shape\[0\] = 9, got 8"),
+    ([0, 3, 8, 12], 5, r"must end at T = qkv.shape\[0\] = 9, got 12"),
+    ([0, 3, 8, 9], 2, r"max_seqlen 2 is smaller than the longest sequence in cu_seqlens \(5\)"),
+])
+def test_varlen_attention_checks_cu_seqlens_values(backend, cu, max_seqlen, message, monkeypatch):
+    """A kernel addresses memory by cu_seqlens: wrong values are refused on every backend (the CPU path reads them
+    anyway; the GPU kernels after one host read), not turned into garbage or a crash."""
+    _backend(monkeypatch, backend)
+    qkv = torch.randn(9, 3, 2, 32)
+    with pytest.raises(ValueError, match=message):
+        bertfast.ops.varlen_attention(qkv, torch.tensor(cu, dtype=torch.int32), max_seqlen)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_strided_vectors_are_taken(backend, monkeypatch):
+    """Strided views of cu_seqlens, weights, biases and index vectors are valid inputs: same results as
+    contiguous copies."""
+    _backend(monkeypatch, backend)
+    ops = bertfast.ops
+    qkv = torch.randn(9, 3, 2, 32)
+    cu = torch.tensor([0, 99, 3, 99, 8, 99, 9, 99], dtype=torch.int32)[::2]
+    assert torch.equal(ops.varlen_attention(qkv, cu, 5), ops.varlen_attention(qkv, cu.contiguous(), 5))
+    x, r = torch.randn(5, 64), torch.randn(5, 64)
+    w, b, xb = torch.randn(128)[::2], torch.randn(128)[::2], torch.randn(128)[::2]
+    assert torch.equal(ops.add_layer_norm(x, w, b, 1e-5, residual=r, x_bias=xb),
+                       ops.add_layer_norm(x, w.contiguous(), b.contiguous(), 1e-5, residual=r,
+                                          x_bias=xb.contiguous()))
+    assert torch.equal(ops.bias_gelu(x, xb), ops.bias_gelu(x, xb.contiguous()))
+    idx = torch.tensor([0, 9, 2, 9, 4, 9])[::2]
+    assert torch.equal(ops.unpad(x, idx), x[[0, 2, 4]])
+    assert torch.equal(ops.pad(x[:3], idx, 2, 3).reshape(6, 64)[[0, 2, 4]], x[:3])
+
+
+def test_op_arguments_named(monkeypatch):
+    ops = bertfast.ops
+    x, w, b = torch.randn(3, 8), torch.ones(8), torch.zeros(8)
+    for eps in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="eps must be >= 0"):
+            ops.add_layer_norm(x, w, b, eps)
+    with pytest.raises(ValueError, match=r"x must be a tensor of shape \[\.\.\., I\]"):
+        ops.bias_gelu(torch.tensor(1.0), None)
+    with pytest.raises(ValueError, match=r"attention_mask must be a \[batch, seq_len\] tensor, got \(4,\)"):
+        bertfast.padding.unpad_mask(torch.ones(4))
+
+
+def test_roberta_batches_padded_past_the_positions(tmp_path):
+    """RoBERTa counts positions over the non-padding ids, so a batch padded wider than its positions is valid
+    when every sequence fits (transformers takes it); a sequence that does not fit is refused by name."""
+    import transformers as T
+    torch.manual_seed(5)
+    cfg = T.RobertaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=96,
+                          vocab_size=100, max_position_embeddings=40, pad_token_id=1, type_vocab_size=1)
+    hf = T.RobertaModel._from_config(cfg, attn_implementation="eager").eval()
+    ours = bertfast.optimize(hf.__class__._from_config(cfg, attn_implementation="eager").eval())
+    ours.load_state_dict(hf.state_dict())
+    ids = torch.randint(3, 100, (2, 39))
+    mask = torch.ones_like(ids)
+    ids[:, 30:], mask[:, 30:] = 1, 0          # 30 real tokens padded to 39 > 38 positions
+    with torch.no_grad():
+        a, b = hf(ids, attention_mask=mask), ours(ids, attention_mask=mask)
+    q = mask.bool()
+    assert (a.last_hidden_state[q] - b.last_hidden_state[q]).abs().max() <= 1e-5
+    ids = torch.randint(3, 100, (1, 39))
+    with pytest.raises(ValueError, match=r"input_ids hold a sequence of 39 tokens \(not counting padding\), longer "
+                                         r"than the model's positions allow \(38"):
+        ours(ids)
+
+
+def test_reference_pad_and_unpad_check_indices(monkeypatch):
+    """The reference pad / unpad name a bad index as the C++ kernels do (out of range, a row written twice)."""
+    for backend in ("reference", "cpp"):
+        monkeypatch.setenv("BERTFAST_BACKEND", backend)
+        y = torch.randn(3, 4)
+        with pytest.raises((ValueError, RuntimeError), match="indices holds (row 0 twice|a row more than once)"):
+            bertfast.ops.pad(y, torch.zeros(3, dtype=torch.long), 2, 3)
+        with pytest.raises((ValueError, RuntimeError), match="indices"):
+            bertfast.ops.unpad(y, torch.tensor([0, 3]))
+        with pytest.raises((ValueError, RuntimeError), match="indices"):
+            bertfast.ops.pad(y, torch.tensor([0, 1, 6]), 2, 3)
+
+
+def test_from_pretrained_refuses_integer_dtypes(tmp_path):
+    hf_bert(bert_config(hidden=32, heads=2, layers=1, vocab=50, max_pos=16)).save_pretrained(tmp_path)
+    for value in (torch.int64, "int8", "float17"):
+        with pytest.raises(ValueError, match="torch_dtype="):
+            bertfast.BertModel.from_pretrained(tmp_path, torch_dtype=value)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--device", "cpu", "--repeats", "1"], "--repeats: must be >= 2"),
+    (["check", "--device", "cuda"], "asked for CUDA, but torch"),
+    (["demo", "--device", "cpu", "--model", "/nonexistent/bertfast"], "is not a directory"),
+])
+def test_cli_errors_name_the_argument(argv, message, capsys):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    with pytest.raises(SystemExit) as exc:
+        bertfast.cli.main(argv)
+    assert message in str(exc.value.code) + capsys.readouterr().err
+
+
+def test_cli_bad_backend_setting_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("BERTFAST_BACKEND", "bogus")
+    assert bertfast.cli.main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert "BERTFAST_BACKEND='bogus' is not one of" in err and "Traceback" not in err

@@ -471,3 +471,140 @@ def test_save_pretrained_replaces_older_saves_and_records_dtype(tmp_path):
     assert torch.equal(again.pooler.dense.bias, ours.pooler.dense.bias)
     assert bertfast.AutoModel.from_pretrained(tmp_path, dtype="float16", torch_dtype=torch.float16).dtype == \
         torch.float16
+
+
+# transformers' dropout sites per family, each config field given its own probability so that the recorded
+# sequence says which field each site uses (DistilBERT has none after its attention output, ALBERT none after
+# its FFN output)
+DROPOUT_FIELDS = {"distilbert": dict(dropout=0.11, attention_dropout=0.13)}
+
+
+def _dropout_config(family):
+    cfg = family_config(family)
+    for field, p in DROPOUT_FIELDS.get(family, dict(hidden_dropout_prob=0.11,
+                                                    attention_probs_dropout_prob=0.13)).items():
+        setattr(cfg, field, p)
+    return cfg
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropout_sites_match_transformers(family, monkeypatch):
+    """In train mode bertfast applies dropout where transformers does, with the same probability: the sequence
+    of (probability) of every dropout call of one forward, transformers' eager modules against bertfast's ops."""
+    cfg = _dropout_config(family)
+    ref = BASE[family]._from_config(copy.deepcopy(cfg), attn_implementation="eager").train()
+    ours = bertfast.optimize(copy.deepcopy(ref)).train()
+    ids, mask, types = _batch(cfg)
+    seen = []
+    real_dropout = torch.nn.functional.dropout
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        if training and p > 0:
+            seen.append(round(p, 6))
+        return real_dropout(x, p, training, inplace)
+    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+    sites = []
+    for m in (ref, ours):
+        seen.clear()
+        if m is ours:
+            for name in ("varlen_attention", "add_layer_norm"):
+                op = getattr(bertfast.ops, name)
+
+                def recorded(*args, _op=op, **kwargs):
+                    if kwargs.get("dropout_p", 0.0) > 0:
+                        seen.append(round(kwargs["dropout_p"], 6))
+                    return _op(*args, **kwargs)
+                monkeypatch.setattr(bertfast.ops, name, recorded)
+        m(ids, attention_mask=mask)
+        sites.append(list(seen))
+    assert sites[0] == sites[1]
+    assert len(sites[0]) > 2 * cfg.num_hidden_layers if family != "albert" else len(sites[0]) > 1
+
+
+@pytest.mark.parametrize("family,head,padding_side,refused", [
+    ("roberta", "ForSequenceClassification", "left", True),
+    ("xlm-roberta", "ForSequenceClassification", "left", True),
+    ("electra", "ForSequenceClassification", "left", True),
+    ("distilbert", "ForSequenceClassification", "left", True),
+    ("electra", "ForMultipleChoice", "left", True),
+    ("electra", "ForMultipleChoice", "right", False),
+    ("roberta", "ForSequenceClassification", "right", False),
+    ("bert", "ForSequenceClassification", "left", False),      # the pooler reads each row's first real token
+    ("roberta", "ForTokenClassification", "left", False),      # per-token heads: padded rows are not read
+])
+def test_heads_reading_a_padded_position_are_refused(family, head, padding_side, refused):
+    """Heads that read last_hidden_state[:, 0] (RoBERTa / ELECTRA classification heads, DistilBERT's) would get
+    bertfast's zero row for a left-padded sequence, where transformers computes the pad token's state: such
+    batches are refused by name; right-padded ones match transformers."""
+    torch.manual_seed(len(family) + len(head))
+    cfg = family_config(family, dropout=False)
+    ref = getattr(T, PREFIX[family] + head)._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    model = bertfast.optimize(copy.deepcopy(ref))
+    inputs = _head_inputs(cfg, head)
+    if padding_side == "left":
+        inputs = {k: (v.flip(-1) if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()}
+    if refused:
+        with pytest.raises(ValueError, match=r"attention_mask: \d+ row\(s\) hold padding at position 0.*"
+                                             r"padding_side = 'right'"):
+            model(**inputs)
+        return
+    with torch.no_grad():
+        a, b = ref(**inputs), model(**inputs)
+    la, lb = _logits(a), _logits(b)
+    mask = inputs["attention_mask"]
+    if la.dim() >= mask.dim() and la.shape[: mask.dim()] == mask.shape:
+        la, lb = la[real(mask)], lb[real(mask)]
+    if family == "bert" and padding_side == "left":
+        # transformers pools the pad token at position 0, bertfast the first real token: equal where no padding
+        full = mask.reshape(-1, mask.shape[-1]).all(dim=-1)
+        la, lb = la[full], lb[full]
+        assert full.any()
+    assert (la - lb).abs().max() <= TOL
+
+
+def test_optimize_refuses_models_with_hooks_on_the_encoder():
+    """Hooks on modules the swap replaces would silently stop running: refused by name, model untouched; a hooked
+    MLM head transform stays transformers' (unfused) and its hook runs."""
+    cfg = family_config("bert", dropout=False)
+    model = T.BertForSequenceClassification._from_config(copy.deepcopy(cfg)).eval()
+    encoder = model.bert
+    handle = model.bert.encoder.layer[1].register_forward_hook(lambda m, a, o: None)
+    model.bert.pooler.register_forward_pre_hook(lambda m, a: None)
+    with pytest.raises(ValueError, match=r"hooks that would no longer run.*encoder\.layer\.1 \(forward\); "
+                                         r"pooler \(forward pre\)"):
+        bertfast.optimize(model)
+    assert model.bert is encoder
+    handle.remove()
+    model.bert.pooler._forward_pre_hooks.clear()
+    model.classifier.register_forward_hook(lambda m, a, o: None)       # outside the encoder: kept, allowed
+    bertfast.optimize(model)
+    assert isinstance(model.bert, bertfast.models.EncoderModel)
+
+    ref = T.BertForMaskedLM._from_config(copy.deepcopy(cfg)).eval()
+    model = copy.deepcopy(ref)
+    calls = []
+    model.cls.predictions.transform.LayerNorm.register_forward_hook(lambda m, a, o: calls.append(1))
+    bertfast.optimize(model)
+    assert type(model.cls.predictions.transform).__name__ == "BertPredictionHeadTransform"
+    inputs = _head_inputs(cfg, "ForMaskedLM")
+    with torch.no_grad():
+        a, b = ref(**inputs).logits, model(**inputs).logits
+    assert calls == [1]
+    q = real(inputs["attention_mask"])
+    assert (a[q] - b[q]).abs().max() <= TOL
+
+
+def test_output_attentions_in_training_are_after_dropout():
+    """transformers returns the attention probabilities after dropout (its eager attention); so does bertfast."""
+    torch.manual_seed(4)
+    cfg = family_config("bert", dropout=False)
+    cfg.attention_probs_dropout_prob = 0.5
+    model = bertfast.optimize(T.BertModel._from_config(copy.deepcopy(cfg))).train()
+    ids, mask, _ = _batch(cfg)
+    probs = model(ids, attention_mask=mask, output_attentions=True).attentions[0]
+    q = real(mask)
+    rows = probs.permute(0, 2, 1, 3)[q]                    # [real queries, heads, keys]
+    keys = q[:, None, :].expand(-1, q.shape[1], -1)[q]     # the real keys of each real query's sequence
+    kept = rows.permute(1, 0, 2)[:, keys]
+    assert 0.3 < (kept == 0).float().mean() < 0.7          # about half dropped; the kept ones scaled by 2
+    assert (rows.sum(-1) - 1).abs().max() > 0.1

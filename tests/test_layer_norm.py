@@ -24,6 +24,10 @@ def _act(a, activation):
         return F.gelu(a)
     if activation == "gelu_tanh":
         return F.gelu(a, approximate="tanh")
+    if activation == "relu":
+        return F.relu(a)
+    if activation == "silu":
+        return F.silu(a)
     return a
 
 
@@ -110,6 +114,8 @@ def test_hidden_sizes(hidden, dtype, device):
     (None, 0.0, True, False),
     ("gelu", 0.0, False, True),     # the MLM head transform
     ("gelu_tanh", 0.0, True, True),
+    ("relu", 0.0, False, True),     # the MLM head transform of relu / silu configs
+    ("silu", 0.1, True, True),
     (None, 0.1, True, True),        # training: bias + dropout + residual
     ("gelu", 0.25, True, True),     # everything at once
 ])

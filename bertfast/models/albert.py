@@ -42,7 +42,8 @@ class AlbertModel(EncoderModel):
 
     @classmethod
     def spec_of(cls, config):
-        return bert_spec(config, embedding_size=config.embedding_size)
+        # transformers' AlbertLayer defines a dropout but adds its FFN output to the residual without it
+        return bert_spec(config, embedding_size=config.embedding_size, ffn_output_dropout=False)
 
     @classmethod
     def check_config(cls, config):

@@ -61,6 +61,7 @@ class EncoderModel(nn.Module):
     supports_gradient_checkpointing = True
     config_class_name = ""
     has_token_types = True
+    positions_count_tokens = False     # default position ids count the non-padding ids (RoBERTa), not 0..S-1
     # (internal key template, family key template) pairs; internal = the BERT-style module tree of layers.py
     key_map: tuple = ()
     embedding_projection: str | None = None     # attribute holding the E -> H projection, if the family has one
@@ -80,6 +81,11 @@ class EncoderModel(nn.Module):
         self.gradient_checkpointing = False
         self._gradient_checkpointing_func = None
         self._checkpoint_every = 1
+        # set by bertfast.optimize when the task head reads a fixed position of last_hidden_state (RoBERTa /
+        # ELECTRA classification heads and DistilBERT's read position 0; an ELECTRA sequence summary may read the
+        # last position or average all): (who reads, position 0 / -1, or None for every position). A batch with
+        # padding there would hand the head zero (uncomputed) rows, so it is refused.
+        self._padded_position_reader: tuple[str, int | None] | None = None
         # graphs read the weights' storage of their capture: loading weights drops them (as _apply does)
         self.register_load_state_dict_post_hook(_drop_graphs_after_load)
         if self.key_map:
@@ -227,6 +233,7 @@ class EncoderModel(nn.Module):
                                  else output_attentions)
         return_dict = getattr(cfg, "return_dict", True) if return_dict is None else return_dict
 
+        positions_given = position_ids is not None
         input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds = self._check_inputs(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -241,7 +248,7 @@ class EncoderModel(nn.Module):
             max_seqlen, unpadded, total = seqlen, True, batch * seqlen
         else:
             max_seqlen, unpadded, total = self._check_ranges(input_ids, attention_mask, token_type_ids,
-                                                             position_ids, batch, seqlen)
+                                                             position_ids, batch, seqlen, positions_given)
         if output_attentions:
             ops.notice_once("output_attentions", "output_attentions=True runs a padded attention path that "
                             "materialises the probabilities; it is slower than the default path")
@@ -529,7 +536,9 @@ class EncoderModel(nn.Module):
                                  f"(1, {shape[1]})")
             position_ids = position_ids.expand(shape)
         else:
-            if shape[1] > self.max_sequence_length():
+            # RoBERTa counts positions over the non-padding ids: a batch padded past the positions is fine as long
+            # as its sequences fit (_check_ranges checks the counted positions)
+            if shape[1] > self.max_sequence_length() and not (input_ids is not None and self.positions_count_tokens):
                 raise ValueError(f"sequence length {shape[1]} of input_ids / inputs_embeds is longer than the "
                                  f"model's positions allow ({self.max_sequence_length()}, from "
                                  f"config.max_position_embeddings)")
@@ -537,7 +546,7 @@ class EncoderModel(nn.Module):
         return input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
 
     def _check_ranges(self, input_ids, attention_mask, token_type_ids, position_ids, batch,
-                      seqlen) -> tuple[int, bool, int]:
+                      seqlen, positions_given: bool = True) -> tuple[int, bool, int]:
         """Range checks of every id, the batch's longest sequence, whether it has any padding and its number of
         real tokens, in one host read. -> (max_seqlen, unpadded, total)"""
         spec = self.spec
@@ -546,6 +555,11 @@ class EncoderModel(nn.Module):
             lengths = (attention_mask != 0).sum(dim=1)
             zero = torch.zeros((), device=attention_mask.device, dtype=torch.long)
             stats += [lengths.max(), lengths.min(), lengths.sum()] if attention_mask.shape[0] else [zero] * 3
+            if self._padded_position_reader is not None:
+                # rows whose position read by the head is padding
+                position = self._padded_position_reader[1]
+                padded = (lengths < seqlen) if position is None else (attention_mask[:, position] == 0)
+                stats.append(padded.sum() if attention_mask.shape[0] and seqlen else zero)
         for t in (input_ids, token_type_ids, position_ids):
             if t is not None and t.numel():
                 stats += [t.min(), t.max()]
@@ -554,6 +568,18 @@ class EncoderModel(nn.Module):
         if attention_mask is not None:
             max_seqlen, min_seqlen, total = int(values.pop(0)), int(values.pop(0)), int(values.pop(0))
             unpadded = min_seqlen == seqlen
+            if self._padded_position_reader is not None:
+                padded = int(values.pop(0))
+                if padded:
+                    reader, position = self._padded_position_reader
+                    where = {0: "position 0 (left padding)", -1: "their last position (right padding)",
+                             None: "some positions"}[position]
+                    fix = {0: "pad on the right (tokenizer.padding_side = 'right')",
+                           -1: "pad on the left (tokenizer.padding_side = 'left')", None: "pass unpadded batches"}
+                    raise ValueError(
+                        f"attention_mask: {padded} row(s) hold padding at {where}, which {reader} reads; bertfast "
+                        f"computes nothing for padded positions (their rows of last_hidden_state are zero, where "
+                        f"transformers hands the head the pad tokens' hidden states): {fix[position]}")
         for name, t, limit, what in (("input_ids", input_ids, spec.vocab, "config.vocab_size"),
                                      ("token_type_ids", token_type_ids, spec.type_vocab,
                                       "config.type_vocab_size"),
@@ -563,6 +589,10 @@ class EncoderModel(nn.Module):
                 continue
             lo, hi = values.pop(0), values.pop(0)
             if lo < 0 or hi >= limit:
+                if name == "position_ids" and not positions_given:   # RoBERTa's, counted from the real tokens
+                    raise ValueError(f"input_ids hold a sequence of {hi - self.spec.pad_token_id} tokens (not counting "
+                                     f"padding), longer than the model's positions allow "
+                                     f"({self.max_sequence_length()}, from config.max_position_embeddings)")
                 raise ValueError(f"{name} holds values in [{lo}, {hi}], outside [0, {limit}) ({what})")
         return max_seqlen, unpadded, total
 
@@ -648,9 +678,10 @@ def _dtype_arg(torch_dtype, state: dict) -> torch.dtype:
     if torch_dtype is None or torch_dtype == "auto":
         floats = [v.dtype for v in state.values() if v.is_floating_point()]
         return floats[0] if (torch_dtype == "auto" and floats) else torch.float32
-    if isinstance(torch_dtype, str):
-        dtype = getattr(torch, torch_dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"torch_dtype={torch_dtype!r} is not a torch dtype")
-        return dtype
-    return torch_dtype
+    dtype = getattr(torch, torch_dtype, None) if isinstance(torch_dtype, str) else torch_dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"torch_dtype={torch_dtype!r} is not a torch dtype")
+    if not dtype.is_floating_point:
+        raise ValueError(f"torch_dtype={torch_dtype!r}: the weights need a floating-point dtype (float32, float16, "
+                         f"bfloat16, float64)")
+    return dtype

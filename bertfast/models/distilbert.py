@@ -33,7 +33,10 @@ class DistilBertModel(EncoderModel):
             activation=layers.activation_of(config.activation, "config.activation"), vocab=config.vocab_size,
             max_positions=config.max_position_embeddings, type_vocab=0, embedding_size=config.dim,
             pad_token_id=config.pad_token_id, eps=1e-12, hidden_dropout=config.dropout,
-            attention_dropout=config.attention_dropout, initializer_range=config.initializer_range)
+            attention_dropout=config.attention_dropout,
+            # transformers' DistilBERT: no dropout after the attention's out_lin, config.dropout after the FFN
+            attention_output_dropout=0.0, ffn_output_dropout=config.dropout,
+            initializer_range=config.initializer_range)
 
     def has_pooler_output(self) -> bool:
         return False

@@ -53,8 +53,10 @@ class EncoderSpec:
     embedding_size: int        # == hidden unless the family projects embeddings (ALBERT, ELECTRA)
     pad_token_id: int | None
     eps: float
-    hidden_dropout: float
-    attention_dropout: float
+    hidden_dropout: float      # after the embeddings' LayerNorm input (every family)
+    attention_dropout: float   # on the attention probabilities
+    attention_output_dropout: float  # on the attention's output projection, before its residual (0: DistilBERT)
+    ffn_output_dropout: float  # on the FFN's output projection, before its residual (0: ALBERT never applies it)
     initializer_range: float
 
 
@@ -145,7 +147,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, unp: Unpadded) -> torch.Tensor:
         qkv = self.qkv(x)
         ctx = ops.varlen_attention(qkv, unp.cu_seqlens, unp.max_seqlen,
-                                   dropout_p=self.dropout_p if self.training else 0.0)
+                                   dropout_p=self.dropout_p if self.training else 0.0, validate=False)
         return ctx.reshape(x.shape[0], self.hidden)
 
     def forward_with_probs(self, x: torch.Tensor, unp: Unpadded):
@@ -163,18 +165,18 @@ class SelfAttention(nn.Module):
         probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask, dim=-1)
         dropped = F.dropout(probs, self.dropout_p, self.training)
         ctx = (dropped @ v).permute(0, 2, 1, 3).reshape(b * s, self.hidden)
-        return ops.unpad(ctx, unp.indices), probs
+        return ops.unpad(ctx, unp.indices), dropped   # as transformers: the probabilities after dropout
 
 
 class DenseLayerNorm(nn.Module):
     """dense (bias fused into the LayerNorm kernel) -> dropout -> + residual -> LayerNorm
     (transformers' BertSelfOutput / BertOutput)."""
 
-    def __init__(self, in_features, spec: EncoderSpec):
+    def __init__(self, in_features, spec: EncoderSpec, dropout_p: float):
         super().__init__()
         self.dense = nn.Linear(in_features, spec.hidden)
         self.LayerNorm = nn.LayerNorm(spec.hidden, eps=spec.eps)
-        self.dropout_p = spec.hidden_dropout
+        self.dropout_p = dropout_p
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         ln = self.LayerNorm
@@ -186,7 +188,7 @@ class Attention(nn.Module):
     def __init__(self, spec: EncoderSpec):
         super().__init__()
         self.self = SelfAttention(spec)
-        self.output = DenseLayerNorm(spec.hidden, spec)
+        self.output = DenseLayerNorm(spec.hidden, spec, spec.attention_output_dropout)
 
     def forward(self, x, unp: Unpadded, output_attentions: bool = False):
         if output_attentions:
@@ -216,7 +218,7 @@ class Layer(nn.Module):
         super().__init__()
         self.attention = Attention(spec)
         self.intermediate = Intermediate(spec)
-        self.output = DenseLayerNorm(spec.intermediate, spec)
+        self.output = DenseLayerNorm(spec.intermediate, spec, spec.ffn_output_dropout)
 
     def forward(self, x, unp: Unpadded, output_attentions: bool = False):
         x, probs = self.attention(x, unp, output_attentions)

@@ -10,6 +10,7 @@ from bertfast.models.base import EncoderModel
 class RobertaModel(EncoderModel):
     model_types = ("roberta", "xlm-roberta")
     base_model_prefix = "roberta"
+    positions_count_tokens = True
 
     @classmethod
     def spec_of(cls, config):
