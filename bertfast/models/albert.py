@@ -45,13 +45,6 @@ class AlbertModel(EncoderModel):
         # transformers' AlbertLayer defines a dropout but adds its FFN output to the residual without it
         return bert_spec(config, embedding_size=config.embedding_size, ffn_output_dropout=False)
 
-    @classmethod
-    def check_config(cls, config):
-        super().check_config(config)
-        if config.num_hidden_layers % config.num_hidden_groups:
-            raise ValueError(f"config.num_hidden_layers ({config.num_hidden_layers}) is not a multiple of "
-                             f"config.num_hidden_groups ({config.num_hidden_groups})")
-
     def build_encoder(self, spec):
         self.encoder = AlbertEncoder(self.config, spec)
 
