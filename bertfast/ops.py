@@ -752,6 +752,13 @@ def _bias_act_backward(ctx, dy):
 _register_autograd(_bias_act_op, _bias_act_backward, _bias_act_setup)
 
 
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The lower-precision dtype of torch.autocast when it is on for this device type, else None."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 def _check_same(name: str, t: Optional[Tensor], x: Tensor, what: str, shape=None):
     if t is None:
         return
@@ -774,8 +781,20 @@ def _check_bias_act(x: Tensor, bias: Optional[Tensor], activation: str) -> None:
     _check_same("bias", bias, x, "x", shape=(x.shape[-1],))
 
 
+def _autocast_bias(x: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+    """Under torch.autocast a GEMM's output (x, lower precision) meets the model's fp32 bias: the bias is cast to
+    x's dtype, as autocast casts a Linear's bias, so the result has the dtype transformers' Linear + activation
+    gives. Outside autocast a dtype mismatch stays an error."""
+    if (bias is not None and isinstance(x, Tensor) and bias.dtype != x.dtype and x.is_floating_point()
+            and bias.is_floating_point() and autocast_dtype(x.device) is not None):
+        return bias.to(x.dtype)
+    return bias
+
+
 def bias_act(x: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Tensor:
-    """activation(x + bias) over [..., I]; activation "gelu" (exact erf), "gelu_tanh", "relu" or "silu"."""
+    """activation(x + bias) over [..., I]; activation "gelu" (exact erf), "gelu_tanh", "relu" or "silu".
+    Under torch.autocast the bias is cast to x's dtype (as a Linear's bias is)."""
+    bias = _autocast_bias(x, bias)
     _check_bias_act(x, bias, activation)
     shape = x.shape
     impl = choose("bias_act", x.device, dtype=x.dtype)
@@ -801,6 +820,7 @@ def bias_act_(x: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Te
     """bias_act written over x (contiguous), for inference: returns x. With the C++ implementation (the CPU
     default) no output is allocated; a large new one costs more in fresh pages than the arithmetic (NOTES change
     23). x must not need a gradient: nothing is recorded for autograd."""
+    bias = _autocast_bias(x, bias)
     _check_bias_act(x, bias, activation)
     if not x.is_contiguous():
         raise ValueError(f"x must be contiguous to be written in place, got strides {x.stride()} for shape "
@@ -940,9 +960,17 @@ def add_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual
 
     x, residual: (..., H) same dtype;  weight, bias, x_bias: (H,) same dtype as x
     activation: None | "gelu" | "gelu_tanh" | "relu" | "silu";  dropout_p: before the residual (training)
+    Under torch.autocast, inputs of different dtypes (a GEMM's lower-precision output, the model's fp32 weights and
+    residual) are computed in the widest of them, as torch's layer_norm under autocast: the output is then fp32.
     """
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    given = [t for t in (residual, weight, bias, x_bias) if isinstance(t, Tensor)]
+    if any(t.dtype != x.dtype for t in given) and all(t.is_floating_point() for t in given) \
+            and autocast_dtype(x.device) is not None:
+        cdt = functools.reduce(torch.promote_types, [t.dtype for t in given], x.dtype)
+        x, residual, weight, bias, x_bias = (t.to(cdt) if isinstance(t, Tensor) else t
+                                             for t in (x, residual, weight, bias, x_bias))
     hidden = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
         _check_same(name, t, x, "x", shape=(hidden,))

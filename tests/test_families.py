@@ -1,6 +1,7 @@
 """Every family against transformers (CPU, fp32, random-initialised models saved and reloaded): BERT, RoBERTa,
 XLM-RoBERTa, ELECTRA, ALBERT, DistilBERT; then bertfast.optimize on task models of each head type: logits equal
 before and after, and training gives the same losses."""
+import contextlib
 import copy
 
 import pytest
@@ -608,3 +609,80 @@ def test_output_attentions_in_training_are_after_dropout():
     kept = rows.permute(1, 0, 2)[:, keys]
     assert 0.3 < (kept == 0).float().mean() < 0.7          # about half dropped; the kept ones scaled by 2
     assert (rows.sum(-1) - 1).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("layers,groups,inner", [(4, 2, 1), (3, 2, 2), (5, 3, 1)])
+def test_albert_layer_groups(layers, groups, inner, tmp_path):
+    """ALBERT's shared layers: group g serves the layers i with int(i / (layers / groups)) == g, each running its
+    inner_group_num layers, also where layers is not a multiple of groups (as transformers); every layer's hidden
+    state and the output match, loaded from a checkpoint and through optimize."""
+    torch.manual_seed(layers * 10 + groups)
+    cfg = T.AlbertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=96,
+                         vocab_size=120, max_position_embeddings=72, embedding_size=32, num_hidden_groups=groups,
+                         inner_group_num=inner, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    hf = T.AlbertModel._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    hf.save_pretrained(tmp_path)
+    ids, mask, _ = _batch(cfg)
+    for ours in (bertfast.AutoModel.from_pretrained(tmp_path), bertfast.optimize(copy.deepcopy(hf))):
+        with torch.no_grad():
+            a, b = hf(ids, attention_mask=mask, output_hidden_states=True), ours(ids, attention_mask=mask,
+                                                                                  output_hidden_states=True)
+        q = real(mask)
+        assert len(a.hidden_states) == len(b.hidden_states) == 1 + layers * inner
+        for x, y in zip(a.hidden_states, b.hidden_states, strict=True):
+            assert (x[q] - y[q]).abs().max() <= TOL
+        assert (a.pooler_output - b.pooler_output).abs().max() <= TOL
+
+
+def _autocast_device(device):
+    return "cuda" if device == "cuda" else "cpu"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family,head", [("bert", "ForSequenceClassification"), ("roberta", "ForMaskedLM"),
+                                         ("distilbert", "ForTokenClassification")])
+def test_mixed_precision_training_under_autocast(family, head, device):
+    """Mixed-precision fine-tuning (transformers' Trainer with bf16 / fp16 runs the fp32 model under
+    torch.autocast): the GEMMs' bf16 outputs meet the fp32 weights and residuals in the fused ops. Outputs carry
+    transformers' dtypes, and the logits, loss and gradients are as close to a float64 reference as transformers'
+    own autocast run is (flash-attention's rule)."""
+    torch.manual_seed(len(family) + len(head))
+    cfg = family_config(family, dropout=False)
+    cls = getattr(T, PREFIX[family] + head)
+    ref = cls._from_config(copy.deepcopy(cfg), attn_implementation="eager").double().train()
+    hf = copy.deepcopy(ref).float().to(device)
+    ours = bertfast.optimize(copy.deepcopy(hf))
+    inputs = {k: v.to(device) for k, v in _head_inputs(cfg, head).items()}
+    q = real(inputs["attention_mask"])
+    results = {}
+    for name, m in (("ref", ref.to(device)), ("hf", hf), ("ours", ours)):
+        ctx = contextlib.nullcontext() if name == "ref" else torch.autocast(_autocast_device(device),
+                                                                            dtype=torch.bfloat16)
+        with ctx:
+            out = m(**inputs, output_hidden_states=True)
+        out.loss.backward()
+        logits = _logits(out)
+        if logits.dim() >= q.dim() and logits.shape[: q.dim()] == q.shape:
+            logits = logits[q]
+        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None and "embeddings" not in n}
+        results[name] = (logits, out.loss, out.hidden_states[-1][q], grads, out.hidden_states[-1].dtype)
+    assert results["hf"][4] == results["ours"][4]          # the dtypes transformers gives under autocast
+    assert _logits(out).dtype == results["hf"][0].dtype
+    ref_logits, ref_loss, ref_hidden, ref_grads, _ = results["ref"]
+
+    def err(a, b):
+        return (a.double() - b.double()).abs().max().item()
+    for i, what in ((0, "logits"), (2, "last hidden state")):
+        torch_err, ours_err = err(results["hf"][i], results["ref"][i]), err(results["ours"][i], results["ref"][i])
+        assert ours_err <= 2 * torch_err + 1e-3, (what, ours_err, torch_err)
+    assert abs(results["ours"][1].item() - ref_loss.item()) <= 2 * abs(results["hf"][1].item() - ref_loss.item()) + 1e-3
+    hf_grads, our_grads = results["hf"][3], results["ours"][3]
+    checked = 0
+    for name in ("classifier.weight", "lm_head.dense.weight", "encoder.layer.0.output.dense.weight"):
+        # (optimised DistilBERT names its encoder parameters BERT's way: its head's gradients are compared)
+        for n in [n for n in ref_grads if n.endswith(name) and n in our_grads]:
+            checked += 1
+            scale = ref_grads[n].abs().max().item()
+            torch_err, ours_err = err(hf_grads[n], ref_grads[n]), err(our_grads[n], ref_grads[n])
+            assert ours_err <= 2 * torch_err + 1e-2 * scale, (n, ours_err, torch_err, scale)
+    assert checked

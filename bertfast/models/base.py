@@ -359,7 +359,9 @@ class EncoderModel(nn.Module):
             else:
                 width = graph_width(seqlen, self.max_sequence_length())
                 packed = token_bucket(total, batch, width)
-            key = (batch, width, packed, attention_mask is not None, token_type_ids is not None)
+            # autocast changes the dtypes inside the graph: a graph captured under it serves only calls under it
+            key = (batch, width, packed, attention_mask is not None, token_type_ids is not None,
+                   ops.autocast_dtype(input_ids.device))
             entry = self._graphs.get(key)
             if entry is None:
                 if len(self._graphs) >= self._max_graphs:
