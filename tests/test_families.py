@@ -580,6 +580,15 @@ def test_optimize_refuses_models_with_hooks_on_the_encoder():
     model.classifier.register_forward_hook(lambda m, a, o: None)       # outside the encoder: kept, allowed
     bertfast.optimize(model)
     assert isinstance(model.bert, bertfast.models.EncoderModel)
+    # hooks registered on the optimised encoder's linear layers run (those layers then run as modules)
+    seen = []
+    inputs = _head_inputs(cfg, "ForSequenceClassification")
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+        model.bert.encoder.layer[1].output.dense.register_forward_hook(lambda m, a, o: o * 2)
+        hooked = model(**inputs).logits
+    assert len(seen) == 1 and (hooked - plain).abs().max() > 1e-5
 
     ref = T.BertForMaskedLM._from_config(copy.deepcopy(cfg)).eval()
     model = copy.deepcopy(ref)
@@ -686,3 +695,32 @@ def test_mixed_precision_training_under_autocast(family, head, device):
             torch_err, ours_err = err(hf_grads[n], ref_grads[n]), err(our_grads[n], ref_grads[n])
             assert ours_err <= 2 * torch_err + 1e-2 * scale, (n, ours_err, torch_err, scale)
     assert checked
+
+
+def test_lora_after_optimize_and_adapters_before_it_refused():
+    """LoRA (peft) added after optimize on the dense layers: the adapted modules run as modules (their output then
+    feeds the fused LayerNorm / activation), so logits and a training step match transformers with the same
+    adapters; the adapters' weights get gradients. Adapters added before optimize are refused by name (merge them
+    or add them after)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(21)
+    cfg = family_config("bert", dropout=False)
+    base = T.BertForSequenceClassification._from_config(copy.deepcopy(cfg)).eval()
+    lora = peft.LoraConfig(r=4, target_modules=["dense"], lora_dropout=0.0, init_lora_weights=False)
+    ref = peft.get_peft_model(copy.deepcopy(base), lora)
+    model = peft.get_peft_model(bertfast.optimize(copy.deepcopy(base)), lora)
+    model.load_state_dict(ref.state_dict())
+    inputs = _head_inputs(cfg, "ForSequenceClassification")
+    with torch.no_grad():
+        a, b = ref(**inputs).logits, model(**inputs).logits
+    assert (a - b).abs().max() <= TOL and (a - base(**{k: v for k, v in inputs.items()}).logits).abs().max() > 1e-3
+    for m in (ref, model):
+        m.train()
+        m(**inputs).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if "lora_" in n}
+    assert grads.keys() == ref_grads.keys() and all(g is not None for g in grads.values())
+    for n in grads:
+        assert (grads[n] - ref_grads[n]).abs().max() <= 1e-5 * max(1.0, ref_grads[n].abs().max().item()), n
+    with pytest.raises(ValueError, match=r"holds PEFT adapter layers .*merge_and_unload"):
+        bertfast.optimize(copy.deepcopy(ref))

@@ -69,6 +69,19 @@ def has_hooks(module: nn.Module) -> bool:
                 or torch_module._global_backward_pre_hooks)
 
 
+def fusable_linear(module: nn.Module, where: str) -> bool:
+    """Whether `module` is exactly an nn.Linear without hooks, whose weight and bias the fused path reads directly.
+    Anything else in its place (a LoRA / PEFT wrapper, a quantised linear) or hooks on it: the module is called,
+    and only what follows it is fused (said once)."""
+    if type(module) is nn.Linear and not has_hooks(module):
+        return True
+    kind = f"{type(module).__module__}.{type(module).__qualname__}"
+    ops.notice_once(f"unfused-linear:{where}:{kind}",
+                    f"{where} is a {kind}{' with hooks' if has_hooks(module) else ''}, not a plain nn.Linear: it runs "
+                    f"as a module (its bias outside the fused kernel)")
+    return False
+
+
 class Embeddings(nn.Module):
     """word + position + token-type embeddings, then LayerNorm (BertEmbeddings' parameters)."""
 
@@ -179,9 +192,13 @@ class DenseLayerNorm(nn.Module):
         self.dropout_p = dropout_p
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        ln = self.LayerNorm
-        return ops.add_layer_norm(F.linear(h, self.dense.weight), ln.weight, ln.bias, ln.eps, residual=residual,
-                                  x_bias=self.dense.bias, dropout_p=self.dropout_p if self.training else 0.0)
+        ln, dense = self.LayerNorm, self.dense
+        if fusable_linear(dense, "a layer's output dense"):
+            h, x_bias = F.linear(h, dense.weight), dense.bias
+        else:
+            h, x_bias = dense(h), None
+        return ops.add_layer_norm(h, ln.weight, ln.bias, ln.eps, residual=residual, x_bias=x_bias,
+                                  dropout_p=self.dropout_p if self.training else 0.0)
 
 
 class Attention(nn.Module):
@@ -206,11 +223,15 @@ class Intermediate(nn.Module):
         self.activation = spec.activation
 
     def forward(self, x):
-        y = F.linear(x, self.dense.weight)
-        if y.device.type == "cpu" and not ops.records_grad(y, self.dense.bias) and not torch.compiler.is_compiling():
+        dense = self.dense
+        if fusable_linear(dense, "intermediate.dense"):
+            y, bias = F.linear(x, dense.weight), dense.bias
+        else:
+            y, bias = dense(x), None
+        if y.device.type == "cpu" and not ops.records_grad(y, bias) and not torch.compiler.is_compiling():
             # inference on the CPU: write over the GEMM output instead of faulting in a new one (NOTES change 23)
-            return ops.bias_act_(y, self.dense.bias, self.activation)
-        return ops.bias_act(y, self.dense.bias, self.activation)
+            return ops.bias_act_(y, bias, self.activation)
+        return ops.bias_act(y, bias, self.activation)
 
 
 class Layer(nn.Module):
