@@ -208,7 +208,10 @@ def cmd_bench(args, rest) -> int:
 
 
 def _at_least_two(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text!r}") from None
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be >= 2 (a median and percentiles need two timings), got {value}")
     return value

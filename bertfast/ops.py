@@ -961,14 +961,20 @@ def add_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual
     x, residual: (..., H) same dtype;  weight, bias, x_bias: (H,) same dtype as x
     activation: None | "gelu" | "gelu_tanh" | "relu" | "silu";  dropout_p: before the residual (training)
     Under torch.autocast, inputs of different dtypes (a GEMM's lower-precision output, the model's fp32 weights and
-    residual) are computed in the widest of them, as torch's layer_norm under autocast: the output is then fp32.
+    residual) are computed in the widest of them; the output has the dtype torch's layer_norm gives under autocast
+    (fp32 on CUDA; on the CPU the dtype of x + residual).
     """
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    out_dtype = None
     given = [t for t in (residual, weight, bias, x_bias) if isinstance(t, Tensor)]
     if any(t.dtype != x.dtype for t in given) and all(t.is_floating_point() for t in given) \
             and autocast_dtype(x.device) is not None:
+        # computed in the widest dtype; the result has the dtype torch gives under autocast: fp32 on CUDA (its
+        # layer_norm autocasts to fp32), on the CPU the dtype of x + residual (layer_norm keeps its input's dtype)
         cdt = functools.reduce(torch.promote_types, [t.dtype for t in given], x.dtype)
+        out_dtype = torch.float32 if x.device.type == "cuda" else \
+            (torch.promote_types(x.dtype, residual.dtype) if isinstance(residual, Tensor) else x.dtype)
         x, residual, weight, bias, x_bias = (t.to(cdt) if isinstance(t, Tensor) else t
                                              for t in (x, residual, weight, bias, x_bias))
     hidden = x.shape[-1]
@@ -990,6 +996,8 @@ def add_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual
     seed = new_seed() if dropout_p > 0.0 else 0
     y = _run(_add_layer_norm_op, x2, weight, bias, float(eps), r2, x_bias, activation or "", float(dropout_p),
              seed, impl)[0]
+    if out_dtype is not None and out_dtype != y.dtype:
+        y = y.to(out_dtype)
     return y if x.dim() == 2 else y.view(shape)
 
 
@@ -1122,7 +1130,6 @@ def _check_index_values(op: str, indices: Tensor, n_rows: int, what: str, distin
 def _unpad_op(x: Tensor, indices: Tensor, impl: str) -> Tensor:
     if impl == "cpp":
         return torch.ops.bertfast_C.unpad(x, indices)
-    _check_index_values("unpad", indices, x.shape[0], "rows of x", distinct=False)
     return x.index_select(0, indices)
 
 
@@ -1135,7 +1142,6 @@ def _(x, indices, impl):
 def _pad_op(x: Tensor, indices: Tensor, n_rows: int, impl: str) -> Tensor:
     if impl == "cpp":
         return torch.ops.bertfast_C.pad(x, indices, n_rows)
-    _check_index_values("pad", indices, n_rows, "rows of the padded output, batch * seqlen", distinct=True)
     return x.new_zeros((n_rows,) + tuple(x.shape[1:])).index_copy_(0, indices, x)
 
 
@@ -1171,17 +1177,27 @@ _register_autograd(_unpad_op, _unpad_backward, _unpad_setup)
 _register_autograd(_pad_op, _pad_backward, _pad_setup)
 
 
-def unpad(x: Tensor, indices: Tensor) -> Tensor:
-    """x (N, ...) -> x[indices] (T, ...); e.g. hidden states [B*S, H] of a padded batch to its real tokens."""
+def unpad(x: Tensor, indices: Tensor, validate: bool = True) -> Tensor:
+    """x (N, ...) -> x[indices] (T, ...); e.g. hidden states [B*S, H] of a padded batch to its real tokens.
+    validate: the reference implementation checks the indices as the C++ kernels always do (one host read on a
+    GPU); bertfast's encoder, which builds them, passes False."""
     if indices.dtype != torch.int64 or indices.dim() != 1:
         raise ValueError(f"indices must be a 1-D int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
-    return _run(_unpad_op, x.contiguous(), indices.contiguous(), choose("unpad", x.device, dtype=x.dtype))
+    impl = choose("unpad", x.device, dtype=x.dtype)
+    if validate and impl == "reference":
+        _check_index_values("unpad", indices, x.shape[0], "rows of x", distinct=False)
+    return _run(_unpad_op, x.contiguous(), indices.contiguous(), impl)
 
 
-def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
-    """x (T, ...) packed real tokens -> (batch, seqlen, ...) with zeros at the padded positions."""
+def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int, validate: bool = True) -> Tensor:
+    """x (T, ...) packed real tokens -> (batch, seqlen, ...) with zeros at the padded positions.
+    validate: as for unpad (indices in range and distinct)."""
     if indices.dtype != torch.int64 or indices.dim() != 1 or indices.shape[0] != x.shape[0]:
         raise ValueError(f"indices must be a 1-D int64 tensor with one entry per row of x ({x.shape[0]}), got "
                          f"{indices.dtype} of shape {tuple(indices.shape)}")
-    out = _run(_pad_op, x.contiguous(), indices.contiguous(), batch * seqlen, choose("pad", x.device, dtype=x.dtype))
+    impl = choose("pad", x.device, dtype=x.dtype)
+    if validate and impl == "reference":
+        _check_index_values("pad", indices, batch * seqlen, "rows of the padded output, batch * seqlen",
+                            distinct=True)
+    out = _run(_pad_op, x.contiguous(), indices.contiguous(), batch * seqlen, impl)
     return out.view((batch, seqlen) + tuple(x.shape[1:]))

@@ -17,7 +17,7 @@ from torch import nn
 from bertfast import ops
 from bertfast.models import AutoModel, EncoderModel
 from bertfast.models.base import _convert, hf_base_model
-from bertfast.models.layers import SelfAttention, fusable_linear
+from bertfast.models.layers import SelfAttention, fusable_linear, has_hooks
 
 
 def optimize(model: nn.Module) -> nn.Module:
@@ -76,8 +76,7 @@ def _encoder_like(base: nn.Module, owner: nn.Module) -> EncoderModel:
         raise TypeError(f"bertfast.optimize: {type(owner).__name__}'s encoder has no config")
     cls = AutoModel.family(config)
     cls.check_config(config)
-    adapters = [name for name, module in base.named_modules()
-                if hasattr(module, "base_layer") and type(module).__module__.startswith("peft.")]
+    adapters = [name for name, module in base.named_modules() if type(module).__module__.startswith("peft.")]
     if adapters:
         raise ValueError(f"bertfast.optimize: {type(owner).__name__} holds PEFT adapter layers ({', '.join(adapters[:3])}"
                          f"{' ...' if len(adapters) > 3 else ''}): merge them into the weights first "
@@ -136,11 +135,18 @@ def _encoder_like(base: nn.Module, owner: nn.Module) -> EncoderModel:
     return ours
 
 
+def _ours_to_drop(hook) -> bool:
+    """Hooks transformers installs itself, harmless to lose: its output-capturing hooks (transformers 5 puts them on
+    every layer the first time hidden states or attentions are asked for; they record only while a capture runs,
+    and bertfast's forward returns those outputs itself)."""
+    return getattr(hook, "__module__", "").startswith("transformers.utils.output_capturing")
+
+
 def _local_hooks(module: nn.Module) -> list[str]:
     """The kinds of hooks registered on this module itself (global hooks run on any module: not counted)."""
     kinds = (("forward", module._forward_hooks), ("forward pre", module._forward_pre_hooks),
              ("backward", module._backward_hooks), ("backward pre", module._backward_pre_hooks))
-    return [kind for kind, hooks in kinds if hooks]
+    return [kind for kind, hooks in kinds if any(not _ours_to_drop(h) for h in hooks.values())]
 
 
 def _refuse_hooks(base: nn.Module, owner: nn.Module, kept: nn.Module) -> None:
@@ -152,7 +158,9 @@ def _refuse_hooks(base: nn.Module, owner: nn.Module, kept: nn.Module) -> None:
         raise ValueError(f"bertfast.optimize: {type(owner).__name__}'s encoder modules have hooks that would no "
                          f"longer run once bertfast replaces them: {'; '.join(found[:5])}"
                          f"{' ...' if len(found) > 5 else ''}. Remove them (handle.remove()) before optimize and "
-                         f"register them on the optimised model's modules, or leave this model unoptimised")
+                         f"register them after it on the optimised encoder's layers or linear layers (its "
+                         f"LayerNorms and embedding tables are read by fused kernels, never called), or leave this "
+                         f"model unoptimised")
 
 
 def _padded_position_reader(model: nn.Module) -> tuple[str, int | None] | None:
@@ -186,6 +194,8 @@ class FusedHeadTransform(nn.Module):
 
     def forward(self, hidden_states):
         ln, dense = self.LayerNorm, self.dense
+        if has_hooks(ln):      # transformers' LayerNorm module, hooked after optimize: called as a module
+            return ln(ops.bias_act(dense(hidden_states), None, self.activation))
         if fusable_linear(dense, "the MLM head transform's dense"):
             h, x_bias = torch.nn.functional.linear(hidden_states, dense.weight), dense.bias
         else:

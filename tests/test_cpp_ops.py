@@ -166,6 +166,7 @@ def test_add_layer_norm(n, h, dtype, act):
     _check_add_layer_norm(n, h, dtype, act, with_r=True, with_xb=True)
 
 
+@pytest.mark.gpu     # its reference mask comes from the Triton kernels (on the GPU when there is one)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act,with_r,p", [("", True, 0.1), ("gelu", True, 0.5), ("gelu_tanh", False, 0.1),
                                           ("", True, 1.0)])
@@ -714,6 +715,7 @@ def test_dropout_factors_every_isa(isa, tmp_path):
         assert torch.equal(keep, want), (isa, ran, first, count, length)
 
 
+@pytest.mark.gpu     # its reference mask comes from the Triton kernels (on the GPU when there is one)
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_attention_dropout_keep_matches_the_triton_kernels(p):
     """bertfast_C.attention_dropout_keep draws the keep-mask the Triton attention kernels draw for the same seed

@@ -580,15 +580,33 @@ def test_optimize_refuses_models_with_hooks_on_the_encoder():
     model.classifier.register_forward_hook(lambda m, a, o: None)       # outside the encoder: kept, allowed
     bertfast.optimize(model)
     assert isinstance(model.bert, bertfast.models.EncoderModel)
-    # hooks registered on the optimised encoder's linear layers run (those layers then run as modules)
-    seen = []
+    # hooks registered on the optimised encoder's linear layers run (those layers then run as modules) and see
+    # what they see in transformers (not an output later written over in place)
+    ref = T.BertForSequenceClassification._from_config(copy.deepcopy(cfg)).eval()
+    model = bertfast.optimize(copy.deepcopy(ref))
     inputs = _head_inputs(cfg, "ForSequenceClassification")
+    seen = {}
     with torch.no_grad():
         plain = model(**inputs).logits
-        model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(lambda m, a, o: seen.append(o.shape))
-        model.bert.encoder.layer[1].output.dense.register_forward_hook(lambda m, a, o: o * 2)
-        hooked = model(**inputs).logits
-    assert len(seen) == 1 and (hooked - plain).abs().max() > 1e-5
+        for name, m in (("ref", ref.bert), ("ours", model.bert)):
+            m.encoder.layer[0].intermediate.dense.register_forward_hook(
+                lambda mod, a, o, name=name: seen.setdefault(name, o))    # kept as given: not written over
+            m.encoder.layer[1].output.dense.register_forward_hook(lambda mod, a, o: o * 2)
+        a, b = ref(**inputs).logits, model(**inputs).logits
+    assert (a - b).abs().max() <= TOL and (b - plain).abs().max() > 1e-5
+    assert (seen["ref"][real(inputs["attention_mask"])] - seen["ours"]).abs().max() <= TOL   # packed real rows
+    # hooks transformers installs itself (its output capturing, on the first output_hidden_states call) are not
+    # the user's: dropped without a refusal
+    model = T.BertForSequenceClassification._from_config(copy.deepcopy(cfg)).eval()
+    with torch.no_grad():
+        model(**inputs, output_hidden_states=True, output_attentions=True)
+    assert any(m._forward_hooks for m in model.bert.modules())
+    bertfast.optimize(model)
+    assert isinstance(model.bert, bertfast.models.EncoderModel)
+    # a hook on a module the fused kernels read without calling it is said to be inert
+    bertfast.ops._notices.clear()
+    model.bert.encoder.layer[0].output.LayerNorm.register_forward_hook(lambda m, a, o: None)
+    assert any("does not run on the fused path" in n for n in bertfast.ops.notices().values())
 
     ref = T.BertForMaskedLM._from_config(copy.deepcopy(cfg)).eval()
     model = copy.deepcopy(ref)
@@ -649,7 +667,8 @@ def _autocast_device(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family,head", [("bert", "ForSequenceClassification"), ("roberta", "ForMaskedLM"),
-                                         ("distilbert", "ForTokenClassification")])
+                                         ("distilbert", "ForTokenClassification"),
+                                         ("electra", "ForSequenceClassification"), ("albert", "ForMaskedLM")])
 def test_mixed_precision_training_under_autocast(family, head, device):
     """Mixed-precision fine-tuning (transformers' Trainer with bf16 / fp16 runs the fp32 model under
     torch.autocast): the GEMMs' bf16 outputs meet the fp32 weights and residuals in the fused ops. Outputs carry
@@ -687,7 +706,8 @@ def test_mixed_precision_training_under_autocast(family, head, device):
     assert abs(results["ours"][1].item() - ref_loss.item()) <= 2 * abs(results["hf"][1].item() - ref_loss.item()) + 1e-3
     hf_grads, our_grads = results["hf"][3], results["ours"][3]
     checked = 0
-    for name in ("classifier.weight", "lm_head.dense.weight", "encoder.layer.0.output.dense.weight"):
+    for name in ("classifier.weight", "lm_head.dense.weight", "predictions.dense.weight",
+                 "encoder.layer.0.output.dense.weight"):
         # (optimised DistilBERT names its encoder parameters BERT's way: its head's gradients are compared)
         for n in [n for n in ref_grads if n.endswith(name) and n in our_grads]:
             checked += 1

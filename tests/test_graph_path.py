@@ -75,7 +75,8 @@ def _eager_and_graphed(family, max_graphs=16):
     graphed = copy.deepcopy(ours).enable_cuda_graphs(max_graphs=max_graphs)
     graphed._graph_capture = False
     graphed._graph_eligible = lambda device, embeds, total, batch, unpadded, extra: (
-        embeds is None and total > 0 and not extra and not torch.is_grad_enabled())
+        embeds is None and total > 0 and not extra and not torch.is_grad_enabled()
+        and not graphed._graph_unsafe_modules())
     return cfg, ours, graphed
 
 
@@ -221,3 +222,58 @@ def test_models_with_graphs_pickle():
     assert len(graphed._graphs) == 1
     again = pickle.loads(pickle.dumps(graphed))
     assert again._graphs is not None and len(again._graphs) == 0 and len(graphed._graphs) == 1
+
+
+class _Adapter(torch.nn.Module):
+    """A stand-in for a LoRA-adapted linear layer (not an nn.Linear): the base layer plus a low-rank update."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.down = torch.nn.Linear(base.in_features, 2, bias=False)
+        self.up = torch.nn.Linear(2, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.up(self.down(x))
+
+
+def test_graphs_with_hooks_adapters_and_autocast():
+    """A replay runs no Python: with hooks on the encoder's modules forwards run eagerly (the hooks run every
+    time); a module swapped in after a capture (an adapter) drops the graphs, which are captured again with it;
+    a graph captured under autocast serves only calls under the same autocast."""
+    cfg, ours, graphed = _eager_and_graphed("bert")
+    g = torch.Generator().manual_seed(5)
+    mask = _right([9, 4, 7], 9)
+    ids, tt = _inputs(cfg, ours, mask, 3, 9, g)
+    with torch.inference_mode():
+        graphed(ids, attention_mask=mask, token_type_ids=tt)
+    assert len(graphed._graphs) == 1
+    calls, replays = [], []
+    graph_forward = graphed._graph_forward
+    graphed._graph_forward = lambda *a, **k: replays.append(1) or graph_forward(*a, **k)
+    handle = graphed.encoder.layer[1].output.dense.register_forward_hook(lambda m, a, o: calls.append(1))
+    with torch.inference_mode():
+        for _ in range(2):
+            graphed(ids, attention_mask=mask, token_type_ids=tt)
+    assert calls == [1, 1] and replays == []              # eager: the hook ran both times, no graph was replayed
+    handle.remove()
+    with torch.inference_mode():
+        graphed(ids, attention_mask=mask, token_type_ids=tt)
+    assert replays == [1]
+    del graphed._graph_forward
+    for model in (ours, graphed):
+        torch.manual_seed(3)
+        layer = model.encoder.layer[0].intermediate
+        layer.dense = _Adapter(layer.dense)
+    assert not torch.equal(graphed.encoder.layer[0].intermediate.dense.up.weight, torch.zeros(1))
+    with torch.inference_mode():
+        out = graphed(ids, attention_mask=mask, token_type_ids=tt)
+        eager = ours(ids, attention_mask=mask, token_type_ids=tt)
+    _assert_close_to_eager(out, eager, mask)
+    assert len(graphed._graphs) == 1 and next(iter(graphed._graphs))[5] is None     # captured again
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = graphed(ids, attention_mask=mask, token_type_ids=tt)
+        eager = ours(ids, attention_mask=mask, token_type_ids=tt)
+    assert [k[5] for k in graphed._graphs] == [None, torch.bfloat16]
+    q = mask.bool()
+    assert (out.last_hidden_state[q].float() - eager.last_hidden_state[q].float()).abs().max() <= 0.05

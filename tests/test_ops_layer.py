@@ -68,6 +68,7 @@ def _attention_naive(qkv, cu, scale, dropout_p, seed):
     return torch.cat(outs)
 
 
+@pytest.mark.gpu     # its reference mask comes from the Triton kernels (on the GPU when there is one)
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "formula"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])

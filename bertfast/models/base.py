@@ -11,6 +11,7 @@ transformers' position 0).
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -76,6 +77,7 @@ class EncoderModel(nn.Module):
         self.pooler = self.build_pooler(spec) if add_pooling_layer else None
         layers.init_weights(self, spec.initializer_range)
         self._graphs = None            # CUDA graphs per input shape, when enabled (enable_cuda_graphs)
+        self._graph_watch = None       # the modules _graph_unsafe_modules checks before each replay
         # activation checkpointing per layer in training, transformers' attribute names (its task models'
         # gradient_checkpointing_enable sets them on every module that has them)
         self.gradient_checkpointing = False
@@ -295,6 +297,7 @@ class EncoderModel(nn.Module):
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
         self._graphs = collections.OrderedDict() if enabled else None
+        self._graph_watch = None
         self._max_graphs = max_graphs
         self._graph_pool = None
         self._graph_capture = True     # False (tests): run the graphs' functions uncaptured
@@ -308,6 +311,7 @@ class EncoderModel(nn.Module):
         if state.get("_graphs"):
             state["_graphs"] = collections.OrderedDict()
             state["_graph_pool"] = None
+        state["_graph_watch"] = None
         return state
 
     def _drop_graphs(self) -> None:
@@ -315,6 +319,7 @@ class EncoderModel(nn.Module):
         if getattr(self, "_graphs", None):
             self._graphs.clear()
             self._graph_pool = None
+        self._graph_watch = None
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .half() / .cuda() move or recast the weights into new storage, which captured graphs never read
@@ -328,9 +333,9 @@ class EncoderModel(nn.Module):
         if (device.type != "cuda" or inputs_embeds is not None or total == 0 or extra_outputs or self.training
                 or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing()):
             return False
-        if layers.has_hooks(self.embeddings.word_embeddings):
-            ops.notice_once("graphs:hooks", "enable_cuda_graphs: forwards run eagerly while the input embeddings "
-                            "have hooks (a graph would replay them as captured)")
+        if self._graph_unsafe_modules():
+            ops.notice_once("graphs:hooks", "enable_cuda_graphs: forwards run eagerly while modules of the encoder "
+                            "have hooks: a replay would not run them")
             return False
         spec = self.spec
         impl = ops.choose("varlen_attention", device, dtype=self.dtype, head_dim=spec.hidden // spec.heads)
@@ -345,6 +350,26 @@ class EncoderModel(nn.Module):
                             "sequences run eagerly")
             return False
         return True
+
+    def _graph_unsafe_modules(self) -> bool:
+        """Whether any module of the encoder has hooks (its own or global ones): Python that a replay would skip.
+        Walks a list of the modules made once; the linear layers' slots in their parents are checked first, so that
+        a module swapped in later (e.g. a LoRA adapter) is seen: the graphs of the old modules are then dropped and
+        captured again with the new ones."""
+        from torch.nn.modules import module as torch_module
+        if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):
+            return True
+        watch = self._graph_watch
+        if watch is None or any(slots.get(name) is not child for slots, name, child in watch[1]):
+            if watch is not None:
+                self._drop_graphs()
+            linears = tuple((parent._modules, name, child) for parent in self.modules()
+                            for name, child in parent._modules.items() if isinstance(child, nn.Linear)
+                            or type(child).__module__.startswith("peft."))
+            watch = self._graph_watch = (tuple(m for m in self.modules() if m is not self), linears)
+        return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in watch[0])
 
     def _graph_forward(self, input_ids, attention_mask, token_type_ids, position_ids, total: int,
                        capture: bool = True):
@@ -402,11 +427,17 @@ class EncoderModel(nn.Module):
                   "token_type_ids": buffer(token_type_ids) if token_type_ids is not None else None,
                   "real": buffer(attention_mask != 0, torch.bool) if attention_mask is not None else None}
 
+        amp = ops.autocast_dtype(device)
+
         def run():
             unp = (full_batch(batch, width, device) if static["real"] is None
                    else unpad_mask_fixed(static["real"], packed))
-            return self._encode(static["input_ids"], static["token_type_ids"], static["position_ids"], None,
-                                unp)[:2]
+            # under autocast, without its cast cache: a graph must not read the cached casts of the weights, which
+            # are freed when the caller's autocast region ends (torch's make_graphed_callables refuses the cache)
+            with (torch.autocast(device.type, dtype=amp, cache_enabled=False) if amp is not None
+                  else contextlib.nullcontext()):
+                return self._encode(static["input_ids"], static["token_type_ids"], static["position_ids"], None,
+                                    unp)[:2]
         if not capture:
             outputs = run()
 
@@ -450,9 +481,9 @@ class EncoderModel(nn.Module):
                 hidden_states.append(x)
             if output_attentions:
                 attentions.append(probs)
-        last = ops.pad(x, unp.indices, unp.batch, unp.seqlen)
+        last = ops.pad(x, unp.indices, unp.batch, unp.seqlen, validate=False)
         pooled = self.pooler(x, unp) if self.pooler is not None else None
-        all_hidden = tuple(last if h is x else ops.pad(h, unp.indices, unp.batch, unp.seqlen)
+        all_hidden = tuple(last if h is x else ops.pad(h, unp.indices, unp.batch, unp.seqlen, validate=False)
                            for h in hidden_states) if output_hidden_states else None
         return last, pooled, all_hidden, tuple(attentions) if output_attentions else None
 

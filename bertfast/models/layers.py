@@ -82,6 +82,41 @@ def fusable_linear(module: nn.Module, where: str) -> bool:
     return False
 
 
+class _ReadByKernels:
+    """A module whose parameters bertfast's fused kernels read without calling it (so its hooks would not run on
+    that path): registering a hook on it says so, once per kind of module."""
+
+    def _hook_notice(self):
+        ops.notice_once(f"hook-on-fused:{type(self).__name__}",
+                        f"a hook was registered on a {type(self).__name__}: bertfast's fused kernels read its "
+                        f"parameters without calling it, so the hook does not run on the fused path; hook the "
+                        f"enclosing layer (or a linear layer, which then runs as a module) instead")
+
+    def register_forward_hook(self, *args, **kwargs):
+        self._hook_notice()
+        return super().register_forward_hook(*args, **kwargs)
+
+    def register_forward_pre_hook(self, *args, **kwargs):
+        self._hook_notice()
+        return super().register_forward_pre_hook(*args, **kwargs)
+
+    def register_full_backward_hook(self, *args, **kwargs):
+        self._hook_notice()
+        return super().register_full_backward_hook(*args, **kwargs)
+
+    def register_full_backward_pre_hook(self, *args, **kwargs):
+        self._hook_notice()
+        return super().register_full_backward_pre_hook(*args, **kwargs)
+
+
+class FusedLayerNorm(_ReadByKernels, nn.LayerNorm):
+    """nn.LayerNorm's parameters, applied by the fused add_layer_norm / embed kernels."""
+
+
+class FusedEmbedding(_ReadByKernels, nn.Embedding):
+    """nn.Embedding's table, gathered by the fused embed kernel (called as a module on the unfused paths)."""
+
+
 class Embeddings(nn.Module):
     """word + position + token-type embeddings, then LayerNorm (BertEmbeddings' parameters)."""
 
@@ -89,12 +124,12 @@ class Embeddings(nn.Module):
         super().__init__()
         e = spec.embedding_size
         self.word_embeddings = nn.Embedding(spec.vocab, e, padding_idx=spec.pad_token_id)
-        self.position_embeddings = nn.Embedding(spec.max_positions, e)
+        self.position_embeddings = FusedEmbedding(spec.max_positions, e)
         if spec.type_vocab:
-            self.token_type_embeddings = nn.Embedding(spec.type_vocab, e)
+            self.token_type_embeddings = FusedEmbedding(spec.type_vocab, e)
         else:
             self.token_type_embeddings = None
-        self.LayerNorm = nn.LayerNorm(e, eps=spec.eps)
+        self.LayerNorm = FusedLayerNorm(e, eps=spec.eps)
         self.dropout_p = spec.hidden_dropout
 
     def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds, unp: Unpadded) -> torch.Tensor:
@@ -112,7 +147,7 @@ class Embeddings(nn.Module):
                           self.word_embeddings.weight, self.position_embeddings.weight, types, ln.weight, ln.bias,
                           ln.eps, self.word_embeddings.padding_idx)
         else:
-            rows = ops.unpad(inputs_embeds.reshape(-1, inputs_embeds.shape[-1]), unp.indices)
+            rows = ops.unpad(inputs_embeds.reshape(-1, inputs_embeds.shape[-1]), unp.indices, validate=False)
             pos = position_ids.reshape(-1).index_select(0, unp.indices)
             extra = self.position_embeddings(pos)
             if self.token_type_embeddings is not None:
@@ -170,7 +205,7 @@ class SelfAttention(nn.Module):
         the probabilities of real query rows equal transformers'; padded query rows are computed from zero
         queries. Slower than forward(): used only when probabilities are asked for."""
         b, s = unp.batch, unp.seqlen
-        qkv = ops.pad(self.qkv(x).reshape(x.shape[0], -1), unp.indices, b, s)
+        qkv = ops.pad(self.qkv(x).reshape(x.shape[0], -1), unp.indices, b, s, validate=False)
         q, k, v = qkv.view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         real = torch.zeros(b * s, dtype=torch.bool, device=x.device).index_fill_(0, unp.indices, True).view(b, s)
         mask = torch.zeros((b, 1, 1, s), dtype=q.dtype, device=x.device).masked_fill(
@@ -178,7 +213,7 @@ class SelfAttention(nn.Module):
         probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask, dim=-1)
         dropped = F.dropout(probs, self.dropout_p, self.training)
         ctx = (dropped @ v).permute(0, 2, 1, 3).reshape(b * s, self.hidden)
-        return ops.unpad(ctx, unp.indices), dropped   # as transformers: the probabilities after dropout
+        return ops.unpad(ctx, unp.indices, validate=False), dropped   # as transformers: the probabilities after dropout
 
 
 class DenseLayerNorm(nn.Module):
@@ -188,7 +223,7 @@ class DenseLayerNorm(nn.Module):
     def __init__(self, in_features, spec: EncoderSpec, dropout_p: float):
         super().__init__()
         self.dense = nn.Linear(in_features, spec.hidden)
-        self.LayerNorm = nn.LayerNorm(spec.hidden, eps=spec.eps)
+        self.LayerNorm = FusedLayerNorm(spec.hidden, eps=spec.eps)
         self.dropout_p = dropout_p
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -224,10 +259,10 @@ class Intermediate(nn.Module):
 
     def forward(self, x):
         dense = self.dense
-        if fusable_linear(dense, "intermediate.dense"):
-            y, bias = F.linear(x, dense.weight), dense.bias
-        else:
-            y, bias = dense(x), None
+        if not fusable_linear(dense, "intermediate.dense"):
+            # the module's output may be held by its hooks or an adapter: never written over
+            return ops.bias_act(dense(x), None, self.activation)
+        y, bias = F.linear(x, dense.weight), dense.bias
         if y.device.type == "cpu" and not ops.records_grad(y, bias) and not torch.compiler.is_compiling():
             # inference on the CPU: write over the GEMM output instead of faulting in a new one (NOTES change 23)
             return ops.bias_act_(y, bias, self.activation)
