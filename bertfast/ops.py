@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bertfast.padding import check_cu_seqlens
+
 log = logging.getLogger("bertfast")
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
@@ -392,29 +394,6 @@ def _check_attention_args(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int):
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
 
 
-def _check_cu_seqlens_values(cu_seqlens: Tensor, total: int, max_seqlen: int) -> None:
-    """cu_seqlens' values against qkv and max_seqlen (one host read; skipped while compiling or capturing a CUDA
-    graph, where nothing may be read): a kernel trusts them for its addresses."""
-    if torch.compiler.is_compiling() or (cu_seqlens.device.type == "cuda"
-                                         and torch.cuda.is_current_stream_capturing()):
-        return
-    if cu_seqlens.numel() == 1:
-        bounds = cu_seqlens.tolist()
-        first = last = bounds[0]
-        min_len = max_len = 0
-    else:
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        first, last, min_len, max_len = torch.stack(
-            [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
-    if first != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {first}")
-    if min_len < 0:
-        raise ValueError("cu_seqlens must be monotonic non-decreasing")
-    if last != total:
-        raise ValueError(f"cu_seqlens must end at T = qkv.shape[0] = {total}, got {last}")
-    if max_len > max_seqlen:
-        raise ValueError(f"max_seqlen {max_seqlen} is smaller than the longest sequence in cu_seqlens ({max_len})")
-
 
 def _cpu_flash(cdt: torch.dtype, dropout_p: float):
     """ATen's fused CPU attention forward and backward (what F.scaled_dot_product_attention runs on CPU), called
@@ -679,7 +658,7 @@ def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_s
             raise ValueError(f"cu_seqlens [0] describes no sequence but qkv holds {qkv.shape[0]} tokens")
         return qkv[:, 0].clone()                   # [0, heads, head_dim], linked to qkv for autograd
     if validate:
-        _check_cu_seqlens_values(cu_seqlens, qkv.shape[0], int(max_seqlen))
+        check_cu_seqlens(cu_seqlens, qkv.shape[0], int(max_seqlen))
     seed = new_seed() if dropout_p > 0.0 else 0
     return _run(_varlen_attention_op, qkv, cu_seqlens, int(max_seqlen), scale, float(dropout_p), seed, impl)[0]
 

@@ -125,6 +125,12 @@ def _encoder_like(base: nn.Module, owner: nn.Module) -> EncoderModel:
         ours.embeddings.word_embeddings = theirs
     _refuse_hooks(base, owner, kept=ours.embeddings.word_embeddings)
     ours.train(base.training)
+    if base.training and any(param.requires_grad for module, attr, param in plan if attr.startswith("qkv_")):
+        # an optimizer holds Parameter objects: one built before this call has the old Q/K/V, which no longer
+        # get gradients (transformers' Trainer builds its optimizer in train(): unaffected)
+        ops.notice_once("optimize:qkv", "bertfast.optimize packed each layer's query / key / value parameters "
+                        "into one new parameter: an optimizer built before optimize() does not hold it and would "
+                        "leave Q/K/V untrained; build optimizers (and load optimizer state) after optimize()")
     # activation checkpointing switched on in the transformers model stays on (transformers keeps the flag and
     # its checkpoint function on the encoder's modules)
     for module in base.modules():

@@ -114,3 +114,27 @@ def unpad_mask_fixed(attention_mask: torch.Tensor, total: int) -> Unpadded:
     cu_seqlens = torch.cat([seqlens.new_zeros(1), torch.cumsum(seqlens, 0, dtype=torch.int32),
                             seqlens.new_full((1,), total)])
     return Unpadded(order[:total], cu_seqlens, seqlens, seqlen, batch, seqlen)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int, error: type = ValueError) -> None:
+    """cu_seqlens' values against the packed length and max_seqlen: starts at 0, non-decreasing, ends at total,
+    longest sequence <= max_seqlen. One host read; skipped while compiling or capturing a CUDA graph, where nothing
+    may be read. Raises `error` (the kernels pass their UnsupportedInput) naming what is wrong."""
+    if torch.compiler.is_compiling() or (cu_seqlens.device.type == "cuda"
+                                         and torch.cuda.is_current_stream_capturing()):
+        return
+    if cu_seqlens.numel() == 1:
+        first = last = int(cu_seqlens[0])
+        min_len = max_len = 0
+    else:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        first, last, min_len, max_len = torch.stack(
+            [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
+    if first != 0:
+        raise error(f"cu_seqlens must start at 0, got {first}")
+    if min_len < 0:
+        raise error("cu_seqlens must be monotonic non-decreasing")
+    if last != total:
+        raise error(f"cu_seqlens must end at T = qkv.shape[0] = {total}, got {last}")
+    if max_len > max_seqlen:
+        raise error(f"max_seqlen {max_seqlen} is smaller than the longest sequence in cu_seqlens ({max_len})")

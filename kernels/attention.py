@@ -613,20 +613,8 @@ def _check_common(qkv, cu_seqlens, max_seqlen, dropout_p, fp32_precision):
 
 def _check_cu_seqlens_values(cu_seqlens, n_tokens: int, max_seqlen: int):
     """Data-dependent checks (one host sync); skipped while compiling or capturing a CUDA graph."""
-    if torch.compiler.is_compiling() or _is_capturing(cu_seqlens.device):
-        return
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    first, last, min_len, max_len = torch.stack(
-        [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
-    if first != 0:
-        raise UnsupportedInput(f"cu_seqlens must start at 0, got {first}")
-    if min_len < 0:
-        raise UnsupportedInput("cu_seqlens must be monotonic non-decreasing")
-    if last != n_tokens:
-        raise UnsupportedInput(f"cu_seqlens must end at T = qkv.shape[0] = {n_tokens}, got {last}")
-    if max_len > max_seqlen:
-        raise UnsupportedInput(f"max_seqlen {max_seqlen} is smaller than the longest sequence in cu_seqlens "
-                               f"({max_len})")
+    from bertfast.padding import check_cu_seqlens
+    check_cu_seqlens(cu_seqlens, n_tokens, max_seqlen, error=UnsupportedInput)
 
 
 def _check_buffer(name, t, shape, dtype, device):

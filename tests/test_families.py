@@ -744,3 +744,14 @@ def test_lora_after_optimize_and_adapters_before_it_refused():
         assert (grads[n] - ref_grads[n]).abs().max() <= 1e-5 * max(1.0, ref_grads[n].abs().max().item()), n
     with pytest.raises(ValueError, match=r"holds PEFT adapter layers .*merge_and_unload"):
         bertfast.optimize(copy.deepcopy(ref))
+
+
+def test_optimize_in_training_mode_says_to_build_optimizers_after_it():
+    """optimize packs Q/K/V into new parameters, which an optimizer built before it does not hold: a model in
+    training mode is told so (once); a model in eval mode (inference) is not."""
+    cfg = family_config("bert", dropout=False)
+    bertfast.ops._notices.clear()
+    bertfast.optimize(T.BertForSequenceClassification._from_config(copy.deepcopy(cfg)).eval())
+    assert "optimize:qkv" not in bertfast.ops.notices()
+    bertfast.optimize(T.BertForSequenceClassification._from_config(copy.deepcopy(cfg)).train())
+    assert "build optimizers (and load optimizer state) after optimize()" in bertfast.ops.notices()["optimize:qkv"]
