@@ -51,6 +51,12 @@ def optimize(model: nn.Module) -> nn.Module:
     setattr(model, model.base_model_prefix, ours)
     for parent, name, transform in heads:
         setattr(parent, name, FusedHeadTransform(transform))
+    for module in model.modules():
+        # the heads' other LayerNorms (RoBERTa / ALBERT / ELECTRA / DistilBERT MLM heads) on the fused kernel:
+        # fp32 statistics in every dtype (torch's fp16 CPU LayerNorm backward gives NaN on the constant rows that
+        # bertfast's zero padded rows become after a zero-bias dense)
+        if type(module) is nn.LayerNorm and KernelLayerNorm.serves(module):
+            module.__class__ = KernelLayerNorm
     model._bertfast_optimized = True
     return model
 
@@ -185,6 +191,21 @@ def _padded_position_reader(model: nn.Module) -> tuple[str, int | None] | None:
             position = {"first": 0, "last": -1, "cls_index": -1}.get(kind)
             return f"{name}.{mod_name} ({cls}, summary_type {kind!r})", position
     return None
+
+
+class KernelLayerNorm(nn.LayerNorm):
+    """An nn.LayerNorm (same parameters and keys) computed by bertfast's add_layer_norm kernel: statistics in fp32
+    for every dtype. optimize gives this class to the LayerNorms of task heads that it does not fuse further."""
+
+    @staticmethod
+    def serves(module: nn.LayerNorm) -> bool:
+        return (len(module.normalized_shape) == 1 and module.weight is not None
+                and module.bias is not None)
+
+    def forward(self, x):
+        if x.dtype != self.weight.dtype and ops.autocast_dtype(x.device) is None:
+            return super().forward(x)      # a dtype mix torch takes and the fused op refuses outside autocast
+        return ops.add_layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class FusedHeadTransform(nn.Module):

@@ -755,3 +755,26 @@ def test_optimize_in_training_mode_says_to_build_optimizers_after_it():
     assert "optimize:qkv" not in bertfast.ops.notices()
     bertfast.optimize(T.BertForSequenceClassification._from_config(copy.deepcopy(cfg)).train())
     assert "build optimizers (and load optimizer state) after optimize()" in bertfast.ops.notices()["optimize:qkv"]
+
+
+@pytest.mark.parametrize("family", ["roberta", "albert", "distilbert", "electra"])
+def test_mlm_head_layer_norms_on_the_kernel(family):
+    """The LayerNorms of MLM heads that optimize does not fuse further run bertfast's add_layer_norm (fp32
+    statistics): with fp16 weights on the CPU and a freshly initialised (zero-bias) head, torch's own fp16
+    LayerNorm backward gave NaN gradients on the zero padded rows; now every gradient is finite and the loss is
+    transformers'. The keys and the head's outputs in fp32 are unchanged (test_optimize_heads)."""
+    torch.manual_seed(FAMILIES.index(family))
+    cfg = family_config(family, dropout=False)
+    ref = getattr(T, PREFIX[family] + "ForMaskedLM")._from_config(copy.deepcopy(cfg)).half()
+    model = bertfast.optimize(copy.deepcopy(ref))
+    assert any(type(m).__name__ == "KernelLayerNorm" for m in model.modules())
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    inputs = _head_inputs(cfg, "ForMaskedLM")
+    losses = []
+    for m in (ref, model):
+        loss = m(**inputs).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) <= 1e-2 * abs(losses[0])
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad
