@@ -84,7 +84,7 @@ step "bertfast info" 60 $PY -m bertfast info
 # with real compiles, the CUDA extension, the CUDA model and graph tests; 2026-11-24's run cut the whole suite at
 # 92% and never reached the model tests), the benchmarks (whose results are committed), then whatever time is left
 # for the tests CI also runs on CPU, the host profile and the parity check. BENCH_RESERVE seconds are kept for the
-# benchmarks by every step before them.
+# benchmarks by the probe and the GPU tests (the build steps before them are capped by the budget only).
 RESERVE=${BENCH_RESERVE:-200}
 # bertfast._C's input errors, thrown repeatedly on CPU and CUDA (2026-11-24: every throw after the first
 # segfaulted on the H100 machine and nowhere else); when the probe dies of a signal it is run again under cuda-gdb

@@ -163,7 +163,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_check(args) -> int:
-    """Parity with transformers on this machine's device, on random configs and the default model."""
+    """Parity with transformers on this machine's device, on random BERT configs."""
     _offline_env()
     import copy
 

@@ -1075,7 +1075,8 @@ def embed(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_i
     indices: (T,) int64 - the real tokens (from bertfast.padding.unpad_mask)
     word_emb (V, E), pos_emb (P, E), type_emb (types, E) or None; ln_weight / ln_bias (E,)
     padding_idx: the word-embedding row that gets no gradient (nn.Embedding's padding_idx), or None
-    returns (T, E) in word_emb's dtype. Ids are not range-checked here (the model checks them once per batch).
+    returns (T, E) in word_emb's dtype. The C++ / CUDA implementations check every id they read (a named error);
+    the reference relies on torch's indexing. The model checks them once per batch too.
     """
     impl = choose("embed", word_emb.device, dtype=word_emb.dtype)
     # the kernels read the id / index vectors and the LayerNorm vectors by address: a strided view of them (e.g.

@@ -289,7 +289,9 @@ class EncoderModel(nn.Module):
         (batch, seq_len). Graphs are captured on first use (two warm-up forwards and a capture), at most
         max_graphs kept, the least recently used dropped first; outputs are copied out of the graph's buffers.
         Training, gradients, inputs_embeds, output_hidden_states / output_attentions, batches with no real token,
-        and models whose attention does not run the Triton kernel run eagerly (the last said once). Graphs read
+        encoders with hooks, padded batches of 65,535 sequences or more, and models whose attention does not run
+        the Triton kernel run eagerly (the last three said once). A module swapped in after a capture (an adapter)
+        drops the graphs, which are captured again. Graphs read
         the weights' storage and the kernel choices (backend, TF32) of their capture: moving or casting the model
         (.to, .half, ...) and load_state_dict drop them, to be captured again; in-place edits of the weights are
         seen. Calls from several threads or streams at once share the graphs' buffers: serialise them. Returns
