@@ -946,9 +946,11 @@ def add_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
     out_dtype = None
-    given = [t for t in (residual, weight, bias, x_bias) if isinstance(t, Tensor)]
-    if any(t.dtype != x.dtype for t in given) and all(t.is_floating_point() for t in given) \
-            and autocast_dtype(x.device) is not None:
+    dt = x.dtype
+    if (weight.dtype != dt or bias.dtype != dt or (residual is not None and residual.dtype != dt)
+            or (x_bias is not None and x_bias.dtype != dt)) and autocast_dtype(x.device) is not None \
+            and all(t.is_floating_point() for t in (residual, weight, bias, x_bias) if isinstance(t, Tensor)):
+        given = [t for t in (residual, weight, bias, x_bias) if isinstance(t, Tensor)]
         # computed in the widest dtype; the result has the dtype torch gives under autocast: fp32 on CUDA (its
         # layer_norm autocasts to fp32), on the CPU the dtype of x + residual (layer_norm keeps its input's dtype)
         cdt = functools.reduce(torch.promote_types, [t.dtype for t in given], x.dtype)
