@@ -194,8 +194,10 @@ def _padded_position_reader(model: nn.Module) -> tuple[str, int | None] | None:
 
 
 class KernelLayerNorm(nn.LayerNorm):
-    """An nn.LayerNorm (same parameters and keys) computed by bertfast's add_layer_norm kernel: statistics in fp32
-    for every dtype. optimize gives this class to the LayerNorms of task heads that it does not fuse further."""
+    """An nn.LayerNorm (same parameters and keys) computed, in fp16 / bf16, by bertfast's add_layer_norm kernel:
+    statistics in fp32. optimize gives this class to the LayerNorms of task heads that it does not fuse further.
+    fp32 / fp64 inputs and torch.func transforms run torch's LayerNorm (so double backward and vmap through the
+    head keep working there)."""
 
     @staticmethod
     def serves(module: nn.LayerNorm) -> bool:
@@ -203,8 +205,11 @@ class KernelLayerNorm(nn.LayerNorm):
                 and module.bias is not None)
 
     def forward(self, x):
-        if x.dtype != self.weight.dtype and ops.autocast_dtype(x.device) is None:
-            return super().forward(x)      # a dtype mix torch takes and the fused op refuses outside autocast
+        if (x.dtype in (torch.float32, torch.float64) or torch._C._functorch.peek_interpreter_stack() is not None
+                or (x.dtype != self.weight.dtype and ops.autocast_dtype(x.device) is None)):
+            # full precision (torch's own is exact there), functorch transforms, or a dtype mix torch takes and
+            # the fused op refuses outside autocast
+            return super().forward(x)
         return ops.add_layer_norm(x, self.weight, self.bias, self.eps)
 
 

@@ -778,3 +778,23 @@ def test_mlm_head_layer_norms_on_the_kernel(family):
     assert abs(losses[0] - losses[1]) <= 1e-2 * abs(losses[0])
     bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
     assert not bad
+
+
+def test_head_layer_norms_keep_double_backward_in_fp32():
+    """Higher-order gradients through an MLM head (MAML, gradient penalties on head parameters) keep working in
+    fp32: the swapped head LayerNorm runs torch's there; the values equal transformers'."""
+    torch.manual_seed(8)
+    cfg = family_config("roberta", dropout=False)
+    ref = T.RobertaForMaskedLM._from_config(copy.deepcopy(cfg)).eval()
+    model = bertfast.optimize(copy.deepcopy(ref))
+    inputs = _head_inputs(cfg, "ForMaskedLM")
+    penalties = []
+    for m in (ref, model):
+        loss = m(**inputs).loss
+        params = [p for n, p in m.named_parameters() if n.startswith("lm_head.dense")]
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in grads)
+        penalty.backward()
+        penalties.append((penalty.item(), m.lm_head.dense.weight.grad.clone()))
+    assert abs(penalties[0][0] - penalties[1][0]) <= 1e-5 * abs(penalties[0][0])
+    assert (penalties[0][1] - penalties[1][1]).abs().max() <= 1e-5 * penalties[0][1].abs().max()
