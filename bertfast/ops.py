@@ -394,7 +394,6 @@ def _check_attention_args(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int):
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
 
 
-
 def _cpu_flash(cdt: torch.dtype, dropout_p: float):
     """ATen's fused CPU attention forward and backward (what F.scaled_dot_product_attention runs on CPU), called
     directly because they return / take the log-sum-exp that lets the backward skip recomputing P: used for

@@ -17,7 +17,7 @@ from torch import nn
 from bertfast import ops
 from bertfast.models import AutoModel, EncoderModel
 from bertfast.models.base import _convert, hf_base_model
-from bertfast.models.layers import SelfAttention, fusable_linear, has_hooks
+from bertfast.models.layers import SelfAttention, fusable_linear, has_hooks, is_adapter
 
 
 def optimize(model: nn.Module) -> nn.Module:
@@ -82,7 +82,7 @@ def _encoder_like(base: nn.Module, owner: nn.Module) -> EncoderModel:
         raise TypeError(f"bertfast.optimize: {type(owner).__name__}'s encoder has no config")
     cls = AutoModel.family(config)
     cls.check_config(config)
-    adapters = [name for name, module in base.named_modules() if type(module).__module__.startswith("peft.")]
+    adapters = [name for name, module in base.named_modules() if is_adapter(module)]
     if adapters:
         raise ValueError(f"bertfast.optimize: {type(owner).__name__} holds PEFT adapter layers ({', '.join(adapters[:3])}"
                          f"{' ...' if len(adapters) > 3 else ''}): merge them into the weights first "
@@ -154,7 +154,7 @@ def _ours_to_drop(hook) -> bool:
     return getattr(hook, "__module__", "").startswith("transformers.utils.output_capturing")
 
 
-def _local_hooks(module: nn.Module) -> list[str]:
+def _user_hook_kinds(module: nn.Module) -> list[str]:
     """The kinds of hooks registered on this module itself (global hooks run on any module: not counted)."""
     kinds = (("forward", module._forward_hooks), ("forward pre", module._forward_pre_hooks),
              ("backward", module._backward_hooks), ("backward pre", module._backward_pre_hooks))
@@ -165,7 +165,7 @@ def _refuse_hooks(base: nn.Module, owner: nn.Module, kept: nn.Module) -> None:
     """Hooks on the encoder's modules would silently stop running once it is swapped out (except on `kept`, the
     word-embedding module when the new encoder keeps it): refuse, naming them."""
     found = [f"{name or type(base).__name__} ({', '.join(kinds)})" for name, module in base.named_modules()
-             if module is not kept and (kinds := _local_hooks(module))]
+             if module is not kept and (kinds := _user_hook_kinds(module))]
     if found:
         raise ValueError(f"bertfast.optimize: {type(owner).__name__}'s encoder modules have hooks that would no "
                          f"longer run once bertfast replaces them: {'; '.join(found[:5])}"
@@ -243,7 +243,7 @@ def _fusable_head_transforms(model: nn.Module):
     for name, module in model.named_modules():
         if type(module).__name__.endswith("PredictionHeadTransform") and hasattr(module, "dense") and \
                 isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm):
-            hooked = [n for n, m in module.named_modules() if _local_hooks(m)]
+            hooked = [n for n, m in module.named_modules() if _user_hook_kinds(m)]
             if hooked:     # the fused module would not call the hooked modules: keep transformers' transform
                 ops.notice_once(f"hooked-head:{name}", f"bertfast.optimize: {name} has hooks "
                                 f"({', '.join(n or 'itself' for n in hooked)}): it keeps running transformers' "

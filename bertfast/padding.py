@@ -123,13 +123,9 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int, erro
     if torch.compiler.is_compiling() or (cu_seqlens.device.type == "cuda"
                                          and torch.cuda.is_current_stream_capturing()):
         return
-    if cu_seqlens.numel() == 1:
-        first = last = int(cu_seqlens[0])
-        min_len = max_len = 0
-    else:
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        first, last, min_len, max_len = torch.stack(
-            [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]      # callers pass at least two offsets
+    first, last, min_len, max_len = torch.stack(
+        [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
     if first != 0:
         raise error(f"cu_seqlens must start at 0, got {first}")
     if min_len < 0:

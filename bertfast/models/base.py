@@ -358,9 +358,7 @@ class EncoderModel(nn.Module):
         Walks a list of the modules made once; the linear layers' slots in their parents are checked first, so that
         a module swapped in later (e.g. a LoRA adapter) is seen: the graphs of the old modules are then dropped and
         captured again with the new ones."""
-        from torch.nn.modules import module as torch_module
-        if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):
+        if layers.has_global_hooks():
             return True
         watch = self._graph_watch
         if watch is None or any(slots.get(name) is not child for slots, name, child in watch[1]):
@@ -368,10 +366,9 @@ class EncoderModel(nn.Module):
                 self._drop_graphs()
             linears = tuple((parent._modules, name, child) for parent in self.modules()
                             for name, child in parent._modules.items() if isinstance(child, nn.Linear)
-                            or type(child).__module__.startswith("peft."))
+                            or layers.is_adapter(child))
             watch = self._graph_watch = (tuple(m for m in self.modules() if m is not self), linears)
-        return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in watch[0])
+        return any(layers.has_local_hooks(m) for m in watch[0])
 
     def _graph_forward(self, input_ids, attention_mask, token_type_ids, position_ids, total: int,
                        capture: bool = True):

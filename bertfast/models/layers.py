@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from bertfast import ops
 from bertfast.padding import Unpadded
@@ -60,13 +61,26 @@ class EncoderSpec:
     initializer_range: float
 
 
+def has_local_hooks(module: nn.Module) -> bool:
+    """Whether hooks (forward or backward) are registered on `module` itself."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def has_global_hooks() -> bool:
+    """Whether hooks registered for every module (torch.nn.modules.module.register_module_*_hook) exist."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether calling `module` would run hooks (its own or global ones, forward or backward)."""
-    from torch.nn.modules import module as torch_module
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks
-                or torch_module._global_backward_pre_hooks)
+    return has_local_hooks(module) or has_global_hooks()
+
+
+def is_adapter(module: nn.Module) -> bool:
+    """Whether `module` is a peft module (a LoRA layer, a modules_to_save wrapper, ...)."""
+    return type(module).__module__.startswith("peft.")
 
 
 def fusable_linear(module: nn.Module, where: str) -> bool:
