@@ -87,13 +87,19 @@ step "bertfast info" 60 $PY -m bertfast info
 # benchmarks by the probe and the GPU tests (the build steps before them are capped by the budget only).
 RESERVE=${BENCH_RESERVE:-200}
 # bertfast._C's input errors, thrown repeatedly on CPU and CUDA (2026-11-24: every throw after the first
-# segfaulted on the H100 machine and nowhere else); when the probe dies of a signal it is run again under cuda-gdb
-# (which debugs host code too, at most 60 s), so that the log holds a native backtrace and the loaded libraries
+# segfaulted on the H100 machine and nowhere else). --isolate runs variants in their own processes (torch's own
+# errors alone, the extension loaded without the package, after Triton, after CUDA init, its CUDA ops, torch's
+# errors after one of the extension's, the whole package) and prints the compilers and runtime libraries involved.
+# The first variant that dies of a signal runs again under cuda-gdb (which debugs host code too, at most 60 s), so
+# that the log holds a native backtrace and the loaded libraries
 probe() {
-  $PY -m benchmarks.exception_probe; local rc=$?
+  local out=/tmp/bertfast-probe.$$
+  $PY -m benchmarks.exception_probe --isolate | tee "$out"; local rc=${PIPESTATUS[0]}
+  local variant; variant=$(sed -n 's/^first crashed variant: \([^ ]*\).*/\1/p' "$out"); rm -f "$out"
   if [ $rc -ge 128 ] && command -v cuda-gdb >/dev/null 2>&1; then
-    echo "exception probe died with signal $((rc - 128)); again under cuda-gdb:"
-    timeout -k 5 60 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY -m benchmarks.exception_probe
+    echo "exception probe: variant ${variant:-bertfast} died; again under cuda-gdb:"
+    timeout -k 5 60 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" \
+      --args $PY -m benchmarks.exception_probe --variant "${variant:-bertfast}"
   fi
   return $rc
 }

@@ -77,6 +77,29 @@ def test_gpu_suite_dry_run(tmp_path):
         assert step in res.stdout
 
 
+def test_exception_probe_isolates_variants():
+    """The GPU suite's exception probe: every variant throws cleanly here (gcc 12 build), its report names the
+    extension's compiler, and a variant that dies of a signal is reported as crashed, not as passed."""
+    res = _run([sys.executable, "-m", "benchmarks.exception_probe", "--isolate"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "built by: GCC" in res.stdout and "libc10.so" in res.stdout
+    from benchmarks import exception_probe
+    line = res.stdout.splitlines()[-1]
+    assert line.startswith("exception probe variants:")
+    for name in exception_probe.VARIANTS:
+        assert f"{name} ok" in line
+    # a variant that dies of a signal is reported as crashed and named for the GPU suite's cuda-gdb rerun
+    code = ("from benchmarks import exception_probe as p; import sys; "
+            "sys.exit(p.isolate(('torch', 'segv', 'ext-cpu'), lambda name: [sys.executable, '-c', "
+            "'import ctypes; ctypes.string_at(0)'] if name == 'segv' else p._variant_command(name)))")
+    crash = _run([sys.executable, "-c", code])
+    assert crash.returncode == 139, crash.stdout + crash.stderr
+    assert "torch ok, segv died of signal 11, ext-cpu ok" in crash.stdout
+    assert "first crashed variant: segv " in crash.stdout
+    bad = _run([sys.executable, "-m", "benchmarks.exception_probe", "--variant", "nope"])
+    assert bad.returncode != 0 and "--variant: expected one of" in bad.stderr
+
+
 def test_host_proxy_times_the_triton_launch_path():
     """benchmarks.host_proxy claims to time a CUDA eager forward's host path: under its stand-in driver every
     layer must launch its four Triton kernels through Triton's JITFunction.run (none silently skipped or sent to
