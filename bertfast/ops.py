@@ -1108,14 +1108,16 @@ def _check_index_values(op: str, indices: Tensor, n_rows: int, what: str, distin
 
 
 @torch.library.custom_op("bertfast::unpad", mutates_args=())
-def _unpad_op(x: Tensor, indices: Tensor, impl: str) -> Tensor:
+def _unpad_op(x: Tensor, indices: Tensor, impl: str, distinct: bool) -> Tensor:
+    """distinct: the indices hold no row twice, so the backward scatters with pad (each row written once);
+    otherwise it accumulates (index_add_)."""
     if impl == "cpp":
         return torch.ops.bertfast_C.unpad(x, indices)
     return x.index_select(0, indices)
 
 
 @_unpad_op.register_fake
-def _(x, indices, impl):
+def _(x, indices, impl, distinct):
     return x.new_empty((indices.shape[0],) + tuple(x.shape[1:]))
 
 
@@ -1132,15 +1134,17 @@ def _(x, indices, n_rows, impl):
 
 
 def _unpad_setup(ctx, inputs, output):
-    x, indices, impl = inputs
+    x, indices, impl, distinct = inputs
     ctx.save_for_backward(indices)
-    ctx.args = (x.shape[0], impl)
+    ctx.args = (x.shape[0], impl, distinct)
 
 
 def _unpad_backward(ctx, dy):
     (indices,) = ctx.saved_tensors
-    n_rows, impl = ctx.args
-    return _run(_pad_op, dy.contiguous(), indices, n_rows, impl), None, None
+    n_rows, impl, distinct = ctx.args
+    if distinct:
+        return _run(_pad_op, dy.contiguous(), indices, n_rows, impl), None, None, None
+    return dy.new_zeros((n_rows,) + tuple(dy.shape[1:])).index_add_(0, indices, dy), None, None, None
 
 
 def _pad_setup(ctx, inputs, output):
@@ -1151,7 +1155,7 @@ def _pad_setup(ctx, inputs, output):
 
 def _pad_backward(ctx, dy):
     (indices,) = ctx.saved_tensors
-    return _run(_unpad_op, dy.contiguous(), indices, ctx.args[0]), None, None, None
+    return _run(_unpad_op, dy.contiguous(), indices, ctx.args[0], True), None, None, None
 
 
 _register_autograd(_unpad_op, _unpad_backward, _unpad_setup)
@@ -1160,14 +1164,19 @@ _register_autograd(_pad_op, _pad_backward, _pad_setup)
 
 def unpad(x: Tensor, indices: Tensor, validate: bool = True) -> Tensor:
     """x (N, ...) -> x[indices] (T, ...); e.g. hidden states [B*S, H] of a padded batch to its real tokens.
-    validate: the reference implementation checks the indices as the C++ kernels always do (one host read on a
-    GPU); bertfast's encoder, which builds them, passes False."""
+    indices may repeat a row; the gradient then accumulates (index_add_), otherwise it is one scatter (pad).
+    validate: the reference implementation checks the indices as the C++ kernels always do, and when x needs a
+    gradient whether they repeat a row (a host read each on a GPU). bertfast's encoder, which builds them, passes
+    False: the caller then vouches that they are in range and hold no row twice."""
     if indices.dtype != torch.int64 or indices.dim() != 1:
         raise ValueError(f"indices must be a 1-D int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
     impl = choose("unpad", x.device, dtype=x.dtype)
     if validate and impl == "reference":
         _check_index_values("unpad", indices, x.shape[0], "rows of x", distinct=False)
-    return _run(_unpad_op, x.contiguous(), indices.contiguous(), impl)
+    distinct = True
+    if validate and x.requires_grad and torch.is_grad_enabled() and indices.numel() > 1:
+        distinct = bool(torch.unique(indices).numel() == indices.numel())
+    return _run(_unpad_op, x.contiguous(), indices.contiguous(), impl, distinct)
 
 
 def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int, validate: bool = True) -> Tensor:

@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace bertfast {
 
@@ -61,6 +62,19 @@ inline void check_index_values_cpu(const char* op, const char* name, const int64
                   limit, ") (", what, ")");
     }
   }
+}
+
+// pad's inverse of in-range indices on the host: the packed row each of the n_rows output rows receives (-1: none,
+// a zero row). Doubles as the duplicate check, reported with both positions.
+inline std::vector<int64_t> padded_sources_cpu(const char* op, const char* name, const int64_t* v, int64_t n,
+                                               int64_t n_rows) {
+  std::vector<int64_t> source(static_cast<size_t>(n_rows), -1);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(source[v[i]] < 0, op, ": ", name, " holds row ", v[i], " twice (at positions ", source[v[i]],
+                " and ", i, "); the rows of a padded layout are distinct");
+    source[v[i]] = i;
+  }
+  return source;
 }
 
 // Activations shared by add_layer_norm and bias_act (CPU and CUDA).

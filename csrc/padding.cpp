@@ -62,13 +62,7 @@ at::Tensor pad_cpu(const at::Tensor& x, const at::Tensor& indices, int64_t n_row
               indices.size(0));
   const int64_t* ip = indices.data_ptr<int64_t>();
   check_index_values_cpu(kPad, "indices", ip, t, n_rows, "rows of the padded output, n_rows");
-  // The packed row each output row receives (-1: none, a zero row); doubles as the duplicate check.
-  std::vector<int64_t> source(static_cast<size_t>(n_rows), -1);
-  for (int64_t i = 0; i < t; ++i) {
-    TORCH_CHECK(source[ip[i]] < 0, kPad, ": indices holds row ", ip[i], " twice (at positions ", source[ip[i]],
-                " and ", i, "); the rows of a padded layout are distinct");
-    source[ip[i]] = i;
-  }
+  const std::vector<int64_t> source = padded_sources_cpu(kPad, "indices", ip, t, n_rows);
   auto sizes = x.sizes().vec();
   sizes[0] = n_rows;
   auto out = at::empty(sizes, x.options());

@@ -208,6 +208,13 @@ def test_gradcheck_embed_and_padding(backend):
     assert torch.autograd.gradcheck(f, (word, pemb, temb, lw, lb), eps=1e-6, atol=1e-6, fast_mode=True)
     h = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: ops.unpad(t, unp.indices), (h,), eps=1e-6, atol=1e-6, fast_mode=True)
+    # unpad takes repeated rows (a gather); their gradients add up, as index_select's do
+    rep = torch.tensor([5, 1, 5, 0, 5])
+    assert torch.autograd.gradcheck(lambda t: ops.unpad(t, rep), (h,), eps=1e-6, atol=1e-6, fast_mode=True)
+    x = torch.randn(8, 6, requires_grad=True)
+    dy = torch.randn(5, 6)
+    ops.unpad(x, rep).backward(dy)
+    assert torch.allclose(x.grad, torch.autograd.grad(x.index_select(0, rep), x, dy)[0])
 
 
 def test_opcheck_every_op():
@@ -219,7 +226,8 @@ def test_opcheck_every_op():
         (torch.ops.bertfast.add_layer_norm, (torch.randn(4, 8), torch.randn(8), torch.randn(8), 1e-5,
                                              torch.randn(4, 8), torch.randn(8), "gelu", 0.0, 0, ref)),
         (torch.ops.bertfast.bias_act, (torch.randn(4, 8), torch.randn(8), "gelu_tanh", ref)),
-        (torch.ops.bertfast.unpad, (torch.randn(6, 4), torch.tensor([0, 2, 5]), ref)),
+        (torch.ops.bertfast.unpad, (torch.randn(6, 4), torch.tensor([0, 2, 5]), ref, True)),
+        (torch.ops.bertfast.unpad, (torch.randn(6, 4), torch.tensor([2, 0, 2]), ref, False)),
         (torch.ops.bertfast.pad, (torch.randn(3, 4), torch.tensor([0, 2, 5]), 6, ref)),
         (torch.ops.bertfast.embed, (torch.randint(0, 9, (6,)), torch.tensor([0, 2, 5]), torch.arange(6),
                                     torch.randint(0, 2, (6,)), torch.randn(9, 4), torch.randn(6, 4),
@@ -375,7 +383,8 @@ def test_eager_autograd_path_matches_the_registered_op(impl):
         (ops._add_layer_norm_op, [x, w, b, 1e-5, r, xb, "", 0.2, 123, impl]),   # dropout
         (ops._bias_act_op, [u, ub, "gelu", impl]),
         (ops._varlen_attention_op, [qkv, cu, m, 0.2, 0.0, 0, "reference"]),
-        (ops._unpad_op, [torch.randn(6, 4), idx, impl]),
+        (ops._unpad_op, [torch.randn(6, 4), idx, impl, True]),
+        (ops._unpad_op, [torch.randn(6, 4), torch.tensor([5, 1, 5, 5]), impl, False]),  # repeats accumulate
         (ops._pad_op, [torch.randn(3, 4), idx, 6, impl]),
     ]
     assert all(op in ops._EAGER_AUTOGRAD for op, _ in cases)

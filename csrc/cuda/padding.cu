@@ -79,9 +79,8 @@ void launch_gather(const void* src, void* dst, const I* map, int64_t n_dst, int6
 #undef BERTFAST_GATHER
 }
 
-int64_t row_bytes_of(const at::Tensor& x) {
-  return x.size(0) == 0 ? 0 : x.numel() / x.size(0) * static_cast<int64_t>(x.element_size());
-}
+// Bytes of one row of a tensor with at least one row and no zero-size dimension.
+int64_t row_bytes_of(const at::Tensor& x) { return x.numel() / x.size(0) * static_cast<int64_t>(x.element_size()); }
 
 constexpr const char* kUnpad = "bertfast_C::unpad";
 constexpr const char* kPad = "bertfast_C::pad";
@@ -97,10 +96,16 @@ at::Tensor unpad_cuda(const at::Tensor& x, const at::Tensor& indices) {
   auto sizes = x.sizes().vec();
   sizes[0] = t;
   auto out = at::empty(sizes, x.options());
-  if (t == 0 || out.numel() == 0) return out;
+  if (t == 0) return out;
+  if (out.numel() == 0) {  // rows of zero width: nothing to copy, and the indices are still checked (on the host)
+    auto cpu = indices.to(at::kCPU);
+    check_index_values_cpu(kUnpad, "indices", cpu.data_ptr<int64_t>(), t, n, "rows of x");
+    return out;
+  }
+  // the row size from out, which has rows: x may have none (then every index is out of range and flagged)
   auto err = new_error_flag(x, stream);
-  launch_gather<int64_t, false>(x.data_ptr(), out.data_ptr(), indices.data_ptr<int64_t>(), t, n, row_bytes_of(x),
-                                err.data_ptr<int>(), stream);
+  launch_gather<int64_t, false>(x.data_ptr(), out.data_ptr(), indices.data_ptr<int64_t>(), t, n,
+                                row_bytes_of(out), err.data_ptr<int>(), stream);
   if (read_error_flag(err, stream) != 0) {
     auto cpu = indices.to(at::kCPU);
     check_index_values_cpu(kUnpad, "indices", cpu.data_ptr<int64_t>(), t, n, "rows of x");
@@ -124,7 +129,15 @@ at::Tensor pad_cuda(const at::Tensor& x, const at::Tensor& indices, int64_t n_ro
   auto sizes = x.sizes().vec();
   sizes[0] = n_rows;
   auto out = at::empty(sizes, x.options());
-  if (n_rows == 0 || out.numel() == 0) return out;
+  if (out.numel() == 0) {  // no rows or rows of zero width: nothing to write; the indices are checked on the host
+    if (t > 0) {
+      auto cpu = indices.to(at::kCPU);
+      const int64_t* ip = cpu.data_ptr<int64_t>();
+      check_index_values_cpu(kPad, "indices", ip, t, n_rows, "rows of the padded output, n_rows");
+      padded_sources_cpu(kPad, "indices", ip, t, n_rows);
+    }
+    return out;
+  }
   auto err = new_error_flag(x, stream);
   auto inverse = at::empty({n_rows}, x.options().dtype(at::kInt));
   C10_CUDA_CHECK(cudaMemsetAsync(inverse.data_ptr<int32_t>(), 0xff, n_rows * sizeof(int32_t), stream));  // -1
@@ -139,7 +152,8 @@ at::Tensor pad_cuda(const at::Tensor& x, const at::Tensor& indices, int64_t n_ro
     auto cpu = indices.to(at::kCPU);
     const int64_t* ip = cpu.data_ptr<int64_t>();
     check_index_values_cpu(kPad, "indices", ip, t, n_rows, "rows of the padded output, n_rows");
-    TORCH_CHECK(false, kPad, ": indices holds a row twice; the rows of a padded layout are distinct");
+    padded_sources_cpu(kPad, "indices", ip, t, n_rows);  // names the duplicate and its two positions
+    TORCH_CHECK(false, kPad, ": indices held a bad value on the device (changed since the launch?)");
   }
   return out;
 }
