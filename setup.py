@@ -66,10 +66,12 @@ def extensions():
     # -fno-trapping-math lets GCC if-convert the selects of the activation math (x > 0 ? 1 : 0, the clamps of
     # exp): with the default -ftrapping-math only AVX-512 (masked ops) vectorised them, the AVX2 and baseline
     # variants ran scalar. Neither flag changes results: they drop FP exception flags and errno only.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    # No -std: torch's cpp_extension adds the standard its headers need when none is given (C++17 up to torch 2.12,
+    # C++20 from 2.13; torch 2.14's headers refuse C++17 with an #error), so a pinned one breaks newer torch.
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     print(f"bertfast: building bertfast._C with CUDA: {'yes' if build_cuda else 'no'} ({reason})")
     if build_cuda:
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + cuda_arch_flags()
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + cuda_arch_flags()
         print(f"bertfast: CUDA targets: {' '.join(cuda_arch_flags())}")
         return [CUDAExtension("bertfast._C", cpp + cu,
                               extra_compile_args={"cxx": cxx + ["-DBERTFAST_WITH_CUDA"],

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cctype>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -69,8 +70,14 @@ inline Isa detect_isa() {
       best = Isa::kAvx512;
     }
     // The override can only lower the ISA, never ask for one the CPU lacks.
+    // Any other value is an error (a misspelt override must not silently test the default path); a throw here
+    // leaves the static unset, so every later call says it again.
     if (const char* env = std::getenv("BERTFAST_CPU_ISA")) {
       std::string want(env);
+      for (char& c : want) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      TORCH_CHECK(want.empty() || want == "base" || want == "avx2" || want == "avx512",
+                  "bertfast_C: BERTFAST_CPU_ISA must be base, avx2 or avx512 (it can only lower the ISA), got \"",
+                  env, "\"");
       Isa asked = want == "base" ? Isa::kBase : want == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
       if (static_cast<int>(asked) < static_cast<int>(best)) best = asked;
     }

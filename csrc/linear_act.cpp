@@ -1,11 +1,14 @@
 // bertfast_C::linear_act: GEMM + bias (+ activation) through cuBLASLt epilogues. CUDA only (csrc/cuda/linear_act.cu);
 // the schema lives here so that it exists in every build, and a CPU call fails with the dispatcher's
 // "could not run 'bertfast_C::linear_act' with arguments from the 'CPU' backend" (on CPU, torch's
-// linear on MKL/oneDNN is the implementation: bertfast/ops.py routes there).
+// linear on MKL/oneDNN is the implementation). The encoder does not call it yet: benchmarks/bench_linear_act.py
+// times it against torch's linear + bias_act until a GPU run decides the default per GPU.
 //
 //   linear_act(Tensor x, Tensor weight, Tensor? bias, str epilogue) -> Tensor
 //     x [N, K], weight [O, K] (nn.Linear's layout), bias [O] (required by every epilogue but "none"); one dtype of
-//     float16 / bfloat16 / float32 (fp32 GEMMs run in full fp32, no TF32); all on one CUDA device, contiguous.
+//     float16 / bfloat16 / float32 (fp32 GEMMs in TF32 only when torch.backends.cuda.matmul.allow_tf32 is set,
+//     as torch's own); all on one CUDA device, contiguous. Problems cuBLASLt declines run on torch's GEMM and
+//     separate epilogue kernels (a warning says so once).
 //     y [N, O] = epilogue(x @ weight^T + bias), x's dtype. epilogue: "none" (no bias), "bias", "bias_relu",
 //     "bias_gelu_tanh" (cuBLASLt's GELU epilogue is the tanh approximation: use it only for gelu_new /
 //     gelu_pytorch_tanh models; exact-erf GELU is bias_act's job).

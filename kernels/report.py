@@ -364,9 +364,18 @@ def _needs_cublas(text: str) -> bool:
     return bool(re.search(r"#\s*include\s*[<\"](cublas\w*\.h|ATen/cuda/CUDAContext\.h|ATen/cuda/CUDABlas\.h)", text))
 
 
+def cxx_standard() -> str:
+    """The -std that torch's cpp_extension gives an extension that names none (setup.py names none): c++20 where
+    the installed torch's default is C++20 (2.13 and later), else c++17."""
+    import inspect
+
+    import torch.utils.cpp_extension as ext
+    return "-std=c++20" if "'c++20'" in inspect.getsource(ext) else "-std=c++17"
+
+
 def _nvcc_flags(needs_cublas: bool) -> list:
     import torch.utils.cpp_extension as ext
-    flags = ["-std=c++17", "--expt-relaxed-constexpr", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DBERTFAST_WITH_CUDA"]
+    flags = [cxx_standard(), "--expt-relaxed-constexpr", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DBERTFAST_WITH_CUDA"]
     # no host -O: the host side only has to compile here (device code is optimised by ptxas regardless, and its
     # registers / spills are what the report reads); host optimisation of the ATen headers was most of the time
     for inc in ext.include_paths():

@@ -630,6 +630,22 @@ def test_lower_isa_paths(isa, tmp_path):
     assert _gelu_tail_relative_error(got["y"], got["x"]) < 1.0, isa
 
 
+def test_cpu_isa_override_is_checked():
+    """BERTFAST_CPU_ISA is case-insensitive, and a value it does not know is an error naming it (it once meant
+    "avx512", so a misspelt override silently tested the default path)."""
+    code = "import torch, bertfast._C; print(torch.ops.bertfast_C.cpu_isa())"
+    upper = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, BERTFAST_CPU_ISA="BASE"),
+                           capture_output=True, text=True, timeout=120)
+    assert upper.returncode == 0 and upper.stdout.strip() == "base", upper.stderr[-2000:]
+    bad_code = ("import torch, bertfast._C\ntry:\n    torch.ops.bertfast_C.bias_act(torch.randn(64, 8), None, 'gelu')\n"
+                "except RuntimeError as e:\n    print('kernel:', e)\n" + code)  # a kernel, then cpu_isa again
+    bad = subprocess.run([sys.executable, "-c", bad_code], env=dict(os.environ, BERTFAST_CPU_ISA="scalar"),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0
+    assert 'kernel: bertfast_C: BERTFAST_CPU_ISA must be base, avx2 or avx512' in bad.stdout, bad.stdout
+    assert 'BERTFAST_CPU_ISA must be base, avx2 or avx512 (it can only lower the ISA), got "scalar"' in bad.stderr
+
+
 def _philox_uniform_reference(seed: int, offsets, c2: int = 0, rounds: int = 10):
     """Philox-4x32-R uniform of counter (offset low word, offset high word, c2, 0) as Triton's tl.philox returns
     it (tl.rand(seed, offset) with c2 = 0, R = 10; the attention's mask with R = 7), in numpy (independent of the
@@ -906,7 +922,7 @@ def test_bad_input(case):
 
 
 def test_linear_act_is_cuda_only():
-    """linear_act has no CPU kernel: torch's linear is the CPU implementation (bertfast/ops.py routes there)."""
+    """linear_act has no CPU kernel: torch's linear is the CPU implementation."""
     assert hasattr(ops, "linear_act")
     assert not torch._C._dispatch_has_kernel_for_dispatch_key("bertfast_C::linear_act", "CPU")
 
@@ -979,14 +995,47 @@ def test_cuda_unpad_pad_bad_indices(cuda_build):
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_unpad_pad_empty_shapes_bad_indices(dev):
+    """Degenerate shapes (x without rows, rows of zero width, a padded output of zero rows) on either device:
+    nothing to copy, and the indices are still checked. The CUDA ops once returned before checking them, and
+    unpad of an x without rows returned uninitialised memory."""
+    if dev == "cuda":
+        assert ops.built_with_cuda()
+    idx = lambda *v: torch.tensor(v, dtype=torch.int64, device=dev)  # noqa: E731
+    bad = [
+        (lambda: ops.unpad(torch.empty(0, 8, device=dev), idx(0)), r"unpad: indices holds 0 at position 0, "
+                                                                    r"outside the valid range \[0, 0\)"),
+        (lambda: ops.unpad(torch.empty(3, 0, device=dev), idx(1, 7)), r"holds 7 at position 1, outside .*\[0, 3\)"),
+        (lambda: ops.pad(torch.empty(2, 0, device=dev), idx(1, 1), 3), r"pad: indices holds row 1 twice"),
+        (lambda: ops.pad(torch.randn(2, 8, device=dev), idx(0, 1), 0), r"holds 0 at position 0, .*\[0, 0\)"),
+        (lambda: ops.pad(torch.randn(3, 8, device=dev), idx(2, 0, 2), 4), r"pad: indices holds row 2 twice "
+                                                                           r"\(at positions 0 and 2\)"),
+    ]
+    for call, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+    assert ops.unpad(torch.empty(3, 0, device=dev), idx(2, 0)).shape == (2, 0)
+    assert ops.pad(torch.empty(2, 0, device=dev), idx(2, 0), 3).shape == (3, 0)
+    assert ops.unpad(torch.randn(3, 8, device=dev), idx()).shape == (0, 8)
+    assert ops.pad(torch.randn(0, 8, device=dev), idx(), 0).shape == (0, 8)
+    # the allocator hands back a used block: every row of the output must be written (all padding here)
+    torch.full((5, 8), float("nan"), device=dev)
+    out = ops.pad(torch.randn(0, 8, device=dev), idx(), 5)
+    assert torch.equal(out, torch.zeros(5, 8, device=dev))
+
+
 @cuda_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("epilogue", ["none", "bias", "bias_relu", "bias_gelu_tanh"])
-@pytest.mark.parametrize("n,k,o", [(1, 384, 1536), (7, 768, 3072), (1000, 3072, 768), (33, 40, 24)])
+@pytest.mark.parametrize("n,k,o", [(1, 384, 1536), (7, 768, 3072), (1000, 3072, 768), (33, 40, 24),
+                                   (1, 1, 1), (1, 8, 1), (2, 1, 3), (5, 3, 1), (4, 0, 5)])
 def test_cuda_linear_act(cuda_build, n, k, o, dtype, epilogue):
+    """Against float64, bounded by torch's own error in the dtype; the small shapes are ones cuBLASLt's heuristic
+    may decline (torch avoids it for dimensions of 1), and for odd n the bias is a view one element into its storage."""
     x = torch.randn(n, k, device="cuda").to(dtype)
-    w = (torch.randn(o, k, device="cuda") / k ** 0.5).to(dtype)
-    b = torch.randn(o, device="cuda").to(dtype)
+    w = (torch.randn(o, k, device="cuda") / max(k, 1) ** 0.5).to(dtype)
+    b = torch.randn(o + (n % 2), device="cuda").to(dtype)[n % 2:]  # odd n: a bias view one element in
     y = ops.linear_act(x, w, None if epilogue == "none" else b, epilogue)
     z = x.double() @ w.double().t() + (0 if epilogue == "none" else b.double())
     ref = {"none": z, "bias": z, "bias_relu": F.relu(z), "bias_gelu_tanh": F.gelu(z, approximate="tanh")}[epilogue]

@@ -74,6 +74,17 @@ cublasLtEpilogue_t parse_epilogue(const std::string& name) {
               "(cuBLASLt's GELU is the tanh approximation); got \"", name, "\"");
 }
 
+// The same result from torch's GEMM and separate epilogue kernels: for K = 0 (an empty sum, which cuBLASLt does
+// not take) and for the problems cuBLASLt's heuristic declines (torch's own addmm avoids cuBLASLt for some
+// dimensions of 1 for that reason); the latter says so once.
+at::Tensor composite(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     cublasLtEpilogue_t epi) {
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  if (epi == CUBLASLT_EPILOGUE_RELU_BIAS) y.relu_();
+  if (epi == CUBLASLT_EPILOGUE_GELU_BIAS) y = at::gelu(y, "tanh");
+  return y;
+}
+
 at::Tensor linear_act_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const std::string& epilogue) {
   const cublasLtEpilogue_t epi = parse_epilogue(epilogue);
@@ -99,15 +110,9 @@ at::Tensor linear_act_cuda(const at::Tensor& x, const at::Tensor& weight, const 
                 weight.sizes());
   }
   c10::cuda::CUDAGuard device_guard(x.device());
+  if (n == 0 || o == 0) return at::empty({n, o}, x.options());
+  if (k == 0) return composite(x, weight, bias, epi);  // an empty sum: the epilogue of zeros
   auto y = at::empty({n, o}, x.options());
-  if (n == 0 || o == 0) return y;
-  if (k == 0) {  // an empty sum: the epilogue of zeros
-    y.zero_();
-    if (bias.has_value()) y.add_(*bias);
-    if (epi == CUBLASLT_EPILOGUE_RELU_BIAS) y.relu_();
-    if (epi == CUBLASLT_EPILOGUE_GELU_BIAS) y = at::gelu(y, "tanh");
-    return y;
-  }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cublasLtHandle_t handle = handle_for(x.get_device());
 
@@ -130,8 +135,10 @@ at::Tensor linear_act_cuda(const at::Tensor& x, const at::Tensor& weight, const 
       cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
   BERTFAST_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
   const void* bias_ptr = nullptr;
+  at::Tensor bias_aligned;  // the epilogue reads the bias in wide loads: a view at an odd offset is copied
   if (bias.has_value()) {
-    bias_ptr = bias->data_ptr();
+    bias_aligned = alignment_of(bias->data_ptr()) >= 16 ? *bias : bias->clone();
+    bias_ptr = bias_aligned.data_ptr();
     BERTFAST_CUBLASLT_CHECK(
         cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof(bias_ptr)));
   }
@@ -155,11 +162,15 @@ at::Tensor linear_act_cuda(const at::Tensor& x, const at::Tensor& weight, const 
                                                                &align_c, sizeof(align_c)));
   cublasLtMatmulHeuristicResult_t heuristic{};
   int found = 0;
-  BERTFAST_CUBLASLT_CHECK(
-      cublasLtMatmulAlgoGetHeuristic(handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &heuristic, &found));
-  TORCH_CHECK(found > 0, kOp, ": cuBLASLt has no algorithm for x ", x.sizes(), " weight ", weight.sizes(), " ",
-              x.scalar_type(), " epilogue ", epilogue, " with these pointer alignments (", align_b, ", ", align_a,
-              ", ", align_c, " bytes)");
+  const cublasStatus_t status =
+      cublasLtMatmulAlgoGetHeuristic(handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &heuristic, &found);
+  if (status != CUBLAS_STATUS_SUCCESS || found == 0) {
+    TORCH_WARN_ONCE(kOp, ": cuBLASLt has no algorithm for x ", x.sizes(), " weight ", weight.sizes(), " ",
+                    x.scalar_type(), " epilogue ", epilogue, " with pointer alignments (", align_b, ", ", align_a,
+                    ", ", align_c, " bytes) (", cublasLtGetStatusString(status), "); computed with torch's GEMM "
+                    "and a separate epilogue instead (said once)");
+    return composite(x, weight, bias, epi);
+  }
   auto workspace = at::empty({static_cast<int64_t>(heuristic.workspaceSize)}, x.options().dtype(at::kByte));
   const float alpha = 1.0f, beta = 0.0f;
   BERTFAST_CUBLASLT_CHECK(cublasLtMatmul(handle, d.op, &alpha, weight.data_ptr(), d.a, x.data_ptr(), d.b, &beta,
