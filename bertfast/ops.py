@@ -572,7 +572,16 @@ def _attention_backward_cpu(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
 
 
 def _fp32_precision() -> str:
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """The dot precision of fp32 attention: torch's rule for fp32 CUDA matmuls. torch.backends.cuda.matmul.
+    fp32_precision ("none": inherit torch.backends.fp32_precision), then the legacy allow_tf32 (reading it raises
+    once the new setting is used)."""
+    matmul = torch.backends.cuda.matmul
+    setting = getattr(matmul, "fp32_precision", "none")
+    if setting == "none":
+        setting = getattr(torch.backends, "fp32_precision", "none")
+    if setting != "none":
+        return "tf32" if setting == "tf32" else "ieee"
+    return "tf32" if matmul.allow_tf32 else "ieee"
 
 
 @torch.library.custom_op("bertfast::varlen_attention", mutates_args=())

@@ -449,13 +449,16 @@ def _block_d(head_dim: int) -> int:
 # The launch rule. Keys: (input kind: "16" = fp16/bf16, "tf32" / "ieee" = fp32 with that dot precision;
 # head-dim block 64 (head dims 32, 64) or 128 (80, 96, 128); GPU generation: 80 = sm_8x, 90 = sm_90 and newer;
 # dropout on). Every entry was compiled ahead of time for its architecture with Triton 3.6 (see aot_specs() and
-# the compile report): no register spills, shared memory within the limit. Dropout's Philox state (4 words per
+# the compile report): no register spills, shared memory within the limit, in the variant launches compile
+# (pointers and qkv / out strides divisible by 16: report.divisible_args) and in the unspecialised one. Eleven
+# entries were cut on 2026-11-26 when the report first compiled the launch variant (which spilled 8 B to 1.5 KB
+# there): from the compiler's registers alone, not timed on a GPU (NOTES). Dropout's Philox state (4 words per
 # score element) raises the register peak, hence its own entries; fp32 "ieee" dots run on FMA units with
 # operands held in registers, hence its small tiles.
 # Each value: (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ: BLOCK_M query rows held, BLOCK_N keys
 # streamed; dK/dV: BLOCK_N keys held, BLOCK_M query rows streamed.
 _FWD_RULE = {
-    ("16", 64, 80, False): (128, 64, 4, 2),
+    ("16", 64, 80, False): (128, 32, 4, 2),
     ("16", 64, 90, False): (128, 64, 4, 3),
     ("16", 64, 80, True): (128, 64, 8, 2),
     ("16", 64, 90, True): (128, 64, 8, 2),
@@ -467,13 +470,13 @@ _FWD_RULE = {
     ("tf32", 64, 90, False): (64, 32, 4, 2),
     ("tf32", 64, 80, True): (64, 32, 4, 2),
     ("tf32", 64, 90, True): (64, 32, 4, 2),
-    ("tf32", 128, 80, False): (64, 32, 8, 2),
+    ("tf32", 128, 80, False): (64, 16, 8, 2),
     ("tf32", 128, 90, False): (64, 64, 8, 2),
     ("tf32", 128, 80, True): (64, 32, 8, 2),
     ("tf32", 128, 90, True): (64, 64, 8, 2),
     ("ieee", 64, 80, False): (32, 32, 4, 2),
-    ("ieee", 64, 90, False): (32, 32, 4, 2),
-    ("ieee", 64, 80, True): (32, 32, 4, 2),
+    ("ieee", 64, 90, False): (32, 32, 8, 2),
+    ("ieee", 64, 80, True): (32, 32, 8, 2),
     ("ieee", 64, 90, True): (32, 16, 4, 2),
     ("ieee", 128, 80, False): (16, 32, 4, 2),
     ("ieee", 128, 90, False): (16, 32, 8, 2),
@@ -498,20 +501,20 @@ _DKDV_RULE = {
     ("tf32", 128, 80, True): (32, 64, 8, 2),
     ("tf32", 128, 90, True): (16, 32, 8, 2),
     ("ieee", 64, 80, False): (16, 32, 4, 2),
-    ("ieee", 64, 90, False): (16, 32, 4, 2),
+    ("ieee", 64, 90, False): (16, 32, 4, 1),
     ("ieee", 64, 80, True): (16, 32, 4, 2),
     ("ieee", 64, 90, True): (16, 32, 4, 2),
     ("ieee", 128, 80, False): (16, 32, 4, 2),
-    ("ieee", 128, 90, False): (16, 32, 4, 2),
-    ("ieee", 128, 80, True): (16, 32, 4, 2),
-    ("ieee", 128, 90, True): (16, 32, 4, 2),
+    ("ieee", 128, 90, False): (16, 32, 8, 2),
+    ("ieee", 128, 80, True): (16, 32, 8, 2),
+    ("ieee", 128, 90, True): (16, 32, 8, 2),
 }
 _DQ_RULE = {
     ("16", 64, 80, False): (128, 32, 8, 2),
     ("16", 64, 90, False): (128, 32, 8, 2),
     ("16", 64, 80, True): (128, 16, 8, 2),
     ("16", 64, 90, True): (128, 16, 8, 2),
-    ("16", 128, 80, False): (128, 32, 8, 2),
+    ("16", 128, 80, False): (64, 32, 8, 2),
     ("16", 128, 90, False): (128, 32, 8, 2),
     ("16", 128, 80, True): (16, 32, 4, 2),
     ("16", 128, 90, True): (128, 16, 8, 2),
@@ -526,8 +529,8 @@ _DQ_RULE = {
     ("ieee", 64, 80, False): (64, 32, 8, 2),
     ("ieee", 64, 90, False): (64, 32, 8, 2),
     ("ieee", 64, 80, True): (64, 32, 8, 2),
-    ("ieee", 64, 90, True): (64, 32, 8, 2),
-    ("ieee", 128, 80, False): (64, 32, 8, 2),
+    ("ieee", 64, 90, True): (64, 16, 8, 2),
+    ("ieee", 128, 80, False): (64, 16, 8, 2),
     ("ieee", 128, 90, False): (64, 32, 8, 2),
     ("ieee", 128, 80, True): (64, 32, 8, 2),
     ("ieee", 128, 90, True): (64, 32, 8, 2),
@@ -596,6 +599,8 @@ def _check_common(qkv, cu_seqlens, max_seqlen, dropout_p, fp32_precision):
         raise UnsupportedInput(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
         raise UnsupportedInput(f"cu_seqlens must be 1-D with B + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if not cu_seqlens.is_contiguous():
+        raise UnsupportedInput(f"cu_seqlens must be contiguous, got stride {cu_seqlens.stride()}")
     if cu_seqlens.device != qkv.device:
         raise UnsupportedInput(f"cu_seqlens is on {cu_seqlens.device} but qkv is on {qkv.device}")
     if cu_seqlens.shape[0] - 1 > MAX_GRID_YZ:
@@ -726,7 +731,8 @@ def attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
             or lse.device != qkv.device:
         raise UnsupportedInput(f"lse must be a float32 tensor of shape {(heads, n_tokens)} on {qkv.device}, got "
                                f"{getattr(lse, 'dtype', type(lse))} {tuple(getattr(lse, 'shape', ()))}")
-    if lse.stride(1) != 1:
+    if lse.stride(1) != 1 or (heads > 1 and lse.stride(0) != n_tokens):
+        # the kernels read delta (allocated [heads, T] below) with lse's head stride
         lse = lse.contiguous()
     if dqkv is None:
         dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)

@@ -67,13 +67,17 @@ def _act_bwd(a, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 2:
         u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
-        s = 1.0 / (1.0 + tl.exp(-2.0 * u))
-        out = s + a * 2.0 * s * (1.0 - s) * du
+        e = tl.exp(-2.0 * u)
+        s = 1.0 / (1.0 + e)
+        # 1 - s as e * s where s is near 1 (1 - s cancels, and the GPU's exp / division are a few ulp off), as
+        # 1 - s elsewhere (e * s would be inf * 0 for large negative u)
+        out = s + a * 2.0 * s * tl.where(u > 0.0, e * s, 1.0 - s) * du
     elif ACTIVATION == 3:
         out = tl.where(a > 0.0, 1.0, 0.0)
     elif ACTIVATION == 4:
-        s = 1.0 / (1.0 + tl.exp(-a))
-        out = s * (1.0 + a * (1.0 - s))
+        e = tl.exp(-a)
+        s = 1.0 / (1.0 + e)
+        out = s * (1.0 + a * tl.where(a > 0.0, e * s, 1.0 - s))  # 1 - s as for gelu_tanh
     else:
         out = a * 0.0 + 1.0
     return out

@@ -195,6 +195,45 @@ def test_strided_inputs(device):
     torch.testing.assert_close(out2, ref2, rtol=0, atol=0)
 
 
+def test_backward_lse_view_with_wider_head_stride(device):
+    """lse as a view of a wider [heads, T + pad] buffer (the public API takes any lse with a unit token stride): the
+    backward's delta is [heads, T] and was read with lse's head stride, so every head after the first got another
+    head's delta (and the last read past it)."""
+    _seed_for("lse-view")
+    cu_t, max_seqlen = _cu([40, 9], device)
+    total, heads = int(cu_t[-1]), 2
+    qkv = torch.randn(total, 3, heads, 64, device=device)
+    out, lse = attention_forward(qkv, cu_t, max_seqlen, fp32_precision="ieee")
+    dout = torch.randn_like(out)
+    buf = torch.full((heads, total + 7), float("nan"), device=device)
+    buf[:, :total] = lse
+    ref = attention_backward(dout, qkv, out, lse, cu_t, max_seqlen, fp32_precision="ieee")
+    got = attention_backward(dout, qkv, out, buf[:, :total], cu_t, max_seqlen, fp32_precision="ieee")
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_seeds_do_not_specialise_kernels():
+    """A seed argument is never value-specialised (1, multiples of 16): training must not compile a kernel again
+    because a step drew such a seed."""
+    import triton
+
+    from bertfast.kernels import gelu, layer_norm
+    found = 0
+    for mod in (attn, layer_norm, gelu):
+        for name in dir(mod):
+            fn = getattr(mod, name)
+            if not (isinstance(fn, triton.runtime.jit.KernelInterface) and name.endswith("_kernel")):
+                continue  # @triton.jit helpers are inlined into the kernels: only launched kernels specialise
+            # a JITFunction keeps the list as an attribute; the interpreter's InterpretedFunction in its kwargs
+            kept = getattr(fn, "do_not_specialize", None) or getattr(fn, "kwargs", {}).get("do_not_specialize")
+            kept = list(kept or ())
+            seeds = [a for a in fn.arg_names if a.startswith("seed")]
+            found += len(seeds)
+            missing = [a for a in seeds if a not in kept and fn.arg_names.index(a) not in kept]
+            assert not missing, f"{mod.__name__}.{name} specialises on {missing}"
+    assert found >= 7
+
+
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_poisoned_outputs_are_fully_written(device, dtype_name):
     """Outputs pre-filled with NaN: every real row of out / lse / dqkv is written and finite."""
@@ -304,6 +343,9 @@ def test_bad_cu_seqlens_dtype_rank_device(device):
     qkv, cu, ms = _good(device)
     _raises("cu_seqlens must be int32", attention_forward, qkv, cu.long(), ms)
     _raises("cu_seqlens must be 1-D", attention_forward, qkv, cu[None], ms)
+    strided = torch.stack([cu, cu], dim=1)[:, 0]
+    assert torch.equal(strided, cu) and not strided.is_contiguous()
+    _raises("cu_seqlens must be contiguous", attention_forward, qkv, strided, ms)
     _raises("cu_seqlens is on", attention_forward, qkv, torch.zeros(3, dtype=torch.int32, device="meta"), ms)
 
 

@@ -414,3 +414,23 @@ def test_eager_autograd_path_matches_the_registered_op(impl):
             assert (a is None) == (c is None)
             if a is not None:   # bit for bit (the reference attention's lse placeholder is NaN in both)
                 torch.testing.assert_close(a, c, rtol=0, atol=0, equal_nan=True, msg=op._name)
+
+
+def test_fp32_attention_precision_follows_torch_settings():
+    """fp32 attention's dot precision follows torch's fp32 matmul setting, old API or new: after
+    torch.backends.cuda.matmul.fp32_precision = "tf32", reading allow_tf32 raises, which failed every attention
+    call on the Triton path."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision, torch.backends.fp32_precision
+    try:
+        assert ops._fp32_precision() == ("tf32" if matmul.allow_tf32 else "ieee")
+        matmul.fp32_precision = "tf32"
+        assert ops._fp32_precision() == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert ops._fp32_precision() == "ieee"
+        matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = "tf32"   # the generic setting, inherited by matmul's "none"
+        assert ops._fp32_precision() == "tf32"
+    finally:
+        torch.backends.fp32_precision = saved[1]
+        matmul.fp32_precision = saved[0]
