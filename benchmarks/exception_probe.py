@@ -30,7 +30,9 @@ ROOT = os.path.dirname(HERE)
 
 
 def _extension_path():
-    found = sorted(glob.glob(os.path.join(ROOT, "bertfast", "_C*.so")))
+    import importlib.machinery
+    names = [os.path.join(ROOT, "bertfast", "_C" + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    found = [p for p in names if os.path.exists(p)] or sorted(glob.glob(os.path.join(ROOT, "bertfast", "_C*.so")))
     if not found:
         raise SystemExit(f"exception probe: no bertfast/_C*.so under {ROOT} (build it first)")
     return found[0]
@@ -196,7 +198,9 @@ def main(argv):
         return 1 if bad else 0
     if argv:
         raise SystemExit("usage: python -m benchmarks.exception_probe [--isolate | --variant NAME]")
-    return 1 if _variant_bertfast() else 0
+    bad = _variant_bertfast()
+    print(f"exception probe: {'OK' if not bad else f'{bad} FAILED'}", flush=True)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -65,7 +65,11 @@ def cmd_info(args) -> int:
                                                   "built for CPU only (no CUDA kernels)")
     print(f"  {'bertfast._C':<13} {built}")
     if not err:
-        print(f"  {'CPU kernels':<13} {torch.ops.bertfast_C.cpu_isa()} (BERTFAST_CPU_ISA=avx2|base lowers it)")
+        try:
+            isa = f"{torch.ops.bertfast_C.cpu_isa()} (BERTFAST_CPU_ISA=avx2|base lowers it)"
+        except RuntimeError as exc:  # a BERTFAST_CPU_ISA value the kernels refuse: said, not a traceback
+            isa = f"unusable: {str(exc).splitlines()[0]}"
+        print(f"  {'CPU kernels':<13} {isa}")
     print(f"  {'backend':<13} BERTFAST_BACKEND={ops.backend_setting()}"
           f"{'  TRITON_INTERPRET=1' if os.environ.get('TRITON_INTERPRET') == '1' else ''}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -571,13 +571,15 @@ def _attention_backward_cpu(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
     return dqkv
 
 
-def _fp32_precision() -> str:
-    """The dot precision of fp32 attention: torch's rule for fp32 CUDA matmuls. torch.backends.cuda.matmul.
-    fp32_precision ("none": inherit torch.backends.fp32_precision), then the legacy allow_tf32 (reading it raises
-    once the new setting is used)."""
+def _fp32_precision(dtype) -> str:
+    """The dot precision of fp32 attention (fp16 / bf16 ignore it: "tf32"): torch's rule for fp32 CUDA matmuls,
+    torch.backends.cuda.matmul.fp32_precision, else the generic torch.backends.fp32_precision, else the legacy
+    allow_tf32 (reading that raises once the new setting is used). Asked on every attention call, so only for fp32."""
+    if dtype != torch.float32:
+        return "tf32"
     matmul = torch.backends.cuda.matmul
     setting = getattr(matmul, "fp32_precision", "none")
-    if setting == "none":
+    if setting == "none":  # torch versions whose matmul setting does not read the generic one
         setting = getattr(torch.backends, "fp32_precision", "none")
     if setting != "none":
         return "tf32" if setting == "tf32" else "ieee"
@@ -591,7 +593,8 @@ def _varlen_attention_op(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softm
         return qkv.new_empty((0, qkv.shape[2], qkv.shape[3])), qkv.new_empty((qkv.shape[2], 0), dtype=torch.float32)
     if impl == "triton":
         out, lse = triton_module("varlen_attention").attention_forward(
-            qkv, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed, _fp32_precision(), validate=False)
+            qkv, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed, _fp32_precision(qkv.dtype),
+            validate=False)
         return out, lse
     if qkv.device.type == "cpu":
         return _attention_cpu(qkv, cu_seqlens, softmax_scale, dropout_p, seed)
@@ -613,7 +616,8 @@ def _varlen_attention_backward_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: T
         return torch.zeros_like(qkv)
     if impl == "triton":
         return triton_module("varlen_attention").attention_backward(
-            dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed, _fp32_precision())
+            dout, qkv, out, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed,
+            _fp32_precision(qkv.dtype))
     if qkv.device.type == "cpu":
         return _attention_backward_cpu(dout, qkv, out, lse, cu_seqlens, softmax_scale, dropout_p, seed)
     (dqkv,) = _recompute_grads(
@@ -1117,7 +1121,7 @@ def _check_index_values(op: str, indices: Tensor, n_rows: int, what: str, distin
 
 
 @torch.library.custom_op("bertfast::unpad", mutates_args=())
-def _unpad_op(x: Tensor, indices: Tensor, impl: str, distinct: bool) -> Tensor:
+def _unpad_op(x: Tensor, indices: Tensor, impl: str, distinct: bool = True) -> Tensor:
     """distinct: the indices hold no row twice, so the backward scatters with pad (each row written once);
     otherwise it accumulates (index_add_)."""
     if impl == "cpp":
@@ -1126,7 +1130,7 @@ def _unpad_op(x: Tensor, indices: Tensor, impl: str, distinct: bool) -> Tensor:
 
 
 @_unpad_op.register_fake
-def _(x, indices, impl, distinct):
+def _(x, indices, impl, distinct=True):
     return x.new_empty((indices.shape[0],) + tuple(x.shape[1:]))
 
 
@@ -1173,19 +1177,17 @@ _register_autograd(_pad_op, _pad_backward, _pad_setup)
 
 def unpad(x: Tensor, indices: Tensor, validate: bool = True) -> Tensor:
     """x (N, ...) -> x[indices] (T, ...); e.g. hidden states [B*S, H] of a padded batch to its real tokens.
-    indices may repeat a row; the gradient then accumulates (index_add_), otherwise it is one scatter (pad).
-    validate: the reference implementation checks the indices as the C++ kernels always do, and when x needs a
-    gradient whether they repeat a row (a host read each on a GPU). bertfast's encoder, which builds them, passes
-    False: the caller then vouches that they are in range and hold no row twice."""
+    indices may repeat a row: with validate on, x's gradient accumulates (index_add_; on a GPU in nondeterministic
+    order, as index_select's), with no host read, so torch.compile and CUDA graphs see through it.
+    validate: the reference implementation checks the indices as the C++ kernels always do (one host read on a
+    GPU). bertfast's encoder, which builds them, passes False: the caller then vouches that they are in range and
+    hold no row twice, and the gradient is one scatter (pad), each row written once."""
     if indices.dtype != torch.int64 or indices.dim() != 1:
         raise ValueError(f"indices must be a 1-D int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
     impl = choose("unpad", x.device, dtype=x.dtype)
     if validate and impl == "reference":
         _check_index_values("unpad", indices, x.shape[0], "rows of x", distinct=False)
-    distinct = True
-    if validate and x.requires_grad and torch.is_grad_enabled() and indices.numel() > 1:
-        distinct = bool(torch.unique(indices).numel() == indices.numel())
-    return _run(_unpad_op, x.contiguous(), indices.contiguous(), impl, distinct)
+    return _run(_unpad_op, x.contiguous(), indices.contiguous(), impl, not validate)
 
 
 def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int, validate: bool = True) -> Tensor:

@@ -59,6 +59,18 @@ enum class Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 
 inline Isa detect_isa() {
   static const Isa isa = [] {
+    // BERTFAST_CPU_ISA can only lower the ISA, never ask for one the CPU lacks. Any other value is an error on
+    // every build (a misspelt override must not silently test the default path); a throw here leaves the static
+    // unset, so every later call says it again.
+    Isa asked = Isa::kAvx512;
+    if (const char* env = std::getenv("BERTFAST_CPU_ISA")) {
+      std::string want(env);
+      for (char& c : want) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      TORCH_CHECK(want.empty() || want == "base" || want == "avx2" || want == "avx512",
+                  "bertfast_C: BERTFAST_CPU_ISA must be base, avx2 or avx512 (it can only lower the ISA), got \"",
+                  env, "\"");
+      asked = want == "base" ? Isa::kBase : want == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
+    }
 #if BERTFAST_X86_MULTIVERSION
     __builtin_cpu_init();
     Isa best = Isa::kBase;
@@ -69,20 +81,9 @@ inline Isa detect_isa() {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
       best = Isa::kAvx512;
     }
-    // The override can only lower the ISA, never ask for one the CPU lacks.
-    // Any other value is an error (a misspelt override must not silently test the default path); a throw here
-    // leaves the static unset, so every later call says it again.
-    if (const char* env = std::getenv("BERTFAST_CPU_ISA")) {
-      std::string want(env);
-      for (char& c : want) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-      TORCH_CHECK(want.empty() || want == "base" || want == "avx2" || want == "avx512",
-                  "bertfast_C: BERTFAST_CPU_ISA must be base, avx2 or avx512 (it can only lower the ISA), got \"",
-                  env, "\"");
-      Isa asked = want == "base" ? Isa::kBase : want == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
-      if (static_cast<int>(asked) < static_cast<int>(best)) best = asked;
-    }
-    return best;
+    return static_cast<int>(asked) < static_cast<int>(best) ? asked : best;
 #else
+    (void)asked;
     return Isa::kBase;
 #endif
   }();

@@ -450,15 +450,16 @@ def _block_d(head_dim: int) -> int:
 # head-dim block 64 (head dims 32, 64) or 128 (80, 96, 128); GPU generation: 80 = sm_8x, 90 = sm_90 and newer;
 # dropout on). Every entry was compiled ahead of time for its architecture with Triton 3.6 (see aot_specs() and
 # the compile report): no register spills, shared memory within the limit, in the variant launches compile
-# (pointers and qkv / out strides divisible by 16: report.divisible_args) and in the unspecialised one. Eleven
-# entries were cut on 2026-11-26 when the report first compiled the launch variant (which spilled 8 B to 1.5 KB
-# there): from the compiler's registers alone, not timed on a GPU (NOTES). Dropout's Philox state (4 words per
+# (pointers and qkv / out strides divisible by 16: report.divisible_args). Eleven entries were cut on 2026-11-26
+# when the report first compiled the launch variant (which spilled 8 B to 1.5 KB a thread there); the new ones
+# were also checked by hand in the unspecialised variant. From the compiler's registers alone, not timed on a GPU
+# (NOTES change 26). Dropout's Philox state (4 words per
 # score element) raises the register peak, hence its own entries; fp32 "ieee" dots run on FMA units with
 # operands held in registers, hence its small tiles.
 # Each value: (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ: BLOCK_M query rows held, BLOCK_N keys
 # streamed; dK/dV: BLOCK_N keys held, BLOCK_M query rows streamed.
 _FWD_RULE = {
-    ("16", 64, 80, False): (128, 32, 4, 2),
+    ("16", 64, 80, False): (128, 64, 4, 1),
     ("16", 64, 90, False): (128, 64, 4, 3),
     ("16", 64, 80, True): (128, 64, 8, 2),
     ("16", 64, 90, True): (128, 64, 8, 2),

@@ -48,7 +48,7 @@ def _dropout_keep(seed, offs, dropout_p):
     return tl.rand(seed, offs) >= dropout_p
 
 
-@triton.jit(do_not_specialize=["seed"])  # no value specialisation of the seed: one compile for every seed
+@triton.jit(do_not_specialize=["seed"])  # no value specialisation of the seed (i32 / i64 still compile apart)
 def _add_ln_fwd_kernel(
     x_ptr,         # [N, H] input
     x_bias_ptr,    # [H] bias added to x before the activation (unused when not HAS_X_BIAS)
@@ -81,7 +81,7 @@ def _add_ln_fwd_kernel(
     mean = tl.sum(z, axis=1) / n_cols
     diff = tl.where(mask, z - mean[:, None], 0.0)
     var = tl.sum(diff * diff, axis=1) / n_cols
-    # correctly rounded (a plain 1 / sqrt compiles to sqrt.approx and div.full, a few ulp off); once per row
+    # IEEE-rounded sqrt and division (a plain 1 / sqrt compiles to sqrt.approx and div.full); once per row
     rstd = tl.div_rn(tl.full(var.shape, 1.0, tl.float32), tl.sqrt_rn(var + eps))
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -243,7 +243,8 @@ BACKWARD_MAX_HIDDEN = 4096
 # Philox state, so it needs more warps than row_block's forward policy (whose 8-16 elements per thread spilled at
 # 2048 and 4096). 16 warps at 2048 spilled on sm_90 (ptxas held them to 64 registers); 8 fit in 128.
 # At 8192 even 32 warps (64 registers a thread) spill, hence BACKWARD_MAX_HIDDEN. 512 went from 4 to 8 warps when
-# the report began compiling the launch variant (16-byte-aligned pointers): 4 spilled 8 bytes there (fp16, sm_80).
+# the report began compiling the launch variant (16-byte-aligned pointers): with 4, fp16 on sm_80 spilled 8 bytes
+# for hidden sizes 257-512 that are not multiples of 16 (e.g. 312; 384 did not spill).
 _BACKWARD_WARPS = {128: 1, 256: 2, 512: 8, 1024: 8, 2048: 8, 4096: 32}
 
 

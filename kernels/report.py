@@ -40,7 +40,7 @@ KERNEL_MODULES = ("attention", "layer_norm", "gelu")
 ARCHS = (80, 90)
 # shared memory a block may use (opt-in maximum): sm_80 163 KB, sm_90 227 KB
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-REPORT_VERSION = "5"
+REPORT_VERSION = "6"
 
 _KERNELS_DIR = pathlib.Path(__file__).resolve().parent
 _ROOT = _KERNELS_DIR.parent
@@ -155,12 +155,64 @@ def divisible_args(spec) -> list:
     """The arguments the report compiles as multiples of 16 (Triton's tt.divisibility), as a launch from
     bertfast's launchers specialises them: every pointer (torch's allocations are 16-byte aligned) and the
     strides of qkv / out / dout / dqkv (multiples of head_dim, and every supported head dim is a multiple of 16).
-    Sizes (tokens, rows, columns) and the lse / delta head strides (the token count) change with the batch and
-    stay unspecialised, so one compile covers every batch. The report once compiled no divisibility at all: a
-    variant that never runs, which hid spills of the one that does (tests/test_compile.py checks this rule
-    against Triton's own binder on real launches)."""
+    Sizes that change with the batch (tokens, rows) and the lse / delta head strides (the token count) stay
+    unspecialised, so one compile covers every batch; the row kernels' n_cols (the model's hidden size) is
+    compiled both ways by _triton_job. The report once compiled no divisibility at all: a variant that never
+    runs, which hid spills of the one that does (tests/test_compile.py checks this rule against Triton's own
+    binder on real launches)."""
     return [name for name, ty in spec.signature.items()
             if ty.startswith("*") or (name.startswith("stride_") and not name.endswith(("_lse_h", "_delta_h")))]
+
+
+def _compile_variant(spec, arch: int, divisible: list) -> dict:
+    """One triton.compile of spec for arch with tt.divisibility 16 on the named arguments: registers and spill bytes
+    (ptxas -v), shared memory, and whether the SASS holds tensor-core instructions."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    # triton runs ptxas -v itself: keep its log (always compile: this report has its own cache) instead of
+    # assembling the PTX a second time
+    triton.knobs.compilation.always_compile = True
+    triton.knobs.nvidia.dump_ptxas_log = True
+    names = list(spec.fn.arg_names)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
+                                            attrs=attrs),
+                                  target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+    out = dict(shared_bytes=int(compiled.metadata.shared))
+    ptx = compiled.asm["ptx"]
+    funcs = _parse_ptxas(log.getvalue())
+    with tempfile.TemporaryDirectory(prefix="bertfast-aot-") as tmp:
+        if len(funcs) != 1 or next(iter(funcs.values()))["registers"] is None:
+            target = re.search(r"^\s*\.target\s+(\w+)", ptx, re.M).group(1)
+            ptx_path = os.path.join(tmp, "k.ptx")
+            with open(ptx_path, "w") as f:
+                f.write(ptx)
+            res = subprocess.run([_triton_nvidia_bin("ptxas"), "-v", f"--gpu-name={target}", ptx_path, "-o",
+                                  os.path.join(tmp, "k.o")], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"ptxas failed: {res.stderr.strip()[-2000:]}")
+            funcs = _parse_ptxas(res.stderr)
+        if len(funcs) != 1:
+            raise RuntimeError(f"expected one entry function in ptxas output, got {list(funcs)}")
+        info = next(iter(funcs.values()))
+        out["registers"], out["spill_bytes"] = info["registers"], info["spill_bytes"]
+        # tensor-core SASS comes only from PTX mma / wgmma: disassemble only kernels whose PTX has them
+        if re.search(r"^\s*(@\S+\s+)?(mma|wgmma)\.", ptx, re.M):
+            cubin_path = os.path.join(tmp, "k.cubin")
+            with open(cubin_path, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            sass = subprocess.run([_cuobjdump(), "--dump-sass", cubin_path], capture_output=True, text=True)
+            if sass.returncode != 0:
+                raise RuntimeError(f"cuobjdump failed: {sass.stderr.strip()[-2000:]}")
+            out["tensor_cores"] = bool(_TC_RE.search(sass.stdout))
+        else:
+            out["tensor_cores"] = False
+    return out
 
 
 def _triton_job(module: str, kernel: str, config: str, arch: int) -> dict:
@@ -169,57 +221,21 @@ def _triton_job(module: str, kernel: str, config: str, arch: int) -> dict:
     try:
         import importlib
 
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
         mod = importlib.import_module(f"bertfast.kernels.{module}")
         matches = [s for s in mod.aot_specs() if s.kernel == kernel and s.config == config and arch in s.archs]
         if len(matches) != 1:
             raise LookupError(f"{len(matches)} specs named {kernel!r} / {config!r} for sm_{arch} in {module} (did "
                               f"{module}.py change while the report ran? run it again)")
         spec = matches[0]
-        # triton runs ptxas -v itself: keep its log (always compile: this report has its own cache) instead of
-        # assembling the PTX a second time
-        triton.knobs.compilation.always_compile = True
-        triton.knobs.nvidia.dump_ptxas_log = True
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log):
-            names = list(spec.fn.arg_names)
-            attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible_args(spec)}
-            compiled = triton.compile(ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
-                                                attrs=attrs),
-                                      target=GPUTarget("cuda", arch, 32),
-                                      options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
-        row["shared_bytes"] = int(compiled.metadata.shared)
-        ptx = compiled.asm["ptx"]
-        funcs = _parse_ptxas(log.getvalue())
-        with tempfile.TemporaryDirectory(prefix="bertfast-aot-") as tmp:
-            if len(funcs) != 1 or next(iter(funcs.values()))["registers"] is None:
-                target = re.search(r"^\s*\.target\s+(\w+)", ptx, re.M).group(1)
-                ptx_path = os.path.join(tmp, "k.ptx")
-                with open(ptx_path, "w") as f:
-                    f.write(ptx)
-                res = subprocess.run([_triton_nvidia_bin("ptxas"), "-v", f"--gpu-name={target}", ptx_path, "-o",
-                                      os.path.join(tmp, "k.o")], capture_output=True, text=True)
-                if res.returncode != 0:
-                    raise RuntimeError(f"ptxas failed: {res.stderr.strip()[-2000:]}")
-                funcs = _parse_ptxas(res.stderr)
-            if len(funcs) != 1:
-                raise RuntimeError(f"expected one entry function in ptxas output, got {list(funcs)}")
-            info = next(iter(funcs.values()))
-            row["registers"], row["spill_bytes"] = info["registers"], info["spill_bytes"]
-            # tensor-core SASS comes only from PTX mma / wgmma: disassemble only kernels whose PTX has them
-            if re.search(r"^\s*(@\S+\s+)?(mma|wgmma)\.", ptx, re.M):
-                cubin_path = os.path.join(tmp, "k.cubin")
-                with open(cubin_path, "wb") as f:
-                    f.write(compiled.asm["cubin"])
-                sass = subprocess.run([_cuobjdump(), "--dump-sass", cubin_path], capture_output=True, text=True)
-                if sass.returncode != 0:
-                    raise RuntimeError(f"cuobjdump failed: {sass.stderr.strip()[-2000:]}")
-                row["tensor_cores"] = bool(_TC_RE.search(sass.stdout))
-            else:
-                row["tensor_cores"] = False
+        # the row kernels' hidden size is a multiple of 16 for most models (768, 1024, ...) and not for some
+        # (312, 1023): a launch compiles one variant or the other, so both are compiled and the worse is reported
+        base = divisible_args(spec)
+        variants = [base] + ([base + ["n_cols"]] if "n_cols" in spec.signature else [])
+        results = [_compile_variant(spec, arch, v) for v in variants]
+        worst = max(results, key=lambda r: (r["spill_bytes"] or 0, r["registers"] or 0))
+        row.update(registers=worst["registers"], spill_bytes=worst["spill_bytes"],
+                   shared_bytes=max(r["shared_bytes"] for r in results),
+                   tensor_cores=all(r["tensor_cores"] for r in results))
         row["needs_tensor_cores"] = bool(spec.tensor_cores)
     except Exception as exc:  # the report records the failure; main() turns it into a non-zero exit
         row["error"] = f"{type(exc).__name__}: {exc}"[-4000:]

@@ -162,6 +162,7 @@ print("LAUNCHES=" + json.dumps(result))
 """
 
 # sizes that change with the batch: a launch may find them divisible by 16, the report compiles them unspecialised
+# (n_cols, the row kernels' hidden size, both ways: see report._triton_job)
 _VALUE_DEPENDENT = {"n_tokens", "n_rows", "n_cols", "numel", "max_seqlen", "rows_per_program", "n_row_tiles",
                     "n_programs_m", "stride_lse_h", "stride_delta_h"}
 

@@ -643,6 +643,10 @@ def test_cpu_isa_override_is_checked():
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0
     assert 'kernel: bertfast_C: BERTFAST_CPU_ISA must be base, avx2 or avx512' in bad.stdout, bad.stdout
+    info = subprocess.run([sys.executable, "-m", "bertfast", "info"], env=dict(os.environ, BERTFAST_CPU_ISA="scalar"),
+                          capture_output=True, text=True, timeout=300)
+    assert info.returncode == 0 and "CPU kernels   unusable: bertfast_C: BERTFAST_CPU_ISA must be" in info.stdout, \
+        info.stdout + info.stderr[-2000:]
     assert 'BERTFAST_CPU_ISA must be base, avx2 or avx512 (it can only lower the ISA), got "scalar"' in bad.stderr
 
 

@@ -423,14 +423,15 @@ def test_fp32_attention_precision_follows_torch_settings():
     matmul = torch.backends.cuda.matmul
     saved = matmul.fp32_precision, torch.backends.fp32_precision
     try:
-        assert ops._fp32_precision() == ("tf32" if matmul.allow_tf32 else "ieee")
+        assert ops._fp32_precision(torch.float32) == ("tf32" if matmul.allow_tf32 else "ieee")
+        assert ops._fp32_precision(torch.float16) == "tf32"    # unused by fp16 / bf16 dots
         matmul.fp32_precision = "tf32"
-        assert ops._fp32_precision() == "tf32"
+        assert ops._fp32_precision(torch.float32) == "tf32"
         matmul.fp32_precision = "ieee"
-        assert ops._fp32_precision() == "ieee"
+        assert ops._fp32_precision(torch.float32) == "ieee"
         matmul.fp32_precision = "none"
         torch.backends.fp32_precision = "tf32"   # the generic setting, inherited by matmul's "none"
-        assert ops._fp32_precision() == "tf32"
+        assert ops._fp32_precision(torch.float32) == "tf32"
     finally:
         torch.backends.fp32_precision = saved[1]
         matmul.fp32_precision = saved[0]

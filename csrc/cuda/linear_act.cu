@@ -164,7 +164,10 @@ at::Tensor linear_act_cuda(const at::Tensor& x, const at::Tensor& weight, const 
   int found = 0;
   const cublasStatus_t status =
       cublasLtMatmulAlgoGetHeuristic(handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &heuristic, &found);
-  if (status != CUBLAS_STATUS_SUCCESS || found == 0) {
+  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS || status == CUBLAS_STATUS_NOT_SUPPORTED, kOp,
+              ": cublasLtMatmulAlgoGetHeuristic failed: ", cublasLtGetStatusString(status), " (",
+              static_cast<int>(status), ")");
+  if (status == CUBLAS_STATUS_NOT_SUPPORTED || found == 0) {  // declined, not broken: any other status is an error
     TORCH_WARN_ONCE(kOp, ": cuBLASLt has no algorithm for x ", x.sizes(), " weight ", weight.sizes(), " ",
                     x.scalar_type(), " epilogue ", epilogue, " with pointer alignments (", align_b, ", ", align_a,
                     ", ", align_c, " bytes) (", cublasLtGetStatusString(status), "); computed with torch's GEMM "

@@ -97,7 +97,8 @@ at::Tensor unpad_cuda(const at::Tensor& x, const at::Tensor& indices) {
   sizes[0] = t;
   auto out = at::empty(sizes, x.options());
   if (t == 0) return out;
-  if (out.numel() == 0) {  // rows of zero width: nothing to copy, and the indices are still checked (on the host)
+  if (out.numel() == 0) {  // rows of zero width: nothing to copy; the indices are checked on the host (not while
+    if (stream_is_capturing(stream)) return out;  // a graph is captured: no read-back then, as for the error flag)
     auto cpu = indices.to(at::kCPU);
     check_index_values_cpu(kUnpad, "indices", cpu.data_ptr<int64_t>(), t, n, "rows of x");
     return out;
@@ -130,7 +131,7 @@ at::Tensor pad_cuda(const at::Tensor& x, const at::Tensor& indices, int64_t n_ro
   sizes[0] = n_rows;
   auto out = at::empty(sizes, x.options());
   if (out.numel() == 0) {  // no rows or rows of zero width: nothing to write; the indices are checked on the host
-    if (t > 0) {
+    if (t > 0 && !stream_is_capturing(stream)) {
       auto cpu = indices.to(at::kCPU);
       const int64_t* ip = cpu.data_ptr<int64_t>();
       check_index_values_cpu(kPad, "indices", ip, t, n_rows, "rows of the padded output, n_rows");
