@@ -50,6 +50,20 @@ MAX_GRID_YZ = 65535
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _tf32_rn(x, PRECISION: tl.constexpr):
+    """x rounded to tf32 (nearest, ties to even) for a "tf32" dot on fp32 operands; anything else unchanged. The
+    tensor cores truncate fp32 operands to tf32 (twice the error of rounding to nearest): rounding one operand of
+    each dot brings the error back within the tests' bound (tests/conftest.py imitates the truncation in the
+    interpreter, where it once failed test_fp32_tf32[80] as the review predicted for a GPU)."""
+    if PRECISION == "tf32":
+        if x.dtype == tl.float32:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+            x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
 def _dropout_keep(seed_lo, seed_hi, head, q_tok, start_n, dropout_p, BLOCK_N: tl.constexpr,
                   N_ROUNDS: tl.constexpr):
     """Keep-mask [BLOCK_M, BLOCK_N] (True = kept) of the query tokens q_tok ([BLOCK_M] int32 indices into the
@@ -99,7 +113,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_t, lo, hi, seqlen, q_tok
             else:
                 kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
                 v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale                # [BLOCK_M, BLOCK_N] fp32, log2 units
+        s = tl.dot(_tf32_rn(q, PRECISION), kt, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] fp32, log2
         if MASK_N:
             s = tl.where(cols[None, :] < seqlen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -109,7 +123,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_t, lo, hi, seqlen, q_tok
         acc = acc * alpha[:, None]
         if DROPOUT:
             p = tl.where(keep, p, 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        acc = tl.dot(_tf32_rn(p.to(v.dtype), PRECISION), v, acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -237,20 +251,20 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                 do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
-        st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale                    # [BLOCK_N, BLOCK_M]
+        st = tl.dot(_tf32_rn(k, PRECISION), qt, input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         pt = tl.math.exp2(st - (lse * 1.4426950408889634)[None, :])
         if MASK_M:
             pt = tl.where(row_ok[None, :], pt, 0.0)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)                     # [BLOCK_N, BLOCK_M]
+        dpt = tl.dot(_tf32_rn(v, PRECISION), tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
             drop_scale = 1.0 / (1.0 - dropout_p)
             pdt = tl.where(keep, pt * drop_scale, 0.0)
             dpt = tl.where(keep, dpt * drop_scale, 0.0)
         else:
             pdt = pt
-        dv = tl.dot(pdt.to(do.dtype), do, dv, input_precision=PRECISION)
+        dv = tl.dot(_tf32_rn(pdt.to(do.dtype), PRECISION), do, dv, input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
+        dk = tl.dot(_tf32_rn(dst.to(qt.dtype), PRECISION), tl.trans(qt), dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -341,15 +355,15 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_t, lo, hi, seqle
             else:
                 kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
                 vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale                    # [BLOCK_M, BLOCK_N]
+        s = tl.dot(_tf32_rn(q, PRECISION), kt, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(s - lse[:, None])
         if MASK_N:
             p = tl.where(cols[None, :] < seqlen, p, 0.0)
-        dp = tl.dot(do, vt, input_precision=PRECISION)                               # [BLOCK_M, BLOCK_N]
+        dp = tl.dot(_tf32_rn(do, PRECISION), vt, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         if DROPOUT:
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
+        dq = tl.dot(_tf32_rn(ds.to(kt.dtype), PRECISION), tl.trans(kt), dq, input_precision=PRECISION)
     return dq
 
 
@@ -471,7 +485,7 @@ _FWD_RULE = {
     ("tf32", 64, 90, False): (64, 32, 4, 2),
     ("tf32", 64, 80, True): (64, 32, 4, 2),
     ("tf32", 64, 90, True): (64, 32, 4, 2),
-    ("tf32", 128, 80, False): (64, 16, 8, 2),
+    ("tf32", 128, 80, False): (64, 16, 8, 1),
     ("tf32", 128, 90, False): (64, 64, 8, 2),
     ("tf32", 128, 80, True): (64, 32, 8, 2),
     ("tf32", 128, 90, True): (64, 64, 8, 2),

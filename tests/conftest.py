@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 def _patch_interpreter_bf16_dot():
     """The Triton 3.6 interpreter stores bf16 as uint16 and multiplies the raw bits in tl.dot (triton issue
     #11584). Upcast bf16 dot operands to fp32 first, which is what the tensor cores do anyway (bf16 products are
-    exact in fp32)."""
+    exact in fp32). Also: fp32 operands of a "tf32" dot are truncated to tf32, as the tensor cores do."""
     try:
         import numpy as np
         import triton.language as tl
@@ -38,7 +38,18 @@ def _patch_interpreter_bf16_dot():
         return
     original = builder.create_dot
 
+    from triton._C.libtriton import ir
+    tf32 = ir.INPUT_PRECISION.TF32
+
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision == tf32 and a.dtype.scalar == tl.float32 and b.dtype.scalar == tl.float32:
+            # what the tensor cores do with fp32 operands of a tf32 dot: drop the low 13 mantissa bits (truncation;
+            # a kernel that wants round-to-nearest rounds its operands itself). The interpreter multiplies in
+            # exact fp32, which hid tf32's error from the tests
+            def trunc(t):
+                bits = np.ascontiguousarray(t.data, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)
+                return interp.TensorHandle(bits.view(np.float32), tl.float32)
+            a, b = trunc(a), trunc(b)
         if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
             def up(t):
                 if t.dtype.scalar == tl.bfloat16:
