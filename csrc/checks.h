@@ -64,10 +64,11 @@ inline void check_index_values_cpu(const char* op, const char* name, const int64
   }
 }
 
-// pad's inverse of in-range indices on the host: the packed row each of the n_rows output rows receives (-1: none,
-// a zero row). Doubles as the duplicate check, reported with both positions.
+// pad's index checks on the host, and its inverse: the packed row each of the n_rows output rows receives (-1:
+// none, a zero row). Every index in range first (the first bad one reported), then no row twice (both positions).
 inline std::vector<int64_t> padded_sources_cpu(const char* op, const char* name, const int64_t* v, int64_t n,
                                                int64_t n_rows) {
+  check_index_values_cpu(op, name, v, n, n_rows, "rows of the padded output, n_rows");
   std::vector<int64_t> source(static_cast<size_t>(n_rows), -1);
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(source[v[i]] < 0, op, ": ", name, " holds row ", v[i], " twice (at positions ", source[v[i]],

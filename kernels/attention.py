@@ -51,7 +51,8 @@ MAX_GRID_YZ = 65535
 
 @triton.jit
 def _tf32_rn(x, PRECISION: tl.constexpr):
-    """x rounded to tf32 (nearest, ties to even) for a "tf32" dot on fp32 operands; anything else unchanged. The
+    """x rounded to tf32 (nearest, ties to even) for a "tf32" dot on fp32 operands; anything else unchanged (the
+    left operand of each dot: rounded once where loaded when it is held across the key / query loop). The
     tensor cores truncate fp32 operands to tf32 (twice the error of rounding to nearest): rounding one operand of
     each dot brings the error back within the tests' bound (tests/conftest.py imitates the truncation in the
     interpreter, where it once failed test_fp32_tf32[80] as the review predicted for a GPU)."""
@@ -113,7 +114,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_t, lo, hi, seqlen, q_tok
             else:
                 kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
                 v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        s = tl.dot(_tf32_rn(q, PRECISION), kt, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] fp32, log2
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale                # [BLOCK_M, BLOCK_N] fp32, log2 units
         if MASK_N:
             s = tl.where(cols[None, :] < seqlen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -163,6 +164,7 @@ def _attn_fwd_kernel(
         q = tl.load(q_ptrs, mask=m_mask[:, None], other=0.0)
     else:
         q = tl.load(q_ptrs, mask=m_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = _tf32_rn(q, PRECISION)  # once: the inner loop's dots take it as it is
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -251,11 +253,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                 do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
-        st = tl.dot(_tf32_rn(k, PRECISION), qt, input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale                    # [BLOCK_N, BLOCK_M]
         pt = tl.math.exp2(st - (lse * 1.4426950408889634)[None, :])
         if MASK_M:
             pt = tl.where(row_ok[None, :], pt, 0.0)
-        dpt = tl.dot(_tf32_rn(v, PRECISION), tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)                     # [BLOCK_N, BLOCK_M]
         if DROPOUT:
             drop_scale = 1.0 / (1.0 - dropout_p)
             pdt = tl.where(keep, pt * drop_scale, 0.0)
@@ -304,8 +306,8 @@ def _attn_bwd_dkdv_kernel(
 
     q_base = qkv_ptr + seq_start.to(tl.int64) * stride_qkv_t + head * stride_qkv_h
     kv_offs = offs_n[:, None] * stride_qkv_t + offs_d[None, :]
-    k = tl.load(q_base + stride_qkv_3 + kv_offs, mask=kv_mask, other=0.0)
-    v = tl.load(q_base + 2 * stride_qkv_3 + kv_offs, mask=kv_mask, other=0.0)
+    k = _tf32_rn(tl.load(q_base + stride_qkv_3 + kv_offs, mask=kv_mask, other=0.0), PRECISION)
+    v = _tf32_rn(tl.load(q_base + 2 * stride_qkv_3 + kv_offs, mask=kv_mask, other=0.0), PRECISION)
     do_base = dout_ptr + seq_start.to(tl.int64) * stride_dout_t + head * stride_dout_h
     lse_base = lse_ptr + head.to(tl.int64) * stride_lse_h + seq_start
     delta_base = delta_ptr + head.to(tl.int64) * stride_lse_h + seq_start
@@ -355,11 +357,11 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_t, lo, hi, seqle
             else:
                 kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
                 vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        s = tl.dot(_tf32_rn(q, PRECISION), kt, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale                    # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(s - lse[:, None])
         if MASK_N:
             p = tl.where(cols[None, :] < seqlen, p, 0.0)
-        dp = tl.dot(_tf32_rn(do, PRECISION), vt, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        dp = tl.dot(do, vt, input_precision=PRECISION)                               # [BLOCK_M, BLOCK_N]
         if DROPOUT:
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
@@ -402,9 +404,11 @@ def _attn_bwd_dq_kernel(
         row_mask = m_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
 
     q_base = qkv_ptr + seq_start.to(tl.int64) * stride_qkv_t + head * stride_qkv_h
-    q = tl.load(q_base + offs_m[:, None] * stride_qkv_t + offs_d[None, :], mask=row_mask, other=0.0)
+    q = _tf32_rn(tl.load(q_base + offs_m[:, None] * stride_qkv_t + offs_d[None, :], mask=row_mask, other=0.0),
+                 PRECISION)
     do_base = dout_ptr + seq_start.to(tl.int64) * stride_dout_t + head * stride_dout_h
-    do = tl.load(do_base + offs_m[:, None] * stride_dout_t + offs_d[None, :], mask=row_mask, other=0.0)
+    do = _tf32_rn(tl.load(do_base + offs_m[:, None] * stride_dout_t + offs_d[None, :], mask=row_mask, other=0.0),
+                  PRECISION)
     lse_offs = head.to(tl.int64) * stride_lse_h + seq_start + offs_m
     lse = tl.load(lse_ptr + lse_offs, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + lse_offs, mask=m_mask, other=0.0)

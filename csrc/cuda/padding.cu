@@ -85,6 +85,18 @@ int64_t row_bytes_of(const at::Tensor& x) { return x.numel() / x.size(0) * stati
 constexpr const char* kUnpad = "bertfast_C::unpad";
 constexpr const char* kPad = "bertfast_C::pad";
 
+// The CPU ops' index checks, with their named errors, on a host copy of the indices (one read-back): where the
+// kernels only flagged a bad index, and where there is nothing to launch.
+void check_unpad_indices_on_host(const at::Tensor& indices, int64_t n) {
+  auto cpu = indices.to(at::kCPU);
+  check_index_values_cpu(kUnpad, "indices", cpu.data_ptr<int64_t>(), cpu.numel(), n, "rows of x");
+}
+
+void check_pad_indices_on_host(const at::Tensor& indices, int64_t n_rows) {
+  auto cpu = indices.to(at::kCPU);
+  padded_sources_cpu(kPad, "indices", cpu.data_ptr<int64_t>(), cpu.numel(), n_rows);
+}
+
 at::Tensor unpad_cuda(const at::Tensor& x, const at::Tensor& indices) {
   TORCH_CHECK(x.is_cuda(), kUnpad, ": x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.dim() >= 1, kUnpad, ": x must have at least one dimension [N, ...], got a 0-d tensor");
@@ -97,10 +109,8 @@ at::Tensor unpad_cuda(const at::Tensor& x, const at::Tensor& indices) {
   sizes[0] = t;
   auto out = at::empty(sizes, x.options());
   if (t == 0) return out;
-  if (out.numel() == 0) {  // rows of zero width: nothing to copy; the indices are checked on the host (not while
-    if (stream_is_capturing(stream)) return out;  // a graph is captured: no read-back then, as for the error flag)
-    auto cpu = indices.to(at::kCPU);
-    check_index_values_cpu(kUnpad, "indices", cpu.data_ptr<int64_t>(), t, n, "rows of x");
+  if (out.numel() == 0) {  // rows of zero width: nothing to copy; the indices are still checked, on the host
+    if (!stream_is_capturing(stream)) check_unpad_indices_on_host(indices, n);  // (no read-back in a capture)
     return out;
   }
   // the row size from out, which has rows: x may have none (then every index is out of range and flagged)
@@ -108,8 +118,7 @@ at::Tensor unpad_cuda(const at::Tensor& x, const at::Tensor& indices) {
   launch_gather<int64_t, false>(x.data_ptr(), out.data_ptr(), indices.data_ptr<int64_t>(), t, n,
                                 row_bytes_of(out), err.data_ptr<int>(), stream);
   if (read_error_flag(err, stream) != 0) {
-    auto cpu = indices.to(at::kCPU);
-    check_index_values_cpu(kUnpad, "indices", cpu.data_ptr<int64_t>(), t, n, "rows of x");
+    check_unpad_indices_on_host(indices, n);
     TORCH_CHECK(false, kUnpad, ": indices held a value out of range on the device (changed since the launch?)");
   }
   return out;
@@ -130,13 +139,8 @@ at::Tensor pad_cuda(const at::Tensor& x, const at::Tensor& indices, int64_t n_ro
   auto sizes = x.sizes().vec();
   sizes[0] = n_rows;
   auto out = at::empty(sizes, x.options());
-  if (out.numel() == 0) {  // no rows or rows of zero width: nothing to write; the indices are checked on the host
-    if (t > 0 && !stream_is_capturing(stream)) {
-      auto cpu = indices.to(at::kCPU);
-      const int64_t* ip = cpu.data_ptr<int64_t>();
-      check_index_values_cpu(kPad, "indices", ip, t, n_rows, "rows of the padded output, n_rows");
-      padded_sources_cpu(kPad, "indices", ip, t, n_rows);
-    }
+  if (out.numel() == 0) {  // no rows or rows of zero width: nothing to write; the indices are still checked
+    if (t > 0 && !stream_is_capturing(stream)) check_pad_indices_on_host(indices, n_rows);  // (not in a capture)
     return out;
   }
   auto err = new_error_flag(x, stream);
@@ -150,10 +154,7 @@ at::Tensor pad_cuda(const at::Tensor& x, const at::Tensor& indices, int64_t n_ro
   launch_gather<int32_t, true>(x.data_ptr(), out.data_ptr(), inverse.data_ptr<int32_t>(), n_rows, t,
                                row_bytes_of(out), err.data_ptr<int>(), stream);
   if (read_error_flag(err, stream) != 0) {
-    auto cpu = indices.to(at::kCPU);
-    const int64_t* ip = cpu.data_ptr<int64_t>();
-    check_index_values_cpu(kPad, "indices", ip, t, n_rows, "rows of the padded output, n_rows");
-    padded_sources_cpu(kPad, "indices", ip, t, n_rows);  // names the duplicate and its two positions
+    check_pad_indices_on_host(indices, n_rows);  // names the bad value, or the duplicate and its two positions
     TORCH_CHECK(false, kPad, ": indices held a bad value on the device (changed since the launch?)");
   }
   return out;
