@@ -23,11 +23,23 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded: names the file and, where it applies, the key."""
 
 
-def resolve(path_or_id: str | os.PathLike) -> Path:
-    """A local directory, or a hub id resolved through the local Hugging Face cache (or the hub when online)."""
+# from_pretrained's hub arguments, passed to huggingface_hub.snapshot_download (subfolder is handled here)
+HUB_ARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+
+
+def resolve(path_or_id: str | os.PathLike, subfolder: str = "", **hub) -> Path:
+    """A local directory, or a hub id resolved through the local Hugging Face cache (or the hub when online).
+    subfolder: the checkpoint lies in that folder of the directory or repo; hub: HUB_ARGS for snapshot_download."""
+    bad = sorted(set(hub) - set(HUB_ARGS))
+    if bad:
+        raise TypeError(f"resolve got unexpected arguments {', '.join(bad)}; hub arguments: {', '.join(HUB_ARGS)}")
+    subfolder = str(subfolder or "").strip("/")
     path = Path(path_or_id)
     if path.is_dir():
-        return path
+        folder = path / subfolder if subfolder else path
+        if not folder.is_dir():
+            raise CheckpointError(f"subfolder={subfolder!r}: {folder} is not a directory")
+        return folder
     if path.exists():
         raise CheckpointError(f"{path} is a file; from_pretrained expects a directory with config.json and "
                               f"model.safetensors")
@@ -35,22 +47,33 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
         from huggingface_hub import snapshot_download
         # the top-level config and weights only (a repo's onnx/, openvino/ or training_args.bin are not needed),
         # safetensors first; pickle weights fetched only where a repo has no safetensors
+        prefix = subfolder + "/" if subfolder else ""
         common = ["config.json", "tokenizer*", "vocab.txt", "special_tokens_map.json"]
-        folder = Path(snapshot_download(str(path_or_id), allow_patterns=common + list(SAFETENSORS_PATTERNS)))
+        hub = {k: v for k, v in hub.items() if v is not None}
+
+        def fetch(patterns):
+            root = Path(snapshot_download(str(path_or_id), allow_patterns=[prefix + p for p in patterns], **hub))
+            return root / subfolder if subfolder else root
+        folder = fetch(common + list(SAFETENSORS_PATTERNS))
         if not any((folder / name).is_file() for name in WEIGHT_FILES):
-            folder = Path(snapshot_download(str(path_or_id), allow_patterns=common + list(PICKLE_PATTERNS)))
+            folder = fetch(common + list(PICKLE_PATTERNS))
         return folder
     except Exception as exc:  # noqa: BLE001 - re-raised with the path named
         raise CheckpointError(f"{path_or_id!r} is neither a local directory nor a model id that could be "
                               f"fetched ({type(exc).__name__}: {exc})") from exc
 
 
-def read_config(directory: Path):
+def read_config(directory: Path, **overrides):
+    """The directory's config; overrides: config fields to set (from_pretrained's keyword arguments, as
+    transformers applies them). Returns (config, the overrides that are not config fields) when overrides are
+    given, else the config."""
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing: a checkpoint directory needs config.json")
     from transformers import AutoConfig
     try:
+        if overrides:
+            return AutoConfig.from_pretrained(str(directory), return_unused_kwargs=True, **overrides)
         return AutoConfig.from_pretrained(str(directory))
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{config_file} could not be read: {exc}") from exc
@@ -68,9 +91,12 @@ def _load_file(path: Path) -> dict:
                               f"tensors are refused): {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
-def read_state_dict(directory: Path) -> tuple[dict, dict]:
-    """(state_dict, key -> file it came from). Prefers safetensors; follows sharded index files."""
-    for name in WEIGHT_FILES:
+def read_state_dict(directory: Path, use_safetensors: bool | None = None) -> tuple[dict, dict]:
+    """(state_dict, key -> file it came from). Prefers safetensors; follows sharded index files.
+    use_safetensors True: safetensors files only; False: pickle files only (transformers' meaning)."""
+    names = WEIGHT_FILES if use_safetensors is None else \
+        tuple(n for n in WEIGHT_FILES if n.startswith("model.safetensors") == bool(use_safetensors))
+    for name in names:
         path = directory / name
         if not path.is_file():
             continue
@@ -87,7 +113,8 @@ def read_state_dict(directory: Path) -> tuple[dict, dict]:
             return state, origin
         state = _load_file(path)
         return state, {k: name for k in state}
-    raise CheckpointError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
+    raise CheckpointError(f"no weights in {directory}: expected one of {', '.join(names)}"
+                          + ("" if use_safetensors is None else f" (use_safetensors={use_safetensors})"))
 
 
 def normalise_keys(state: dict, origin: dict, expected: set, base_prefix: str) -> tuple[dict, dict]:

@@ -162,9 +162,12 @@ def _supports(impl: str, op: str, facts: dict) -> Optional[str]:
     if impl == "triton" and op == "varlen_attention" and facts["head_dim"] not in ATTENTION_HEAD_DIMS:
         return f"head_dim {facts['head_dim']} (kernels take {', '.join(map(str, ATTENTION_HEAD_DIMS))})"
     if impl == "triton" and op == "add_layer_norm":
-        from bertfast.kernels.config import MAX_FUSED_HIDDEN
+        from bertfast.kernels.config import MAX_FUSED_BACKWARD_HIDDEN, MAX_FUSED_HIDDEN
         if facts["hidden"] > MAX_FUSED_HIDDEN:
             return f"hidden size {facts['hidden']} > {MAX_FUSED_HIDDEN}"
+        # a backward runs the forward's implementation (the same dropout mask), so training picks by its limit
+        if facts.get("records_grad") and facts["hidden"] > MAX_FUSED_BACKWARD_HIDDEN:
+            return f"hidden size {facts['hidden']} > {MAX_FUSED_BACKWARD_HIDDEN} with a gradient to compute"
     return None
 
 
@@ -504,25 +507,40 @@ def _attention_cpu(qkv: Tensor, cu_seqlens: Tensor, scale: float, dropout_p: flo
 def _attention_reference(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, dropout_p: float,
                          seed: int) -> Tensor:
     """Attention of each packed sequence over itself; computes in float32 (float64 for float64 input)."""
+    if qkv.device.type == "cpu":
+        return _attention_cpu(qkv, cu_seqlens, scale, dropout_p, seed)[0]
+    return _attention_padded(qkv, cu_seqlens, max_seqlen, scale, dropout_p, seed)
+
+
+def _attention_padded(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, dropout_p: float,
+                      seed: int) -> Tensor:
+    """The reference attention on a GPU: every sequence padded to max_seqlen, no host read (it runs on any
+    device; the tests run it on CPU against _attention_cpu)."""
     total, _, heads, head_dim = qkv.shape
     batch = cu_seqlens.numel() - 1
     cdt = _compute_dtype(qkv.dtype)
-    if qkv.device.type == "cpu":
-        return _attention_cpu(qkv, cu_seqlens, scale, dropout_p, seed)[0]
-    # CUDA: pad to [B, heads, max_seqlen, d] on the device (no host read) and mask the padded keys
+    if total == 0:
+        return qkv.new_empty((0, heads, head_dim))
+    # CUDA: pad to [B, heads, max_seqlen, d] on the device (no host read) and mask the padded keys with the
+    # dtype's lowest finite value, not -inf: an empty sequence's rows then get finite (unused) probabilities
+    # instead of NaN, whose backward (NaN * 0) spread NaN into the rows its clamped indices read
     seqlens = cu_seqlens[1:] - cu_seqlens[:-1]
     pos = torch.arange(max_seqlen, device=qkv.device)
     valid = pos[None, :] < seqlens[:, None]                                  # [B, S]
-    src = (cu_seqlens[:-1, None].long() + pos[None, :]).clamp(max=max(total - 1, 0))
+    src = (cu_seqlens[:-1, None].long() + pos[None, :]).clamp(max=total - 1)
     padded = qkv[src.flatten()].view(batch, max_seqlen, 3, heads, head_dim).to(cdt)
     q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)                       # each [B, heads, S, d]
-    bias = torch.zeros(valid.shape, dtype=cdt, device=qkv.device).masked_fill(~valid, float("-inf"))
+    bias = torch.zeros(valid.shape, dtype=cdt, device=qkv.device).masked_fill(~valid, torch.finfo(cdt).min)
     scores = (q @ k.transpose(-1, -2)) * scale + bias[:, None, None, :]
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         probs = probs * _keep_mask(probs.shape, dropout_p, seed, qkv.device) / (1.0 - dropout_p)
     o = (probs @ v).transpose(1, 2)                                           # [B, S, heads, d]
-    return o[valid].to(qkv.dtype)
+    # each packed row's (sequence, position), found on the device: boolean indexing (o[valid]) reads the mask's
+    # count on the host, a sync per layer that also breaks graph capture
+    tok = torch.arange(total, device=qkv.device, dtype=cu_seqlens.dtype)
+    seq = torch.searchsorted(cu_seqlens, tok, right=True) - 1
+    return o[seq.long(), (tok - cu_seqlens[seq]).long()].to(qkv.dtype)
 
 
 def _attention_backward_cpu(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, scale: float,
@@ -985,7 +1003,9 @@ def add_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual
     shape = x.shape
     x2 = _as_rows(x, hidden)
     r2 = _as_rows(residual, hidden) if residual is not None else None
-    impl = choose("add_layer_norm", x.device, dtype=x.dtype, hidden=hidden)
+    records_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad or (
+        residual is not None and residual.requires_grad) or (x_bias is not None and x_bias.requires_grad))
+    impl = choose("add_layer_norm", x.device, dtype=x.dtype, hidden=hidden, records_grad=records_grad)
     seed = new_seed() if dropout_p > 0.0 else 0
     y = _run(_add_layer_norm_op, x2, weight, bias, float(eps), r2, x_bias, activation or "", float(dropout_p),
              seed, impl)[0]
@@ -1013,7 +1033,7 @@ def _embed_reference(input_ids, indices, position_ids, token_type_ids, word_emb,
 @torch.library.custom_op("bertfast::embed", mutates_args=())
 def _embed_op(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_ids: Optional[Tensor],
               word_emb: Tensor, pos_emb: Tensor, type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor,
-              eps: float, padding_idx: int, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+              eps: float, padding_idx: int, pos_padding_idx: int, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     if impl == "cpp":
         # token_type_ids=None with a type table reads type 0 for every token inside the C++ op (as transformers)
         return tuple(torch.ops.bertfast_C.embed(input_ids, indices, position_ids, token_type_ids, word_emb,
@@ -1024,7 +1044,7 @@ def _embed_op(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_ty
 
 @_embed_op.register_fake
 def _(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, eps,
-      padding_idx, impl):
+      padding_idx, pos_padding_idx, impl):
     t = indices.shape[0]
     return (word_emb.new_empty((t, word_emb.shape[1])), word_emb.new_empty((t,), dtype=torch.float32),
             word_emb.new_empty((t,), dtype=torch.float32))
@@ -1034,9 +1054,10 @@ def _(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_
 def _embed_backward_op(dy: Tensor, input_ids: Tensor, indices: Tensor, position_ids: Tensor,
                        token_type_ids: Optional[Tensor], word_emb: Tensor, pos_emb: Tensor,
                        type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor, mean: Tensor, rstd: Tensor,
-                       eps: float, padding_idx: int, impl: str) -> list[Tensor]:
+                       eps: float, padding_idx: int, pos_padding_idx: int, impl: str) -> list[Tensor]:
     """-> [d_word_emb, d_pos_emb, d_type_emb (empty when type_emb is None), d_ln_weight, d_ln_bias], dense.
-    Like nn.Embedding(padding_idx=...), the padding row of the word embeddings gets no gradient.
+    Like nn.Embedding(padding_idx=...), the padding rows of the word and position embeddings (padding_idx,
+    pos_padding_idx; -1: none) get no gradient.
     mean / rstd: the forward's LayerNorm statistics (read by the C++ CPU backward only)."""
     if impl == "cpp" and dy.device.type == "cpu":
         # one pass over the T tokens: recompute the sum from the tables, LayerNorm backward, scatter each
@@ -1050,31 +1071,32 @@ def _embed_backward_op(dy: Tensor, input_ids: Tensor, indices: Tensor, position_
             lambda w, p, t, lw, lb: _embed_reference(input_ids, indices, position_ids, token_type_ids, w, p, t,
                                                      lw, lb, eps)[0],
             [word_emb, pos_emb, type_emb, ln_weight, ln_bias], [dy])
-    if padding_idx >= 0 and grads[0] is not None:
-        grads[0][padding_idx] = 0
+    for table, row in ((0, padding_idx), (1, pos_padding_idx)):
+        if row >= 0 and grads[table] is not None:
+            grads[table][row] = 0
     return _unaliased([_grad_or_empty(g, t, word_emb)
                        for g, t in zip(grads, [word_emb, pos_emb, type_emb, ln_weight, ln_bias])])
 
 
 @_embed_backward_op.register_fake
 def _(dy, input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, mean,
-      rstd, eps, padding_idx, impl):
+      rstd, eps, padding_idx, pos_padding_idx, impl):
     return [torch.empty_like(word_emb), torch.empty_like(pos_emb), _empty_like_or_none(type_emb, word_emb),
             torch.empty_like(ln_weight), torch.empty_like(ln_bias)]
 
 
 def _embed_setup(ctx, inputs, output):
     (input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, eps,
-     padding_idx, impl) = inputs
+     padding_idx, pos_padding_idx, impl) = inputs
     ctx.save_for_backward(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
                           ln_weight, ln_bias, output[1], output[2])
-    ctx.args = (eps, padding_idx, impl)
+    ctx.args = (eps, padding_idx, pos_padding_idx, impl)
 
 
 def _embed_backward(ctx, dy, dmean, drstd):
     saved = ctx.saved_tensors
     dw, dp, dt, dlw, dlb = _run(_embed_backward_op, dy.contiguous(), *saved, *ctx.args)
-    return None, None, None, None, dw, dp, (dt if saved[6] is not None else None), dlw, dlb, None, None, None
+    return None, None, None, None, dw, dp, (dt if saved[6] is not None else None), dlw, dlb, None, None, None, None
 
 
 _register_autograd(_embed_op, _embed_backward, _embed_setup)
@@ -1082,13 +1104,14 @@ _register_autograd(_embed_op, _embed_backward, _embed_setup)
 
 def embed(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_ids: Optional[Tensor],
           word_emb: Tensor, pos_emb: Tensor, type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor,
-          eps: float, padding_idx: Optional[int] = None) -> Tensor:
+          eps: float, padding_idx: Optional[int] = None, pos_padding_idx: Optional[int] = None) -> Tensor:
     """LayerNorm(word_emb[ids] + type_emb[token_types] + pos_emb[positions]) for the real tokens.
 
     input_ids, position_ids, token_type_ids: (N,) int64, flattened padded batch (N = B * S)
     indices: (T,) int64 - the real tokens (from bertfast.padding.unpad_mask)
     word_emb (V, E), pos_emb (P, E), type_emb (types, E) or None; ln_weight / ln_bias (E,)
     padding_idx: the word-embedding row that gets no gradient (nn.Embedding's padding_idx), or None
+    pos_padding_idx: the position-embedding row that gets no gradient (RoBERTa's), or None
     returns (T, E) in word_emb's dtype. The C++ / CUDA implementations check every id they read (a named error);
     the reference relies on torch's indexing. The model checks them once per batch too.
     """
@@ -1098,8 +1121,17 @@ def embed(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_i
     input_ids, indices, position_ids = input_ids.contiguous(), indices.contiguous(), position_ids.contiguous()
     token_type_ids = token_type_ids.contiguous() if token_type_ids is not None else None
     return _run(_embed_op, input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
-                ln_weight.contiguous(), ln_bias.contiguous(), float(eps), -1 if padding_idx is None else
-                int(padding_idx), impl)[0]
+                ln_weight.contiguous(), ln_bias.contiguous(), float(eps), _row_or_none(padding_idx, word_emb,
+                "padding_idx"), _row_or_none(pos_padding_idx, pos_emb, "pos_padding_idx"), impl)[0]
+
+
+def _row_or_none(row: Optional[int], table: Tensor, name: str) -> int:
+    """A table row for the custom ops (-1: none), checked against the table's rows."""
+    if row is None:
+        return -1
+    if not 0 <= int(row) < table.shape[0]:
+        raise ValueError(f"{name}={row} is not a row of its table ({table.shape[0]} rows)")
+    return int(row)
 
 
 # --------------------------------------------------------------------------------------------------------------

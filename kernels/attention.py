@@ -807,9 +807,9 @@ def dropout_mask(cu_seqlens: torch.Tensor, max_seqlen: int, heads: int, dropout_
     """The keep-mask the attention kernels use for (cu_seqlens, heads, dropout_p, seed), as a padded bool tensor
     (B, heads, max_seqlen, max_seqlen): [b, h, i, j] is True where the probability of query i attending to key j
     (both local to sequence b) is kept. Positions past a sequence's end are False. For tests and debugging."""
-    device = torch.device(device) if device is not None else cu_seqlens.device
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
         raise UnsupportedInput("cu_seqlens must be a 1-D int32 tensor")
+    device = torch.device(device) if device is not None else cu_seqlens.device
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
         raise UnsupportedInput(f"max_seqlen must be a python int >= 1, got {max_seqlen!r}")
     if not 0.0 <= dropout_p < 1.0:

@@ -14,6 +14,9 @@ import triton
 
 # Largest row handled by the one-pass row kernels (LayerNorm, GELU + LayerNorm): the row must fit in registers.
 MAX_FUSED_HIDDEN = 8192
+# Largest row of the LayerNorm backward (it keeps three gradient accumulators live besides the row: wider rows
+# spill even at 32 warps); the ops layer does not pick the Triton LayerNorm for wider rows that record a gradient.
+MAX_FUSED_BACKWARD_HIDDEN = 4096
 # Smallest row block: narrower rows are masked inside a block of this size, so the compile report's blocks
 # (MIN_ROW_BLOCK .. MAX_FUSED_HIDDEN) are every block a launcher can pick.
 MIN_ROW_BLOCK = 16

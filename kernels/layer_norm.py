@@ -17,7 +17,7 @@ Launch rules (block sizes from config.row_block, the library's one row-kernel po
             tile in registers (BLOCK_N = next_pow2(H)); ROWS = 1 by default, num_warps from row_block for
             ROWS * BLOCK_N elements (forward_row_choices / forward_warps).
   backward: grid (G,), num_warps = backward_warps(BLOCK_N) (more than the forward's: the backward holds more
-            row-sized fp32 arrays; the table is checked by the compile report), hidden <= BACKWARD_MAX_HIDDEN = 4096
+            row-sized fp32 arrays; the table is checked by the compile report), hidden <= BACKWARD_MAX_HIDDEN = MAX_FUSED_BACKWARD_HIDDEN
             (wider rows spill even at 32 warps); program g takes rows [g * R, (g + 1) * R), R = cdiv(N, G); it writes dx (and
             dresidual) per row and accumulates dweight, dbias, dx_bias in fp32 registers, stored once as
             partial[g, :]; the [G, H] fp32 partials are summed over G by torch (deterministic: no atomics;
@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bertfast.kernels.config import (MAX_FUSED_HIDDEN, MIN_ROW_BLOCK, KernelSpec, UnsupportedInput, cdiv,
-                                     row_block, torch_to_triton_dtype)
+from bertfast.kernels.config import (MAX_FUSED_BACKWARD_HIDDEN, MAX_FUSED_HIDDEN, MIN_ROW_BLOCK, KernelSpec,
+                                     UnsupportedInput, cdiv, row_block, torch_to_triton_dtype)
 from bertfast.kernels.gelu import (ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACT_RELU, ACT_SILU, _act_bwd, _act_fwd,
                                    device_guard)
 
@@ -235,7 +235,7 @@ def _dropout_scale(p: float) -> float:
     return 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
 
-BACKWARD_MAX_HIDDEN = 4096
+BACKWARD_MAX_HIDDEN = MAX_FUSED_BACKWARD_HIDDEN
 
 
 # num_warps of the backward per BLOCK_N, chosen with the compile report (sm_80 and sm_90, every dtype, all features

@@ -287,6 +287,9 @@ def test_dropout_mask_statistics_and_determinism(device):
     # seeds beyond 32 bits use the high word
     hi = dropout_mask(cu_t, max_seqlen, 2, p, seed=42 + (1 << 40), device=device)
     assert (hi[real] != mask[real]).float().mean() > 0.3
+    # a cu_seqlens that is not a tensor is named (it used to be an AttributeError on its .device)
+    with pytest.raises(UnsupportedInput, match="cu_seqlens must be a 1-D int32 tensor"):
+        dropout_mask([0, 200], 200, 2, p, seed=42)
 
 
 def test_dropout_changes_output_and_zero_p_is_exact(device):

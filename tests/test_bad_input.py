@@ -191,8 +191,9 @@ def test_hub_ids_fetch_config_and_weights_only(tmp_path, monkeypatch):
     import huggingface_hub
 
     def fake_repo(files):
-        def snapshot_download(repo_id, allow_patterns):
+        def snapshot_download(repo_id, allow_patterns, **hub):
             calls.append(list(allow_patterns))
+            hubs.append(hub)
             folder = tmp_path / f"snap{next(serial)}"
             for name in files:
                 if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
@@ -202,7 +203,7 @@ def test_hub_ids_fetch_config_and_weights_only(tmp_path, monkeypatch):
             return str(folder)
         return snapshot_download
 
-    calls, serial = [], itertools.count()
+    calls, hubs, serial = [], [], itertools.count()
     repo = ["config.json", "model.safetensors", "pytorch_model.bin", "onnx/model.onnx", "onnx/config.json",
             "openvino/openvino_model.bin", "training_args.bin", "tokenizer.json", "vocab.txt"]
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_repo(repo))
@@ -214,6 +215,15 @@ def test_hub_ids_fetch_config_and_weights_only(tmp_path, monkeypatch):
     folder = bertfast.loading.resolve("someone/old-bert")
     got = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     assert got == ["config.json", "pytorch_model.bin", "tokenizer.json", "vocab.txt"] and len(calls) == 2
+    # transformers' hub arguments reach snapshot_download; subfolder narrows the patterns and the folder returned
+    calls.clear(), hubs.clear()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        fake_repo(repo + ["sub/config.json", "sub/model.safetensors"]))
+    folder = bertfast.loading.resolve("someone/some-bert", subfolder="sub", revision="v2", token="t", cache_dir=None)
+    assert folder.name == "sub" and sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert hubs == [dict(revision="v2", token="t")] and all(p.startswith("sub/") for p in calls[0])
+    with pytest.raises(TypeError, match="mirror"):
+        bertfast.loading.resolve("someone/some-bert", mirror="x")
 
 
 BACKENDS_ON_CPU = ["auto", "reference", "triton"]

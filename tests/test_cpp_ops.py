@@ -435,7 +435,8 @@ def test_embed_roberta_positions():
 def test_embed_autograd_runs_the_cpp_backward(monkeypatch, dtype, with_tt):
     """On CPU with BERTFAST_BACKEND=cpp, the gradients of bertfast.ops.embed are bertfast_C::embed_backward's
     (whose numerics _check_embed bounds against float64), bit for bit, with the padding row of the word table
-    zeroed and token_type_ids=None read as type 0 (as transformers does)."""
+    zeroed (and the position table's, as RoBERTa's) and token_type_ids=None read as type 0 (as transformers
+    does)."""
     from bertfast import ops as public
     monkeypatch.setenv("BERTFAST_BACKEND", "cpp")
     b, s, e, vocab, n_pos, pad = 3, 11, 40, 17, 13, 1
@@ -450,7 +451,8 @@ def test_embed_autograd_runs_the_cpp_backward(monkeypatch, dtype, with_tt):
                                      1 + 0.1 * torch.randn(e), 0.1 * torch.randn(e))]
     dy = torch.randn(idx.numel(), e).to(dtype)
     leaves = [_leaf(t) for t in tables]
-    out = public.embed(ids, idx, pos, tt, *leaves, 1e-12, padding_idx=pad)
+    pos_pad = 4                              # a position row that gets no gradient (RoBERTa's padding_idx)
+    out = public.embed(ids, idx, pos, tt, *leaves, 1e-12, padding_idx=pad, pos_padding_idx=pos_pad)
     out.backward(dy)
 
     _, mean, rstd = ops.embed(ids, idx, pos, tt if with_tt else torch.zeros_like(ids), *tables, 1e-12)
@@ -458,6 +460,8 @@ def test_embed_autograd_runs_the_cpp_backward(monkeypatch, dtype, with_tt):
                                    mean, rstd))
     assert torch.count_nonzero(want[0][pad]) > 0     # the padding id does occur among the real tokens
     want[0][pad] = 0
+    assert torch.count_nonzero(want[1][pos_pad]) > 0
+    want[1][pos_pad] = 0
     for name, leaf, w in zip(["word", "pos", "type", "ln_weight", "ln_bias"], leaves, want):
         assert leaf.grad.dtype == dtype and torch.equal(leaf.grad, w), name
 

@@ -80,6 +80,70 @@ def test_family_parity(family, device, tmp_path):
         assert (a.pooler_output - b.pooler_output).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("embeds", [False, True])
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta"])
+def test_roberta_position_padding_row(family, embeds):
+    """transformers builds RoBERTa's position table with padding_idx = pad_token_id: that row starts at zero and
+    gets no gradient, also where pad tokens are attended (no mask) and so read that position. bertfast used to
+    train it (gradient max 143 in the review's case)."""
+    torch.manual_seed(5)
+    cfg = family_config(family, dropout=False)
+    fresh = bertfast.AutoModel.from_config(cfg).embeddings.position_embeddings.weight
+    assert fresh[cfg.pad_token_id].count_nonzero() == 0 and fresh.count_nonzero() > 0
+    hf = BASE[family]._from_config(copy.deepcopy(cfg), attn_implementation="eager").train()
+    with torch.no_grad():
+        hf.embeddings.position_embeddings.weight.normal_()        # the padding row too: only its gradient is tested
+    ours = bertfast.AutoModel.from_hf(hf).train()
+    ids = torch.randint(3, cfg.vocab_size, (3, 9))
+    ids[1, 5:] = cfg.pad_token_id                                # padding without a mask: attended, position 1
+    w = torch.randn(3, 9, cfg.hidden_size)
+    for model in (hf, ours):
+        inputs = dict(inputs_embeds=model.embeddings.word_embeddings(ids)) if embeds else dict(input_ids=ids)
+        (model(**inputs).last_hidden_state * w).sum().backward()
+    want, got = hf.embeddings.position_embeddings.weight.grad, ours.embeddings.position_embeddings.weight.grad
+    assert want[cfg.pad_token_id].count_nonzero() == 0 and got[cfg.pad_token_id].count_nonzero() == 0
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_distilbert_forward_order_and_sinusoidal_positions():
+    """DistilBERT as transformers has it: forward(input_ids, attention_mask, inputs_embeds, position_ids) taken
+    positionally, token_type_ids refused by name, and sinusoidal_pos_embds=True initialising the position table
+    with transformers' sinusoids (it used to keep a random normal table)."""
+    torch.manual_seed(9)
+    cfg = family_config("distilbert", dropout=False)
+    hf = BASE["distilbert"]._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ours = bertfast.AutoModel.from_hf(hf).eval()
+    ids, mask, _ = _batch(cfg, 3, 11)
+    with torch.no_grad():
+        embeds = hf.embeddings.word_embeddings(ids)
+        want = hf(None, mask, embeds).last_hidden_state
+        got = ours(None, mask, embeds).last_hidden_state
+        positions = torch.arange(11).flip(0).expand(3, 11)
+        want_pos, got_pos = hf(ids, mask, None, positions)[0], ours(ids, mask, None, positions)[0]
+    q = real(mask)
+    assert (want[q] - got[q]).abs().max() <= TOL and (want_pos[q] - got_pos[q]).abs().max() <= TOL
+    with pytest.raises(ValueError, match="token_type_ids: DistilBertModel has no token type"):
+        ours(ids, mask, token_type_ids=torch.zeros_like(ids))
+    sin_cfg = copy.deepcopy(cfg)
+    sin_cfg.sinusoidal_pos_embds = True
+    want_table = BASE["distilbert"]._from_config(sin_cfg).embeddings.position_embeddings.weight
+    got_table = bertfast.AutoModel.from_config(sin_cfg).embeddings.position_embeddings.weight
+    assert want_table[5, :2].abs().sum() > 0.5     # sinusoids, not a normal(0, 0.02) draw
+    assert torch.allclose(got_table, want_table, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", ["3d", "4d"])
+def test_extended_masks_are_refused_with_their_reason(shape):
+    """transformers takes [B, S, S] / [B, 1, S, S] masks; bertfast runs padding-free from a [B, S] padding mask
+    and says so (it used to report a shape mismatch with input_ids)."""
+    cfg = family_config("bert")
+    ours = bertfast.AutoModel.from_config(cfg).eval()
+    ids = torch.randint(3, cfg.vocab_size, (2, 6))
+    mask = torch.ones(2, 6, 6) if shape == "3d" else torch.ones(2, 1, 6, 6)
+    with pytest.raises(ValueError, match=r"3-D / 4-D \(extended or per-pair\) masks are not supported"):
+        ours(ids, attention_mask=mask)
+
+
 HEADS = {
     "bert": ["ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM",
              "ForMultipleChoice"],
@@ -283,6 +347,41 @@ def test_from_pretrained_dtype_argument(tmp_path):
     assert bertfast.AutoModel.from_pretrained(tmp_path).dtype == torch.float32
     with pytest.raises(ValueError, match="disagree"):
         bertfast.AutoModel.from_pretrained(tmp_path, dtype=torch.float16, torch_dtype=torch.bfloat16)
+
+
+def test_from_pretrained_arguments_as_transformers(tmp_path):
+    """transformers' from_pretrained arguments do what they do there: config fields override the saved config,
+    config= replaces it, subfolder / use_safetensors / device_map choose what is loaded and where; anything else
+    is an error naming it (it used to be set aside with a notice: a fine-tuning run with hidden_dropout_prob=0.3
+    silently kept the checkpoint's dropout)."""
+    cfg = family_config("bert")
+    BASE["bert"]._from_config(cfg).save_pretrained(tmp_path)
+    BASE["bert"]._from_config(cfg).save_pretrained(tmp_path / "sub")
+    wanted = dict(hidden_dropout_prob=0.25, attention_probs_dropout_prob=0.125, output_hidden_states=True)
+    for load in (bertfast.AutoModel.from_pretrained, bertfast.BertModel.from_pretrained):
+        ours = load(tmp_path, **wanted)
+        theirs = BASE["bert"].from_pretrained(tmp_path, **wanted)
+        assert (ours.spec.hidden_dropout, ours.spec.attention_dropout) == (0.25, 0.125)
+        assert ours.config.output_hidden_states and theirs.config.output_hidden_states
+        with torch.no_grad():
+            assert len(ours(torch.tensor([[5, 6, 7]])).hidden_states) == cfg.num_hidden_layers + 1
+        replaced = copy.deepcopy(cfg)
+        replaced.hidden_dropout_prob = 0.375
+        assert load(tmp_path, config=replaced).spec.hidden_dropout == 0.375
+        assert load(tmp_path, subfolder="sub").config.hidden_size == cfg.hidden_size
+        assert load(tmp_path, device_map="auto").embeddings.word_embeddings.weight.device.type == \
+            ("cuda" if torch.cuda.is_available() else "cpu")
+        assert load(tmp_path, device_map={"": "cpu"}, attn_implementation="sdpa").dtype == torch.float32
+        assert load(tmp_path, use_safetensors=True).dtype == torch.float32
+        for bad, err, match in ((dict(quantization_config={"bits": 4}), TypeError, "quantization_config"),
+                                (dict(config=replaced, num_labels=3), TypeError, "num_labels"),
+                                (dict(use_safetensors=False), bertfast.loading.CheckpointError, "pytorch_model.bin"),
+                                (dict(subfolder="missing"), bertfast.loading.CheckpointError, "subfolder='missing'"),
+                                (dict(device_map={"a": 0, "b": 1}), ValueError, "splits the model"),
+                                (dict(device_map="balanced"), ValueError, "device_map='balanced'"),
+                                (dict(device="cpu", device_map="meta"), ValueError, "disagree")):
+            with pytest.raises(err, match=match):
+                load(tmp_path, **bad)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -154,6 +154,30 @@ def test_cpu_attention_checks_cu_seqlens():
             ops.varlen_attention(qkv, torch.tensor(cu, dtype=torch.int32), 4)
 
 
+@pytest.mark.parametrize("lengths", [[3, 5], [3, 0, 5], [0, 8], [0, 0], [1], [2, 0, 0, 7, 1]])
+def test_padded_reference_attention(lengths):
+    """The reference attention of CUDA devices (head dims the Triton kernel lacks, float64,
+    BERTFAST_BACKEND=reference) runs here on CPU against the CPU attention: equal outputs and gradients, an empty
+    sequence anywhere included (its -inf keys used to give NaN gradients to the next sequence), no tokens at all
+    (an index error before), and no host read (the outputs used to be gathered with a boolean mask, which syncs)."""
+    torch.manual_seed(len(lengths) * 7 + sum(lengths))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    total, max_seqlen = int(cu[-1]), max(max(lengths), 1)
+    qkv = torch.randn(total, 3, 2, 16, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(total, 2, 16, dtype=torch.float64)
+    want = ops._attention_cpu(qkv.detach(), cu, 0.25, 0.0, 0)[0]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = ops._attention_padded(qkv, cu, max_seqlen, 0.25, 0.0, 0)
+    called = {e.name for e in prof.events()}
+    assert not called & {"aten::nonzero", "aten::item", "aten::_local_scalar_dense"}, called
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    if total:
+        (grad,) = torch.autograd.grad(got, qkv, dout)
+        want_grad = ops._attention_backward_cpu(dout, qkv.detach(), want, torch.full((2, total), float("nan")),
+                                                cu, 0.25, 0.0, 0)
+        assert torch.isfinite(grad).all() and torch.allclose(grad, want_grad, rtol=1e-10, atol=1e-12)
+
+
 def test_gradcheck_attention_with_dropout(backend):
     """The keep-mask is a function of the seed (drawn from torch's generator, reset before each call here), so
     with dropout the op is still a deterministic function."""
@@ -231,7 +255,7 @@ def test_opcheck_every_op():
         (torch.ops.bertfast.pad, (torch.randn(3, 4), torch.tensor([0, 2, 5]), 6, ref)),
         (torch.ops.bertfast.embed, (torch.randint(0, 9, (6,)), torch.tensor([0, 2, 5]), torch.arange(6),
                                     torch.randint(0, 2, (6,)), torch.randn(9, 4), torch.randn(6, 4),
-                                    torch.randn(2, 4), torch.randn(4), torch.randn(4), 1e-5, 0, ref)),
+                                    torch.randn(2, 4), torch.randn(4), torch.randn(4), 1e-5, 0, 1, ref)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
@@ -323,6 +347,29 @@ def test_choose_reports_and_respects_forced_backend(monkeypatch):
     monkeypatch.setenv("BERTFAST_BACKEND", "auto")
     table = ops.implementation_table("cpu")
     assert set(table) == set(ops.PREFERENCE)
+
+
+def test_auto_add_layer_norm_trains_rows_wider_than_the_fused_backward(monkeypatch):
+    """The Triton LayerNorm's forward takes rows up to 8192 but its backward up to 4096, and a backward runs its
+    forward's implementation: auto (here CUDA's preference order, in the interpreter) picks Triton for such rows
+    only when no gradient is recorded. It used to pick it regardless, and backward raised."""
+    from bertfast.kernels.config import MAX_FUSED_BACKWARD_HIDDEN
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(ops.PREFERENCE, "add_layer_norm", dict(ops.PREFERENCE["add_layer_norm"],
+                                                               cpu=ops.PREFERENCE["add_layer_norm"]["cuda"]))
+    h = MAX_FUSED_BACKWARD_HIDDEN + 4
+    x, w, b = torch.randn(2, h, requires_grad=True), torch.rand(h) + 0.5, torch.randn(h)
+    cpu = torch.device("cpu")
+    assert ops.choose("add_layer_norm", cpu, dtype=x.dtype, hidden=h) == "triton"
+    assert ops.choose("add_layer_norm", cpu, dtype=x.dtype, hidden=h, records_grad=True) != "triton"
+    y = ops.add_layer_norm(x, w, b, 1e-5)
+    (grad,) = torch.autograd.grad((y * y[0]).sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    y64 = torch.nn.functional.layer_norm(x64, (h,), w.double(), b.double(), 1e-5)
+    (want,) = torch.autograd.grad((y64 * y64[0]).sum(), x64)
+    assert torch.allclose(grad.double(), want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(ops.add_layer_norm(x, w, b, 1e-5).double(), y64, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["cpp", "reference"])

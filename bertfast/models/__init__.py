@@ -23,8 +23,17 @@ class AutoModel:
 
     @classmethod
     def from_pretrained(cls, path_or_id, **kwargs) -> EncoderModel:
+        """The family's from_pretrained (same arguments); the family comes from config= when given, else from
+        the checkpoint's config.json."""
+        import os
+
         from bertfast import loading
-        config = loading.read_config(loading.resolve(path_or_id))
+        config = kwargs.get("config")
+        if config is None:
+            hub = {k: kwargs[k] for k in (*loading.HUB_ARGS, "subfolder") if k in kwargs}
+            config = loading.read_config(loading.resolve(path_or_id, **hub))
+        elif isinstance(config, (str, os.PathLike)):
+            config = loading.read_config(loading.resolve(config))
         return cls.family(config).from_pretrained(path_or_id, **kwargs)
 
     @classmethod

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import os
 import pathlib
 import re
 
@@ -31,6 +32,9 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 # computes (num_items_in_batch: Trainer's loss normalisation; cache_position / use_cache: decoder caching);
 # head_mask is refused separately when given
 _IGNORED_FORWARD_KWARGS = ("head_mask", "use_cache", "num_items_in_batch", "cache_position")
+# from_pretrained arguments of transformers that change nothing bertfast loads (it has one attention implementation,
+# loads on the meta device and runs no code from a repo)
+_NO_EFFECT_LOADING_ARGS = ("attn_implementation", "low_cpu_mem_usage", "trust_remote_code")
 # activation checkpointing's default (transformers' checkpoint function, when it set one, is used instead)
 _CHECKPOINT = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
@@ -158,23 +162,45 @@ class EncoderModel(nn.Module):
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path_or_id, torch_dtype: torch.dtype | str | None = None, device=None,
-                        add_pooling_layer: bool | None = None, dtype: torch.dtype | str | None = None, **unused):
+                        add_pooling_layer: bool | None = None, dtype: torch.dtype | str | None = None,
+                        config=None, use_safetensors: bool | None = None, device_map=None, **kwargs):
         """Load config.json + model.safetensors (or a pickle checkpoint, weights_only=True) from a directory or a
         hub id. Strict: keys and shapes must equal the model's, or a CheckpointError names file and key.
         dtype (transformers 5's name) and torch_dtype are one argument; float32 when neither is given, "auto":
         the checkpoint's. add_pooling_layer None (default): a pooler where the checkpoint has its weights (MLM and
         RoBERTa classifier checkpoints have none: pooler_output is then None, where transformers initialises a
-        random pooler); True: the checkpoint must hold it; False: none, its weights set aside."""
+        random pooler); True: the checkpoint must hold it; False: none, its weights set aside.
+
+        As in transformers: config (a config object, or a directory / id to read one from) replaces the
+        checkpoint's; other keyword arguments that are config fields (hidden_dropout_prob=0.2,
+        output_hidden_states=True, ...) override the config's; revision, subfolder, cache_dir, token,
+        local_files_only and force_download go to the hub download; use_safetensors True / False loads only
+        safetensors / only pickle weights; device_map names one device ("auto": the GPU when there is one) -
+        bertfast places the whole model on one device. attn_implementation, low_cpu_mem_usage and
+        trust_remote_code have no effect (said once). Any other argument is an error."""
         if dtype is not None and torch_dtype is not None and _dtype_spelling(dtype) != _dtype_spelling(torch_dtype):
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them")
         torch_dtype = dtype if dtype is not None else torch_dtype
+        device = _device_of_map(device, device_map)
+        hub = {k: kwargs.pop(k) for k in (*loading.HUB_ARGS, "subfolder") if k in kwargs}
+        no_effect = sorted(k for k in _NO_EFFECT_LOADING_ARGS if k in kwargs)
+        for k in no_effect:
+            kwargs.pop(k)
+        if no_effect:
+            verb = "has" if len(no_effect) == 1 else "have"
+            ops.notice_once(f"from_pretrained-no-effect:{no_effect}",
+                            f"from_pretrained: {', '.join(no_effect)} {verb} no effect in bertfast")
+        directory = loading.resolve(path_or_id, **hub)
+        if config is None or isinstance(config, (str, os.PathLike)):
+            source = directory if config is None else loading.resolve(config)
+            config, unused = loading.read_config(source, **kwargs) if kwargs else (loading.read_config(source), {})
+        else:
+            unused = kwargs   # transformers hands these to the model's __init__, which takes none of them
         if unused:
-            ops.notice_once(f"from_pretrained-unused:{sorted(unused)}",
-                            f"from_pretrained ignores the arguments {', '.join(sorted(unused))}")
-        directory = loading.resolve(path_or_id)
-        config = loading.read_config(directory)
-        return cls._from_state(config, *loading.read_state_dict(directory), directory, torch_dtype, device,
-                               add_pooling_layer)
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {', '.join(sorted(unused))}: "
+                            f"neither fields of {type(config).__name__} nor loading options bertfast knows")
+        return cls._from_state(config, *loading.read_state_dict(directory, use_safetensors), directory, torch_dtype,
+                               device, add_pooling_layer)
 
     @classmethod
     def _from_state(cls, config, state, origin, directory, torch_dtype, device, add_pooling_layer):
@@ -549,23 +575,30 @@ class EncoderModel(nn.Module):
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor):
                 attention_mask = torch.as_tensor(attention_mask)
+            if attention_mask.dim() in (3, 4):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}: 3-D / 4-D (extended or "
+                                 f"per-pair) masks are not supported; bertfast runs padding-free from a "
+                                 f"[batch, seq_len] padding mask (1 = token, 0 = padding), here {shape}")
             if tuple(attention_mask.shape) != shape:
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids / "
                                  f"inputs_embeds have [batch, seq_len] = {shape}; they must match")
             attention_mask = attention_mask.to(device)
         if token_type_ids is not None:
             if not self.has_token_types:
-                raise ValueError(f"token_type_ids: {type(self).__name__} has no token type embeddings")
+                raise ValueError(f"token_type_ids: {type(self).__name__} has no token type embeddings (transformers' "
+                                 f"model ignores them); leave them out, e.g. tokenizer(..., "
+                                 f"return_token_type_ids=False)")
             token_type_ids = _int_tensor("token_type_ids", token_type_ids, device)
             if tuple(token_type_ids.shape) != shape:
                 raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected {shape}")
         if position_ids is not None:
             position_ids = _int_tensor("position_ids", position_ids, device)
+            given_shape = tuple(position_ids.shape)
             if position_ids.dim() == 1:
                 position_ids = position_ids.unsqueeze(0)
             if position_ids.dim() != 2 or position_ids.shape[1] != shape[1] or position_ids.shape[0] not in (1, shape[0]):
-                raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {shape} or "
-                                 f"(1, {shape[1]})")
+                raise ValueError(f"position_ids has shape {given_shape}, expected {shape}, (1, {shape[1]}) or "
+                                 f"({shape[1]},)")
             position_ids = position_ids.expand(shape)
         else:
             # RoBERTa counts positions over the non-padding ids: a batch padded past the positions is fine as long
@@ -699,6 +732,29 @@ def _int_tensor(name: str, value, device) -> torch.Tensor:
     if t.dtype not in _INT_DTYPES:
         raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
     return t.to(device=device, dtype=torch.long)
+
+
+def _device_of_map(device, device_map):
+    """from_pretrained's device: device, or transformers' device_map where it names a single device."""
+    if device_map is None:
+        return device
+    target = device_map
+    if isinstance(device_map, dict):
+        places = set(device_map.values())
+        if len(places) != 1:
+            raise ValueError(f"device_map={device_map!r} splits the model across devices; bertfast places the whole "
+                             "model on one device (pass device= or a device_map naming one device)")
+        target = places.pop()
+    if target == "auto":
+        target = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        target = torch.device(target)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map={device_map!r} does not name a device; bertfast places the whole "
+                         "model on one device: pass device= or a device_map such as 'cuda', 0 or 'auto'") from None
+    if device is not None and torch.device(device) != target:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; give one of them")
+    return target
 
 
 def _dtype_spelling(value):

@@ -1,6 +1,8 @@
 """DistilBertModel: BERT's layer arithmetic under DistilBERT's key names; no token types, no pooler."""
 from __future__ import annotations
 
+import torch
+
 from bertfast.models import layers
 from bertfast.models.base import EncoderModel
 
@@ -25,6 +27,19 @@ class DistilBertModel(EncoderModel):
 
     def __init__(self, config, add_pooling_layer: bool = False):
         super().__init__(config, add_pooling_layer=False)
+        if getattr(config, "sinusoidal_pos_embds", False):
+            # as transformers initialises it (a checkpoint's table replaces it when one is loaded)
+            with torch.no_grad():
+                table = self.embeddings.position_embeddings.weight
+                table.copy_(sinusoidal_table(table.shape[0], table.shape[1]).to(table.dtype))
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None,
+                output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
+        """transformers' DistilBertModel.forward argument order (no token types: a token_type_ids argument is an
+        error naming it)."""
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions, return_dict=return_dict, **kwargs)
 
     @classmethod
     def spec_of(cls, config):
@@ -45,3 +60,15 @@ class DistilBertModel(EncoderModel):
     def output_class():
         from transformers.modeling_outputs import BaseModelOutput
         return BaseModelOutput
+
+
+def sinusoidal_table(positions: int, dim: int) -> torch.Tensor:
+    """DistilBERT's sinusoidal positions (float64): sin in the even columns, cos in the odd ones, each pair of
+    columns at the frequency 10000 ** (-2 * (j // 2) / dim)."""
+    pos = torch.arange(positions, dtype=torch.float64)[:, None]
+    freq = torch.tensor([10000.0 ** (-2 * (j // 2) / dim) for j in range(dim)], dtype=torch.float64)
+    angle = pos * freq
+    table = torch.empty(positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle[:, 0::2])
+    table[:, 1::2] = torch.cos(angle[:, 1::2])
+    return table

@@ -59,6 +59,9 @@ class EncoderSpec:
     attention_output_dropout: float  # on the attention's output projection, before its residual (0: DistilBERT)
     ffn_output_dropout: float  # on the FFN's output projection, before its residual (0: ALBERT never applies it)
     initializer_range: float
+    # the position row that stays zero and gets no gradient (RoBERTa's position table has padding_idx =
+    # pad_token_id, as transformers builds it); None: every row trains
+    position_padding_idx: int | None = None
 
 
 def has_local_hooks(module: nn.Module) -> bool:
@@ -138,7 +141,7 @@ class Embeddings(nn.Module):
         super().__init__()
         e = spec.embedding_size
         self.word_embeddings = nn.Embedding(spec.vocab, e, padding_idx=spec.pad_token_id)
-        self.position_embeddings = FusedEmbedding(spec.max_positions, e)
+        self.position_embeddings = FusedEmbedding(spec.max_positions, e, padding_idx=spec.position_padding_idx)
         if spec.type_vocab:
             self.token_type_embeddings = FusedEmbedding(spec.type_vocab, e)
         else:
@@ -159,7 +162,7 @@ class Embeddings(nn.Module):
             types = self.token_type_embeddings.weight if self.token_type_embeddings is not None else None
             x = ops.embed(input_ids.reshape(-1), unp.indices, position_ids.reshape(-1), tt,
                           self.word_embeddings.weight, self.position_embeddings.weight, types, ln.weight, ln.bias,
-                          ln.eps, self.word_embeddings.padding_idx)
+                          ln.eps, self.word_embeddings.padding_idx, self.position_embeddings.padding_idx)
         else:
             rows = ops.unpad(inputs_embeds.reshape(-1, inputs_embeds.shape[-1]), unp.indices, validate=False)
             pos = position_ids.reshape(-1).index_select(0, unp.indices)

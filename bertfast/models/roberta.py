@@ -1,6 +1,8 @@
 """RobertaModel (also XLM-RoBERTa): BERT's layers; position ids count from padding_idx + 1 over real tokens."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from bertfast.models.bert import bert_spec
@@ -14,7 +16,9 @@ class RobertaModel(EncoderModel):
 
     @classmethod
     def spec_of(cls, config):
-        return bert_spec(config)
+        # transformers' RobertaEmbeddings build the position table with padding_idx = pad_token_id: that row
+        # starts at zero and gets no gradient (pad tokens' positions; also ids a caller passes as positions)
+        return dataclasses.replace(bert_spec(config), position_padding_idx=config.pad_token_id)
 
     def default_position_ids(self, input_ids, shape, device):
         pad = self.spec.pad_token_id
