@@ -26,7 +26,7 @@ export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast bench info compile-report clean
+.PHONY: setup demo test test-fast test-gpu-torch bench info compile-report clean
 
 setup: $(BUILD_STAMP)
 
@@ -55,6 +55,10 @@ info: setup
 
 test: setup
 	$(PY) -m pytest -q -ra tests
+
+# the suite against the GPU machines' torch (CUDA build, no GPU needed) with the CUDA extension built: README
+test-gpu-torch:
+	bash tests/other_torch.sh
 
 compile-report: setup
 	$(PY) -m bertfast compile-report

@@ -27,9 +27,12 @@ class CheckpointError(ValueError):
 HUB_ARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 
 
-def resolve(path_or_id: str | os.PathLike, subfolder: str = "", **hub) -> Path:
+def resolve(path_or_id: str | os.PathLike, subfolder: str = "", use_safetensors: bool | None = None,
+            config_only: bool = False, **hub) -> Path:
     """A local directory, or a hub id resolved through the local Hugging Face cache (or the hub when online).
-    subfolder: the checkpoint lies in that folder of the directory or repo; hub: HUB_ARGS for snapshot_download."""
+    subfolder: the checkpoint lies in that folder of the directory or repo; hub: HUB_ARGS for snapshot_download;
+    use_safetensors True / False: fetch only those weights (None: safetensors, else pickle); config_only: fetch
+    no weights."""
     bad = sorted(set(hub) - set(HUB_ARGS))
     if bad:
         raise TypeError(f"resolve got unexpected arguments {', '.join(bad)}; hub arguments: {', '.join(HUB_ARGS)}")
@@ -54,8 +57,12 @@ def resolve(path_or_id: str | os.PathLike, subfolder: str = "", **hub) -> Path:
         def fetch(patterns):
             root = Path(snapshot_download(str(path_or_id), allow_patterns=[prefix + p for p in patterns], **hub))
             return root / subfolder if subfolder else root
+        if config_only:
+            return fetch(common)
+        if use_safetensors is False:
+            return fetch(common + list(PICKLE_PATTERNS))
         folder = fetch(common + list(SAFETENSORS_PATTERNS))
-        if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        if use_safetensors is None and not any((folder / name).is_file() for name in WEIGHT_FILES):
             folder = fetch(common + list(PICKLE_PATTERNS))
         return folder
     except Exception as exc:  # noqa: BLE001 - re-raised with the path named

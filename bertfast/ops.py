@@ -1003,9 +1003,8 @@ def add_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual
     shape = x.shape
     x2 = _as_rows(x, hidden)
     r2 = _as_rows(residual, hidden) if residual is not None else None
-    records_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad or (
-        residual is not None and residual.requires_grad) or (x_bias is not None and x_bias.requires_grad))
-    impl = choose("add_layer_norm", x.device, dtype=x.dtype, hidden=hidden, records_grad=records_grad)
+    impl = choose("add_layer_norm", x.device, dtype=x.dtype, hidden=hidden,
+                  records_grad=records_grad(x, weight, bias, residual, x_bias))
     seed = new_seed() if dropout_p > 0.0 else 0
     y = _run(_add_layer_norm_op, x2, weight, bias, float(eps), r2, x_bias, activation or "", float(dropout_p),
              seed, impl)[0]

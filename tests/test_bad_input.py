@@ -224,6 +224,12 @@ def test_hub_ids_fetch_config_and_weights_only(tmp_path, monkeypatch):
     assert hubs == [dict(revision="v2", token="t")] and all(p.startswith("sub/") for p in calls[0])
     with pytest.raises(TypeError, match="mirror"):
         bertfast.loading.resolve("someone/some-bert", mirror="x")
+    # use_safetensors=False fetches the pickle weights of a repo that has both; config_only fetches no weights
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_repo(repo))
+    folder = bertfast.loading.resolve("someone/some-bert", use_safetensors=False)
+    assert sorted(p.name for p in folder.iterdir() if "model" in p.name) == ["pytorch_model.bin"]
+    folder = bertfast.loading.resolve("someone/some-bert", config_only=True)
+    assert not [p.name for p in folder.iterdir() if "model" in p.name]
 
 
 BACKENDS_ON_CPU = ["auto", "reference", "triton"]

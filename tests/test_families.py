@@ -373,12 +373,23 @@ def test_from_pretrained_arguments_as_transformers(tmp_path):
             ("cuda" if torch.cuda.is_available() else "cpu")
         assert load(tmp_path, device_map={"": "cpu"}, attn_implementation="sdpa").dtype == torch.float32
         assert load(tmp_path, use_safetensors=True).dtype == torch.float32
-        for bad, err, match in ((dict(quantization_config={"bits": 4}), TypeError, "quantization_config"),
+        # transformers' own loading arguments at their defaults, as wrappers pass them
+        assert load(tmp_path, variant=None, weights_only=True, trust_remote_code=False, quantization_config=None,
+                    ignore_mismatched_sizes=False).dtype == torch.float32
+        # a config object is copied (two models loaded with one config do not share it), a config path takes the
+        # hub arguments (subfolder) too
+        first, second = load(tmp_path, config=replaced), load(tmp_path, config=replaced)
+        first.config.output_hidden_states = True
+        assert not second.config.output_hidden_states and not replaced.output_hidden_states
+        assert load(tmp_path, config=tmp_path, subfolder="sub").config.hidden_size == cfg.hidden_size
+        for bad, err, match in ((dict(quantization_config={"bits": 4}), ValueError, "quantization_config="),
+                                (dict(variant="fp16"), ValueError, "variant='fp16' is not supported"),
+                                (dict(bogus_option=1), TypeError, "bogus_option"),
                                 (dict(config=replaced, num_labels=3), TypeError, "num_labels"),
                                 (dict(use_safetensors=False), bertfast.loading.CheckpointError, "pytorch_model.bin"),
                                 (dict(subfolder="missing"), bertfast.loading.CheckpointError, "subfolder='missing'"),
                                 (dict(device_map={"a": 0, "b": 1}), ValueError, "splits the model"),
-                                (dict(device_map="balanced"), ValueError, "device_map='balanced'"),
+                                (dict(device_map="disk"), ValueError, "device_map='disk'"),
                                 (dict(device="cpu", device_map="meta"), ValueError, "disagree")):
             with pytest.raises(err, match=match):
                 load(tmp_path, **bad)

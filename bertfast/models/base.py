@@ -32,9 +32,18 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 # computes (num_items_in_batch: Trainer's loss normalisation; cache_position / use_cache: decoder caching);
 # head_mask is refused separately when given
 _IGNORED_FORWARD_KWARGS = ("head_mask", "use_cache", "num_items_in_batch", "cache_position")
-# from_pretrained arguments of transformers that change nothing bertfast loads (it has one attention implementation,
-# loads on the meta device and runs no code from a repo)
-_NO_EFFECT_LOADING_ARGS = ("attn_implementation", "low_cpu_mem_usage", "trust_remote_code")
+# transformers' from_pretrained arguments that bertfast takes at their default value (or, for the first three,
+# any value: they change nothing bertfast loads - one attention implementation, loading on the meta device, no
+# code from a repo; a value other than the default is said once). Other values are an error naming them.
+_NO_EFFECT_LOADING_ARGS = {"attn_implementation": None, "low_cpu_mem_usage": None, "trust_remote_code": False}
+_DEFAULT_ONLY_LOADING_ARGS = {
+    "weights_only": True, "variant": None, "ignore_mismatched_sizes": False, "quantization_config": None,
+    "from_tf": False, "from_flax": False, "output_loading_info": False, "state_dict": None, "key_mapping": None,
+    "max_memory": None, "offload_folder": None, "offload_state_dict": None, "offload_buffers": False,
+    "adapter_kwargs": None, "adapter_name": None, "gguf_file": None, "mirror": None, "proxies": None,
+    "resume_download": None, "tp_plan": None, "tp_size": None, "device_mesh": None, "use_kernels": False,
+    "generation_config": None, "_from_auto": False, "_from_pipeline": None, "_commit_hash": None,
+    "_fast_init": True}
 # activation checkpointing's default (transformers' checkpoint function, when it set one, is used instead)
 _CHECKPOINT = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
@@ -171,34 +180,30 @@ class EncoderModel(nn.Module):
         RoBERTa classifier checkpoints have none: pooler_output is then None, where transformers initialises a
         random pooler); True: the checkpoint must hold it; False: none, its weights set aside.
 
-        As in transformers: config (a config object, or a directory / id to read one from) replaces the
+        As in transformers: config (a config object, copied, or a directory / id to read one from) replaces the
         checkpoint's; other keyword arguments that are config fields (hidden_dropout_prob=0.2,
         output_hidden_states=True, ...) override the config's; revision, subfolder, cache_dir, token,
-        local_files_only and force_download go to the hub download; use_safetensors True / False loads only
-        safetensors / only pickle weights; device_map names one device ("auto": the GPU when there is one) -
-        bertfast places the whole model on one device. attn_implementation, low_cpu_mem_usage and
-        trust_remote_code have no effect (said once). Any other argument is an error."""
+        local_files_only and force_download go to the hub download (of config= too); use_safetensors True / False
+        loads only safetensors / only pickle weights; device_map names one device ("auto", "balanced",
+        "sequential": the GPU when there is one) - bertfast places the whole model on one device. Transformers'
+        other loading arguments are accepted at their default (e.g. variant=None, weights_only=True); other values
+        are an error naming them, and so is any argument transformers does not know."""
         if dtype is not None and torch_dtype is not None and _dtype_spelling(dtype) != _dtype_spelling(torch_dtype):
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them")
         torch_dtype = dtype if dtype is not None else torch_dtype
         device = _device_of_map(device, device_map)
         hub = {k: kwargs.pop(k) for k in (*loading.HUB_ARGS, "subfolder") if k in kwargs}
-        no_effect = sorted(k for k in _NO_EFFECT_LOADING_ARGS if k in kwargs)
-        for k in no_effect:
-            kwargs.pop(k)
-        if no_effect:
-            verb = "has" if len(no_effect) == 1 else "have"
-            ops.notice_once(f"from_pretrained-no-effect:{no_effect}",
-                            f"from_pretrained: {', '.join(no_effect)} {verb} no effect in bertfast")
-        directory = loading.resolve(path_or_id, **hub)
+        _take_transformers_loading_args(kwargs)
+        directory = loading.resolve(path_or_id, use_safetensors=use_safetensors, **hub)
         if config is None or isinstance(config, (str, os.PathLike)):
-            source = directory if config is None else loading.resolve(config)
+            source = directory if config is None else loading.resolve(config, config_only=True, **hub)
             config, unused = loading.read_config(source, **kwargs) if kwargs else (loading.read_config(source), {})
         else:
+            config = copy.deepcopy(config)   # as transformers: the model's config is its own
             unused = kwargs   # transformers hands these to the model's __init__, which takes none of them
         if unused:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {', '.join(sorted(unused))}: "
-                            f"neither fields of {type(config).__name__} nor loading options bertfast knows")
+                            f"neither fields of {type(config).__name__} nor loading options of transformers")
         return cls._from_state(config, *loading.read_state_dict(directory, use_safetensors), directory, torch_dtype,
                                device, add_pooling_layer)
 
@@ -734,6 +739,26 @@ def _int_tensor(name: str, value, device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.long)
 
 
+def _take_transformers_loading_args(kwargs: dict) -> None:
+    """Remove from kwargs transformers' loading arguments that bertfast honours by ignoring them (see
+    _NO_EFFECT_LOADING_ARGS / _DEFAULT_ONLY_LOADING_ARGS); raise for one it cannot honour."""
+    said = []
+    for name, default in _NO_EFFECT_LOADING_ARGS.items():
+        if name in kwargs and kwargs.pop(name) not in (default, None):
+            said.append(name)
+    if said:
+        verb = "has" if len(said) == 1 else "have"
+        ops.notice_once(f"from_pretrained-no-effect:{said}",
+                        f"from_pretrained: {', '.join(said)} {verb} no effect in bertfast")
+    for name, default in _DEFAULT_ONLY_LOADING_ARGS.items():
+        if name not in kwargs:
+            continue
+        value = kwargs.pop(name)
+        if value is not None and value != default:
+            raise ValueError(f"from_pretrained: {name}={value!r} is not supported by bertfast (only the default, "
+                             f"{default!r})")
+
+
 def _device_of_map(device, device_map):
     """from_pretrained's device: device, or transformers' device_map where it names a single device."""
     if device_map is None:
@@ -745,16 +770,23 @@ def _device_of_map(device, device_map):
             raise ValueError(f"device_map={device_map!r} splits the model across devices; bertfast places the whole "
                              "model on one device (pass device= or a device_map naming one device)")
         target = places.pop()
-    if target == "auto":
+    if target in ("auto", "balanced", "balanced_low_0", "sequential"):
         target = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         target = torch.device(target)
     except (RuntimeError, TypeError):
         raise ValueError(f"device_map={device_map!r} does not name a device; bertfast places the whole "
-                         "model on one device: pass device= or a device_map such as 'cuda', 0 or 'auto'") from None
-    if device is not None and torch.device(device) != target:
+                         "model on one device: pass device= or a device_map such as 'cuda:0' or 'auto'") from None
+    if device is not None and _indexed(torch.device(device)) != _indexed(target):
         raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; give one of them")
     return target
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """cuda -> cuda:<current device> (for comparing devices given with and without an index)."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _dtype_spelling(value):
