@@ -12,7 +12,7 @@ import gc
 
 import torch
 
-from benchmarks.common import child_rows, timeit, timeit_interleaved
+from benchmarks.common import child_rows, compiled_baseline, timeit, timeit_interleaved
 
 MODELS = {
     "minilm-l6": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -37,14 +37,19 @@ def plan(device, quick: bool):
     """The (model, dtype) pairs and which baselines run, sized to the time budget of the device."""
     if torch.device(device).type == "cpu":
         models = [("minilm-l6", torch.float32), ("bert-base", torch.float32)]
-        compile_for = {("minilm-l6", "fixed-8x128")} if quick else {("minilm-l6", "fixed-8x128"),
-                                                                   ("bert-base", "varlen-32x16..256")}
+        compile_for = {("minilm-l6", torch.float32, "fixed-8x128")}
+        if not quick:
+            compile_for.add(("bert-base", torch.float32, "varlen-32x16..256"))
         return models, compile_for
     models = [("bert-base", torch.float16), ("bert-base", torch.bfloat16), ("minilm-l6", torch.float16),
               ("bert-large", torch.float16)]
     if not quick:
         models.append(("bert-base", torch.float32))
-    compile_for = {("bert-base", "fixed-32x128"), ("bert-base", "varlen-32x16..512")}
+    # each compile is a cold, static one (compiled_baseline): ~15-20 s apiece on the H100, so --quick compiles
+    # the fp16 rows only
+    compile_for = {("bert-base", torch.float16, "fixed-32x128"), ("bert-base", torch.float16, "varlen-32x16..512")}
+    if not quick:
+        compile_for |= {("bert-base", torch.bfloat16, w) for w in ("fixed-32x128", "varlen-32x16..512")}
     return models, compile_for
 
 
@@ -87,12 +92,25 @@ def _models(name, dtype, device):
 
 
 def run(device="cuda", quick=False, progress=None, on_model_done=None) -> list[dict]:
-    """All rows; on_model_done(rows so far) is called after each model so a caller can save partial results."""
+    """All rows; on_model_done(rows so far) is called after every row, so a caller can save partial results (a
+    run cut at its time limit keeps every row it finished). A model or workload that cannot be set up gives error
+    rows and the rest still run."""
     device = torch.device(device)
     models, compile_for = plan(device, quick)
     rows = []
+
+    def add(*new_rows):
+        rows.extend(new_rows)
+        if on_model_done:
+            on_model_done(rows)
+
     for name, dtype in models:
-        cfg, sdpa, eager, ours = _models(name, dtype, device)
+        try:
+            cfg, sdpa, eager, ours = _models(name, dtype, device)
+        except Exception as exc:  # noqa: BLE001 - this model's rows say why; the others still run
+            add({"kind": "model", "model": name, "dtype": str(dtype).replace("torch.", ""), "workload": "setup",
+                 "impl": "all", "device": device.type, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         for wname, (b, s, lengths) in workloads(device, quick).items():
             ids, mask, lengths = _batch(b, s, lengths, cfg.vocab_size, device)
             flops = forward_flops(MODELS[name], lengths)
@@ -100,34 +118,59 @@ def run(device="cuda", quick=False, progress=None, on_model_done=None) -> list[d
                      "transformers-sdpa": lambda: sdpa(ids, attention_mask=mask),
                      "transformers-eager": lambda: eager(ids, attention_mask=mask)}
             if device.type == "cuda":      # padded batches too: graphs of their packed length (NOTES change 25)
-                graphed = copy.deepcopy(ours).enable_cuda_graphs()
-                impls["bertfast-cudagraph"] = lambda: graphed(ids, attention_mask=mask)
-            if (name, wname) in compile_for:
-                compiled = torch.compile(sdpa)
-                impls["transformers-sdpa-compile"] = lambda: compiled(ids, attention_mask=mask)
+                impls["bertfast-cudagraph"] = _deferred(lambda: copy.deepcopy(ours).enable_cuda_graphs(),
+                                                        lambda graphed: graphed(ids, attention_mask=mask))
+            if (name, dtype, wname) in compile_for:
+                impls["transformers-sdpa-compile"] = _deferred(lambda: compiled_baseline(sdpa),
+                                                               lambda compiled: compiled(ids, attention_mask=mask))
             for impl, fn in impls.items():
                 if progress:
                     progress(f"{name} {str(dtype)[6:]} {wname} {impl}")
                 try:
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
                     with torch.inference_mode():
+                        # a graph's memory is its pool, reserved at capture: a replay allocates only the copy out
+                        peak = peak_mib(fn, device) if impl != "bertfast-cudagraph" else None
                         t = timeit(fn, device, rep_ms=300 if quick else 600)
-                    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-                    rows.append(_row(name, dtype, wname, impl, t, flops, lengths, device, peak_mib=peak))
+                    add(_row(name, dtype, wname, impl, t, flops, lengths, device, peak_mib=peak))
                 except Exception as exc:  # noqa: BLE001
-                    rows.append(_row(name, dtype, wname, impl, None, flops, lengths, device,
-                                     error=f"{type(exc).__name__}: {exc}"))
-        rows += _train_step(name, dtype, cfg, sdpa, ours, device, quick, progress)
+                    add(_row(name, dtype, wname, impl, None, flops, lengths, device,
+                             error=f"{type(exc).__name__}: {exc}"))
+            impls.clear()
+            del fn           # the last callable holds a compiled model or a graphed copy of the encoder
+        add(*_train_step(name, dtype, cfg, sdpa, ours, device, quick, progress))
         if device.type == "cpu" and name == "bert-base":
-            rows += _train_step_memory_kept(quick, progress)
-        if on_model_done:
-            on_model_done(rows)
+            add(*_train_step_memory_kept(quick, progress))
         del sdpa, eager, ours
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _deferred(make, call):
+    """A benchmark callable whose setup (make) runs at its first call, inside the row's try: a setup that fails
+    (a graph capture, a compile) becomes that row's error instead of ending the benchmark."""
+    made = []
+
+    def fn():
+        if not made:
+            made.append(make())
+        return call(made[0])
+    return fn
+
+
+def peak_mib(fn, device) -> float | None:
+    """Memory one call of fn allocates at its peak beyond what was allocated before it (the weights of every
+    model of the run and the benchmark's own buffers stay out of it), MiB; None on CPU."""
+    if device.type != "cuda":
+        return None
+    fn()                                  # first-call setup (graphs, compiles) outside the measured call
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def _train_step(name, dtype, cfg, sdpa, ours, device, quick, progress):
@@ -148,16 +191,17 @@ def _train_step(name, dtype, cfg, sdpa, ours, device, quick, progress):
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
-    steps = {"bertfast": make_step(ours), "transformers-sdpa": make_step(sdpa)}
     if progress:
-        progress(f"{name} {str(dtype)[6:]} {workload} {' / '.join(steps)} (interleaved on CPU)")
+        progress(f"{name} {str(dtype)[6:]} {workload} bertfast / transformers-sdpa (interleaved on CPU)")
+    steps = {}
     try:
+        steps = {"bertfast": make_step(ours), "transformers-sdpa": make_step(sdpa)}
         times = timeit_interleaved(steps, device, rep_ms=300 if quick else 600)
         return [_row(name, dtype, workload, impl, t, 3 * forward_flops(MODELS[name], lengths), lengths, device)
                 for impl, t in times.items()]
     except Exception as exc:  # noqa: BLE001
         return [_row(name, dtype, workload, impl, None, 0, lengths, device, error=f"{type(exc).__name__}: {exc}")
-                for impl in steps]
+                for impl in ("bertfast", "transformers-sdpa")]
 
 
 # glibc keeps freed memory in the process (as jemalloc / tcmalloc do) instead of serving each large block from

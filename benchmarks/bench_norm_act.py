@@ -6,7 +6,7 @@ device-to-device copy, read + write bytes counted). Forward and forward + backwa
 torch.compile and Liger-Kernel's LayerNorm when importable. Times are triton.testing.do_bench medians with the
 20 / 80 % quantiles.
 
-    python benchmarks/bench_norm_act.py [--quick]
+    python -m benchmarks.bench_norm_act [--quick]
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def _ln_impls(n, h, dtype, device):
     import torch
     import torch.nn.functional as F
 
+    from benchmarks.common import compiled_baseline
     from bertfast.kernels import layer_norm as ln
 
     x = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
@@ -81,10 +82,8 @@ def _ln_impls(n, h, dtype, device):
         return fwd, fwd_bwd
 
     impls["torch"] = autograd_pair(eager)
-    try:
-        impls["torch.compile"] = autograd_pair(torch.compile(eager))
-    except Exception as exc:  # noqa: BLE001 - a benchmark row is skipped, with the reason printed
-        print(f"torch.compile unavailable: {exc}", file=sys.stderr)
+    # a cold, static compile for this shape (a compile error surfaces at the first call: an error row)
+    impls["torch.compile"] = autograd_pair(compiled_baseline(eager))
     try:
         from liger_kernel.transformers import LigerLayerNorm
         try:
@@ -105,6 +104,7 @@ def _act_impls(n, i, dtype, device):
     import torch
     import torch.nn.functional as F
 
+    from benchmarks.common import compiled_baseline
     from bertfast.kernels import gelu
 
     x = torch.randn(n, i, device=device, dtype=dtype, requires_grad=True)
@@ -130,12 +130,8 @@ def _act_impls(n, i, dtype, device):
             return torch.autograd.grad(fn(x, bias), (x, bias), dy)
         return fwd, fwd_bwd
 
-    impls = {"bertfast": (ours_fwd, ours_fwd_bwd), "torch": pair(eager)}
-    try:
-        impls["torch.compile"] = pair(torch.compile(eager))
-    except Exception as exc:  # noqa: BLE001
-        print(f"torch.compile unavailable: {exc}", file=sys.stderr)
-    return impls
+    return {"bertfast": (ours_fwd, ours_fwd_bwd), "torch": pair(eager),
+            "torch.compile": pair(compiled_baseline(eager))}
 
 
 def _bytes(op, n, h, elem, mode):
@@ -152,14 +148,22 @@ def _bytes(op, n, h, elem, mode):
     return fwd if mode == "fwd" else fwd + bwd
 
 
-def run(device="cuda", quick=False) -> list[dict]:
+def run(device="cuda", quick=False, on_row=None) -> list[dict]:
+    """The rows; on_row(row) is called as each is measured (the suite saves after each, so a run cut at its time
+    limit keeps them). A failing implementation gives a row with its error."""
     import torch
     if not torch.cuda.is_available() or str(device).startswith("cpu"):
         raise RuntimeError("bench_norm_act needs a CUDA device")
     copy_bw = copy_bandwidth(device, quick)
     gpu = torch.cuda.get_device_name(device)
-    rows = [dict(name="copy", shape="", dtype="uint8", impl="torch copy_", ms=None, gbps=round(copy_bw, 1),
-                 frac_copy_bw=1.0, device=gpu)]
+    rows = []
+
+    def add(row):
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    add(dict(name="copy", shape="", dtype="uint8", impl="torch copy_", ms=None, gbps=round(copy_bw, 1),
+             frac_copy_bw=1.0, device=gpu))
     shapes = SHAPES[:1] + SHAPES[2:] if quick else SHAPES
     dtypes = [torch.float16, torch.bfloat16] if not quick else [torch.bfloat16]
     for dtype in dtypes:
@@ -169,15 +173,17 @@ def run(device="cuda", quick=False) -> list[dict]:
                 impls = make(n, h, dtype, device)
                 for impl, (fwd, fwd_bwd) in impls.items():
                     for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                        row = dict(name=f"{op} {mode}", shape=f"{n}x{h}", dtype=str(dtype).replace("torch.", ""),
+                                   impl=impl, device=gpu)
                         try:
                             ms, lo, hi = _do_bench(fn, quick)
-                        except Exception as exc:  # noqa: BLE001 - report the failing impl, keep benchmarking
+                        except Exception as exc:  # noqa: BLE001 - an error row; the other impls still run
                             print(f"{op} {impl} {mode} {n}x{h} {dtype}: {exc}", file=sys.stderr)
+                            add(dict(row, ms=None, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
                             continue
                         gbps = _bytes(op, n, h, elem, mode) / (ms * 1e-3) / 1e9
-                        rows.append(dict(name=f"{op} {mode}", shape=f"{n}x{h}", dtype=str(dtype).replace("torch.", ""),
-                                         impl=impl, ms=round(ms, 4), ms_q20=round(lo, 4), ms_q80=round(hi, 4),
-                                         gbps=round(gbps, 1), frac_copy_bw=round(gbps / copy_bw, 3), device=gpu))
+                        add(dict(row, ms=round(ms, 4), ms_q20=round(lo, 4), ms_q80=round(hi, 4),
+                                 gbps=round(gbps, 1), frac_copy_bw=round(gbps / copy_bw, 3)))
     return rows
 
 

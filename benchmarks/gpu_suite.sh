@@ -85,7 +85,9 @@ step "bertfast info" 60 $PY -m bertfast info
 # 92% and never reached the model tests), the benchmarks (whose results are committed), then whatever time is left
 # for the tests CI also runs on CPU, the host profile and the parity check. BENCH_RESERVE seconds are kept for the
 # benchmarks by the probe and the GPU tests (the build steps before them are capped by the budget only).
-RESERVE=${BENCH_RESERVE:-200}
+# 240: the 2026-11-24 quick benchmarks took 159 s, before bench_attention, bench_cuda_ops, bench_linear_act and
+# the graph rows of padded batches were added
+RESERVE=${BENCH_RESERVE:-240}
 # bertfast._C's input errors, thrown repeatedly on CPU and CUDA (2026-11-24: every throw after the first
 # segfaulted on the H100 machine and nowhere else). --isolate runs variants in their own processes (torch's own
 # errors alone, the extension loaded without the package, after Triton, after CUDA init, its CUDA ops, torch's
@@ -111,11 +113,15 @@ PROBE_RC=$?
 KSEL="not bad_never_matches_"; [ $PROBE_RC -ge 128 ] && KSEL="not bad"
 # one pytest process per test file (without pytest-xdist): a crash in one file cannot hide the results of others
 run_tests() {
-  local rc=0 f
+  local rc=0 f stop=0
+  # the step's time limit sends SIGINT to the whole group: pytest stops with its summary (exit 2) and bash, whose
+  # child did not die of the signal, would go on with the next file until SIGKILL; the trap ends the loop instead
+  trap 'stop=1' INT
   for f in tests/test_gpu_model.py $(ls tests/test_*.py | grep -v -e test_gpu_model.py -e test_compile.py); do
     echo "---- $f"
     $PY -m pytest -q -ra --maxfail=30 --durations=5 -p no:cacheprovider "$@" "$f"
     local r=$?; [ $r = 0 ] || [ $r = 5 ] || rc=$r     # 5: every test of the file deselected
+    if [ $stop = 1 ]; then echo "---- stopped at the step's time limit after $f"; return 130; fi
   done
   return $rc
 }
@@ -141,6 +147,10 @@ fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step "benchmarks" ${BENCH_TIMEOUT:-330} $PY -m bertfast bench --device cuda --out "$OUT/results" ${BENCH_ARGS---quick}
 fi
+# where an eager forward's host time goes (bert-base 1x128: per forward, per op through each layer of the call,
+# cProfile, torch.profiler), into OUT/host_profile.txt (written after each section): eager bertfast was host-bound
+# on the H100 (NOTES). Before the other tests, which take whatever time is left.
+step "host profile" "$(cap 90 60)" $PY -m benchmarks.host_profile --device cuda --out "$OUT"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # the rest of the suite (CI runs it on CPU; here it runs against the machine's torch / transformers / compilers)
   pytest_step "other tests" "$(cap ${TESTS_TIMEOUT:-240} 60)" "not gpu" junit-other.xml
@@ -151,9 +161,6 @@ fi
 if [ -n "${SEPARATE_TESTS:-}" ]; then      # tests run on their own (e.g. one known to crash the process)
   step "separate tests" 120 $PY -m pytest -q -ra -x -p no:cacheprovider $SEPARATE_TESTS
 fi
-# where an eager forward's host time goes (bert-base 1x128: per forward, per op through each layer of the call,
-# cProfile, torch.profiler), into OUT/host_profile.txt: eager bertfast was host-bound on the H100 (NOTES)
-step "host profile" 150 $PY -m benchmarks.host_profile --device cuda --out "$OUT"
 step "bertfast check" 120 $PY -m bertfast check --device cuda
 if [ $DRY = 1 ]; then log "gpu_suite dry run: OK (every step above would run)"; exit 0; fi
 log "gpu_suite finished in $(( $(date +%s) - START ))s; failed steps: ${FAILED[*]:-none}"

@@ -162,6 +162,14 @@ def run(device="cuda", tiny=False, calls=None, out_dir=None) -> dict:
               f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
               f"backends: " + ", ".join(f"{k}={v}" for k, v in ops.implementation_table(device).items()))
     lines.append(header)
+
+    def write(profiles=""):
+        """The text and json so far (after each section: a run cut at its time limit keeps what it measured)."""
+        if out_dir:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "host_profile.txt").write_text("\n".join(lines) + ("\n" + profiles if profiles else "") + "\n")
+            (out / "host_profile.json").write_text(json.dumps(result, indent=1))
     with torch.inference_mode():
         forwards = {"bertfast, attention_mask given": lambda: ours(ids, attention_mask=mask),
                     "bertfast, no attention_mask": lambda: ours(ids),
@@ -171,6 +179,7 @@ def run(device="cuda", tiny=False, calls=None, out_dir=None) -> dict:
             t = host_ms(fn, device, calls)
             result["forward"][name] = t
             lines.append(f"  {name:<42} host {t['host_ms']:8.3f}   wall {t['wall_ms']:8.3f}")
+        write()
         layers = cfg.num_hidden_layers
         lines.append(f"\n2. per call at the {seq}-token shapes ({calls * 4} calls back to back; us per call)")
         for op, variants in _op_cases(cfg, dtype, device, seq).items():
@@ -182,16 +191,15 @@ def run(device="cuda", tiny=False, calls=None, out_dir=None) -> dict:
                              f"wall {t['wall_ms'] * 1e3:9.1f}")
         lines.append(f"  ({layers} layers: each layer runs add_layer_norm x2, bias_act, varlen_attention "
                      f"and 4 GEMMs)")
+        print("\n".join(lines), flush=True)
+        write()
         fn = forwards["bertfast, attention_mask given"]
-        profiles = "\n3. " + _cprofile(fn, calls, device) + "\n4. " + _torch_profile(fn, max(2, calls // 5), device)
-    text = "\n".join(lines)
-    print(text, flush=True)
-    print(profiles, flush=True)
-    if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "host_profile.txt").write_text(text + "\n" + profiles)
-        (out / "host_profile.json").write_text(json.dumps(result, indent=1))
+        profiles = "\n3. " + _cprofile(fn, calls, device)
+        print(profiles, flush=True)
+        write(profiles)
+        section4 = "\n4. " + _torch_profile(fn, max(2, calls // 5), device)
+        print(section4, flush=True)
+        write(profiles + section4)
     return result
 
 

@@ -84,7 +84,9 @@ def write_markdown(path: pathlib.Path, env: dict, ceilings: dict, rows: list[dic
              f"matmul {ceilings['matmul_tflops']:.1f} TFLOP/s ({ceilings['matmul_dtype']}).", "",
              "Times are medians (p20-p80 in brackets) of CUDA-event timings (triton.testing.do_bench) on GPUs, of "
              "wall-clock timings on CPUs. Ratios compare implementations measured in this same run; "
-             "`vs X` = time of X / time of this row (above 1 = faster than X).", ""]
+             "`vs X` = time of X / time of this row (above 1 = faster than X). `peak MiB`: memory one forward "
+             "allocates at its peak beyond what was allocated before it (weights excluded; not shown for graph "
+             "replays, whose memory is the pool their capture reserved).", ""]
     model_rows = [r for r in rows if r.get("kind") == "model"]
     if model_rows:
         lines += ["## Whole encoder", "",
@@ -213,7 +215,8 @@ def main(argv=None) -> int:
         print(f"  kernel benchmarks: {', '.join(benches) or 'none for this device'}")
         print(f"  models: {', '.join(f'{m} {str(d)[6:]}' for m, d in models)}")
         print(f"  workloads: {', '.join(bench_model.workloads(device, args.quick))}")
-        print(f"  torch.compile baseline for: {sorted(compile_for)}")
+        compiled = sorted(f"{m} {str(d)[6:]} {w}" for m, d, w in compile_for)
+        print(f"  torch.compile baseline for: {', '.join(compiled)}")
         return 0
 
     progress = Progress()
@@ -233,6 +236,31 @@ def main(argv=None) -> int:
         write_markdown(out / "results.md", env, ceilings, all_rows)
 
     save(rows)
+    _latest_rows[0] = rows
+    try:
+        rows = _run_benchmarks(args, device, benches, rows, save, progress)
+        complete = True
+    except KeyboardInterrupt:      # the GPU suite's time limit (SIGINT): keep and plot what was measured
+        progress("interrupted: results.json / results.md hold the rows measured so far")
+        rows, complete = _latest_rows[0], False
+    save(rows, final=complete)
+    plots = plot(out, env, rows)
+    progress(f"wrote {out / 'results.json'}, results.md{', ' + ', '.join(plots) if plots else ''}")
+    print((out / "results.md").read_text())
+    return 0 if complete else 130
+
+
+_latest_rows: list = [[]]
+
+
+def _run_benchmarks(args, device, benches, rows, save, progress) -> list[dict]:
+    """The kernel benchmarks, then the model benchmark; every row saved as it comes (_latest_rows holds the
+    latest saved list for an interrupted run)."""
+    from benchmarks import bench_model
+
+    def keep(all_rows):
+        _latest_rows[0] = all_rows
+        save(all_rows)
     if args.only in (None, "kernels"):
         for name in benches:
             progress(f"kernel benchmark {name}")
@@ -241,26 +269,28 @@ def main(argv=None) -> int:
                 run = getattr(mod, "suite_run", mod.run)   # suite_run: a module's own choice of cases for the suite
                 params = inspect.signature(run).parameters
                 kwargs = {"quick": args.quick, **({"device": device.type} if "device" in params else {})}
-                for r in run(**kwargs):
+
+                def add(r, name=name):
                     rows.append({"kind": "kernel", "bench": name, **{k: _plain(v) for k, v in r.items()}})
+                if "on_row" in params:     # rows saved as they are measured
+                    run(**kwargs, on_row=lambda r: (add(r), keep(rows)))
+                else:
+                    for r in run(**kwargs):
+                        add(r)
             except Exception as exc:  # noqa: BLE001 - a failing benchmark is reported, the rest still run
                 rows.append({"kind": "kernel", "bench": name, "error": f"{type(exc).__name__}: {exc}"})
                 progress(f"  {name} failed: {type(exc).__name__}: {exc}")
-            save(rows)
+            keep(rows)
     if args.only in (None, "model"):
         kernel_rows = list(rows)
 
         def partial(model_rows):
             both = kernel_rows + list(model_rows)
             bench_model.add_ratios(both)
-            save(both)
+            keep(both)
         rows = kernel_rows + bench_model.run(device, args.quick, progress, on_model_done=partial)
         bench_model.add_ratios(rows)
-    save(rows, final=True)
-    plots = plot(out, env, rows)
-    progress(f"wrote {out / 'results.json'}, results.md{', ' + ', '.join(plots) if plots else ''}")
-    print((out / "results.md").read_text())
-    return 0
+    return rows
 
 
 def _plain(v):
