@@ -144,6 +144,27 @@ def test_extended_masks_are_refused_with_their_reason(shape):
         ours(ids, attention_mask=mask)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_layout_as_transformers(family):
+    """The same output fields and the same return_dict=False tuple layout as transformers for every combination of
+    output_hidden_states / output_attentions (BERT, RoBERTa and ELECTRA also return an empty cross_attentions
+    when attentions are asked for; bertfast's tuples used to be one element short there)."""
+    cfg = family_config(family, dropout=False)
+    hf = BASE[family]._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ours = bertfast.AutoModel.from_hf(hf).eval()
+    ids = torch.randint(3, cfg.vocab_size, (2, 7))
+    for hidden in (False, True):
+        for attentions in (False, True):
+            kw = dict(output_hidden_states=hidden, output_attentions=attentions)
+            with torch.no_grad():
+                want, got = hf(ids, **kw), ours(ids, **kw)
+                want_t, got_t = hf(ids, return_dict=False, **kw), ours(ids, return_dict=False, **kw)
+            assert list(got.keys()) == list(want.keys()), kw
+            assert [type(v) for v in got_t] == [type(v) for v in want_t], kw
+            assert [len(v) if isinstance(v, tuple) else v.shape for v in got_t] == \
+                [len(v) if isinstance(v, tuple) else v.shape for v in want_t], kw
+
+
 HEADS = {
     "bert": ["ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM",
              "ForMultipleChoice"],

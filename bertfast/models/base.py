@@ -301,9 +301,19 @@ class EncoderModel(nn.Module):
         fields = dict(last_hidden_state=last, hidden_states=all_hidden, attentions=all_attn)
         if self.has_pooler_output():
             fields["pooler_output"] = pooled
+        # transformers' encoders whose output class has cross_attentions return an empty tuple there whenever
+        # attentions are asked for (also at the end of the return_dict=False tuple)
+        cross = () if all_attn is not None and "cross_attentions" in self._output_fields() else None
+        if cross is not None:
+            fields["cross_attentions"] = cross
         if not return_dict:
-            return tuple(v for v in (last, pooled, all_hidden, all_attn) if v is not None)
+            return tuple(v for v in (last, pooled, all_hidden, all_attn, cross) if v is not None)
         return self.output_class()(**fields)
+
+    @classmethod
+    @functools.lru_cache(maxsize=None)
+    def _output_fields(cls) -> frozenset:
+        return frozenset(f.name for f in dataclasses.fields(cls.output_class()))
 
     # ----------------------------------------------------------------------------------------- CUDA graphs
     def enable_cuda_graphs(self, enabled: bool = True, max_graphs: int = 16):
