@@ -35,7 +35,9 @@ def _inputs(t, h, dtype, device):
     return indices, ids, pos, types, tables, ln_w, ln_b
 
 
-def run(device="cuda", quick=False) -> list[dict]:
+def run(device="cuda", quick=False, on_row=None) -> list[dict]:
+    """The rows; on_row(row) is called for each once its op's pair is measured (the suite saves after each). An
+    op that fails gives error rows; the others still run."""
     import bertfast._C  # noqa: F401 - registers torch.ops.bertfast_C
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -71,15 +73,25 @@ def run(device="cuda", quick=False) -> list[dict]:
                         t * 8 + t * h * elem + n * h * elem),
             }
             for name, (ours, theirs, nbytes) in cases.items():
-                times = {}
+                times, pair = {}, []
                 for impl, fn in (("bertfast_C", ours), ("torch", theirs)):
-                    t_ = timeit(fn, device, warmup_ms=25 if quick else 50, rep_ms=100 if quick else 300)
+                    row = dict(name=name, shape=f"{t}x{h}", dtype=str(dtype).replace("torch.", ""), impl=impl)
+                    try:
+                        t_ = timeit(fn, device, warmup_ms=25 if quick else 50, rep_ms=100 if quick else 300)
+                    except Exception as exc:  # noqa: BLE001 - an error row; the other cases still run
+                        pair.append(dict(row, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+                        continue
                     times[impl] = t_["ms"]
                     gbps = nbytes / (t_["ms"] * 1e-3) / 1e9
-                    rows.append(dict(name=name, shape=f"{t}x{h}", dtype=str(dtype).replace("torch.", ""), impl=impl,
-                                     ms=round(t_["ms"], 4), ms_q20=round(t_["p20"], 4), ms_q80=round(t_["p80"], 4),
-                                     gbps=round(gbps, 1), frac_copy_bw=round(gbps / copy_bw, 3)))
-                rows[-2]["speedup"] = round(times["torch"] / times["bertfast_C"], 3)
+                    pair.append(dict(row, ms=round(t_["ms"], 4), ms_q20=round(t_["p20"], 4),
+                                     ms_q80=round(t_["p80"], 4), gbps=round(gbps, 1),
+                                     frac_copy_bw=round(gbps / copy_bw, 3)))
+                if len(times) == 2:
+                    pair[0]["speedup"] = round(times["torch"] / times["bertfast_C"], 3)
+                rows += pair
+                for r in pair:
+                    if on_row:
+                        on_row(r)
     return rows
 
 
@@ -88,6 +100,9 @@ def main(argv=None) -> int:
     rows = run(args.device, args.quick)
     print(f"{'op':<8} {'shape':<11} {'dtype':<9} {'impl':<11} {'ms':>8} {'GB/s':>8} {'of copy':>8} {'speed-up':>8}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['name']:<8} {r['shape']:<11} {r['dtype']:<9} {r['impl']:<11} error: {r['error']}")
+            continue
         print(f"{r['name']:<8} {r['shape']:<11} {r['dtype']:<9} {r['impl']:<11} {r['ms']:>8.3f} {r['gbps']:>8.0f} "
               f"{r['frac_copy_bw']:>8.0%} {r.get('speedup', float('nan')):>7.2f}x")
     return 0

@@ -47,7 +47,8 @@ def cases(t, k, o, dtype, device, activation):
     return out
 
 
-def run(device="cuda", quick=False) -> list[dict]:
+def run(device="cuda", quick=False, on_row=None) -> list[dict]:
+    """The rows; on_row(row) is called for each once its group is measured (the suite saves after each)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -79,6 +80,9 @@ def run(device="cuda", quick=False) -> list[dict]:
                         if encoder and "ms" in g:
                             g["speedup"] = round(encoder / g["ms"], 3)      # against today's encoder path
                     rows += group
+                    for g in group:
+                        if on_row:
+                            on_row(g)
     return rows
 
 
