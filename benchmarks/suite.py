@@ -228,21 +228,23 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     out.mkdir(parents=True, exist_ok=True)
 
+    saved = [rows]
+
     def save(all_rows, final=False):
         """Written before and after every benchmark, so a run cut short by its time limit keeps what it
-        measured."""
+        measured (saved[0]: the rows last written)."""
+        saved[0] = all_rows
         (out / "results.json").write_text(json.dumps({"environment": env, "ceilings": ceilings, "rows": all_rows,
                                                      "complete": final}, indent=1, default=str))
         write_markdown(out / "results.md", env, ceilings, all_rows)
 
     save(rows)
-    _latest_rows[0] = rows
     try:
         rows = _run_benchmarks(args, device, benches, rows, save, progress)
         complete = True
     except KeyboardInterrupt:      # the GPU suite's time limit (SIGINT): keep and plot what was measured
         progress("interrupted: results.json / results.md hold the rows measured so far")
-        rows, complete = _latest_rows[0], False
+        rows, complete = saved[0], False
     save(rows, final=complete)
     plots = plot(out, env, rows)
     progress(f"wrote {out / 'results.json'}, results.md{', ' + ', '.join(plots) if plots else ''}")
@@ -250,17 +252,10 @@ def main(argv=None) -> int:
     return 0 if complete else 130
 
 
-_latest_rows: list = [[]]
-
-
 def _run_benchmarks(args, device, benches, rows, save, progress) -> list[dict]:
-    """The kernel benchmarks, then the model benchmark; every row saved as it comes (_latest_rows holds the
-    latest saved list for an interrupted run)."""
+    """The kernel benchmarks, then the model benchmark; every row saved as it comes."""
     from benchmarks import bench_model
 
-    def keep(all_rows):
-        _latest_rows[0] = all_rows
-        save(all_rows)
     if args.only in (None, "kernels"):
         for name in benches:
             progress(f"kernel benchmark {name}")
@@ -273,21 +268,21 @@ def _run_benchmarks(args, device, benches, rows, save, progress) -> list[dict]:
                 def add(r, name=name):
                     rows.append({"kind": "kernel", "bench": name, **{k: _plain(v) for k, v in r.items()}})
                 if "on_row" in params:     # rows saved as they are measured
-                    run(**kwargs, on_row=lambda r: (add(r), keep(rows)))
+                    run(**kwargs, on_row=lambda r: (add(r), save(rows)))
                 else:
                     for r in run(**kwargs):
                         add(r)
             except Exception as exc:  # noqa: BLE001 - a failing benchmark is reported, the rest still run
                 rows.append({"kind": "kernel", "bench": name, "error": f"{type(exc).__name__}: {exc}"})
                 progress(f"  {name} failed: {type(exc).__name__}: {exc}")
-            keep(rows)
+            save(rows)
     if args.only in (None, "model"):
         kernel_rows = list(rows)
 
         def partial(model_rows):
             both = kernel_rows + list(model_rows)
             bench_model.add_ratios(both)
-            keep(both)
+            save(both)
         rows = kernel_rows + bench_model.run(device, args.quick, progress, on_model_done=partial)
         bench_model.add_ratios(rows)
     return rows

@@ -70,18 +70,15 @@ def resolve(path_or_id: str | os.PathLike, subfolder: str = "", use_safetensors:
                               f"fetched ({type(exc).__name__}: {exc})") from exc
 
 
-def read_config(directory: Path, **overrides):
-    """The directory's config; overrides: config fields to set (from_pretrained's keyword arguments, as
-    transformers applies them). Returns (config, the overrides that are not config fields) when overrides are
-    given, else the config."""
+def read_config(directory: Path, **overrides) -> tuple:
+    """(the directory's config, the overrides that are not config fields); overrides: config fields to set
+    (from_pretrained's keyword arguments, as transformers applies them)."""
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing: a checkpoint directory needs config.json")
     from transformers import AutoConfig
     try:
-        if overrides:
-            return AutoConfig.from_pretrained(str(directory), return_unused_kwargs=True, **overrides)
-        return AutoConfig.from_pretrained(str(directory))
+        return AutoConfig.from_pretrained(str(directory), return_unused_kwargs=True, **overrides)
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{config_file} could not be read: {exc}") from exc
 

@@ -31,8 +31,8 @@ class AutoModel:
         config = kwargs.get("config")
         if config is None or isinstance(config, (str, os.PathLike)):
             hub = {k: kwargs[k] for k in (*loading.HUB_ARGS, "subfolder") if k in kwargs and k != "force_download"}
-            config = loading.read_config(loading.resolve(path_or_id if config is None else config, config_only=True,
-                                                          **hub))
+            config, _ = loading.read_config(loading.resolve(path_or_id if config is None else config,
+                                                             config_only=True, **hub))
         return cls.family(config).from_pretrained(path_or_id, **kwargs)
 
     @classmethod

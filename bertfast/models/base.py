@@ -197,7 +197,7 @@ class EncoderModel(nn.Module):
         directory = loading.resolve(path_or_id, use_safetensors=use_safetensors, **hub)
         if config is None or isinstance(config, (str, os.PathLike)):
             source = directory if config is None else loading.resolve(config, config_only=True, **hub)
-            config, unused = loading.read_config(source, **kwargs) if kwargs else (loading.read_config(source), {})
+            config, unused = loading.read_config(source, **kwargs)
         else:
             config = copy.deepcopy(config)   # as transformers: the model's config is its own
             unused = kwargs   # transformers hands these to the model's __init__, which takes none of them
