@@ -12,7 +12,10 @@ Environment switches:
 """
 import glob
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 
 from setuptools import setup
 
@@ -58,6 +61,31 @@ def cuda_arch_flags():
     return flags
 
 
+def shared_libstdcxx_args():
+    """The C++ runtime the process already has (libstdc++.so.6), named on the link line by its path.
+
+    The link runs the compiler Python was configured with, which adds -lstdc++ at the end. On the GPU machines'
+    image that is /opt/gcc/bin/g++, and the extension got its own static copy of the C++ runtime from it
+    (2026-11-26, H200). Two copies in one process share no locale: the first number written into a TORCH_CHECK
+    message (an ostringstream) crashed with SIGSEGV in the copy's codecvt, so every input error of bertfast._C
+    killed the process (benchmarks/NOTES.md). The shared object named here, the system's libstdc++.so.6 that torch
+    loads, resolves every C++ runtime symbol before -lstdc++ is reached. Empty where the compiler does not report
+    one (then the driver decides)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    cxx = shlex.split(os.environ.get("CXX", "c++"))
+    try:
+        found = subprocess.run(cxx + ["-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if not os.path.isabs(found) or not os.path.exists(found):
+        print(f"bertfast: {' '.join(cxx)} reports no libstdc++.so.6; the link uses the driver's default C++ runtime")
+        return []
+    print(f"bertfast: linking the shared C++ runtime {os.path.realpath(found)}")
+    return [found]
+
+
 def extensions():
     build_cuda, reason = cuda_build_decision()
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -69,6 +97,7 @@ def extensions():
     # No -std: torch's cpp_extension adds the standard its headers need when none is given (C++17 up to torch 2.12,
     # C++20 from 2.13; torch 2.14's headers refuse C++17 with an #error), so a pinned one breaks newer torch.
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    link = ["-fopenmp"] + shared_libstdcxx_args()
     print(f"bertfast: building bertfast._C with CUDA: {'yes' if build_cuda else 'no'} ({reason})")
     if build_cuda:
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + cuda_arch_flags()
@@ -76,8 +105,8 @@ def extensions():
         return [CUDAExtension("bertfast._C", cpp + cu,
                               extra_compile_args={"cxx": cxx + ["-DBERTFAST_WITH_CUDA"],
                                                   "nvcc": nvcc + ["-DBERTFAST_WITH_CUDA"]},
-                              extra_link_args=["-fopenmp"], libraries=["cublasLt", "cublas"])]
-    return [CppExtension("bertfast._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+                              extra_link_args=link, libraries=["cublasLt", "cublas"])]
+    return [CppExtension("bertfast._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
 
 os.environ.setdefault("MAX_JOBS", "4")

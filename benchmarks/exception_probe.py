@@ -5,6 +5,12 @@ torch 2.11.0+cu130, gcc 13, glibc 2.39); the same build of the same torch on a G
 throws them all cleanly. The GPU suite runs this under cuda-gdb so that a crash leaves a native backtrace in
 its log. Prints one line per attempt; exit 0 when every error arrived as a RuntimeError naming the op.
 
+Found on the H200 machine (2026-11-26; there the first throw crashed): that backtrace ended in a copy of the C++
+runtime inside bertfast/_C*.so (std::codecvt, ostream::_M_insert<long>), linked statically by the image's
+/opt/gcc/bin/g++, beside torch's libstdc++.so.6; formatting the first number into an error message crashed.
+setup.py now names the shared libstdc++.so.6 on the link line, and the report below says which runtime the
+extension carries.
+
     python -m benchmarks.exception_probe              every bertfast._C error, twice, in this process
     python -m benchmarks.exception_probe --isolate    first the variants below, each in its own process
     python -m benchmarks.exception_probe --variant NAME
@@ -149,10 +155,29 @@ def _readelf_comment(path):
     return "; ".join(found) or "(no .comment section)"
 
 
+def cxx_runtime_of(path):
+    """(NEEDED libstdc++?, names of C++ runtime internals the object defines itself) for a shared object, from
+    readelf and nm. A copy of libstdc++ linked into the extension (defined std::locale members) beside the
+    process's libstdc++.so.6 crashes the first TORCH_CHECK message that formats a number (2026-11-26, H200)."""
+    dyn = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, timeout=60).stdout
+    syms = subprocess.run(["nm", "--defined-only", path], capture_output=True, text=True, timeout=120).stdout
+    # strong definitions only: an inline member the compiler emitted as a weak symbol is no copy of the runtime
+    own = sorted({parts[2] for parts in map(str.split, syms.splitlines()) if len(parts) == 3
+                  and parts[1] in "TtDdBbRr" and re.match(r"_ZNSt6locale|_ZNKSt7codecvt|_ZNSo9_M_insert", parts[2])})
+    return "libstdc++.so" in dyn, own
+
+
 def environment_report():
     """The compilers behind the extension and torch, and the runtime libraries an exception unwinds through."""
     so = _extension_path()
     print(f"extension {so}\n  built by: {_readelf_comment(so)}")
+    try:
+        needed, own = cxx_runtime_of(so)
+        print(f"  C++ runtime: {'needs libstdc++.so' if needed else 'does NOT need libstdc++.so'}; "
+              + (f"defines {len(own)} of its internals itself (a static copy), e.g. {own[0]}" if own
+                 else "defines none of its internals (shares the process's)"))
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"  C++ runtime: (readelf / nm failed: {e})")
     compiler = [line.strip() for line in torch.__config__.show().splitlines() if "C++ Version" in line
                 or "GCC" in line or "clang" in line.lower()]
     print(f"torch {torch.__version__}: {'; '.join(compiler[:3]) or '(compiler not stated)'}")

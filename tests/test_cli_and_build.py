@@ -34,13 +34,61 @@ def test_demo_runs_and_agrees():
     assert "largest difference" in res.stdout and "transformers sdpa" in res.stdout
 
 
-def _decision(env):
-    # run only the decision function: setup.py's definitions without its setup() call (which would build)
-    code = ("import ast, sys; src=open('setup.py').read(); tree=ast.parse(src); "
+def _setup_function(name, env=None):
+    """setup.py's function `name` called in a fresh process (setup.py's definitions without its setup() call,
+    which would build)."""
+    code = ("import ast; tree=ast.parse(open('setup.py').read()); "
             "tree.body=[n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Call) "
             "and getattr(n.value.func, 'id', '') == 'setup')]; ns={'__file__': 'setup.py'}; "
-            "exec(compile(tree, 'setup.py', 'exec'), ns); print(ns['cuda_build_decision']())")
+            f"exec(compile(tree, 'setup.py', 'exec'), ns); print(repr(ns[{name!r}]()))")
     return _run([sys.executable, "-c", code], env=env)
+
+
+def test_extension_shares_the_process_cxx_runtime():
+    """bertfast._C links libstdc++.so.6 and carries no copy of the C++ runtime. On the GPU machines' image the
+    extension had linked a static copy, and the first TORCH_CHECK message that formats a number crashed
+    (2026-11-26, NOTES)."""
+    import bertfast._C  # noqa: F401
+    from benchmarks.exception_probe import _extension_path, cxx_runtime_of
+    needed, own = cxx_runtime_of(_extension_path())
+    assert needed and not own, (needed, own[:5])
+
+
+def test_setup_links_the_shared_cxx_runtime(tmp_path):
+    """setup.py names the process's libstdc++.so.6 on the link line, which wins over a libstdc++.a the linker
+    meets first. Reproduced here with a folder holding only the static archive ahead of the default paths: the
+    plain link takes the archive (a copy whose ostringstream cannot format a number next to torch's runtime),
+    the link with setup.py's arguments the shared library."""
+    import ast
+    from benchmarks.exception_probe import cxx_runtime_of
+    res = _setup_function("shared_libstdcxx_args")
+    assert res.returncode == 0, res.stderr
+    args = ast.literal_eval(res.stdout.strip().splitlines()[-1])
+    assert len(args) == 1 and os.path.isabs(args[0]) and os.path.exists(args[0]), res.stdout
+    archive = subprocess.run(["c++", "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    assert os.path.isabs(archive), "this toolchain has no libstdc++.a to reproduce the static link with"
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "libstdc++.a").symlink_to(archive)
+    src = tmp_path / "fmt.cpp"
+    src.write_text('#include <sstream>\nextern "C" int fmt(long v) { std::ostringstream s; s << "v=" << v; '
+                   'return (int)s.str().size(); }\n')
+    built = {}
+    for name, extra in (("plain", []), ("setup", args)):
+        out = tmp_path / f"{name}.so"
+        link = subprocess.run(["c++", "-O2", "-fPIC", "-shared", str(src), f"-L{tmp_path / 'static'}", *extra,
+                               "-o", str(out)], capture_output=True, text=True)
+        assert link.returncode == 0, link.stderr
+        built[name] = cxx_runtime_of(str(out))
+    assert built["plain"][1] and not built["plain"][0], built["plain"]   # the trap: a static copy
+    assert built["setup"] == (True, []), built["setup"]
+    # next to torch's runtime the copy's stream cannot format the number; the shared one can ("v=4": 3 chars)
+    code = "import torch, ctypes, sys; print(ctypes.CDLL(sys.argv[1]).fmt(4))"
+    lengths = {n: _run([sys.executable, "-c", code, str(tmp_path / f"{n}.so")]).stdout.strip() for n in built}
+    assert lengths["setup"] == "3", lengths
+
+
+def _decision(env):
+    return _setup_function("cuda_build_decision", env)
 
 
 def test_setup_decides_from_toolchain():
