@@ -11,7 +11,8 @@
 //     separate epilogue kernels (a warning says so once).
 //     y [N, O] = epilogue(x @ weight^T + bias), x's dtype. epilogue: "none" (no bias), "bias", "bias_relu",
 //     "bias_gelu_tanh" (cuBLASLt's GELU epilogue is the tanh approximation: use it only for gelu_new /
-//     gelu_pytorch_tanh models; exact-erf GELU is bias_act's job).
+//     gelu_pytorch_tanh models; exact-erf GELU is bias_act's job). On CUDA a float32 output gets the bias
+//     epilogue and torch's GELU after it: the fused epilogue's approximation is coarser than float32.
 #include <torch/library.h>
 
 namespace bertfast {
