@@ -119,23 +119,41 @@ def cpp_built_with_cuda() -> bool:
 def _available(impl: str, op: str, device: torch.device) -> Optional[str]:
     """None when `impl` of `op` exists and runs on `device`, else the reason it does not. A constant of the
     process for torch.compile (called, not traced: tracing went through its lru_cache and the extension import)."""
-    return _available_cached(impl, op, device.type, os.environ.get("TRITON_INTERPRET") == "1")
+    return _available_cached(impl, op, device.type)
+
+
+def _interpreted(module) -> bool:
+    """Whether the module's Triton kernels run in the interpreter. Triton decides when a kernel is defined (by
+    TRITON_INTERPRET at the module's import), so setting the variable later changes nothing: on a machine with a
+    GPU such kernels stay compiled ones, which take CUDA tensors only."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    for value in vars(module).values():
+        for _ in range(3):   # an autotuner / heuristics wrapper holds the kernel in .fn
+            if isinstance(value, InterpretedFunction):
+                return True
+            value = getattr(value, "fn", None)
+    return False
 
 
 @functools.lru_cache(maxsize=None)
-def _available_cached(impl: str, op: str, device_type: str, interpret: bool) -> Optional[str]:
+def _available_cached(impl: str, op: str, device_type: str) -> Optional[str]:
     device = torch.device(device_type)
     if impl == "reference":
         return None
     if impl == "triton":
         if op not in TRITON_MODULES:
             return "no Triton kernel for this op"
-        if device.type == "cpu" and not interpret:
-            return "Triton kernels run on CPU tensors only in the interpreter (set TRITON_INTERPRET=1)"
         if device.type not in ("cuda", "cpu"):
             return f"no Triton kernel for device type {device.type}"
-        if triton_module(op) is None:
+        module = triton_module(op)
+        if module is None:
             return "triton or bertfast.kernels.{} cannot be imported".format(TRITON_MODULES[op])
+        if device.type == "cpu" and not _interpreted(module):
+            return ("Triton kernels run on CPU tensors only in the interpreter (TRITON_INTERPRET=1 set before "
+                    "bertfast.kernels is imported)")
         return None
     if impl == "cpp":
         if op not in CPP_OPS:

@@ -7,7 +7,7 @@ import torch
 import bertfast
 import bertfast.cli
 from bertfast import CheckpointError
-from helpers import bert_config, hf_bert, random_batch
+from helpers import KERNEL_DEVICE, bert_config, hf_bert, random_batch
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +77,9 @@ def test_config_the_kernels_cannot_serve(field, value, match):
 
 def test_forced_backend_that_cannot_serve(monkeypatch):
     """BERTFAST_BACKEND=triton with a head dim the attention kernel does not take: an error, not a fallback."""
-    monkeypatch.setenv("BERTFAST_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    qkv = torch.randn(5, 3, 2, 48)
-    cu = torch.tensor([0, 5], dtype=torch.int32)
+    dev = _backend(monkeypatch, "triton")
+    qkv = torch.randn(5, 3, 2, 48, device=dev)
+    cu = torch.tensor([0, 5], dtype=torch.int32, device=dev)
     with pytest.raises(bertfast.ops.BackendError, match="head_dim 48"):
         bertfast.ops.varlen_attention(qkv, cu, 5)
     monkeypatch.setenv("BERTFAST_BACKEND", "fastest")
@@ -236,26 +235,28 @@ BACKENDS_ON_CPU = ["auto", "reference", "triton"]
 
 
 def _backend(monkeypatch, backend):
+    """Forces `backend` and returns the device its tensors go on: the Triton kernels take the GPU's tensors where
+    there is one, else CPU tensors in the interpreter (conftest sets TRITON_INTERPRET=1 before they are defined;
+    setting it later does not make defined kernels interpreted)."""
     monkeypatch.setenv("BERTFAST_BACKEND", backend)
-    if backend == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return KERNEL_DEVICE if backend == "triton" else "cpu"
 
 
 @pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
 def test_strided_ids_and_length_one_rows_match_transformers(backend, monkeypatch):
     """Valid inputs that are views: a batch of length-1 rows (its default position ids are an expanded view),
     column slices and strided ids / token types / positions. All match transformers."""
-    _backend(monkeypatch, backend)
+    dev = _backend(monkeypatch, backend)
     torch.manual_seed(3)
     cfg = bert_config(hidden=64, heads=2, layers=1, vocab=50, max_pos=32, type_vocab=2)
-    hf = hf_bert(cfg)
+    hf = hf_bert(cfg).to(dev)
     ours = bertfast.BertModel.from_hf(hf).eval()
-    ids = torch.randint(0, 50, (3, 14))
-    types = torch.randint(0, 2, (3, 14))
-    positions = torch.randint(0, 32, (3, 14))
+    ids = torch.randint(0, 50, (3, 14), device=dev)
+    types = torch.randint(0, 2, (3, 14), device=dev)
+    positions = torch.randint(0, 32, (3, 14), device=dev)
     cases = [dict(input_ids=ids[:, :1].contiguous()), dict(input_ids=ids[:, :1]), dict(input_ids=ids[:, ::2]),
              dict(input_ids=ids[:, ::2], token_type_ids=types[:, ::2], position_ids=positions[:, ::2]),
-             dict(input_ids=ids[:, :1], attention_mask=torch.ones(3, 1, dtype=torch.long))]
+             dict(input_ids=ids[:, :1], attention_mask=torch.ones(3, 1, dtype=torch.long, device=dev))]
     for kwargs in cases:
         with torch.no_grad():
             a, b = hf(**kwargs), ours(**kwargs)
@@ -265,21 +266,22 @@ def test_strided_ids_and_length_one_rows_match_transformers(backend, monkeypatch
 @pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
 def test_empty_batches(backend, monkeypatch):
     """Batch 0, sequence length 0 and an all-padding batch give empty / zero outputs, as transformers' shapes."""
-    _backend(monkeypatch, backend)
-    model = bertfast.BertModel(bert_config(hidden=64, heads=2, layers=1, vocab=50, max_pos=32)).eval()
-    ids = torch.randint(0, 50, (3, 7))
+    dev = _backend(monkeypatch, backend)
+    model = bertfast.BertModel(bert_config(hidden=64, heads=2, layers=1, vocab=50, max_pos=32)).eval().to(dev)
+    ids = torch.randint(0, 50, (3, 7), device=dev)
     with torch.no_grad():
         assert model(ids[:0]).last_hidden_state.shape == (0, 7, 64)
         assert model(ids[:, :0]).last_hidden_state.shape == (3, 0, 64)
         out = model(ids, attention_mask=torch.zeros_like(ids))
     assert out.last_hidden_state.shape == (3, 7, 64) and not out.last_hidden_state.any()
-    qkv = torch.randn(0, 3, 2, 32, requires_grad=True)
-    assert bertfast.ops.varlen_attention(qkv, torch.zeros(1, dtype=torch.int32), 0).shape == (0, 2, 32)
-    out = bertfast.ops.varlen_attention(qkv, torch.zeros(3, dtype=torch.int32), 0)
+    qkv = torch.randn(0, 3, 2, 32, device=dev, requires_grad=True)
+    zeros = torch.zeros(3, dtype=torch.int32, device=dev)
+    assert bertfast.ops.varlen_attention(qkv, zeros[:1], 0).shape == (0, 2, 32)
+    out = bertfast.ops.varlen_attention(qkv, zeros, 0)
     out.sum().backward()
     assert out.shape == (0, 2, 32) and qkv.grad.shape == qkv.shape
     with pytest.raises(ValueError, match=r"cu_seqlens \[0\] describes no sequence but qkv holds 5 tokens"):
-        bertfast.ops.varlen_attention(torch.randn(5, 3, 2, 32), torch.zeros(1, dtype=torch.int32), 5)
+        bertfast.ops.varlen_attention(torch.randn(5, 3, 2, 32, device=dev), zeros[:1], 5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
@@ -294,28 +296,28 @@ def test_empty_batches(backend, monkeypatch):
 def test_varlen_attention_checks_cu_seqlens_values(backend, cu, max_seqlen, message, monkeypatch):
     """A kernel addresses memory by cu_seqlens: wrong values are refused on every backend (the CPU path reads them
     anyway; the GPU kernels after one host read), not turned into garbage or a crash."""
-    _backend(monkeypatch, backend)
-    qkv = torch.randn(9, 3, 2, 32)
+    dev = _backend(monkeypatch, backend)
+    qkv = torch.randn(9, 3, 2, 32, device=dev)
     with pytest.raises(ValueError, match=message):
-        bertfast.ops.varlen_attention(qkv, torch.tensor(cu, dtype=torch.int32), max_seqlen)
+        bertfast.ops.varlen_attention(qkv, torch.tensor(cu, dtype=torch.int32, device=dev), max_seqlen)
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_strided_vectors_are_taken(backend, monkeypatch):
     """Strided views of cu_seqlens, weights, biases and index vectors are valid inputs: same results as
     contiguous copies."""
-    _backend(monkeypatch, backend)
+    dev = _backend(monkeypatch, backend)
     ops = bertfast.ops
-    qkv = torch.randn(9, 3, 2, 32)
-    cu = torch.tensor([0, 99, 3, 99, 8, 99, 9, 99], dtype=torch.int32)[::2]
+    qkv = torch.randn(9, 3, 2, 32, device=dev)
+    cu = torch.tensor([0, 99, 3, 99, 8, 99, 9, 99], dtype=torch.int32, device=dev)[::2]
     assert torch.equal(ops.varlen_attention(qkv, cu, 5), ops.varlen_attention(qkv, cu.contiguous(), 5))
-    x, r = torch.randn(5, 64), torch.randn(5, 64)
-    w, b, xb = torch.randn(128)[::2], torch.randn(128)[::2], torch.randn(128)[::2]
+    x, r = torch.randn(5, 64, device=dev), torch.randn(5, 64, device=dev)
+    w, b, xb = (torch.randn(128, device=dev)[::2] for _ in range(3))
     assert torch.equal(ops.add_layer_norm(x, w, b, 1e-5, residual=r, x_bias=xb),
                        ops.add_layer_norm(x, w.contiguous(), b.contiguous(), 1e-5, residual=r,
                                           x_bias=xb.contiguous()))
     assert torch.equal(ops.bias_gelu(x, xb), ops.bias_gelu(x, xb.contiguous()))
-    idx = torch.tensor([0, 9, 2, 9, 4, 9])[::2]
+    idx = torch.tensor([0, 9, 2, 9, 4, 9], device=dev)[::2]
     assert torch.equal(ops.unpad(x, idx), x[[0, 2, 4]])
     assert torch.equal(ops.pad(x[:3], idx, 2, 3).reshape(6, 64)[[0, 2, 4]], x[:3])
 
