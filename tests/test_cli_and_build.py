@@ -123,6 +123,10 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "dry run: OK" in res.stdout
     for step in ("install + CUDA build", "host profile", "GPU tests", "benchmarks"):
         assert step in res.stdout
+    # the short re-check after fixes (build, probe, chosen tests) at least parses, and refuses a missing argument
+    assert _run(["bash", "-n", "benchmarks/gpu_recheck.sh"]).returncode == 0
+    usage = _run(["bash", "benchmarks/gpu_recheck.sh", str(tmp_path / "recheck")])
+    assert usage.returncode != 0 and "pytest -k expression" in usage.stderr
 
 
 def test_exception_probe_isolates_variants():
