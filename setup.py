@@ -61,6 +61,17 @@ def cuda_arch_flags():
     return flags
 
 
+def _mapped_libstdcxx():
+    """The libstdc++.so.6 this process has loaded (torch, imported above, needs it), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if len(line.split()) > 5}
+    except OSError:
+        return None
+    found = sorted(p for p in paths if os.path.basename(p).startswith("libstdc++.so.6") and os.path.exists(p))
+    return found[0] if found else None
+
+
 def shared_libstdcxx_args():
     """The C++ runtime the process already has (libstdc++.so.6), named on the link line by its path.
 
@@ -68,20 +79,24 @@ def shared_libstdcxx_args():
     image that is /opt/gcc/bin/g++, and the extension got its own static copy of the C++ runtime from it
     (2026-11-26, H200). Two copies in one process share no locale: the first number written into a TORCH_CHECK
     message (an ostringstream) crashed with SIGSEGV in the copy's codecvt, so every input error of bertfast._C
-    killed the process (benchmarks/NOTES.md). The shared object named here, the system's libstdc++.so.6 that torch
-    loads, resolves every C++ runtime symbol before -lstdc++ is reached. Empty where the compiler does not report
-    one (then the driver decides)."""
+    killed the process (benchmarks/NOTES.md). The shared object named here resolves every C++ runtime symbol
+    before -lstdc++ is reached: the libstdc++.so.6 torch loaded into this process (the one the extension will run
+    with), else the one the C++ compiler ($CXX or c++) reports. Empty where neither is found (then the driver
+    decides)."""
     if not sys.platform.startswith("linux"):
         return []
-    cxx = shlex.split(os.environ.get("CXX", "c++"))
-    try:
-        found = subprocess.run(cxx + ["-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
-                               timeout=60).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return []
-    if not os.path.isabs(found) or not os.path.exists(found):
-        print(f"bertfast: {' '.join(cxx)} reports no libstdc++.so.6; the link uses the driver's default C++ runtime")
-        return []
+    found = _mapped_libstdcxx()
+    if found is None:
+        cxx = shlex.split(os.environ.get("CXX", "c++"))
+        try:
+            found = subprocess.run(cxx + ["-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                                   timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            found = ""
+        if not os.path.isabs(found) or not os.path.exists(found):
+            print(f"bertfast: no libstdc++.so.6 loaded or reported by {' '.join(cxx)}; the link uses the "
+                  "driver's default C++ runtime")
+            return []
     print(f"bertfast: linking the shared C++ runtime {os.path.realpath(found)}")
     return [found]
 

@@ -7,6 +7,12 @@ torch.compile and Liger-Kernel's LayerNorm when importable. Times are triton.tes
 20 / 80 % quantiles.
 
     python -m benchmarks.bench_norm_act [--quick]
+    python -m benchmarks.bench_norm_act --sweep [--dtype bfloat16]   the LayerNorm forward's launch variants
+
+--sweep times every (rows per program, num_warps) launch of the add + LayerNorm forward that
+kernels.layer_norm.sweep_variants lists, at each shape, as the encoder calls it (x_bias and residual): the data a
+GPU session needs to change the launch rule (issue 4's >= 85% of copy bandwidth; the H200 measured 69% at hidden
+768 and 88% at 3072 with the rule, 2026-11-26). About 60 small compiles.
 """
 from __future__ import annotations
 
@@ -148,6 +154,63 @@ def _bytes(op, n, h, elem, mode):
     return fwd if mode == "fwd" else fwd + bwd
 
 
+def sweep_cases(n, h, dtype, device):
+    """{(rows, num_warps): forward} over the launch variants for hidden h, with the policy's launch marked by
+    the first entry (kernels.layer_norm's default). The inputs are shared by every variant."""
+    import torch
+
+    from bertfast.kernels import layer_norm as ln
+    x, res = (torch.randn(n, h, device=device, dtype=dtype) for _ in range(2))
+    w, b = torch.rand(h, device=device, dtype=dtype) + 0.5, torch.randn(h, device=device, dtype=dtype)
+    xb = torch.randn(h, device=device, dtype=dtype)
+    block = ln.row_block(h)[0]
+    rows0 = ln.forward_row_choices(block)[0]
+    policy = (rows0, ln.forward_warps(block, rows0))
+    variants = [policy] + [v for v in ln.sweep_variants(block) if v != policy]
+
+    def case(rows, warps):
+        return lambda: ln.add_layer_norm_forward(x, w, b, EPS, residual=res, x_bias=xb, rows=rows, num_warps=warps)
+    return {v: case(*v) for v in variants}
+
+
+def sweep(device="cuda", dtype_name="bfloat16", quick=True, on_row=None, shapes=None) -> list[dict]:
+    """Rows of the forward's launch variants: ms, GB/s, fraction of the copy bandwidth, and the speed-up over the
+    launch policy's variant at the same shape (above 1: faster than the rule)."""
+    import torch
+    dtype = getattr(torch, dtype_name)
+    on_cuda = str(device).startswith("cuda")
+    copy_bw = copy_bandwidth(device, quick) if on_cuda else None
+    rows = []
+    for n, h in shapes or SHAPES:
+        base = None   # the rule's time: the first variant (None when it failed: no ratios then)
+        for i, ((r, warps), fn) in enumerate(sweep_cases(n, h, dtype, device).items()):
+            row = dict(name="add_layer_norm fwd sweep", shape=f"{n}x{h}", dtype=dtype_name, rows=r, num_warps=warps)
+            try:
+                ms = _do_bench(fn, quick)[0] if on_cuda else _wall_ms(fn)
+            except Exception as exc:  # noqa: BLE001 - an error row (a variant that fails to compile, say)
+                row.update(ms=None, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            else:
+                base = ms if i == 0 else base
+                gbps = _bytes("add_layer_norm", n, h, torch.finfo(dtype).bits // 8, "fwd") / (ms * 1e-3) / 1e9
+                row.update(ms=round(ms, 4), gbps=round(gbps, 1), vs_policy=round(base / ms, 3) if base else None,
+                           frac_copy_bw=round(gbps / copy_bw, 3) if copy_bw else None)
+            rows.append(row)
+            if on_row:
+                on_row(row)
+    return rows
+
+
+def _wall_ms(fn, repeats=3):
+    """Wall-clock ms (CPU runs of the sweep: the interpreter; a smoke run, no bandwidth meaning)."""
+    import time
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
 def run(device="cuda", quick=False, on_row=None) -> list[dict]:
     """The rows; on_row(row) is called as each is measured (the suite saves after each, so a run cut at its time
     limit keeps them). A failing implementation gives a row with its error."""
@@ -187,9 +250,42 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
     return rows
 
 
+def _sweep_line(r) -> str:
+    head = f"{r['shape']} {r['dtype']} rows={r['rows']:<2} warps={r['num_warps']:<2}"
+    if not r["ms"]:
+        return f"{head} {r['error']}"
+    ratio = f", {r['vs_policy']:.2f}x the rule" if r["vs_policy"] else ""
+    frac = f" {r['frac_copy_bw']:.0%} of copy" if r["frac_copy_bw"] is not None else ""
+    return f"{head} {r['ms']:.4f} ms {r['gbps']:7.1f} GB/s{frac}{ratio}"
+
+
+def _print_sweep(dtype_name) -> int:
+    """The sweep on CUDA, a line per variant as it is timed; the best variant per shape at the end, also when the
+    run is interrupted (the GPU suite gives it what is left of its budget, then SIGINT)."""
+    rows = []
+
+    def on_row(r):
+        rows.append(r)
+        print("  " + _sweep_line(r), flush=True)
+    try:
+        sweep("cuda", dtype_name, quick=True, on_row=on_row)
+    except KeyboardInterrupt:
+        print(f"interrupted after {len(rows)} variants", flush=True)
+    best = {}
+    for r in rows:
+        if r["ms"] and (r["shape"] not in best or r["ms"] < best[r["shape"]]["ms"]):
+            best[r["shape"]] = r
+    for shape, r in best.items():
+        print(f"best at {shape}: {_sweep_line(r)}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time the LayerNorm forward's launch variants")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
+                        help="--sweep's dtype (default bfloat16)")
     args = parser.parse_args(argv)
     try:
         import torch
@@ -199,6 +295,8 @@ def main(argv=None) -> int:
     if not has_cuda:
         print("bench_norm_act: no CUDA device here; this benchmark measures GPU bandwidth only (nothing run).")
         return 1
+    if args.sweep:
+        return _print_sweep(args.dtype)
     rows = run("cuda", quick=args.quick)
     cols = ["name", "shape", "dtype", "impl", "ms", "ms_q20", "ms_q80", "gbps", "frac_copy_bw"]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}

@@ -160,7 +160,9 @@ def cxx_runtime_of(path):
     readelf and nm. A copy of libstdc++ linked into the extension (defined std::locale members) beside the
     process's libstdc++.so.6 crashes the first TORCH_CHECK message that formats a number (2026-11-26, H200)."""
     dyn = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, timeout=60).stdout
-    syms = subprocess.run(["nm", "--defined-only", path], capture_output=True, text=True, timeout=120).stdout
+    # the symbol table, and the dynamic one (all a stripped object keeps; a static runtime's symbols are exported)
+    syms = "".join(subprocess.run(["nm", *flag, "--defined-only", path], capture_output=True, text=True,
+                                  timeout=120).stdout for flag in ([], ["-D"]))
     # strong definitions only: an inline member the compiler emitted as a weak symbol is no copy of the runtime
     own = sorted({parts[2] for parts in map(str.split, syms.splitlines()) if len(parts) == 3
                   and parts[1] in "TtDdBbRr" and re.match(r"_ZNSt6locale|_ZNKSt7codecvt|_ZNSo9_M_insert", parts[2])})

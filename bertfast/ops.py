@@ -130,11 +130,12 @@ def _interpreted(module) -> bool:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:
         return False
+    from triton.runtime import KernelInterface
     for value in vars(module).values():
         for _ in range(3):   # an autotuner / heuristics wrapper holds the kernel in .fn
             if isinstance(value, InterpretedFunction):
                 return True
-            value = getattr(value, "fn", None)
+            value = value.fn if isinstance(value, KernelInterface) else None
     return False
 
 

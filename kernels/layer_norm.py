@@ -285,8 +285,25 @@ def forward_warps(block_n: int, rows: int) -> int:
     return row_block(rows * block_n)[1]
 
 
+SWEEP_WARPS = (1, 2, 4, 8, 16, 32)
+
+
+def sweep_variants(block_n: int) -> list[tuple[int, int]]:
+    """(rows, num_warps) forward launches a launch-rule sweep times for a row block (benchmarks.bench_norm_act
+    --sweep): rows a power of two up to 16, 4 to 64 tile elements a thread (fewer leave threads idle, more spill
+    in the compile report's experience). The policy's own launches are among them."""
+    out = []
+    for rows in (1, 2, 4, 8, 16):
+        for warps in SWEEP_WARPS:
+            per_thread = rows * block_n // (warps * 32)
+            if 4 <= per_thread <= 64 or (rows in forward_row_choices(block_n) and warps == forward_warps(block_n, rows)):
+                out.append((rows, warps))
+    return out
+
+
 def add_layer_norm_forward(x, weight, bias, eps: float, residual=None, x_bias=None, activation: str | None = None,
-                           dropout_p: float = 0.0, seed: int = 0, out=None, rows: int | None = None):
+                           dropout_p: float = 0.0, seed: int = 0, out=None, rows: int | None = None,
+                           num_warps: int | None = None):
     """y = LayerNorm(dropout(act(x + x_bias)) + residual) * weight + bias over the last dim.
 
     x, residual: [N, H] contiguous, fp32/fp16/bf16 (any leading dims flattened by the caller);
@@ -294,12 +311,22 @@ def add_layer_norm_forward(x, weight, bias, eps: float, residual=None, x_bias=No
     dropout_p in [0, 1], seed in [0, 2**63) (used only when dropout_p > 0);
     out: optional [N, H] tensor in x's dtype to write y into;
     rows: rows per program, one of forward_row_choices(BLOCK_N) (default: the first, the launch policy).
+    num_warps: a launch-rule sweep's variant: with it, (rows, num_warps) must be one of sweep_variants(BLOCK_N);
+    default forward_warps(BLOCK_N, rows). The ops layer never passes it, and the compile report compiles the
+    policy's launches only.
     Returns (y [N, H] in x's dtype, mean [N] fp32, rstd [N] fp32)."""
     _check_common(x, weight, bias, residual, x_bias, activation, dropout_p, seed)
     n_rows, n_cols = x.shape
     block_n, _ = row_block(n_cols, "hidden size (x.shape[-1])")
     choices = forward_row_choices(block_n)
-    if rows is None:
+    if num_warps is not None:
+        variants = sweep_variants(block_n)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (rows or 1, num_warps)) \
+                or (rows if rows is not None else choices[0], num_warps) not in variants:
+            raise UnsupportedInput(f"(rows, num_warps) must be one of {variants} for hidden size {n_cols}, got "
+                                   f"({rows!r}, {num_warps!r})")
+        rows = rows if rows is not None else choices[0]
+    elif rows is None:
         rows = choices[0]
     elif isinstance(rows, bool) or not isinstance(rows, int) or rows not in choices:
         raise UnsupportedInput(f"rows must be one of {choices} for hidden size {n_cols}, got {rows!r}")
@@ -318,7 +345,7 @@ def add_layer_norm_forward(x, weight, bias, eps: float, residual=None, x_bias=No
             out, mean, rstd, n_rows, n_cols, float(eps), dropout_p, _dropout_scale(dropout_p), int(seed),
             HAS_X_BIAS=x_bias is not None, HAS_RESIDUAL=residual is not None,
             ACTIVATION=LN_ACTIVATIONS[activation], HAS_DROPOUT=dropout_p > 0.0, ROWS=rows, BLOCK_N=block_n,
-            num_warps=forward_warps(block_n, rows), num_stages=NUM_STAGES)
+            num_warps=num_warps or forward_warps(block_n, rows), num_stages=NUM_STAGES)
     return out, mean, rstd
 
 

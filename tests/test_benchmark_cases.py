@@ -42,6 +42,26 @@ def test_norm_act_cases_run(make, shape, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_norm_sweep_runs():
+    """The LayerNorm launch sweep's rows (CPU: the interpreter, wall clock): the launch rule's variant first, every
+    variant timed, each compared with the rule's."""
+    rows = bench_norm_act.sweep("cpu", "float32", shapes=[(9, 384)])
+    block = ln.row_block(384)[0]
+    assert [(r["rows"], r["num_warps"]) for r in rows][0] == (1, ln.forward_warps(block, 1))
+    assert sorted((r["rows"], r["num_warps"]) for r in rows) == sorted(ln.sweep_variants(block))
+    assert not [r for r in rows if "error" in r]
+    assert all(r["ms"] > 0 and r["vs_policy"] > 0 for r in rows)
+    # a failing rule variant leaves the others without a ratio rather than measured against another variant
+    cases = bench_norm_act.sweep_cases(9, 384, torch.float32, "cpu")
+    first = next(iter(cases))
+    cases[first] = lambda: 1 / 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench_norm_act, "sweep_cases", lambda *a: cases)
+        failed = bench_norm_act.sweep("cpu", "float32", shapes=[(9, 384)])
+    assert "ZeroDivisionError" in failed[0]["error"] and all(r["vs_policy"] is None for r in failed[1:])
+    assert "rows=" in bench_norm_act._sweep_line(failed[1]) and "the rule" not in bench_norm_act._sweep_line(failed[1])
+
+
 def test_linear_act_cases_run():
     """The rows that exist on CPU (linear_act itself is CUDA-only) run and compare against the encoder's path."""
     rows = bench_linear_act.run("cpu")

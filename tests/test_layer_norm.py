@@ -75,10 +75,10 @@ def _inputs(n, h, dtype, device, residual=True, x_bias=True):
 
 
 def _check(n, h, dtype, device, residual=True, x_bias=True, activation=None, p=0.0, seed=0, backward=True,
-           rows=None):
+           rows=None, num_warps=None):
     x, weight, bias, res, xb, dy = _inputs(n, h, dtype, device, residual, x_bias)
     y, mean, rstd = ln.add_layer_norm_forward(x, weight, bias, EPS, residual=res, x_bias=xb, activation=activation,
-                                              dropout_p=p, seed=seed, rows=rows)
+                                              dropout_p=p, seed=seed, rows=rows, num_warps=num_warps)
     keep = ln.dropout_keep_mask((n, h), p, seed, device) if p > 0 else None
     ref_y, ref_g = _composite(torch.float64, x, weight, bias, res, xb, activation, keep, p, dy)
     low_y, low_g = _composite(dtype, x, weight, bias, res, xb, activation, keep, p, dy)
@@ -148,6 +148,24 @@ def test_forward_several_rows_per_program(n, h, dtype, device):
     assert n % rows or n < rows
     _check(n, h, dtype, device, activation="gelu", p=0.1, seed=77, backward=False, rows=rows)
     _check(n, h, dtype, device, backward=False, rows=rows)
+
+
+@pytest.mark.parametrize("h,rows,warps", [(h, r, w) for h in (312, 768)
+                                           for r, w in ln.sweep_variants(config.row_block(h)[0])])
+def test_forward_sweep_variants(h, rows, warps, device):
+    """Every launch variant a sweep times (benchmarks.bench_norm_act --sweep) computes the forward, so a rule
+    changed to any of them keeps the results (13 rows: not a multiple of any multi-row tile). The interpreter
+    ignores num_warps: on CPU this checks the row tiles, on a GPU each compiled variant."""
+    _check(13, h, torch.bfloat16, device, backward=False, rows=rows, num_warps=warps)
+
+
+def test_forward_sweep_variant_refused():
+    x = torch.randn(3, 768)
+    w, b = torch.ones(768), torch.zeros(768)
+    assert len(ln.sweep_variants(config.row_block(768)[0])) > 10
+    for rows, warps in ((1, 3), (True, 4), (1.0, 4), (1, True), (32, 32)):
+        with pytest.raises(config.UnsupportedInput, match=r"\(rows, num_warps\) must be one of .* got"):
+            ln.add_layer_norm_forward(x, w, b, EPS, rows=rows, num_warps=warps)
 
 
 def test_forward_several_rows_fully_written(device):

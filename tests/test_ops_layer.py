@@ -483,3 +483,38 @@ def test_fp32_attention_precision_follows_torch_settings():
     finally:
         torch.backends.fp32_precision = saved[1]
         matmul.fp32_precision = saved[0]
+
+
+def test_triton_on_cpu_needs_interpreted_kernels(monkeypatch):
+    """Triton fixes a kernel's mode when it is defined: CPU tensors are served only when the op's kernel module
+    holds interpreted kernels (directly or inside an autotuner), whatever TRITON_INTERPRET says at call time;
+    otherwise a forced BERTFAST_BACKEND=triton is an error naming the reason (it used to fail in Triton's
+    launcher on a GPU machine)."""
+    import types
+
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    def body(x_ptr):
+        pass
+    compiled = types.ModuleType("compiled_kernels")
+    compiled.kernel, compiled.helper, compiled.N = JITFunction(body), len, 3
+    interpreted = types.ModuleType("interpreted_kernels")
+    interpreted.tuned = Autotuner(InterpretedFunction(body), ["x_ptr"], [], [], None, None)
+    assert not ops._interpreted(compiled) and ops._interpreted(interpreted)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(ops, "triton_module", lambda op: compiled)
+    ops._available_cached.cache_clear()
+    try:
+        reason = ops._available("triton", "add_layer_norm", torch.device("cpu"))
+        assert reason and "only in the interpreter" in reason
+        monkeypatch.setenv("BERTFAST_BACKEND", "triton")
+        with pytest.raises(ops.BackendError, match="only in the interpreter"):
+            ops.add_layer_norm(torch.randn(2, 8), torch.ones(8), torch.zeros(8), 1e-5)
+        monkeypatch.setattr(ops, "triton_module", lambda op: interpreted)
+        ops._available_cached.cache_clear()
+        assert ops._available("triton", "add_layer_norm", torch.device("cpu")) is None
+    finally:
+        ops._available_cached.cache_clear()
