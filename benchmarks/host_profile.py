@@ -11,7 +11,10 @@ did not explain it. This script measures, on one device, in one process:
      custom op wraps, and through the kernel launcher alone; next to the torch ops it replaces and a bare
      torch.empty, so each layer's host cost is a difference of two rows;
   3. cProfile of N forwards: the functions with the most own time, and the most cumulative time;
-  4. torch.profiler (CPU): self CPU time per operator.
+  4. torch.profiler (CPU): self CPU time per operator;
+  5. a fine-tuning step (forward + backward in train mode, dropout on; no optimizer) at the benchmark's 32x128
+     (2x16 with --tiny), bertfast and transformers SDPA: host against wall per step says whether the step is
+     host-bound (the H200's step was 0.72x SDPA in fp16, 2026-11-26, and the reason was unknown).
 
 Writes host_profile.txt and host_profile.json into --out and prints the tables.
 
@@ -21,6 +24,7 @@ Writes host_profile.txt and host_profile.json into --out and prints the tables.
 from __future__ import annotations
 
 import argparse
+import copy
 import cProfile
 import io
 import json
@@ -200,6 +204,24 @@ def run(device="cuda", tiny=False, calls=None, out_dir=None) -> dict:
         section4 = "\n4. " + _torch_profile(fn, max(2, calls // 5), device)
         print(section4, flush=True)
         write(profiles + section4)
+    batch, train_seq = (2, 16) if tiny else (32, 128)
+    steps = max(2, calls // 5)
+    lines.append(f"\n5. a fine-tuning step, {batch}x{train_seq}, forward + backward in train mode (no optimizer), "
+                 f"{steps} back to back (ms per step)")
+    tids = torch.randint(1, cfg.vocab_size, (batch, train_seq), device=device)
+    tmask = torch.ones_like(tids)
+    result["train_step"] = {}
+    for name, model in (("bertfast", ours), ("transformers sdpa", sdpa)):
+        train = copy.deepcopy(model).train()
+
+        def step(train=train):
+            train(tids, attention_mask=tmask).last_hidden_state.float().sum().backward()
+        t = host_ms(step, device, steps, repeats=3)
+        result["train_step"][name] = t
+        lines.append(f"  {name:<42} host {t['host_ms']:8.3f}   wall {t['wall_ms']:8.3f}")
+        del train
+    print("\n".join(lines[-3:]), flush=True)
+    write(profiles + section4)
     return result
 
 
