@@ -40,6 +40,18 @@ def copy_bandwidth(device="cuda", quick=False) -> float:
     return 2 * n / (ms * 1e-3) / 1e9
 
 
+def same_bytes_copy(nbytes: int, device="cuda", quick=False) -> tuple[float, float]:
+    """(ms, GB/s) of a device-to-device copy moving nbytes in all (nbytes / 2 read, nbytes / 2 written): the
+    ceiling at an op's own size. The copy measured at the start moves 256 MiB to 1 GiB, and a 25-75 MB op cannot
+    reach its rate (a launch's fixed cost and the ramp weigh at 20 us), so each shape also gets this row."""
+    import torch
+    half = max(1, nbytes // 2)
+    src = torch.empty(half, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms, _, _ = _do_bench(lambda: dst.copy_(src), quick)
+    return ms, 2 * half / (ms * 1e-3) / 1e9
+
+
 def _ln_impls(n, h, dtype, device):
     """{impl: (fwd, fwd+bwd)} for y = LayerNorm(x + x_bias + residual)."""
     import torch
@@ -182,6 +194,8 @@ def sweep(device="cuda", dtype_name="bfloat16", quick=True, on_row=None, shapes=
     copy_bw = copy_bandwidth(device, quick) if on_cuda else None
     rows = []
     for n, h in shapes or SHAPES:
+        nbytes = _bytes("add_layer_norm", n, h, torch.finfo(dtype).bits // 8, "fwd")
+        same = same_bytes_copy(nbytes, device, quick)[1] if on_cuda else None
         base = None   # the rule's time: the first variant (None when it failed: no ratios then)
         for i, ((r, warps), fn) in enumerate(sweep_cases(n, h, dtype, device).items()):
             row = dict(name="add_layer_norm fwd sweep", shape=f"{n}x{h}", dtype=dtype_name, rows=r, num_warps=warps)
@@ -191,9 +205,10 @@ def sweep(device="cuda", dtype_name="bfloat16", quick=True, on_row=None, shapes=
                 row.update(ms=None, error=f"{type(exc).__name__}: {str(exc)[:200]}")
             else:
                 base = ms if i == 0 else base
-                gbps = _bytes("add_layer_norm", n, h, torch.finfo(dtype).bits // 8, "fwd") / (ms * 1e-3) / 1e9
+                gbps = nbytes / (ms * 1e-3) / 1e9
                 row.update(ms=round(ms, 4), gbps=round(gbps, 1), vs_policy=round(base / ms, 3) if base else None,
-                           frac_copy_bw=round(gbps / copy_bw, 3) if copy_bw else None)
+                           frac_copy_bw=round(gbps / copy_bw, 3) if copy_bw else None,
+                           frac_same_bytes_copy=round(gbps / same, 3) if same else None)
             rows.append(row)
             if on_row:
                 on_row(row)
@@ -233,6 +248,15 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
         elem = torch.finfo(dtype).bits // 8
         for n, h in shapes:
             for op, make in (("add_layer_norm", _ln_impls), ("bias_gelu", _act_impls)):
+                fwd_bytes = _bytes(op, n, h, elem, "fwd")
+                same = None
+                try:
+                    ms, same = same_bytes_copy(fwd_bytes, device, quick)
+                    add(dict(name=f"copy ({op} fwd's bytes)", shape=f"{n}x{h}", dtype=str(dtype).replace("torch.", ""),
+                             impl="torch copy_", ms=round(ms, 4), gbps=round(same, 1),
+                             frac_copy_bw=round(same / copy_bw, 3), device=gpu))
+                except Exception as exc:  # noqa: BLE001 - the op rows still run, without this ceiling
+                    print(f"copy of {fwd_bytes} bytes: {exc}", file=sys.stderr)
                 impls = make(n, h, dtype, device)
                 for impl, (fwd, fwd_bwd) in impls.items():
                     for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
@@ -245,8 +269,9 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
                             add(dict(row, ms=None, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
                             continue
                         gbps = _bytes(op, n, h, elem, mode) / (ms * 1e-3) / 1e9
+                        extra = {"frac_same_bytes_copy": round(gbps / same, 3)} if mode == "fwd" and same else {}
                         add(dict(row, ms=round(ms, 4), ms_q20=round(lo, 4), ms_q80=round(hi, 4),
-                                 gbps=round(gbps, 1), frac_copy_bw=round(gbps / copy_bw, 3)))
+                                 gbps=round(gbps, 1), frac_copy_bw=round(gbps / copy_bw, 3), **extra))
     return rows
 
 
@@ -256,6 +281,8 @@ def _sweep_line(r) -> str:
         return f"{head} {r['error']}"
     ratio = f", {r['vs_policy']:.2f}x the rule" if r["vs_policy"] else ""
     frac = f" {r['frac_copy_bw']:.0%} of copy" if r["frac_copy_bw"] is not None else ""
+    if r.get("frac_same_bytes_copy"):
+        frac += f" ({r['frac_same_bytes_copy']:.0%} of a copy of its bytes)"
     return f"{head} {r['ms']:.4f} ms {r['gbps']:7.1f} GB/s{frac}{ratio}"
 
 

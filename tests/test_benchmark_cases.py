@@ -62,6 +62,33 @@ def test_norm_sweep_runs():
     assert "rows=" in bench_norm_act._sweep_line(failed[1]) and "the rule" not in bench_norm_act._sweep_line(failed[1])
 
 
+def test_norm_act_rows_carry_a_same_size_copy(monkeypatch):
+    """bench_norm_act's GPU rows, run on the meta device with stand-ins for CUDA and the timer: each shape gets a
+    copy of the bytes its op's forward moves, and each forward row its fraction of that copy (the run's big copy
+    overstates what a 25-75 MB op can reach)."""
+    import time
+
+    from benchmarks import common
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in")
+    monkeypatch.setattr(common, "compiled_baseline", lambda fn: fn)
+
+    def wall(fn, quick):
+        t0 = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3 + 1e-3
+        return ms, ms, ms
+    monkeypatch.setattr(bench_norm_act, "_do_bench", wall)
+    monkeypatch.setattr(bench_norm_act, "SHAPES", [(64, 96), (64, 128), (64, 256)])
+    rows = bench_norm_act.run("meta", quick=True)
+    copies = [r for r in rows if r["name"].startswith("copy (")]
+    assert {(r["name"], r["shape"]) for r in copies} == {
+        (f"copy ({op} fwd's bytes)", s) for op in ("add_layer_norm", "bias_gelu") for s in ("64x96", "64x256")}
+    torch_fwd = [r for r in rows if r["impl"] == "torch" and r["name"].endswith(" fwd")]
+    assert len(torch_fwd) == 4 and all(r["frac_same_bytes_copy"] > 0 for r in torch_fwd)
+    assert not [r for r in rows if r["name"].endswith("fwd+bwd") and "frac_same_bytes_copy" in r]
+
+
 def test_linear_act_cases_run():
     """The rows that exist on CPU (linear_act itself is CUDA-only) run and compare against the encoder's path."""
     rows = bench_linear_act.run("cpu")
