@@ -246,13 +246,14 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
     dtypes = [torch.float16, torch.bfloat16] if not quick else [torch.bfloat16]
     for dtype in dtypes:
         elem = torch.finfo(dtype).bits // 8
+        dname = str(dtype).replace("torch.", "")
         for n, h in shapes:
             for op, make in (("add_layer_norm", _ln_impls), ("bias_gelu", _act_impls)):
                 fwd_bytes = _bytes(op, n, h, elem, "fwd")
                 same = None
                 try:
                     ms, same = same_bytes_copy(fwd_bytes, device, quick)
-                    add(dict(name=f"copy ({op} fwd's bytes)", shape=f"{n}x{h}", dtype=str(dtype).replace("torch.", ""),
+                    add(dict(name=f"copy ({op} fwd's bytes)", shape=f"{n}x{h}", dtype=dname,
                              impl="torch copy_", ms=round(ms, 4), gbps=round(same, 1),
                              frac_copy_bw=round(same / copy_bw, 3), device=gpu))
                 except Exception as exc:  # noqa: BLE001 - the op rows still run, without this ceiling
@@ -260,8 +261,7 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
                 impls = make(n, h, dtype, device)
                 for impl, (fwd, fwd_bwd) in impls.items():
                     for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                        row = dict(name=f"{op} {mode}", shape=f"{n}x{h}", dtype=str(dtype).replace("torch.", ""),
-                                   impl=impl, device=gpu)
+                        row = dict(name=f"{op} {mode}", shape=f"{n}x{h}", dtype=dname, impl=impl, device=gpu)
                         try:
                             ms, lo, hi = _do_bench(fn, quick)
                         except Exception as exc:  # noqa: BLE001 - an error row; the other impls still run

@@ -206,6 +206,7 @@ def run(device="cuda", tiny=False, calls=None, out_dir=None) -> dict:
         write(profiles + section4)
     batch, train_seq = (2, 16) if tiny else (32, 128)
     steps = max(2, calls // 5)
+    section5 = len(lines)
     lines.append(f"\n5. a fine-tuning step, {batch}x{train_seq}, forward + backward in train mode (no optimizer), "
                  f"{steps} back to back (ms per step)")
     tids = torch.randint(1, cfg.vocab_size, (batch, train_seq), device=device)
@@ -220,7 +221,7 @@ def run(device="cuda", tiny=False, calls=None, out_dir=None) -> dict:
         result["train_step"][name] = t
         lines.append(f"  {name:<42} host {t['host_ms']:8.3f}   wall {t['wall_ms']:8.3f}")
         del train
-    print("\n".join(lines[-3:]), flush=True)
+    print("\n".join(lines[section5:]), flush=True)
     write(profiles + section4)
     return result
 

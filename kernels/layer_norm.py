@@ -320,12 +320,13 @@ def add_layer_norm_forward(x, weight, bias, eps: float, residual=None, x_bias=No
     block_n, _ = row_block(n_cols, "hidden size (x.shape[-1])")
     choices = forward_row_choices(block_n)
     if num_warps is not None:
+        rows = choices[0] if rows is None else rows
         variants = sweep_variants(block_n)
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in (rows or 1, num_warps)) \
-                or (rows if rows is not None else choices[0], num_warps) not in variants:
+        # the isinstance checks: True and 1.0 compare equal to 1 in the membership test
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (rows, num_warps)) \
+                or (rows, num_warps) not in variants:
             raise UnsupportedInput(f"(rows, num_warps) must be one of {variants} for hidden size {n_cols}, got "
                                    f"({rows!r}, {num_warps!r})")
-        rows = rows if rows is not None else choices[0]
     elif rows is None:
         rows = choices[0]
     elif isinstance(rows, bool) or not isinstance(rows, int) or rows not in choices:
