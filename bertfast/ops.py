@@ -875,6 +875,132 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> T
 
 
 # --------------------------------------------------------------------------------------------------------------
+# linear_act: activation(x @ weight^T + bias), the FFN up-projection, with cuBLASLt's fused epilogue where it pays
+
+# activations cuBLASLt's epilogue computes, and the bertfast_C::linear_act epilogue that does
+LINEAR_EPILOGUES = {"gelu_tanh": "bias_gelu_tanh", "relu": "bias_relu"}
+LINEAR_EPILOGUE_SETTINGS = ("auto", "on", "off", "approximate")
+# `auto` fuses where the GPU's benchmark measured the fused epilogue at least this much faster (below: noise)
+LINEAR_EPILOGUE_MIN_SPEEDUP = 1.02
+
+
+def linear_epilogue_setting() -> str:
+    """BERTFAST_LINEAR_EPILOGUE (read at each call): auto (default) fuses the FFN up-projection's bias and activation
+    into its GEMM where the benchmark measured that faster on a GPU of this name (bertfast/measured.py); on fuses
+    wherever it can run; approximate is on, and exact-erf GELU FFNs take the tanh GELU epilogue too (an
+    approximation: |gelu - gelu_tanh| <= 4.8e-4); off never fuses."""
+    value = os.environ.get("BERTFAST_LINEAR_EPILOGUE", "auto").strip().lower() or "auto"
+    if value not in LINEAR_EPILOGUE_SETTINGS:
+        raise ValueError(f"BERTFAST_LINEAR_EPILOGUE={value!r} is not one of {', '.join(LINEAR_EPILOGUE_SETTINGS)}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device_type: str, index: Optional[int]) -> str:
+    """The name the benchmark results record for a device (torch.cuda.get_device_name on CUDA)."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_name(index if index is not None else torch.cuda.current_device())
+    return device_type
+
+
+def _linear_epilogue(device: torch.device, dtype: torch.dtype, activation: str, has_bias: bool,
+                     records: bool) -> tuple[Optional[str], str, Optional[torch.dtype]]:
+    """(the bertfast_C::linear_act epilogue that serves this FFN up-projection, or None for F.linear + bias_act;
+    why; the autocast dtype the operands take, or None). The reasons are what `bertfast info` prints. Runs once a
+    layer on the eager path: the cheap refusals come first (exact GELU under `auto`: ~1.5 us)."""
+    if records:
+        return None, "a gradient is recorded (the fused epilogue keeps nothing for a backward)", None
+    setting = linear_epilogue_setting()
+    if setting == "off":
+        return None, "BERTFAST_LINEAR_EPILOGUE=off", None
+    epilogue = LINEAR_EPILOGUES.get(activation)
+    if epilogue is None and activation == "gelu" and setting == "approximate":
+        epilogue = LINEAR_EPILOGUES["gelu_tanh"]
+    if epilogue is None:
+        return None, ("cuBLASLt's GELU epilogue is the tanh form; BERTFAST_LINEAR_EPILOGUE=approximate opts in "
+                      "to it for exact-erf GELU" if activation == "gelu"
+                      else f"cuBLASLt has no {activation} epilogue"), None
+    if not has_bias:
+        return None, "the linear has no bias", None
+    backend = backend_setting()
+    if backend in ("triton", "reference"):
+        return None, f"BERTFAST_BACKEND={backend}", None
+    if torch.compiler.is_compiling():
+        return None, "under torch.compile (inductor fuses its own epilogue)", None
+    cast = autocast_dtype(device)
+    return (*_linear_epilogue_for(setting, device.type, device.index, cast or dtype, epilogue, activation), cast)
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_epilogue_for(setting: str, device_type: str, index: Optional[int], dtype: torch.dtype, epilogue: str,
+                         activation: str) -> tuple[Optional[str], str]:
+    reason = cpp_extension_error()
+    if reason is None and not hasattr(torch.ops.bertfast_C, "linear_act"):
+        reason = "bertfast_C::linear_act is not in this build of bertfast._C"
+    if reason is None and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "bertfast_C::linear_act", "CUDA" if device_type == "cuda" else device_type.upper()):
+        reason = ("bertfast._C was built without CUDA" if device_type == "cuda" and not cpp_built_with_cuda()
+                  else f"bertfast_C::linear_act has no {device_type} kernel")
+    if reason is None and dtype not in KERNEL_DTYPES:
+        reason = f"dtype {dtype} (the epilogue takes float32, float16, bfloat16)"
+    if reason is not None:
+        if setting != "auto":
+            notice_once(f"linear-epilogue:{setting}:{device_type}:{reason}",
+                        f"BERTFAST_LINEAR_EPILOGUE={setting}: the fused epilogue cannot run on {device_type}: {reason}")
+        return None, reason
+    if setting != "auto":
+        return epilogue, f"BERTFAST_LINEAR_EPILOGUE={setting}"
+    from bertfast import measured
+    name = device_name(device_type, index)
+    key = f"{activation}/{str(dtype).replace('torch.', '')}"
+    found = measured.LINEAR_EPILOGUE.get(name, {}).get(key)
+    if found is None:
+        return None, (f"not measured for {key} on {name} (python -m benchmarks.bench_linear_act, then python -m "
+                      f"benchmarks.decide; BERTFAST_LINEAR_EPILOGUE=on fuses regardless)")
+    speedup, source = found
+    verdict = f"measured {speedup:.2f}x the unfused path for {key} on {name} ({source})"
+    return (epilogue, verdict) if speedup >= LINEAR_EPILOGUE_MIN_SPEEDUP else (None, verdict)
+
+
+def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Tensor:
+    """activation(x @ weight^T + bias) for x [..., K], an nn.Linear's weight [O, K] and bias [O]: the FFN
+    up-projection. Where BERTFAST_LINEAR_EPILOGUE decides so (see linear_epilogue_setting; `bertfast info` shows
+    it), the bias and activation run in the GEMM's epilogue (bertfast_C::linear_act, cuBLASLt), at inference
+    only; otherwise torch's GEMM, then bias_act, in place over the GEMM's output for CPU inference (NOTES change
+    23). Under torch.autocast the operands are cast to the autocast dtype, as F.linear's are."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or weight.dim() != 2 or x.dim() < 1 \
+            or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_act takes x [..., K] and weight [O, K], got x "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__} and weight "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    records = records_grad(x, weight, bias)
+    epilogue, _, cast = _linear_epilogue(x.device, x.dtype, activation, bias is not None, records)
+    if epilogue is not None:
+        if cast is not None:
+            x, weight, bias = x.to(cast), weight.to(cast), bias.to(cast)
+        _check_same("weight", weight, x, "x")
+        _check_same("bias", bias, x, "x", shape=(weight.shape[0],))
+        y = torch.ops.bertfast_C.linear_act(_as_rows(x, x.shape[-1]), weight.contiguous(), bias, epilogue)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+    y = F.linear(x, weight)
+    if y.device.type == "cpu" and not records_grad(y, bias) and not torch.compiler.is_compiling():
+        return bias_act_(y, bias, activation)
+    return bias_act(y, bias, activation)
+
+
+def linear_epilogue_table(device: torch.device | str, dtype: torch.dtype = torch.float16) -> dict[str, str]:
+    """activation -> what an inference FFN up-projection with it runs on `device` in `dtype`, and why."""
+    device = torch.device(device)
+    table = {}
+    for activation in ACTIVATIONS:
+        epilogue, why, _ = _linear_epilogue(device, dtype, activation, True, False)
+        table[activation] = (f"fused {epilogue}" if epilogue else "F.linear + bias_act") + f"  ({why})"
+    return table
+
+
+# --------------------------------------------------------------------------------------------------------------
 # add_layer_norm: LayerNorm(dropout(act(x + x_bias)) + residual)
 
 def _layer_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Optional[Tensor],

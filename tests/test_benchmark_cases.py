@@ -1,6 +1,8 @@
 """The GPU benchmarks' cases run here too (CPU tensors, Triton interpreter, small shapes), so that a GPU run - rare
 and short - does not lose a benchmark to a Python error in its setup (the first H100 run lost bench_attention to
 one). Nothing here measures anything."""
+import os
+
 import pytest
 import torch
 
@@ -88,8 +90,25 @@ def test_norm_act_rows_carry_a_same_size_copy(monkeypatch):
 
 
 def test_linear_act_cases_run():
-    """The rows that exist on CPU (linear_act itself is CUDA-only) run and compare against the encoder's path."""
+    """The rows that exist on CPU (linear_act itself is CUDA-only) run and compare against the unfused path, for
+    every activation that benchmarks.decide reads."""
     rows = bench_linear_act.run("cpu")
     assert not [r for r in rows if "error" in r], rows
-    assert {r["impl"] for r in rows} == {"encoder", "torch", "gemm F.linear"}
+    assert {r["impl"] for r in rows} == {"unfused", "torch", "gemm F.linear"}
+    assert {r["name"] for r in rows} == {"ffn up + gelu", "ffn up + gelu_tanh", "ffn up + relu"}
     assert all(r["speedup"] > 0 for r in rows)
+    assert all(r["speedup"] == 1.0 for r in rows if r["impl"] == "unfused")
+
+
+def test_linear_act_encoder_rows_run():
+    """The encoder rows (a CUDA-only step of run()) on a small model on CPU: both settings timed, each against the
+    epilogue-off row, and the setting restored after."""
+    before = os.environ.get("BERTFAST_LINEAR_EPILOGUE")
+    rows = bench_linear_act.encoder_rows("cpu", True, dtype=torch.float32, model="tiny",
+                                         dims=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                                   intermediate_size=128), batches=((2, 16), (1, 8)))
+    assert os.environ.get("BERTFAST_LINEAR_EPILOGUE") == before
+    assert not [r for r in rows if "error" in r], rows
+    assert [(r["shape"], r["impl"]) for r in rows] == [("2x16 tiny", "epilogue off"), ("2x16 tiny", "epilogue on"),
+                                                       ("1x8 tiny", "epilogue off"), ("1x8 tiny", "epilogue on")]
+    assert all(r["ms"] > 0 and r["speedup"] > 0 and r["name"] == "encoder gelu_new" for r in rows)

@@ -267,7 +267,7 @@ class Attention(nn.Module):
 
 
 class Intermediate(nn.Module):
-    """dense (no bias in the GEMM) -> bias + activation in one pass."""
+    """dense -> bias + activation: in the GEMM's epilogue or in one pass after it (ops.linear_act)."""
 
     def __init__(self, spec: EncoderSpec):
         super().__init__()
@@ -279,11 +279,8 @@ class Intermediate(nn.Module):
         if not fusable_linear(dense, "intermediate.dense"):
             # the module's output may be held by its hooks or an adapter: never written over
             return ops.bias_act(dense(x), None, self.activation)
-        y, bias = F.linear(x, dense.weight), dense.bias
-        if y.device.type == "cpu" and not ops.records_grad(y, bias) and not torch.compiler.is_compiling():
-            # inference on the CPU: write over the GEMM output instead of faulting in a new one (NOTES change 23)
-            return ops.bias_act_(y, bias, self.activation)
-        return ops.bias_act(y, bias, self.activation)
+        # the GEMM's epilogue where BERTFAST_LINEAR_EPILOGUE says (NOTES change 30), else GEMM + bias_act
+        return ops.linear_act(x, dense.weight, dense.bias, self.activation)
 
 
 class Layer(nn.Module):
