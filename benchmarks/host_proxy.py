@@ -64,16 +64,19 @@ def stand_in_gpu():
                            "the interpreter: unset TRITON_INTERPRET")
     previous = driver._active
     driver.set_active(StandInDriver())
-    original = ops.choose
+    # ops.choose itself runs (its settings reads and checks are host time too), with CUDA's preference order and the
+    # Triton kernels available for CPU tensors
+    available, preference = ops._available, ops.PREFERENCE
 
-    def choose(op, device, **facts):
-        return "triton" if op in ops.TRITON_MODULES else original(op, device, **facts)
+    def _available(impl, op, device):
+        return None if impl == "triton" and op in ops.TRITON_MODULES else available(impl, op, device)
 
-    ops.choose = choose
+    ops._available = _available
+    ops.PREFERENCE = {op: {"cuda": order["cuda"], "cpu": order["cuda"]} for op, order in preference.items()}
     try:
         yield
     finally:
-        ops.choose = original
+        ops._available, ops.PREFERENCE = available, preference
         driver._active = previous
 
 

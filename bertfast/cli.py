@@ -77,11 +77,11 @@ def cmd_info(args) -> int:
         print(f"\n  implementation per op on {dev}:")
         for op, impl in ops.implementation_table(dev).items():
             print(f"    {op:<18} {impl}")
-        dtype = torch.float16 if dev == "cuda" else torch.float32
-        print(f"\n  FFN up-projection at inference on {dev} ({str(dtype).replace('torch.', '')}), per activation "
-              f"(BERTFAST_LINEAR_EPILOGUE={ops.linear_epilogue_setting()}):")
-        for act, what in ops.linear_epilogue_table(dev, dtype).items():
-            print(f"    {act:<18} {what}")
+        for dtype in ((torch.float16, torch.bfloat16) if dev == "cuda" else (torch.float32,)):
+            print(f"\n  FFN up-projection at inference on {dev} ({str(dtype).replace('torch.', '')}), per activation "
+                  f"(BERTFAST_LINEAR_EPILOGUE={ops.linear_epilogue_setting()}):")
+            for act, what in ops.linear_epilogue_table(dev, dtype).items():
+                print(f"    {act:<18} {what}")
     return 0
 
 

@@ -73,8 +73,24 @@ def notice_once(key: str, message: str) -> None:
         log.warning("bertfast: %s", message)
 
 
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def setting(name: str, default: str) -> str:
+    """os.environ.get(name, default), stripped and lower-cased, read at each call. An unset variable costs ~2 us
+    through os.environ.get (Mapping.get raises and catches a KeyError) and the settings are read on every op call
+    (NOTES change 31), so on POSIX the environment's own dict (which os.environ keeps in step with every
+    assignment to it) is read instead."""
+    if _ENV_DATA is not None:
+        raw = _ENV_DATA.get(name.encode())
+        value = default if raw is None else os.fsdecode(raw)
+    else:
+        value = os.environ.get(name, default)
+    return value.strip().lower() or default
+
+
 def backend_setting() -> str:
-    value = os.environ.get("BERTFAST_BACKEND", "auto").strip().lower() or "auto"
+    value = setting("BERTFAST_BACKEND", "auto")
     if value not in BACKENDS:
         raise ValueError(f"BERTFAST_BACKEND={value!r} is not one of {', '.join(BACKENDS)}")
     return value
@@ -736,7 +752,8 @@ def _bias_act_reference(x: Tensor, bias: Optional[Tensor], activation: str) -> T
 @torch.library.custom_op("bertfast::bias_act", mutates_args=())
 def _bias_act_op(x: Tensor, bias: Optional[Tensor], activation: str, impl: str) -> Tensor:
     if impl == "triton":
-        return triton_module("bias_act").bias_act_forward(x, bias, activation)
+        # checked by bias_act / bias_act_ (and the custom op's schema); the launcher's own checks repeat them
+        return triton_module("bias_act").bias_act_forward(x, bias, activation, validate=False)
     if impl == "cpp":
         return torch.ops.bertfast_C.bias_act(x, bias, activation)
     return _bias_act_reference(x, bias, activation)
@@ -889,7 +906,7 @@ def linear_epilogue_setting() -> str:
     into its GEMM where the benchmark measured that faster on a GPU of this name (bertfast/measured.py); on fuses
     wherever it can run; approximate is on, and exact-erf GELU FFNs take the tanh GELU epilogue too (an
     approximation: |gelu - gelu_tanh| <= 4.8e-4); off never fuses."""
-    value = os.environ.get("BERTFAST_LINEAR_EPILOGUE", "auto").strip().lower() or "auto"
+    value = setting("BERTFAST_LINEAR_EPILOGUE", "auto")
     if value not in LINEAR_EPILOGUE_SETTINGS:
         raise ValueError(f"BERTFAST_LINEAR_EPILOGUE={value!r} is not one of {', '.join(LINEAR_EPILOGUE_SETTINGS)}")
     return value
@@ -898,56 +915,75 @@ def linear_epilogue_setting() -> str:
 @functools.lru_cache(maxsize=None)
 def device_name(device_type: str, index: Optional[int]) -> str:
     """The name the benchmark results record for a device (torch.cuda.get_device_name on CUDA)."""
-    if device_type == "cuda":
-        return torch.cuda.get_device_name(index if index is not None else torch.cuda.current_device())
-    return device_type
+    return torch.cuda.get_device_name(index) if device_type == "cuda" else device_type
 
 
-def _linear_epilogue(device: torch.device, dtype: torch.dtype, activation: str, has_bias: bool,
-                     records: bool) -> tuple[Optional[str], str, Optional[torch.dtype]]:
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _linear_epilogue(device: torch.device, dtype: torch.dtype, activation: str, has_bias: bool, records: bool,
+                     plain: bool = True) -> tuple[Optional[str], str]:
     """(the bertfast_C::linear_act epilogue that serves this FFN up-projection, or None for F.linear + bias_act;
-    why; the autocast dtype the operands take, or None). The reasons are what `bertfast info` prints. Runs once a
-    layer on the eager path: the cheap refusals come first (exact GELU under `auto`: ~1.5 us)."""
+    why): the reasons are what `bertfast info` prints. Runs once a layer on the eager path, so the cheap refusals
+    come first (exact GELU under `auto`: ~1 us; a layer that could fuse but has no kernel on this device: ~2 us).
+    plain: x, weight and bias are plain tensors (not a quantised or distributed weight's subclass, which F.linear
+    dispatches to its own implementation)."""
     if records:
-        return None, "a gradient is recorded (the fused epilogue keeps nothing for a backward)", None
+        return None, "a gradient is recorded (the fused epilogue keeps nothing for a backward)"
     setting = linear_epilogue_setting()
     if setting == "off":
-        return None, "BERTFAST_LINEAR_EPILOGUE=off", None
+        return None, "BERTFAST_LINEAR_EPILOGUE=off"
     epilogue = LINEAR_EPILOGUES.get(activation)
     if epilogue is None and activation == "gelu" and setting == "approximate":
         epilogue = LINEAR_EPILOGUES["gelu_tanh"]
     if epilogue is None:
         return None, ("cuBLASLt's GELU epilogue is the tanh form; BERTFAST_LINEAR_EPILOGUE=approximate opts in "
                       "to it for exact-erf GELU" if activation == "gelu"
-                      else f"cuBLASLt has no {activation} epilogue"), None
+                      else f"cuBLASLt has no {activation} epilogue")
     if not has_bias:
-        return None, "the linear has no bias", None
-    backend = backend_setting()
-    if backend in ("triton", "reference"):
-        return None, f"BERTFAST_BACKEND={backend}", None
+        return None, "the linear has no bias"
+    if not plain:
+        return None, "a tensor subclass among x, weight, bias (F.linear dispatches it to the subclass)"
+    reason = _linear_kernel_missing(device.type)
+    if reason is None:
+        backend = backend_setting()
+        if backend in ("triton", "reference"):
+            reason = f"BERTFAST_BACKEND={backend}"
+        elif dtype not in KERNEL_DTYPES:
+            reason = f"dtype {dtype} (the epilogue takes float32, float16, bfloat16)"
+    if reason is not None:
+        if setting != "auto":
+            notice_once(f"linear-epilogue:{setting}:{device.type}:{reason}",
+                        f"BERTFAST_LINEAR_EPILOGUE={setting}: the fused epilogue does not run on {device.type}: "
+                        f"{reason}")
+        return None, reason
     if torch.compiler.is_compiling():
-        return None, "under torch.compile (inductor fuses its own epilogue)", None
-    cast = autocast_dtype(device)
-    return (*_linear_epilogue_for(setting, device.type, device.index, cast or dtype, epilogue, activation), cast)
+        return None, "under torch.compile (inductor fuses its own epilogue)"
+    if torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd.forward_ad._current_level >= 0:
+        return None, "under a torch.func transform or forward-mode AD (the epilogue has no rule for them)"
+    if autocast_dtype(device) is not None:
+        return None, ("under torch.autocast (F.linear reuses autocast's cast of each weight; the epilogue would "
+                      "cast the weights at every call)")
+    return _linear_epilogue_measured(setting, device.type, device.index, dtype, epilogue, activation)
 
 
 @functools.lru_cache(maxsize=None)
-def _linear_epilogue_for(setting: str, device_type: str, index: Optional[int], dtype: torch.dtype, epilogue: str,
-                         activation: str) -> tuple[Optional[str], str]:
+def _linear_kernel_missing(device_type: str) -> Optional[str]:
+    """None when bertfast_C::linear_act has a kernel for the device type, else why not."""
     reason = cpp_extension_error()
     if reason is None and not hasattr(torch.ops.bertfast_C, "linear_act"):
         reason = "bertfast_C::linear_act is not in this build of bertfast._C"
-    if reason is None and not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "bertfast_C::linear_act", "CUDA" if device_type == "cuda" else device_type.upper()):
-        reason = ("bertfast._C was built without CUDA" if device_type == "cuda" and not cpp_built_with_cuda()
-                  else f"bertfast_C::linear_act has no {device_type} kernel")
-    if reason is None and dtype not in KERNEL_DTYPES:
-        reason = f"dtype {dtype} (the epilogue takes float32, float16, bfloat16)"
-    if reason is not None:
-        if setting != "auto":
-            notice_once(f"linear-epilogue:{setting}:{device_type}:{reason}",
-                        f"BERTFAST_LINEAR_EPILOGUE={setting}: the fused epilogue cannot run on {device_type}: {reason}")
-        return None, reason
+    if reason is None:
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key("bertfast_C::linear_act", key):
+            reason = ("bertfast._C was built without CUDA" if device_type == "cuda" and not cpp_built_with_cuda()
+                      else f"bertfast_C::linear_act has no {device_type} kernel")
+    return reason
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_epilogue_measured(setting: str, device_type: str, index: Optional[int], dtype: torch.dtype,
+                              epilogue: str, activation: str) -> tuple[Optional[str], str]:
     if setting != "auto":
         return epilogue, f"BERTFAST_LINEAR_EPILOGUE={setting}"
     from bertfast import measured
@@ -962,12 +998,18 @@ def _linear_epilogue_for(setting: str, device_type: str, index: Optional[int], d
     return (epilogue, verdict) if speedup >= LINEAR_EPILOGUE_MIN_SPEEDUP else (None, verdict)
 
 
+def _linear_epilogue_cache_clear() -> None:
+    """Forget the cached parts of the decision (tests that register a kernel or change the measured table)."""
+    _linear_kernel_missing.cache_clear()
+    _linear_epilogue_measured.cache_clear()
+
+
 def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str = "gelu") -> Tensor:
     """activation(x @ weight^T + bias) for x [..., K], an nn.Linear's weight [O, K] and bias [O]: the FFN
     up-projection. Where BERTFAST_LINEAR_EPILOGUE decides so (see linear_epilogue_setting; `bertfast info` shows
-    it), the bias and activation run in the GEMM's epilogue (bertfast_C::linear_act, cuBLASLt), at inference
-    only; otherwise torch's GEMM, then bias_act, in place over the GEMM's output for CPU inference (NOTES change
-    23). Under torch.autocast the operands are cast to the autocast dtype, as F.linear's are."""
+    it), the bias and activation run in the GEMM's epilogue (bertfast_C::linear_act, cuBLASLt): at inference, on
+    plain tensors, outside torch.autocast / torch.compile / torch.func. Otherwise torch's GEMM, then bias_act, in
+    place over the GEMM's output for CPU inference (NOTES change 23)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or weight.dim() != 2 or x.dim() < 1 \
@@ -975,14 +1017,14 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: st
         raise ValueError(f"linear_act takes x [..., K] and weight [O, K], got x "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__} and weight "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-    records = records_grad(x, weight, bias)
-    epilogue, _, cast = _linear_epilogue(x.device, x.dtype, activation, bias is not None, records)
+    plain = type(x) is Tensor and type(weight) in _PLAIN and type(bias) in _PLAIN
+    epilogue, _ = _linear_epilogue(x.device, x.dtype, activation, bias is not None, records_grad(x, weight, bias),
+                                   plain)
     if epilogue is not None:
-        if cast is not None:
-            x, weight, bias = x.to(cast), weight.to(cast), bias.to(cast)
         _check_same("weight", weight, x, "x")
         _check_same("bias", bias, x, "x", shape=(weight.shape[0],))
-        y = torch.ops.bertfast_C.linear_act(_as_rows(x, x.shape[-1]), weight.contiguous(), bias, epilogue)
+        y = torch.ops.bertfast_C.linear_act(_as_rows(x, x.shape[-1]), weight.contiguous(), bias.contiguous(),
+                                            epilogue)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
     y = F.linear(x, weight)
     if y.device.type == "cpu" and not records_grad(y, bias) and not torch.compiler.is_compiling():
@@ -993,9 +1035,11 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: st
 def linear_epilogue_table(device: torch.device | str, dtype: torch.dtype = torch.float16) -> dict[str, str]:
     """activation -> what an inference FFN up-projection with it runs on `device` in `dtype`, and why."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     table = {}
     for activation in ACTIVATIONS:
-        epilogue, why, _ = _linear_epilogue(device, dtype, activation, True, False)
+        epilogue, why = _linear_epilogue(device, dtype, activation, True, False)
         table[activation] = (f"fused {epilogue}" if epilogue else "F.linear + bias_act") + f"  ({why})"
     return table
 
@@ -1029,8 +1073,9 @@ def _add_layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float, resi
         return tuple(torch.ops.bertfast_C.add_layer_norm(x, weight, bias, eps, residual, x_bias, activation,
                                                          dropout_p, seed))
     if impl == "triton":
+        # checked by add_layer_norm (which passes 2-D contiguous rows); the launcher's own checks repeat them
         out = triton_module("add_layer_norm").add_layer_norm_forward(
-            x, weight, bias, eps, residual, x_bias, activation or None, dropout_p, seed)
+            x, weight, bias, eps, residual, x_bias, activation or None, dropout_p, seed, validate=False)
     else:
         out = _layer_norm_reference(x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed)
     return (*out, x.new_empty((0,), dtype=torch.uint8))

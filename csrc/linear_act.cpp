@@ -1,8 +1,9 @@
 // bertfast_C::linear_act: GEMM + bias (+ activation) through cuBLASLt epilogues. CUDA only (csrc/cuda/linear_act.cu);
 // the schema lives here so that it exists in every build, and a CPU call fails with the dispatcher's
 // "could not run 'bertfast_C::linear_act' with arguments from the 'CPU' backend" (on CPU, torch's
-// linear on MKL/oneDNN is the implementation). The encoder does not call it yet: benchmarks/bench_linear_act.py
-// times it against torch's linear + bias_act until a GPU run decides the default per GPU.
+// linear on MKL/oneDNN is the implementation). The encoder's FFN up-projection calls it through
+// bertfast.ops.linear_act at inference where BERTFAST_LINEAR_EPILOGUE says so: by default where
+// benchmarks/bench_linear_act.py measured it faster on a GPU of that name (bertfast/measured.py).
 //
 //   linear_act(Tensor x, Tensor weight, Tensor? bias, str epilogue) -> Tensor
 //     x [N, K], weight [O, K] (nn.Linear's layout), bias [O] (required by every epilogue but "none"); one dtype of

@@ -30,7 +30,7 @@ EPILOGUE_ACT = {"bias_gelu_tanh": "gelu_tanh", "bias_relu": "relu"}
 @pytest.fixture
 def settings(monkeypatch):
     """Set BERTFAST_LINEAR_EPILOGUE / BERTFAST_BACKEND; the decision's cache is cleared around the test."""
-    ops._linear_epilogue_for.cache_clear()
+    ops._linear_epilogue_cache_clear()
     monkeypatch.delenv("BERTFAST_BACKEND", raising=False)
     monkeypatch.delenv("BERTFAST_LINEAR_EPILOGUE", raising=False)
 
@@ -41,7 +41,7 @@ def settings(monkeypatch):
             else:
                 monkeypatch.setenv(name, value)
     yield set_
-    ops._linear_epilogue_for.cache_clear()
+    ops._linear_epilogue_cache_clear()
 
 
 @pytest.fixture
@@ -53,18 +53,24 @@ def cpu_kernel(settings):
     calls = []
 
     def stand_in(x, weight, bias, epilogue):
+        # what the CUDA kernel requires (csrc/cuda/linear_act.cu's checks)
+        for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+            if not t.is_contiguous() or t.dtype != x.dtype:
+                raise RuntimeError(f"bertfast_C::linear_act: {name} must be contiguous and in x's dtype")
+        if x.dim() != 2:
+            raise RuntimeError("bertfast_C::linear_act: x must be 2-D")
         calls.append((epilogue, x.dtype))
         z = x.double() @ weight.double().t() + bias.double()
         return REFERENCE_ACT[EPILOGUE_ACT[epilogue]](z).to(x.dtype)
 
     lib = torch.library.Library("bertfast_C", "IMPL")
     lib.impl("linear_act", stand_in, "CPU")
-    ops._linear_epilogue_for.cache_clear()
+    ops._linear_epilogue_cache_clear()
     try:
         yield calls
     finally:
         lib._destroy()
-        ops._linear_epilogue_for.cache_clear()
+        ops._linear_epilogue_cache_clear()
     assert not torch._C._dispatch_has_kernel_for_dispatch_key("bertfast_C::linear_act", "CPU")
 
 
@@ -121,6 +127,24 @@ def test_decide_takes_the_slowest_shape_and_the_newest_run():
                                     ("cpu", _run("cpu", "2026-12-01", cpu, device_type="cpu"))])
     assert table == {"GPU X": {"gelu_tanh/float16": (1.1, "benchmarks/results/new abcdef0 2026-11-30"),
                                "relu/bfloat16": (1.5, "benchmarks/results/new abcdef0 2026-11-30")}}
+    # a fused row that failed makes its key 0, in the newest run as much as in any
+    failed = [_row("ffn up + gelu_tanh", "s1", "float16", "unfused", 1.0),
+              dict(bench="bench_linear_act", name="ffn up + gelu_tanh", shape="s1", dtype="float16", impl="lt-fused",
+                   error="RuntimeError: boom")]
+    # the whole encoder with the epilogue on against off counts for gelu_tanh, slowest workload first; dates
+    # compare as times (the later run is written with an earlier clock time in another zone)
+    encoder = [_row("ffn up + gelu_tanh", "s1", "float16", "unfused", 2.0),
+               _row("ffn up + gelu_tanh", "s1", "float16", "lt-fused", 1.0),
+               _row("encoder gelu_new", "1x128 bert-base", "float16", "epilogue off", 1.0),
+               _row("encoder gelu_new", "1x128 bert-base", "float16", "epilogue on", 1.25),
+               _row("encoder gelu_new", "32x128 bert-base", "float16", "epilogue off", 1.2),
+               _row("encoder gelu_new", "32x128 bert-base", "float16", "epilogue on", 1.0)]
+    assert decide.linear_epilogue([("a", _run("GPU Y", "2026-11-30T10:00:00+00:00", a)),
+                                   ("b", _run("GPU Y", "2026-11-30T09:00:00-02:00", failed))]) == \
+        {"GPU Y": {"gelu_tanh/float16": (0.0, "benchmarks/results/b abcdef0 2026-11-30"),
+                   "relu/bfloat16": (1.5, "benchmarks/results/a abcdef0 2026-11-30")}}
+    assert decide.linear_epilogue([("e", _run("GPU Z", "2026-12-01", encoder))]) == \
+        {"GPU Z": {"gelu_tanh/float16": (0.8, "benchmarks/results/e abcdef0 2026-12-01")}}
     text = decide.render(table)
     namespace = {}
     exec(compile(text, "measured.py", "exec"), namespace)
@@ -147,15 +171,15 @@ def test_no_cpu_kernel_runs_torch_gemm_and_says_why(settings):
         assert all(v.startswith("F.linear + bias_act") for v in table.values()), table
     settings(linear="on")
     assert "bertfast_C::linear_act has no cpu kernel" in ops.linear_epilogue_table("cpu")["gelu_tanh"]
-    assert any("BERTFAST_LINEAR_EPILOGUE=on: the fused epilogue cannot run on cpu" in m for m in ops.notices().values())
+    assert any("BERTFAST_LINEAR_EPILOGUE=on: the fused epilogue does not run on cpu" in m for m in ops.notices().values())
 
 
 def test_reasons(cpu_kernel, settings, monkeypatch):
     """Every branch of the decision, with a kernel for the device (the stand-in)."""
     dev, f32 = torch.device("cpu"), torch.float32
 
-    def decide_(activation, dtype=f32, has_bias=True, records=False):
-        return ops._linear_epilogue(dev, dtype, activation, has_bias, records)[:2]
+    def decide_(activation, dtype=f32, has_bias=True, records=False, plain=True):
+        return ops._linear_epilogue(dev, dtype, activation, has_bias, records, plain)
 
     settings(linear="on")
     assert decide_("gelu_tanh") == ("bias_gelu_tanh", "BERTFAST_LINEAR_EPILOGUE=on")
@@ -165,6 +189,15 @@ def test_reasons(cpu_kernel, settings, monkeypatch):
     assert decide_("gelu_tanh", records=True)[0] is None and "gradient" in decide_("gelu_tanh", records=True)[1]
     assert decide_("gelu_tanh", has_bias=False) == (None, "the linear has no bias")
     assert decide_("gelu_tanh", dtype=torch.float64)[0] is None
+    assert decide_("gelu_tanh", plain=False)[0] is None and "subclass" in decide_("gelu_tanh", plain=False)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert decide_("gelu_tanh")[0] is None and "autocast" in decide_("gelu_tanh")[1]
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        assert decide_("gelu_tanh")[0] is None and "forward-mode AD" in decide_("gelu_tanh")[1]
+    # devices the dispatcher has no kernel key of ours for: no kernel, not an error
+    assert ops._linear_epilogue(torch.device("meta"), f32, "gelu_tanh", True, False) == \
+        (None, "bertfast_C::linear_act has no meta kernel")
     settings(linear="approximate")
     assert decide_("gelu") == ("bias_gelu_tanh", "BERTFAST_LINEAR_EPILOGUE=approximate")
     settings(linear="off")
@@ -172,13 +205,15 @@ def test_reasons(cpu_kernel, settings, monkeypatch):
     for backend in ("reference", "triton"):
         settings(linear="on", backend=backend)
         assert decide_("gelu_tanh") == (None, f"BERTFAST_BACKEND={backend}")
+    assert any("BERTFAST_LINEAR_EPILOGUE=on: the fused epilogue does not run on cpu: BERTFAST_BACKEND=triton" in m
+               for m in ops.notices().values())
     settings(linear="on", backend="cpp")
     assert decide_("gelu_tanh")[0] == "bias_gelu_tanh"
     # auto: the measured table of this device's name
     settings()
     monkeypatch.setattr(measured, "LINEAR_EPILOGUE", {"cpu": {"gelu_tanh/float32": (1.3, "run A"),
                                                               "relu/float32": (1.01, "run B")}})
-    ops._linear_epilogue_for.cache_clear()
+    ops._linear_epilogue_cache_clear()
     assert decide_("gelu_tanh") == ("bias_gelu_tanh", "measured 1.30x the unfused path for gelu_tanh/float32 on "
                                                       "cpu (run A)")
     assert decide_("relu")[0] is None and "measured 1.01x" in decide_("relu")[1]    # below the noise threshold
@@ -238,15 +273,43 @@ def test_linear_act_bad_input_on_the_epilogue(cpu_kernel, settings):
     assert cpu_kernel == []
 
 
-def test_linear_act_autocast(cpu_kernel, settings):
-    """Under torch.autocast the epilogue gets the operands in the autocast dtype, as F.linear does."""
+def test_linear_act_autocast_and_subclasses_stay_unfused(cpu_kernel, settings):
+    """Under torch.autocast (F.linear reuses autocast's weight casts; float64 is never cast) and for tensor
+    subclasses (a quantised weight implements F.linear itself) linear_act is F.linear + bias_act."""
     settings(linear="on")
     x, w, b = _operands()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = ops.linear_act(x, w, b, "gelu_tanh")
-        ref = F.gelu(F.linear(x, w, b), approximate="tanh")
-    assert cpu_kernel == [("bias_gelu_tanh", torch.bfloat16)]
-    assert y.dtype == ref.dtype == torch.bfloat16
+        ref = ops.bias_act(F.linear(x, w), b, "gelu_tanh")
+        y64 = ops.linear_act(x.double(), w.double(), b.double(), "gelu_tanh")
+    assert cpu_kernel == []
+    assert y.dtype == ref.dtype == torch.bfloat16 and torch.equal(y, ref)
+    assert y64.dtype == torch.float64
+
+    class Marked(torch.Tensor):
+        """A subclass that sees every op on it (as a quantised weight's does)."""
+        ops_seen: list = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.ops_seen.append(getattr(func, "__name__", str(func)))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    wm = w.as_subclass(Marked)
+    y = ops.linear_act(x, wm, b, "gelu_tanh")
+    assert cpu_kernel == [] and "linear" in Marked.ops_seen
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), ops.bias_act(F.linear(x, w), b, "gelu_tanh"))
+
+
+def test_linear_act_noncontiguous_bias(cpu_kernel, settings):
+    """The epilogue gets a contiguous bias (the unfused path's bias_act makes it contiguous too)."""
+    settings(linear="on")
+    x, w, _ = _operands()
+    b = torch.randn(w.shape[0], 2)[:, 1]
+    assert not b.is_contiguous()
+    y = ops.linear_act(x, w.t().contiguous().t(), b, "relu")      # a transposed weight too
+    assert cpu_kernel == [("bias_relu", torch.float32)]
+    torch.testing.assert_close(y.double(), F.relu(x.double() @ w.double().t() + b.double()))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -330,6 +393,29 @@ def test_info_prints_the_choice():
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
+class CountLinearAct(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the calls of bertfast_C::linear_act that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.bertfast_C.linear_act.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_counter_sees_the_op(cpu_kernel, settings):
+    """CountLinearAct (used by the CUDA tests below) counts the calls of the fused epilogue."""
+    settings(linear="on")
+    x, w, b = _operands()
+    with CountLinearAct() as counter:
+        ops.linear_act(x, w, b, "gelu_tanh")
+        ops.linear_act(x, w, b, "gelu")
+    assert counter.calls == 1 == len(cpu_kernel)
+
+
 def _torch_error(y, x, w, b, activation):
     """(bertfast's error, torch's own error in x's dtype) against float64."""
     ref = REFERENCE_ACT[activation](x.double() @ w.double().t() + b.double())
@@ -378,7 +464,9 @@ def test_cuda_encoder_gelu_new_parity(settings, dtype, value):
     with torch.inference_mode():
         r = ref(ids, attention_mask=mask).last_hidden_state
         a = hf(ids, attention_mask=mask).last_hidden_state
-        o = ours(ids, attention_mask=mask).last_hidden_state
+        with CountLinearAct() as counter:
+            o = ours(ids, attention_mask=mask).last_hidden_state
+    assert counter.calls == (cfg.num_hidden_layers if value == "on" else 0)
     q = real(mask)
     err_hf = (a[q].double() - r[q]).abs().max().item()
     err = (o[q].double() - r[q]).abs().max().item()
@@ -397,7 +485,9 @@ def test_cuda_graphs_with_the_epilogue(settings):
     ours = bertfast.BertModel.from_hf(T.BertModel._from_config(cfg)).to("cuda", torch.float16).eval()
     ids, mask, _ = (t.cuda() for t in random_batch(4, 40, cfg.vocab_size))
     with torch.inference_mode():
-        eager = ours(ids, attention_mask=mask).last_hidden_state.clone()
+        with CountLinearAct() as counter:
+            eager = ours(ids, attention_mask=mask).last_hidden_state.clone()
+        assert counter.calls == cfg.num_hidden_layers
         ours.enable_cuda_graphs()
         for _ in range(2):
             graphed = ours(ids, attention_mask=mask).last_hidden_state

@@ -518,3 +518,64 @@ def test_triton_on_cpu_needs_interpreted_kernels(monkeypatch):
         assert ops._available("triton", "add_layer_norm", torch.device("cpu")) is None
     finally:
         ops._available_cached.cache_clear()
+
+
+@pytest.mark.parametrize("hidden", [64, 312])
+def test_forward_launchers_skip_checks_only_behind_the_ops_layer(monkeypatch, hidden):
+    """bertfast.ops calls the Triton forward launchers with validate=False (it has checked the same inputs; NOTES
+    change 31), with the same result as a validated launch; the launchers called directly still check, and bad
+    input through bertfast.ops is still refused before any launch."""
+    monkeypatch.setenv("BERTFAST_BACKEND", "triton")
+    from bertfast.kernels import gelu, layer_norm
+    seen = []
+    for mod, name in ((layer_norm, "add_layer_norm_forward"), (gelu, "bias_act_forward")):
+        real_fn = getattr(mod, name)
+
+        def record(*args, _real=real_fn, _name=name, **kwargs):
+            seen.append((_name, kwargs.get("validate", True)))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(mod, name, record)
+    x, r = (torch.randn(7, hidden, device=KERNEL_DEVICE) for _ in range(2))
+    w, b, xb = (torch.randn(hidden, device=KERNEL_DEVICE) for _ in range(3))
+    with torch.no_grad():
+        y = ops.add_layer_norm(x, w, b, 1e-5, residual=r, x_bias=xb, activation="gelu")
+        g = ops.bias_act(x, xb, "gelu_tanh")
+    assert seen == [("add_layer_norm_forward", False), ("bias_act_forward", False)]
+    checked = layer_norm.add_layer_norm_forward(x, w, b, 1e-5, r, xb, "gelu")[0]
+    assert torch.equal(y, checked)
+    assert torch.equal(g, gelu.bias_act_forward(x, xb, "gelu_tanh"))
+    seen.clear()
+    with pytest.raises(ValueError, match="residual must have shape"):
+        ops.add_layer_norm(x, w, b, 1e-5, residual=r[:3])
+    with pytest.raises(ValueError, match="bias has dtype torch.float16"):
+        ops.bias_act(x, xb.half(), "gelu")
+    with pytest.raises(ValueError, match="activation must be"):
+        ops.add_layer_norm(x, w, b, 1e-5, activation="tanh")
+    assert seen == []
+    with pytest.raises(layer_norm.UnsupportedInput, match="x_bias must have shape"):
+        layer_norm.add_layer_norm_forward(x, w, b, 1e-5, r, xb[:5])
+    with pytest.raises(gelu.UnsupportedInput, match="x must be contiguous"):
+        gelu.bias_act_forward(x.t(), None, "gelu")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_settings_follow_the_environment(monkeypatch, fast):
+    """ops.setting reads the environment at each call, through os.environ's own dict on POSIX or os.environ.get:
+    an assignment, a deletion, blanks and case all count."""
+    import os
+    if not fast:
+        monkeypatch.setattr(ops, "_ENV_DATA", None)
+    monkeypatch.delenv("BERTFAST_BACKEND", raising=False)
+    assert ops.backend_setting() == "auto"
+    os.environ["BERTFAST_BACKEND"] = " Reference "
+    try:
+        assert ops.backend_setting() == "reference"
+        os.environ["BERTFAST_BACKEND"] = ""
+        assert ops.backend_setting() == "auto"
+        monkeypatch.setenv("BERTFAST_BACKEND", "bogus")
+        with pytest.raises(ValueError, match="BERTFAST_BACKEND='bogus' is not one of"):
+            ops.backend_setting()
+    finally:
+        os.environ.pop("BERTFAST_BACKEND", None)
+    assert ops.backend_setting() == "auto"
+    assert ops.setting("BERTFAST_NO_SUCH_SETTING_X", "dflt") == "dflt"

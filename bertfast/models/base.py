@@ -332,8 +332,9 @@ class EncoderModel(nn.Module):
         Training, gradients, inputs_embeds, output_hidden_states / output_attentions, batches with no real token,
         encoders with hooks, padded batches of 65,535 sequences or more, and models whose attention does not run
         the Triton kernel run eagerly (the last three said once). A module swapped in after a capture (an adapter)
-        drops the graphs, which are captured again. Graphs read
-        the weights' storage and the kernel choices (backend, TF32) of their capture: moving or casting the model
+        drops the graphs, which are captured again. A graph is kept per
+        autocast dtype, BERTFAST_BACKEND and BERTFAST_LINEAR_EPILOGUE as well. Graphs read
+        the weights' storage and the other kernel choices (TF32) of their capture: moving or casting the model
         (.to, .half, ...) and load_state_dict drop them, to be captured again; in-place edits of the weights are
         seen. Calls from several threads or streams at once share the graphs' buffers: serialise them. Returns
         self."""
@@ -424,9 +425,10 @@ class EncoderModel(nn.Module):
             else:
                 width = graph_width(seqlen, self.max_sequence_length())
                 packed = token_bucket(total, batch, width)
-            # autocast changes the dtypes inside the graph: a graph captured under it serves only calls under it
+            # autocast changes the dtypes inside the graph, and the settings the kernels it holds: a graph serves
+            # only calls under the autocast dtype and BERTFAST_BACKEND / BERTFAST_LINEAR_EPILOGUE of its capture
             key = (batch, width, packed, attention_mask is not None, token_type_ids is not None,
-                   ops.autocast_dtype(input_ids.device))
+                   ops.autocast_dtype(input_ids.device), ops.backend_setting(), ops.linear_epilogue_setting())
             entry = self._graphs.get(key)
             if entry is None:
                 if len(self._graphs) >= self._max_graphs:
