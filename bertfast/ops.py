@@ -30,6 +30,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -73,7 +74,7 @@ def notice_once(key: str, message: str) -> None:
         log.warning("bertfast: %s", message)
 
 
-_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENVIRON_TYPE = type(os.environ) if os.name == "posix" and hasattr(os.environ, "_data") else None
 
 
 def setting(name: str, default: str) -> str:
@@ -81,11 +82,12 @@ def setting(name: str, default: str) -> str:
     through os.environ.get (Mapping.get raises and catches a KeyError) and the settings are read on every op call
     (NOTES change 31), so on POSIX the environment's own dict (which os.environ keeps in step with every
     assignment to it) is read instead."""
-    if _ENV_DATA is not None:
-        raw = _ENV_DATA.get(name.encode())
+    env = os.environ
+    if type(env) is _ENVIRON_TYPE:      # not when os.environ is rebound (unittest.mock.patch("os.environ", {...}))
+        raw = env._data.get(name.encode())
         value = default if raw is None else os.fsdecode(raw)
     else:
-        value = os.environ.get(name, default)
+        value = env.get(name, default)
     return value.strip().lower() or default
 
 
@@ -363,6 +365,10 @@ def _as_rows(t: Tensor, hidden: int) -> Tensor:
 
 
 _EAGER_AUTOGRAD: dict = {}   # custom op -> torch.autograd.Function running its implementation and backward formula
+# custom op -> its implementation without the kernel launcher's own input checks, for _run's eager paths, whose
+# public callers (add_layer_norm, bias_act) have checked the same (NOTES change 31); the registered op (torch.compile,
+# direct torch.ops.bertfast calls) keeps the checks
+_PRECHECKED: dict = {}
 
 
 def _register_autograd(op, backward, setup_context) -> None:
@@ -371,7 +377,7 @@ def _register_autograd(op, backward, setup_context) -> None:
     implementation for eager calls: the custom op's autograd wrapping and dispatcher trips cost ~100 us a call
     on the host, more than most of these kernels take on a GPU."""
     op.register_autograd(backward, setup_context=setup_context)
-    impl = op._init_fn
+    impl = _PRECHECKED.get(op, op._init_fn)
 
     # forward(ctx, ...) rather than a separate setup_context staticmethod: with the latter, Function.apply binds
     # the arguments through inspect.signature on every call (~40 us)
@@ -395,19 +401,57 @@ def records_grad(*args) -> bool:
     return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
 
+_FUNCTORCH = torch._C._functorch
+
+
+def _carries_tangent(t: Tensor, jvp_levels) -> bool:
+    while _FUNCTORCH.is_functorch_wrapped_tensor(t) or _FUNCTORCH.is_batchedtensor(t):
+        if _FUNCTORCH.maybe_get_level(t) in jvp_levels:
+            return True
+        t = _FUNCTORCH.get_unwrapped(t)
+    return _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(t).tangent is not None
+
+
+def _refuse_forward_ad(op, args, transformed: bool) -> None:
+    """The bertfast:: ops have reverse-mode formulas only: under forward-mode AD (torch.func.jvp / jacfwd,
+    torch.autograd.forward_ad dual tensors) an input carrying a tangent would give an output without one, a silent
+    zero. Refuse such a call instead (inputs without a tangent, e.g. a frozen encoder under a head's jvp, run)."""
+    jvp_levels = ()
+    if transformed:   # (the stack reads None while AOTAutograd traces)
+        jvp_levels = {i.level() for i in (_FUNCTORCH.get_interpreter_stack() or ())
+                      if i.key() == _FUNCTORCH.TransformType.Jvp}
+    if any(isinstance(a, Tensor) and _carries_tangent(a, jvp_levels) for a in args):
+        raise NotImplementedError(
+            f"{op._qualname} has no forward-mode AD (jvp) formula, so the tangent through it would be lost: use "
+            f"reverse mode (loss.backward(), torch.autograd.grad), or transformers' model for jvp / jacfwd")
+
+
+@torch.compiler.disable
+def _refuse_forward_ad_compiled(op, args) -> None:
+    _refuse_forward_ad(op, args, _FUNCTORCH.peek_interpreter_stack() is not None)
+
+
 def _run(op, *args):
     """Call a bertfast:: op. Eager calls skip the custom-op dispatcher, whose host cost per call is larger than
     many of these kernels at BERT sizes: without gradients they run the implementation directly, with gradients
     they run it through the op's autograd formula as a torch.autograd.Function (_register_autograd). Calls that
     torch.compile is tracing, calls inside torch.func transforms, and ops without an autograd formula that a
     graph is being built through (a backward op under create_graph) go through the registered op."""
-    # peek_interpreter_stack: inside torch.func transforms (grad, vmap)
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if torch.compiler.is_compiling():
+        if _forward_ad._current_level >= 0:    # (outside the graph: dynamo cannot trace the functorch queries)
+            _refuse_forward_ad_compiled(op, args)
         return op(*args)
+    # peek_interpreter_stack: inside torch.func transforms (vmap; torch.func.grad / vjp fail in torch's custom-op
+    # autograd under functorch, torch 2.11-2.13)
+    transformed = _FUNCTORCH.peek_interpreter_stack() is not None
+    if transformed or _forward_ad._current_level >= 0:
+        _refuse_forward_ad(op, args, transformed)
+        if transformed:
+            return op(*args)
     if records_grad(*args):
         eager = _EAGER_AUTOGRAD.get(op)
         return eager.apply(*args) if eager is not None else op(*args)
-    return op._init_fn(*args)
+    return _PRECHECKED.get(op, op._init_fn)(*args)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -749,14 +793,21 @@ def _bias_act_reference(x: Tensor, bias: Optional[Tensor], activation: str) -> T
     return _activation(z, activation).to(x.dtype)
 
 
-@torch.library.custom_op("bertfast::bias_act", mutates_args=())
-def _bias_act_op(x: Tensor, bias: Optional[Tensor], activation: str, impl: str) -> Tensor:
+def _bias_act_impl(x: Tensor, bias: Optional[Tensor], activation: str, impl: str, validate: bool = True) -> Tensor:
     if impl == "triton":
-        # checked by bias_act / bias_act_ (and the custom op's schema); the launcher's own checks repeat them
-        return triton_module("bias_act").bias_act_forward(x, bias, activation, validate=False)
+        return triton_module("bias_act").bias_act_forward(x, bias, activation, validate=validate)
     if impl == "cpp":
         return torch.ops.bertfast_C.bias_act(x, bias, activation)
     return _bias_act_reference(x, bias, activation)
+
+
+@torch.library.custom_op("bertfast::bias_act", mutates_args=())
+def _bias_act_op(x: Tensor, bias: Optional[Tensor], activation: str, impl: str) -> Tensor:
+    return _bias_act_impl(x, bias, activation, impl)
+
+
+# eager calls from bias_act, which has checked the inputs: the launcher's own checks would repeat them
+_PRECHECKED[_bias_act_op] = functools.partial(_bias_act_impl, validate=False)
 
 
 @_bias_act_op.register_fake
@@ -1063,22 +1114,31 @@ def _layer_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, eps: float, r
     return y.to(x.dtype), mean.view(-1).float(), rstd.view(-1).float()
 
 
+def _add_layer_norm_impl(x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed, impl,
+                         validate: bool = True):
+    if impl == "cpp":
+        return tuple(torch.ops.bertfast_C.add_layer_norm(x, weight, bias, eps, residual, x_bias, activation,
+                                                         dropout_p, seed))
+    if impl == "triton":
+        out = triton_module("add_layer_norm").add_layer_norm_forward(
+            x, weight, bias, eps, residual, x_bias, activation or None, dropout_p, seed, validate=validate)
+    else:
+        out = _layer_norm_reference(x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed)
+    return (*out, x.new_empty((0,), dtype=torch.uint8))
+
+
 @torch.library.custom_op("bertfast::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Optional[Tensor],
                        x_bias: Optional[Tensor], activation: str, dropout_p: float, seed: int,
                        impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (y, mean, rstd, keep): keep is the C++ CPU kernel's dropout keep-mask in bits (uint8 [N, ceil(H / 8)]),
     which its backward reads instead of drawing the mask again; uint8 [0] elsewhere (the GPU redraws it)."""
-    if impl == "cpp":
-        return tuple(torch.ops.bertfast_C.add_layer_norm(x, weight, bias, eps, residual, x_bias, activation,
-                                                         dropout_p, seed))
-    if impl == "triton":
-        # checked by add_layer_norm (which passes 2-D contiguous rows); the launcher's own checks repeat them
-        out = triton_module("add_layer_norm").add_layer_norm_forward(
-            x, weight, bias, eps, residual, x_bias, activation or None, dropout_p, seed, validate=False)
-    else:
-        out = _layer_norm_reference(x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed)
-    return (*out, x.new_empty((0,), dtype=torch.uint8))
+    return _add_layer_norm_impl(x, weight, bias, eps, residual, x_bias, activation, dropout_p, seed, impl)
+
+
+# eager calls from add_layer_norm, which has checked the inputs (and passes 2-D contiguous rows): the launcher's
+# own checks would repeat them
+_PRECHECKED[_add_layer_norm_op] = functools.partial(_add_layer_norm_impl, validate=False)
 
 
 def _keep_bits_shape(x: Tensor, dropout_p: float, impl: str) -> tuple[int, ...]:

@@ -556,6 +556,14 @@ def test_forward_launchers_skip_checks_only_behind_the_ops_layer(monkeypatch, hi
         layer_norm.add_layer_norm_forward(x, w, b, 1e-5, r, xb[:5])
     with pytest.raises(gelu.UnsupportedInput, match="x must be contiguous"):
         gelu.bias_act_forward(x.t(), None, "gelu")
+    # the registered ops (torch.compile, direct torch.ops.bertfast calls) keep the launchers' checks
+    seen.clear()
+    with pytest.raises(gelu.UnsupportedInput, match="x must be contiguous"):
+        torch.ops.bertfast.bias_act(x.t(), None, "gelu", "triton")
+    with pytest.raises(layer_norm.UnsupportedInput, match="weight must be contiguous"):
+        torch.ops.bertfast.add_layer_norm(x, torch.randn(hidden, 2, device=KERNEL_DEVICE)[:, 0], b, 1e-5, None,
+                                          None, "", 0.0, 0, "triton")
+    assert seen == [("bias_act_forward", True), ("add_layer_norm_forward", True)]
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -564,7 +572,7 @@ def test_settings_follow_the_environment(monkeypatch, fast):
     an assignment, a deletion, blanks and case all count."""
     import os
     if not fast:
-        monkeypatch.setattr(ops, "_ENV_DATA", None)
+        monkeypatch.setattr(ops, "_ENVIRON_TYPE", None)
     monkeypatch.delenv("BERTFAST_BACKEND", raising=False)
     assert ops.backend_setting() == "auto"
     os.environ["BERTFAST_BACKEND"] = " Reference "
@@ -579,3 +587,33 @@ def test_settings_follow_the_environment(monkeypatch, fast):
         os.environ.pop("BERTFAST_BACKEND", None)
     assert ops.backend_setting() == "auto"
     assert ops.setting("BERTFAST_NO_SUCH_SETTING_X", "dflt") == "dflt"
+
+
+def test_forward_mode_ad_is_refused_not_dropped():
+    """The ops have reverse-mode formulas only: a dual tensor (torch.autograd.forward_ad) or torch.func.jvp /
+    jacfwd through them raises, instead of returning outputs without a tangent (a silent zero). Tensors without a
+    tangent under a dual level, and vmap, run."""
+    import torch.autograd.forward_ad as fwAD
+    x, t = torch.randn(5, 16), torch.randn(5, 16)
+    w, b = torch.randn(16), torch.randn(16)
+    message = "has no forward-mode AD .jvp. formula"
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, t)
+        with pytest.raises(NotImplementedError, match="bertfast::bias_act " + message):
+            ops.bias_act(dual, b, "gelu")
+        with pytest.raises(NotImplementedError, match="bertfast::add_layer_norm " + message):
+            ops.add_layer_norm(x, w, b, 1e-5, residual=dual)
+        torch.testing.assert_close(ops.bias_act(x, b, "gelu"), torch.nn.functional.gelu(x + b))
+    for transform in (lambda f: torch.func.jvp(f, (x,), (t,)), lambda f: torch.func.jacfwd(f)(x)):
+        with pytest.raises(NotImplementedError, match=message):
+            transform(lambda a: ops.add_layer_norm(a, w, b, 1e-5))
+    # a bertfast op that sees no tangent (a frozen encoder under a head's jvp) runs
+    head = torch.randn(16, 3)
+    out, tangent = torch.func.jvp(lambda h: ops.bias_act(x, b, "gelu") @ h, (head,), (torch.ones(16, 3),))
+    torch.testing.assert_close(tangent, torch.nn.functional.gelu(x + b) @ torch.ones(16, 3))
+    # vmap over dual inputs keeps the refusal
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match=message):
+            torch.func.vmap(lambda a: ops.bias_act(a, b, "relu"))(fwAD.make_dual(x.view(5, 1, 16), t.view(5, 1, 16)))
+    y = torch.func.vmap(lambda a: ops.bias_act(a, b, "relu"))(x.view(5, 1, 16))
+    torch.testing.assert_close(y.view(5, 16), torch.relu(x + b))
