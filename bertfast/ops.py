@@ -1010,7 +1010,7 @@ def _linear_epilogue(device: torch.device, dtype: torch.dtype, activation: str, 
         return None, reason
     if torch.compiler.is_compiling():
         return None, "under torch.compile (inductor fuses its own epilogue)"
-    if torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd.forward_ad._current_level >= 0:
+    if _FUNCTORCH.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0:
         return None, "under a torch.func transform or forward-mode AD (the epilogue has no rule for them)"
     if autocast_dtype(device) is not None:
         return None, ("under torch.autocast (F.linear reuses autocast's cast of each weight; the epilogue would "
@@ -1069,16 +1069,16 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: st
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__} and weight "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
     plain = type(x) is Tensor and type(weight) in _PLAIN and type(bias) in _PLAIN
-    epilogue, _ = _linear_epilogue(x.device, x.dtype, activation, bias is not None, records_grad(x, weight, bias),
-                                   plain)
+    records = records_grad(x, weight, bias)
+    epilogue, _ = _linear_epilogue(x.device, x.dtype, activation, bias is not None, records, plain)
     if epilogue is not None:
         _check_same("weight", weight, x, "x")
         _check_same("bias", bias, x, "x", shape=(weight.shape[0],))
         y = torch.ops.bertfast_C.linear_act(_as_rows(x, x.shape[-1]), weight.contiguous(), bias.contiguous(),
                                             epilogue)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
-    y = F.linear(x, weight)
-    if y.device.type == "cpu" and not records_grad(y, bias) and not torch.compiler.is_compiling():
+    y = F.linear(x, weight)    # (y records a gradient exactly when x or weight does)
+    if y.device.type == "cpu" and not records and not torch.compiler.is_compiling():
         return bias_act_(y, bias, activation)
     return bias_act(y, bias, activation)
 

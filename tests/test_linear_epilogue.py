@@ -7,8 +7,6 @@ numbers are checked by test_cpp_ops.py's CUDA tests and by the CUDA tests at the
 from __future__ import annotations
 
 import copy
-import json
-import logging
 import subprocess
 import sys
 
@@ -24,7 +22,7 @@ from helpers import random_batch, real
 
 HAS_CUDA = torch.cuda.is_available()
 REFERENCE_ACT = {"gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu}
-EPILOGUE_ACT = {"bias_gelu_tanh": "gelu_tanh", "bias_relu": "relu"}
+EPILOGUE_ACT = {epilogue: activation for activation, epilogue in ops.LINEAR_EPILOGUES.items()}
 
 
 @pytest.fixture
