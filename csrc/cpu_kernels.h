@@ -388,43 +388,71 @@ __attribute__((target("avx512f"), noinline)) inline void fill_from_bits_avx512(c
 }
 #undef BF_TARGET_PHILOX512
 
+// AVX2, per round and 8 lanes: 2 shifts, 4 vpmuludq, 4 shifts and 4 blends to put the product halves in place,
+// 4 xors. Four independent vectors (32 counters) a loop step: one vector's round is a chain of ~8 cycles
+// (vpmuludq -> blend -> xor) that the next step overlapped only partly; with four, the vpmuludq (40 per 8 lanes,
+// one pipe on Zen 2) are the bound (NOTES change 32). The round keys are broadcast once per call.
+#define BF_TARGET_PHILOX256 __attribute__((target("avx2"), always_inline))
 template <int R>
 __attribute__((target("avx2"), noinline)) void keep_bits_avx2(const Dropout& d, uint64_t base, uint32_t c2,
                                                               int64_t n, uint8_t* keep_bits) {
+  constexpr int V = 4;  // vectors of 8 counters a step
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256 p = _mm256_set1_ps(d.p), unit = _mm256_set1_ps(4.6566127342e-10f);
-  for (int64_t i = 0; i < n; i += 8) {
-    const uint64_t off = base + static_cast<uint64_t>(i);
-    const __m256i lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(off)));
-    __m256i c0 = _mm256_add_epi32(lo, iota);
-    // carry into the high word where the low word wrapped (unsigned c0 < lo, as a signed compare of flipped signs)
-    const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(lo, sign), _mm256_xor_si256(c0, sign));
-    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(off >> 32))), wrapped);
-    __m256i c2v = _mm256_set1_epi32(static_cast<int>(c2)), c3 = _mm256_setzero_si256();
-    uint32_t k0 = d.seed_lo, k1 = d.seed_hi;
+  const __m256i third = _mm256_set1_epi32(static_cast<int>(c2));
+  __m256i k0[R], k1[R];  // the round keys
+  uint32_t key0 = d.seed_lo, key1 = d.seed_hi;
+  for (int round = 0; round < R; ++round, key0 += 0x9E3779B9u, key1 += 0xBB67AE85u) {
+    k0[round] = _mm256_set1_epi32(static_cast<int>(key0));
+    k1[round] = _mm256_set1_epi32(static_cast<int>(key1));
+  }
+  // the keep mask of the 32 consecutive counters from off, bit i for counter off + i
+  auto kept = [&](uint64_t off) BF_TARGET_PHILOX256 {
+    __m256i c0[V], c1[V], c2v[V], c3[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const uint64_t o = off + 8 * static_cast<uint64_t>(v);
+      const __m256i lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(o)));
+      c0[v] = _mm256_add_epi32(lo, iota);
+      // carry into the high word where the low word wrapped (unsigned c0 < lo, a signed compare of flipped signs)
+      const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(lo, sign), _mm256_xor_si256(c0[v], sign));
+      c1[v] = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(o >> 32))), wrapped);
+      c2v[v] = third;
+      c3[v] = _mm256_setzero_si256();
+    }
+    const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+    const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
 #pragma GCC unroll 10
     for (int round = 0; round < R; ++round) {
-      const __m256i pe0 = _mm256_mul_epu32(c2v, m0), po0 = _mm256_mul_epu32(_mm256_srli_epi64(c2v, 32), m0);
-      const __m256i pe1 = _mm256_mul_epu32(c0, m1), po1 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m1);
-      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(pe0, 32), po0, 0xAA);
-      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(pe1, 32), po1, 0xAA);
-      const __m256i lo0 = _mm256_blend_epi32(pe0, _mm256_slli_epi64(po0, 32), 0xAA);
-      const __m256i lo1 = _mm256_blend_epi32(pe1, _mm256_slli_epi64(po1, 32), 0xAA);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi0, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      c2v = _mm256_xor_si256(_mm256_xor_si256(hi1, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-      c1 = lo0;
-      c3 = lo1;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        const __m256i pe0 = _mm256_mul_epu32(c2v[v], m0), po0 = _mm256_mul_epu32(_mm256_srli_epi64(c2v[v], 32), m0);
+        const __m256i pe1 = _mm256_mul_epu32(c0[v], m1), po1 = _mm256_mul_epu32(_mm256_srli_epi64(c0[v], 32), m1);
+        const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(pe0, 32), po0, 0xAA);
+        const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(pe1, 32), po1, 0xAA);
+        const __m256i lo0 = _mm256_blend_epi32(pe0, _mm256_slli_epi64(po0, 32), 0xAA);
+        const __m256i lo1 = _mm256_blend_epi32(pe1, _mm256_slli_epi64(po1, 32), 0xAA);
+        c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, c1[v]), k0[round]);
+        c2v[v] = _mm256_xor_si256(_mm256_xor_si256(hi1, c3[v]), k1[round]);
+        c1[v] = lo0;
+        c3[v] = lo1;
+      }
     }
-    const __m256i v = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31));  // v < 0 ? ~v : v
-    const __m256 keep = _mm256_cmp_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), unit), p, _CMP_GE_OQ);
-    store_keep_bits(static_cast<uint32_t>(_mm256_movemask_ps(keep)), i, std::min<int64_t>(n - i, 8), keep_bits);
+    uint32_t mask = 0;
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const __m256i w = _mm256_xor_si256(c0[v], _mm256_srai_epi32(c0[v], 31));  // w < 0 ? ~w : w
+      const __m256 keep = _mm256_cmp_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(w), unit), p, _CMP_GE_OQ);
+      mask |= static_cast<uint32_t>(_mm256_movemask_ps(keep)) << (8 * v);
+    }
+    return mask;
+  };
+  for (int64_t i = 0; i < n; i += 8 * V) {  // the last step's lanes past n are drawn and dropped
+    store_keep_bits(kept(base + static_cast<uint64_t>(i)), i, std::min<int64_t>(n - i, 8 * V), keep_bits);
   }
 }
+#undef BF_TARGET_PHILOX256
 
 // out[i] = scale where bit i of keep_bits is set: one byte broadcast to 8 lanes, each lane testing its own bit
 __attribute__((target("avx2"), noinline)) inline void fill_from_bits_avx2(const Dropout& d, const uint8_t* keep_bits,
