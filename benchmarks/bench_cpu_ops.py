@@ -2,7 +2,16 @@
 
 BERT-base shapes (T = 4096 packed tokens, H = 768, I = 3072; pad/unpad from a 32 x 256 padded batch with half
 of it padding), fp32, torch.set_num_threads(2). Wall-clock median over repeats after warm-up; ours and torch's
-runs alternate in one loop so both see the same machine load.
+runs alternate in one loop so both see the same machine load. The LayerNorm is also timed forward + backward
+(rows "... fwd+bwd"), as a training step runs it: its backward recomputes the pre-LayerNorm sum from x and the
+residual instead of saving it, which costs the backward one read more than torch's composite and the forward
+one write less.
+
+Throughput: each case's bytes are what the fused op reads and writes once (every element of its inputs and
+outputs; for gathers, the rows gathered), and every row of the case, torch's too, is given in GB/s of those
+bytes, as a fraction of the copy bandwidth measured at the start of the run (`frac_copy_bw`: torch's copy_ of
+64 MiB, 2 threads, read + written bytes), and of a copy moving the case's own bytes (`frac_same_bytes_copy`:
+half read, half written; at these sizes part of it can sit in the L3, so this is the ceiling at the op's size).
 
     python benchmarks/bench_cpu_ops.py [--quick] [--reuse-memory]
 
@@ -11,9 +20,10 @@ runs alternate in one loop so both see the same machine load.
 every [4096, 3072] fp32 output (48 MiB) is fresh mmap'd memory and its page faults (~45 ms here) dominate both
 sides' timings. jemalloc / tcmalloc behave like the reuse mode.
 
-run(quick=False) -> list of rows {name, shape, dtype, impl, ms, speedup, ms_min, speedup_min} (ms = median;
-speedup = torch ms / our ms on our rows, 1.0 on torch's; the _min pair from the fastest repeat, steadier on a
-shared machine). suite_run(quick) -> the rows of both allocator modes, the second measured in a child process
+run(quick=False) -> list of rows {name, shape, dtype, impl, ms, speedup, ms_min, speedup_min, bytes, gbps,
+frac_copy_bw, frac_same_bytes_copy} (ms = median; speedup = torch ms / our ms on our rows, 1.0 on torch's; the
+_min pair from the fastest repeat, steadier on a shared machine), after a first row "copy" with the copy
+bandwidth (ms None). suite_run(quick) -> the rows of both allocator modes, the second measured in a child process
 (mallopt lasts for the rest of a process), each row's `malloc` saying which (`bertfast bench` uses it).
 """
 import argparse
@@ -49,7 +59,12 @@ def _time_pair(ours, theirs, repeats, warmup=3):
     return (statistics.median(a) * 1e3, statistics.median(b) * 1e3), (min(a) * 1e3, min(b) * 1e3)
 
 
-def _cases():
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _cases(T=T, H=H, I=I, B=B, S=S):
+    """[(name, shape, ours, torch's, bytes)]: BERT-base sizes by default (smaller ones for the tests)."""
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape):
@@ -70,6 +85,23 @@ def _cases():
         z = F.dropout(z, dropout_p, training=True) if dropout_p else z
         out = F.layer_norm(z + leaves[3], (H,), leaves[1], leaves[2], 1e-12)
         return lambda: torch.autograd.grad(out, leaves, dy, retain_graph=True)
+
+    def ln_ours_train(act, dropout_p=0.0):
+        def step():
+            _, m, s, keep = ops.add_layer_norm(x, w, b, 1e-12, r, xb, act, dropout_p, 1234)
+            return ops.add_layer_norm_backward(dy, x, w, m, s, r, xb, act, dropout_p, 1234, keep)
+        return step
+
+    def ln_composite_train(act, dropout_p=0.0):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, r, xb)]
+
+        def step():
+            z = leaves[0] + leaves[4]
+            z = F.gelu(z) if act == "gelu" else z
+            z = F.dropout(z, dropout_p, training=True) if dropout_p else z
+            out = F.layer_norm(z + leaves[3], (H,), leaves[1], leaves[2], 1e-12)
+            return torch.autograd.grad(out, leaves, dy)
+        return step
 
     def act_composite_bwd(approximate):
         lx, lb = u.clone().requires_grad_(), ub.clone().requires_grad_()
@@ -104,35 +136,54 @@ def _cases():
         out = F.layer_norm(h, (H,), leaves[3], leaves[4], 1e-12)
         return lambda: torch.autograd.grad(out, leaves, de, retain_graph=True)
 
+    # bytes read and written once: the [N, H] tensors and the vectors; the row statistics; the keep bits
+    vecs = _nbytes(w, b, xb)
+    ln_fwd = _nbytes(x, r, y, mean, rstd) + vecs
+    ln_fwd_drop = ln_fwd + _nbytes(keep_d)
+    ln_bwd = _nbytes(dy, x, r, mean, rstd, x) + 2 * vecs               # dy, x, residual, stats -> dx
+    ln_bwd_two = ln_bwd + _nbytes(x)                                    # ... and dresidual apart from dx
+    rows_gathered = t_real * H * we.element_size()
+    embed_bytes = (_nbytes(ids, pos, tt) + _nbytes(idx) + 3 * rows_gathered + _nbytes(w, b)
+                   + _nbytes(e_out, e_mean, e_rstd))
     return [
         ("add_layer_norm", f"{T}x{H}",
          lambda: ops.add_layer_norm(x, w, b, 1e-12, r, xb, ""),
-         lambda: F.layer_norm(x + xb + r, (H,), w, b, 1e-12)),
+         lambda: F.layer_norm(x + xb + r, (H,), w, b, 1e-12), ln_fwd),
         ("add_layer_norm(gelu)", f"{T}x{H}",
          lambda: ops.add_layer_norm(x, w, b, 1e-12, r, xb, "gelu"),
-         lambda: F.layer_norm(F.gelu(x + xb) + r, (H,), w, b, 1e-12)),
+         lambda: F.layer_norm(F.gelu(x + xb) + r, (H,), w, b, 1e-12), ln_fwd),
         ("add_layer_norm_backward", f"{T}x{H}",
-         lambda: ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, ""), ln_composite_bwd("")),
+         lambda: ops.add_layer_norm_backward(dy, x, w, mean, rstd, r, xb, ""), ln_composite_bwd(""), ln_bwd),
         ("add_layer_norm_backward(gelu)", f"{T}x{H}",
-         lambda: ops.add_layer_norm_backward(dy, x, w, mean_g, rstd_g, r, xb, "gelu"), ln_composite_bwd("gelu")),
+         lambda: ops.add_layer_norm_backward(dy, x, w, mean_g, rstd_g, r, xb, "gelu"), ln_composite_bwd("gelu"),
+         ln_bwd_two),
         ("add_layer_norm(dropout 0.1)", f"{T}x{H}",
          lambda: ops.add_layer_norm(x, w, b, 1e-12, r, xb, "", 0.1, 1234),
-         lambda: F.layer_norm(F.dropout(x + xb, 0.1, training=True) + r, (H,), w, b, 1e-12)),
+         lambda: F.layer_norm(F.dropout(x + xb, 0.1, training=True) + r, (H,), w, b, 1e-12), ln_fwd_drop),
         ("add_layer_norm_backward(dropout 0.1)", f"{T}x{H}",
          lambda: ops.add_layer_norm_backward(dy, x, w, mean_d, rstd_d, r, xb, "", 0.1, 1234, keep_d),
-         ln_composite_bwd("", 0.1)),
-        ("bias_act(gelu)", f"{T}x{I}", lambda: ops.bias_act(u, ub, "gelu"), lambda: F.gelu(u + ub)),
+         ln_composite_bwd("", 0.1), ln_bwd_two + _nbytes(keep_d)),
+        ("add_layer_norm fwd+bwd", f"{T}x{H}", ln_ours_train(""), ln_composite_train(""), ln_fwd + ln_bwd),
+        ("add_layer_norm(gelu) fwd+bwd", f"{T}x{H}", ln_ours_train("gelu"), ln_composite_train("gelu"),
+         ln_fwd + ln_bwd_two),
+        ("add_layer_norm(dropout 0.1) fwd+bwd", f"{T}x{H}", ln_ours_train("", 0.1), ln_composite_train("", 0.1),
+         ln_fwd_drop + ln_bwd_two + _nbytes(keep_d)),
+        ("bias_act(gelu)", f"{T}x{I}", lambda: ops.bias_act(u, ub, "gelu"), lambda: F.gelu(u + ub),
+         2 * _nbytes(u) + _nbytes(ub)),
         ("bias_act(gelu_tanh)", f"{T}x{I}", lambda: ops.bias_act(u, ub, "gelu_tanh"),
-         lambda: F.gelu(u + ub, approximate="tanh")),
+         lambda: F.gelu(u + ub, approximate="tanh"), 2 * _nbytes(u) + _nbytes(ub)),
         ("bias_act_backward(gelu)", f"{T}x{I}", lambda: ops.bias_act_backward(du, u, ub, "gelu"),
-         act_composite_bwd("none")),
+         act_composite_bwd("none"), 3 * _nbytes(u) + 2 * _nbytes(ub)),
         ("embed", f"{t_real}x{H} of {B}x{S}",
-         lambda: ops.embed(ids, idx, pos, tt, we, pe, te, w, b, 1e-12), embed_torch),
+         lambda: ops.embed(ids, idx, pos, tt, we, pe, te, w, b, 1e-12), embed_torch, embed_bytes),
+        # the backward also writes every row of the three table gradients (zeros where no token is)
         ("embed_backward", f"{t_real}x{H} of {B}x{S}, dense [{VOCAB}, {H}] table",
-         lambda: ops.embed_backward(de, ids, idx, pos, tt, we, pe, te, w, e_mean, e_rstd), embed_composite_bwd()),
-        ("unpad", f"{n}x{H} -> {t_real}", lambda: ops.unpad(xp, idx), lambda: xp.index_select(0, idx)),
+         lambda: ops.embed_backward(de, ids, idx, pos, tt, we, pe, te, w, e_mean, e_rstd), embed_composite_bwd(),
+         embed_bytes + _nbytes(we, pe, te)),
+        ("unpad", f"{n}x{H} -> {t_real}", lambda: ops.unpad(xp, idx), lambda: xp.index_select(0, idx),
+         2 * _nbytes(xu) + _nbytes(idx)),
         ("pad", f"{t_real}x{H} -> {n}", lambda: ops.pad(xu, idx, n),
-         lambda: xu.new_zeros(n, H).index_put_((idx,), xu)),
+         lambda: xu.new_zeros(n, H).index_put_((idx,), xu), _nbytes(xu, xp, idx)),
     ]
 
 
@@ -145,22 +196,40 @@ def _reuse_freed_memory():
         raise RuntimeError("mallopt failed")
 
 
-def run(quick=False, reuse_memory=False):
+def _copy_gbs(nbytes: int, repeats: int) -> float:
+    """GB/s (read + written bytes) of torch's copy_ moving nbytes in all: nbytes / 2 read, nbytes / 2 written."""
+    src = torch.randn(max(nbytes // 8, 1))
+    dst = torch.empty_like(src)
+    (ms, _), _ = _time_pair(lambda: dst.copy_(src), lambda: None, repeats)
+    return 2 * _nbytes(src) / (ms * 1e-3) / 1e9
+
+
+def run(quick=False, reuse_memory=False, sizes=None):
+    """The rows (module docstring); sizes: _cases' keyword arguments (BERT-base sizes when None)."""
     if reuse_memory:
         _reuse_freed_memory()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    rows = []
+    repeats = 21 if quick else 41
     try:
+        copy_bw = _copy_gbs(2 * 64 * 2 ** 20, repeats)      # 64 MiB read, 64 MiB written
+        rows = [dict(name="copy", shape="64 MiB", dtype="float32", impl="torch copy_", ms=None,
+                     gbps=round(copy_bw, 1), frac_copy_bw=1.0)]
         # no torch.no_grad(): the backward composites build their graphs once in _cases() (no other input
         # requires grad, so the forward composites record nothing either)
-        for name, shape, ours, theirs in _cases():
-            (ms_ours, ms_torch), (min_ours, min_torch) = _time_pair(ours, theirs, 21 if quick else 41)
+        for name, shape, ours, theirs, nbytes in _cases(**(sizes or {})):
+            (ms_ours, ms_torch), (min_ours, min_torch) = _time_pair(ours, theirs, repeats)
+            same = _copy_gbs(nbytes, repeats)
+
+            def throughput(ms):
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                return dict(bytes=nbytes, gbps=round(gbps, 1), frac_copy_bw=round(gbps / copy_bw, 3),
+                            frac_same_bytes_copy=round(gbps / same, 3))
             rows.append(dict(name=name, shape=shape, dtype="float32", impl="bertfast_C", ms=round(ms_ours, 3),
                              speedup=round(ms_torch / ms_ours, 2), ms_min=round(min_ours, 3),
-                             speedup_min=round(min_torch / min_ours, 2)))
+                             speedup_min=round(min_torch / min_ours, 2), **throughput(ms_ours)))
             rows.append(dict(name=name, shape=shape, dtype="float32", impl="torch", ms=round(ms_torch, 3),
-                             speedup=1.0, ms_min=round(min_torch, 3), speedup_min=1.0))
+                             speedup=1.0, ms_min=round(min_torch, 3), speedup_min=1.0, **throughput(ms_torch)))
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -189,12 +258,16 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available, benchmark uses 2; "
           f"{torch.backends.cpu.get_cpu_capability()}; "
           f"malloc: {MALLOC_MODES[args.reuse_memory]}")
-    print("median (and min) wall ms over the repeats; speedup = torch / bertfast_C")
-    print(f"{'op':30s} {'shape':24s} {'bertfast_C ms':>14s} {'torch ms':>10s} {'speedup':>8s} "
-          f"{'min ours':>9s} {'min torch':>9s} {'speedup':>8s}")
-    for ours, theirs in zip(rows[::2], rows[1::2]):
-        print(f"{ours['name']:30s} {ours['shape']:24s} {ours['ms']:14.3f} {theirs['ms']:10.3f} "
-              f"{ours['speedup']:7.2f}x {ours['ms_min']:9.3f} {theirs['ms_min']:9.3f} {ours['speedup_min']:7.2f}x")
+    copy, cases = rows[0], rows[1:]
+    print(f"copy bandwidth {copy['gbps']:.1f} GB/s (64 MiB read + 64 MiB written); "
+          "median (and min) wall ms over the repeats; speedup = torch / bertfast_C; "
+          "GB/s of the fused op's bytes and its fraction of a copy of the same bytes")
+    print(f"{'op':38s} {'shape':24s} {'bertfast_C ms':>14s} {'torch ms':>10s} {'speedup':>8s} "
+          f"{'min ours':>9s} {'min torch':>9s} {'speedup':>8s} {'GB/s':>6s} {'of copy':>8s}")
+    for ours, theirs in zip(cases[::2], cases[1::2]):
+        print(f"{ours['name']:38s} {ours['shape']:24s} {ours['ms']:14.3f} {theirs['ms']:10.3f} "
+              f"{ours['speedup']:7.2f}x {ours['ms_min']:9.3f} {theirs['ms_min']:9.3f} {ours['speedup_min']:7.2f}x "
+              f"{ours['gbps']:6.1f} {ours['frac_same_bytes_copy']:8.0%}")
 
 
 if __name__ == "__main__":

@@ -112,3 +112,43 @@ def test_linear_act_encoder_rows_run():
     assert [(r["shape"], r["impl"]) for r in rows] == [("2x16 tiny", "epilogue off"), ("2x16 tiny", "epilogue on"),
                                                        ("1x8 tiny", "epilogue off"), ("1x8 tiny", "epilogue on")]
     assert all(r["ms"] > 0 and r["speedup"] > 0 and r["name"] == "encoder gelu_new" for r in rows)
+
+
+SMALL_CPU_SIZES = dict(T=64, H=48, I=96, B=4, S=32)
+
+
+def test_cpu_ops_cases_run():
+    """bench_cpu_ops (the CPU suite's kernel rows) at small sizes: every case runs, both sides of a case compute
+    the same thing (outputs and gradients; dropout draws its own mask on each side, so only shapes there), and
+    every row carries its bytes, GB/s and fractions of the two copies."""
+    from benchmarks import bench_cpu_ops
+    cases = bench_cpu_ops._cases(**SMALL_CPU_SIZES)
+    assert len({c[0] for c in cases}) == len(cases)
+    for name, shape, ours, theirs, nbytes in cases:
+        a, b = ours(), theirs()
+        a = [t for t in (a if isinstance(a, (tuple, list)) else [a]) if t is not None]
+        b = list(b) if isinstance(b, (tuple, list)) else [b]
+        assert nbytes > 0, name
+        if name.startswith("add_layer_norm") and ("backward" in name or "fwd+bwd" in name):
+            # ours: dx, [dresidual], dweight, dbias, dx_bias; torch: the grads of x, weight, bias, residual, x_bias
+            dx, *rest = a
+            dres = rest.pop(0) if len(rest) == 4 else dx
+            a, b = [dx, dres, *rest], [b[0], b[3], b[1], b[2], b[4]]
+        elif name.startswith("add_layer_norm"):
+            a = a[:1]
+        elif name == "bias_act_backward(gelu)":
+            pass                        # (dx, dbias) on both sides
+        elif name.startswith("embed_backward"):
+            a, b = list(a), [b[0], b[1], b[2], b[3], b[4]]
+        elif name == "embed":
+            a = a[:1]
+        assert len(a) == len(b), (name, len(a), len(b))
+        for u, v in zip(a, b):
+            assert u.shape == v.shape, (name, u.shape, v.shape)
+            if "dropout" not in name:
+                torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    rows = bench_cpu_ops.run(quick=True, sizes=SMALL_CPU_SIZES)
+    assert rows[0]["name"] == "copy" and rows[0]["ms"] is None and rows[0]["gbps"] > 0
+    assert len(rows) == 1 + 2 * len(cases)
+    for r in rows[1:]:
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["frac_copy_bw"] > 0 and r["frac_same_bytes_copy"] > 0, r
