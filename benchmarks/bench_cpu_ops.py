@@ -63,19 +63,34 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+DROPOUT_P, SEED = 0.1, 1234     # the LayerNorm cases' dropout
+
+
+def _sig(v: float) -> float:
+    """v to 4 significant digits (never rounded to 0, as a fixed number of decimals would a slow tiny case)."""
+    return float(f"{v:.4g}")
+
+
+def ln_inputs(T: int, H: int, g: torch.Generator):
+    """x, residual, dy [T, H] and weight, bias, x_bias [H] of the LayerNorm cases, the first draws from g."""
+    x, r, dy = (torch.randn(T, H, generator=g) for _ in range(3))
+    w, b, xb = 1 + 0.1 * torch.randn(H, generator=g), 0.1 * torch.randn(H, generator=g), torch.randn(H, generator=g)
+    return x, r, dy, w, b, xb
+
+
 def _cases(T=T, H=H, I=I, B=B, S=S):
-    """[(name, shape, ours, torch's, bytes)]: BERT-base sizes by default (smaller ones for the tests)."""
+    """[(name, shape, ours, torch's, bytes)]: BERT-base sizes by default (smaller ones for the tests). The
+    LayerNorm inputs are ln_inputs(T, H, torch.Generator().manual_seed(0))."""
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g)
 
-    x, r, dy = randn(T, H), randn(T, H), randn(T, H)
-    w, b, xb = 1 + 0.1 * randn(H), 0.1 * randn(H), randn(H)
+    x, r, dy, w, b, xb = ln_inputs(T, H, g)
     y, mean, rstd, _ = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "")
     yg, mean_g, rstd_g, _ = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "gelu")
     # with dropout the backward reads the forward's keep bits (as bertfast.ops passes them)
-    _, mean_d, rstd_d, keep_d = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "", 0.1, 1234)
+    _, mean_d, rstd_d, keep_d = ops.add_layer_norm(x, w, b, 1e-12, r, xb, "", DROPOUT_P, SEED)
     u, ub, du = randn(T, I), randn(I), randn(T, I)
 
     def ln_composite_bwd(act, dropout_p=0.0):
@@ -88,8 +103,8 @@ def _cases(T=T, H=H, I=I, B=B, S=S):
 
     def ln_ours_train(act, dropout_p=0.0):
         def step():
-            _, m, s, keep = ops.add_layer_norm(x, w, b, 1e-12, r, xb, act, dropout_p, 1234)
-            return ops.add_layer_norm_backward(dy, x, w, m, s, r, xb, act, dropout_p, 1234, keep)
+            _, m, s, keep = ops.add_layer_norm(x, w, b, 1e-12, r, xb, act, dropout_p, SEED)
+            return ops.add_layer_norm_backward(dy, x, w, m, s, r, xb, act, dropout_p, SEED, keep)
         return step
 
     def ln_composite_train(act, dropout_p=0.0):
@@ -136,15 +151,18 @@ def _cases(T=T, H=H, I=I, B=B, S=S):
         out = F.layer_norm(h, (H,), leaves[3], leaves[4], 1e-12)
         return lambda: torch.autograd.grad(out, leaves, de, retain_graph=True)
 
-    # bytes read and written once: the [N, H] tensors and the vectors; the row statistics; the keep bits
-    vecs = _nbytes(w, b, xb)
-    ln_fwd = _nbytes(x, r, y, mean, rstd) + vecs
+    # bytes read and written once: the [N, H] tensors, the row statistics, the [H] vectors, the keep bits
+    vec = _nbytes(w)
+    ln_fwd = _nbytes(x, r, y, mean, rstd) + 3 * vec                     # x, residual, w, b, x_bias -> y, stats
     ln_fwd_drop = ln_fwd + _nbytes(keep_d)
-    ln_bwd = _nbytes(dy, x, r, mean, rstd, x) + 2 * vecs               # dy, x, residual, stats -> dx
-    ln_bwd_two = ln_bwd + _nbytes(x)                                    # ... and dresidual apart from dx
-    rows_gathered = t_real * H * we.element_size()
-    embed_bytes = (_nbytes(ids, pos, tt) + _nbytes(idx) + 3 * rows_gathered + _nbytes(w, b)
-                   + _nbytes(e_out, e_mean, e_rstd))
+    ln_bwd = _nbytes(dy, x, r, mean, rstd, x) + 5 * vec                 # dy, x, residual, stats, w, x_bias -> dx,
+    ln_bwd_two = ln_bwd + _nbytes(x)                                    # dw, db, dx_bias; and dresidual apart
+    ids_read = 3 * t_real * ids.element_size() + _nbytes(idx)           # the real tokens' ids, positions, types
+    rows_gathered = 3 * t_real * H * we.element_size()                  # their word, position and type rows
+    embed_bytes = ids_read + rows_gathered + 2 * vec + _nbytes(e_out, e_mean, e_rstd)
+    # the backward: de, the stats and weight read, the rows gathered again, dweight / dbias and every row of the
+    # three table gradients written (zeros where no token is)
+    embed_bwd_bytes = ids_read + rows_gathered + _nbytes(de, e_mean, e_rstd) + 3 * vec + _nbytes(we, pe, te)
     return [
         ("add_layer_norm", f"{T}x{H}",
          lambda: ops.add_layer_norm(x, w, b, 1e-12, r, xb, ""),
@@ -158,15 +176,16 @@ def _cases(T=T, H=H, I=I, B=B, S=S):
          lambda: ops.add_layer_norm_backward(dy, x, w, mean_g, rstd_g, r, xb, "gelu"), ln_composite_bwd("gelu"),
          ln_bwd_two),
         ("add_layer_norm(dropout 0.1)", f"{T}x{H}",
-         lambda: ops.add_layer_norm(x, w, b, 1e-12, r, xb, "", 0.1, 1234),
-         lambda: F.layer_norm(F.dropout(x + xb, 0.1, training=True) + r, (H,), w, b, 1e-12), ln_fwd_drop),
+         lambda: ops.add_layer_norm(x, w, b, 1e-12, r, xb, "", DROPOUT_P, SEED),
+         lambda: F.layer_norm(F.dropout(x + xb, DROPOUT_P, training=True) + r, (H,), w, b, 1e-12), ln_fwd_drop),
         ("add_layer_norm_backward(dropout 0.1)", f"{T}x{H}",
-         lambda: ops.add_layer_norm_backward(dy, x, w, mean_d, rstd_d, r, xb, "", 0.1, 1234, keep_d),
-         ln_composite_bwd("", 0.1), ln_bwd_two + _nbytes(keep_d)),
+         lambda: ops.add_layer_norm_backward(dy, x, w, mean_d, rstd_d, r, xb, "", DROPOUT_P, SEED, keep_d),
+         ln_composite_bwd("", DROPOUT_P), ln_bwd_two + _nbytes(keep_d)),
         ("add_layer_norm fwd+bwd", f"{T}x{H}", ln_ours_train(""), ln_composite_train(""), ln_fwd + ln_bwd),
         ("add_layer_norm(gelu) fwd+bwd", f"{T}x{H}", ln_ours_train("gelu"), ln_composite_train("gelu"),
          ln_fwd + ln_bwd_two),
-        ("add_layer_norm(dropout 0.1) fwd+bwd", f"{T}x{H}", ln_ours_train("", 0.1), ln_composite_train("", 0.1),
+        ("add_layer_norm(dropout 0.1) fwd+bwd", f"{T}x{H}", ln_ours_train("", DROPOUT_P),
+         ln_composite_train("", DROPOUT_P),
          ln_fwd_drop + ln_bwd_two + _nbytes(keep_d)),
         ("bias_act(gelu)", f"{T}x{I}", lambda: ops.bias_act(u, ub, "gelu"), lambda: F.gelu(u + ub),
          2 * _nbytes(u) + _nbytes(ub)),
@@ -176,10 +195,9 @@ def _cases(T=T, H=H, I=I, B=B, S=S):
          act_composite_bwd("none"), 3 * _nbytes(u) + 2 * _nbytes(ub)),
         ("embed", f"{t_real}x{H} of {B}x{S}",
          lambda: ops.embed(ids, idx, pos, tt, we, pe, te, w, b, 1e-12), embed_torch, embed_bytes),
-        # the backward also writes every row of the three table gradients (zeros where no token is)
         ("embed_backward", f"{t_real}x{H} of {B}x{S}, dense [{VOCAB}, {H}] table",
          lambda: ops.embed_backward(de, ids, idx, pos, tt, we, pe, te, w, e_mean, e_rstd), embed_composite_bwd(),
-         embed_bytes + _nbytes(we, pe, te)),
+         embed_bwd_bytes),
         ("unpad", f"{n}x{H} -> {t_real}", lambda: ops.unpad(xp, idx), lambda: xp.index_select(0, idx),
          2 * _nbytes(xu) + _nbytes(idx)),
         ("pad", f"{t_real}x{H} -> {n}", lambda: ops.pad(xu, idx, n),
@@ -214,7 +232,7 @@ def run(quick=False, reuse_memory=False, sizes=None):
     try:
         copy_bw = _copy_gbs(2 * 64 * 2 ** 20, repeats)      # 64 MiB read, 64 MiB written
         rows = [dict(name="copy", shape="64 MiB", dtype="float32", impl="torch copy_", ms=None,
-                     gbps=round(copy_bw, 1), frac_copy_bw=1.0)]
+                     gbps=_sig(copy_bw), frac_copy_bw=1.0)]
         # no torch.no_grad(): the backward composites build their graphs once in _cases() (no other input
         # requires grad, so the forward composites record nothing either)
         for name, shape, ours, theirs, nbytes in _cases(**(sizes or {})):
@@ -223,8 +241,8 @@ def run(quick=False, reuse_memory=False, sizes=None):
 
             def throughput(ms):
                 gbps = nbytes / (ms * 1e-3) / 1e9
-                return dict(bytes=nbytes, gbps=round(gbps, 1), frac_copy_bw=round(gbps / copy_bw, 3),
-                            frac_same_bytes_copy=round(gbps / same, 3))
+                return dict(bytes=nbytes, gbps=_sig(gbps), frac_copy_bw=_sig(gbps / copy_bw),
+                            frac_same_bytes_copy=_sig(gbps / same))
             rows.append(dict(name=name, shape=shape, dtype="float32", impl="bertfast_C", ms=round(ms_ours, 3),
                              speedup=round(ms_torch / ms_ours, 2), ms_min=round(min_ours, 3),
                              speedup_min=round(min_torch / min_ours, 2), **throughput(ms_ours)))

@@ -117,38 +117,78 @@ def test_linear_act_encoder_rows_run():
 SMALL_CPU_SIZES = dict(T=64, H=48, I=96, B=4, S=32)
 
 
+def _dropout_ln_reference(bench, T, H, fac):
+    """The dropout LayerNorm cases' forward and gradients by torch's autograd in float64 with the dropout factors
+    fac [T, H]: (y, [dx, dresidual, dw, db, dx_bias])."""
+    x, r, dy, w, b, xb = (t.double().requires_grad_() for t in bench.ln_inputs(T, H, torch.Generator().manual_seed(0)))
+    y = torch.nn.functional.layer_norm((x + xb) * fac.double() + r, (H,), w, b, 1e-12)
+    gx, gr, gw, gb, gxb = torch.autograd.grad(y, (x, r, w, b, xb), dy)
+    return y.detach().float(), [g.float() for g in (gx, gr, gw, gb, gxb)]
+
+
 def test_cpu_ops_cases_run():
-    """bench_cpu_ops (the CPU suite's kernel rows) at small sizes: every case runs, both sides of a case compute
-    the same thing (outputs and gradients; dropout draws its own mask on each side, so only shapes there), and
-    every row carries its bytes, GB/s and fractions of the two copies."""
-    from benchmarks import bench_cpu_ops
-    cases = bench_cpu_ops._cases(**SMALL_CPU_SIZES)
+    """bench_cpu_ops (the CPU suite's kernel rows) at small sizes: every case runs; both sides of a case compute
+    the same outputs and gradients (with dropout each side draws its own mask, so each side is checked against
+    torch's autograd applying that side's mask: ours from its Philox seed, the composite's from torch's generator
+    replayed); byte counts by formula; every row carries its GB/s and the fractions of the two copies, consistent
+    with its bytes and time."""
+    from benchmarks import bench_cpu_ops as bench
+    T, H, I = SMALL_CPU_SIZES["T"], SMALL_CPU_SIZES["H"], SMALL_CPU_SIZES["I"]
+
+    def torch_mask(seed):     # the factors F.dropout draws on a [T, H] fp32 tensor right after manual_seed(seed)
+        torch.manual_seed(seed)
+        return torch.nn.functional.dropout(torch.ones(T, H), bench.DROPOUT_P, training=True)
+    # the backward-only composite draws its mask once, when _cases builds its graph (the first draw of torch's
+    # generator there: the inputs come from the cases' own generator)
+    built_mask = torch_mask(5)
+    torch.manual_seed(5)
+    cases = bench._cases(**SMALL_CPU_SIZES)
     assert len({c[0] for c in cases}) == len(cases)
+    ours_fac = torch.ops.bertfast_C._dropout_factors(bench.DROPOUT_P, bench.SEED, 0, T * H).view(T, H)
     for name, shape, ours, theirs, nbytes in cases:
-        a, b = ours(), theirs()
+        a = ours()
+        torch.manual_seed(7)
+        b = theirs()
+        if "dropout" in name:
+            ref_ours = _dropout_ln_reference(bench, T, H, ours_fac)
+            ref_torch = _dropout_ln_reference(bench, T, H, built_mask if "_backward" in name else torch_mask(7))
         a = [t for t in (a if isinstance(a, (tuple, list)) else [a]) if t is not None]
         b = list(b) if isinstance(b, (tuple, list)) else [b]
-        assert nbytes > 0, name
         if name.startswith("add_layer_norm") and ("backward" in name or "fwd+bwd" in name):
             # ours: dx, [dresidual], dweight, dbias, dx_bias; torch: the grads of x, weight, bias, residual, x_bias
             dx, *rest = a
             dres = rest.pop(0) if len(rest) == 4 else dx
             a, b = [dx, dres, *rest], [b[0], b[3], b[1], b[2], b[4]]
+            pick = 1            # the gradients
         elif name.startswith("add_layer_norm"):
-            a = a[:1]
-        elif name == "bias_act_backward(gelu)":
-            pass                        # (dx, dbias) on both sides
+            a, pick = a[:1], 0  # y
         elif name.startswith("embed_backward"):
-            a, b = list(a), [b[0], b[1], b[2], b[3], b[4]]
+            b = list(b)
         elif name == "embed":
             a = a[:1]
         assert len(a) == len(b), (name, len(a), len(b))
-        for u, v in zip(a, b):
+        for i, (u, v) in enumerate(zip(a, b)):
             assert u.shape == v.shape, (name, u.shape, v.shape)
-            if "dropout" not in name:
+            if "dropout" in name:
+                want_u, want_v = ([ref[0]] if pick == 0 else ref[1] for ref in (ref_ours, ref_torch))
+                torch.testing.assert_close(u, want_u[i], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}, ours: {m}")
+                torch.testing.assert_close(v, want_v[i], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}, torch: {m}")
+            else:
                 torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
-    rows = bench_cpu_ops.run(quick=True, sizes=SMALL_CPU_SIZES)
-    assert rows[0]["name"] == "copy" and rows[0]["ms"] is None and rows[0]["gbps"] > 0
+    byname = {c[0]: c[4] for c in cases}
+    assert byname["add_layer_norm"] == 4 * (3 * T * H + 2 * T + 3 * H)                  # x, r -> y, stats; w, b, xb
+    assert byname["add_layer_norm_backward"] == 4 * (4 * T * H + 2 * T + 5 * H)         # dy, x, r, stats -> dx
+    assert byname["add_layer_norm_backward(gelu)"] == byname["add_layer_norm_backward"] + 4 * T * H   # dresidual
+    assert byname["add_layer_norm(dropout 0.1)"] == byname["add_layer_norm"] + T * ((H + 7) // 8)     # keep bits
+    assert byname["bias_act(gelu)"] == 4 * (2 * T * I + I)
+    assert byname["add_layer_norm fwd+bwd"] == byname["add_layer_norm"] + byname["add_layer_norm_backward"]
+    rows = bench.run(quick=True, sizes=SMALL_CPU_SIZES)
+    copy = rows[0]
+    assert copy["name"] == "copy" and copy["ms"] is None and copy["gbps"] > 0
     assert len(rows) == 1 + 2 * len(cases)
     for r in rows[1:]:
-        assert r["ms"] > 0 and r["gbps"] > 0 and r["frac_copy_bw"] > 0 and r["frac_same_bytes_copy"] > 0, r
+        assert r["ms"] > 0 and r["bytes"] == byname[r["name"]], r
+        gbps = r["bytes"] / (r["ms"] * 1e-3) / 1e9         # r["ms"] is rounded to 3 decimals
+        assert r["gbps"] > 0 and abs(r["gbps"] / gbps - 1) < 0.05 + 0.0005 / r["ms"], r
+        assert abs(r["frac_copy_bw"] / (r["gbps"] / copy["gbps"]) - 1) < 0.01, r
+        assert r["frac_same_bytes_copy"] > 0, r
