@@ -1238,7 +1238,9 @@ def add_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual
             (torch.promote_types(x.dtype, residual.dtype) if isinstance(residual, Tensor) else x.dtype)
         x, residual, weight, bias, x_bias = (t.to(cdt) if isinstance(t, Tensor) else t
                                              for t in (x, residual, weight, bias, x_bias))
-    hidden = x.shape[-1]
+    hidden = x.shape[-1] if x.dim() else 0
+    if hidden < 1:      # every implementation refuses it alike (the reference would return an empty y)
+        raise ValueError(f"x must have a non-empty last dimension (the normalised size), got shape {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
         _check_same(name, t, x, "x", shape=(hidden,))
     _check_same("residual", residual, x, "x", shape=x.shape)

@@ -264,6 +264,17 @@ def test_strided_ids_and_length_one_rows_match_transformers(backend, monkeypatch
 
 
 @pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+def test_layer_norm_of_an_empty_last_dimension_refused(backend, monkeypatch):
+    """A LayerNorm over nothing (x [..., 0], or a 0-d x) is refused by every implementation alike, naming x (the C++
+    kernel, the Triton launcher and the reference used to disagree: two different errors and an empty y)."""
+    monkeypatch.setenv("BERTFAST_BACKEND", backend)
+    for x in (torch.randn(4, 0), torch.randn(2, 3, 0), torch.tensor(1.0)):
+        w = torch.ones(0)
+        with pytest.raises(ValueError, match=r"x must have a non-empty last dimension .* got shape"):
+            bertfast.ops.add_layer_norm(x, w, torch.zeros(0), 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
 def test_empty_batches(backend, monkeypatch):
     """Batch 0, sequence length 0 and an all-padding batch give empty / zero outputs, as transformers' shapes."""
     dev = _backend(monkeypatch, backend)
