@@ -63,22 +63,15 @@ cpu::Dropout check_dropout(const char* op, double dropout_p, int64_t seed) {
   return cpu::Dropout(dropout_p, seed);
 }
 
-void check_stats(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  check_device(op, name, t, x.device());
-  check_dtype(op, name, t, at::kFloat);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), op, ": ", name, " must have shape [", x.size(0),
-              "] (one per row of x), got ", t.sizes());
-  check_contiguous(op, name, t);
-}
-
 }  // namespace ln
 
 namespace {
 
 using ln::check_common;
 using ln::check_dropout;
-using ln::kFwd;
 using ln::opt_ptr;
+
+constexpr const char* kFwd = "bertfast_C::add_layer_norm";
 
 // The helpers below take every input as a __restrict parameter: nothing is read through a closure that the row
 // stores might alias (GCC then reloads it per element and does not vectorise the loop).

@@ -12,17 +12,12 @@
 namespace bertfast {
 namespace ln {
 
-constexpr const char* kFwd = "bertfast_C::add_layer_norm";
-constexpr const char* kBwd = "bertfast_C::add_layer_norm_backward";
-
 // x [N, H] float, contiguous, H > 0; weight [H], residual [N, H] and x_bias [H] (when given) on x's device, of
 // its dtype
 void check_common(const char* op, const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& x_bias);
 // dropout_p in [0, 1], seed in [0, 2^63) when dropout_p > 0
 cpu::Dropout check_dropout(const char* op, double dropout_p, int64_t seed);
-// a row statistic (mean / rstd): float32 [N] on x's device, contiguous
-void check_stats(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x);
 
 template <typename T>
 const T* opt_ptr(const std::optional<at::Tensor>& t) {

@@ -12,9 +12,18 @@ namespace {
 
 using ln::check_common;
 using ln::check_dropout;
-using ln::check_stats;
-using ln::kBwd;
 using ln::opt_ptr;
+
+constexpr const char* kBwd = "bertfast_C::add_layer_norm_backward";
+
+// a row statistic (mean / rstd): float32 [N] on x's device, contiguous
+void check_stats(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  check_device(op, name, t, x.device());
+  check_dtype(op, name, t, at::kFloat);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), op, ": ", name, " must have shape [", x.size(0),
+              "] (one per row of x), got ", t.sizes());
+  check_contiguous(op, name, t);
+}
 
 // Backward pass 1 over a row: recompute h = dropout(act(x + x_bias)) + residual and xhat; the two row sums of
 // the LayerNorm backward (sg = sum g, sgx = sum g xhat, g = dy w); the dweight / dbias partials; xhat and
