@@ -191,10 +191,14 @@ def _available_cached(impl: str, op: str, device_type: str) -> Optional[str]:
     raise AssertionError(impl)
 
 
+_ANY_DTYPE_OPS = ("unpad", "pad")    # they copy rows as bytes (csrc/padding.cpp, csrc/cuda/padding.cu)
+
+
 def _supports(impl: str, op: str, facts: dict) -> Optional[str]:
     """None when `impl` can serve an input with these facts, else the reason it cannot."""
     dtype = facts.get("dtype")
-    if impl in ("triton", "cpp") and dtype is not None and dtype not in KERNEL_DTYPES:
+    if impl in ("triton", "cpp") and dtype is not None and dtype not in KERNEL_DTYPES \
+            and op not in _ANY_DTYPE_OPS:
         return f"dtype {dtype} (kernels take float32, float16, bfloat16)"
     if impl == "triton" and op == "varlen_attention" and facts["head_dim"] not in ATTENTION_HEAD_DIMS:
         return f"head_dim {facts['head_dim']} (kernels take {', '.join(map(str, ATTENTION_HEAD_DIMS))})"
@@ -463,6 +467,9 @@ def _check_attention_args(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int):
                          f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
     if not qkv.is_floating_point():
         raise ValueError(f"qkv must be a floating-point tensor, got {qkv.dtype}")
+    if qkv.shape[2] < 1 or qkv.shape[3] < 1:
+        # (ATen's CPU flash attention, which the CPU path calls directly, dies of SIGFPE on 0 heads)
+        raise ValueError(f"qkv must have at least one head and head_dim >= 1, got shape {tuple(qkv.shape)}")
     if qkv.stride(-1) != 1:
         raise ValueError("qkv must be contiguous in its last dimension (head_dim)")
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
@@ -1068,12 +1075,13 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: st
         raise ValueError(f"linear_act takes x [..., K] and weight [O, K], got x "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__} and weight "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    if autocast_dtype(x.device) is None:    # (under autocast F.linear casts x, weight and bias itself)
+        _check_same("weight", weight, x, "x")
+        _check_same("bias", bias, x, "x", shape=(weight.shape[0],))
     plain = type(x) is Tensor and type(weight) in _PLAIN and type(bias) in _PLAIN
     records = records_grad(x, weight, bias)
     epilogue, _ = _linear_epilogue(x.device, x.dtype, activation, bias is not None, records, plain)
-    if epilogue is not None:
-        _check_same("weight", weight, x, "x")
-        _check_same("bias", bias, x, "x", shape=(weight.shape[0],))
+    if epilogue is not None:    # (never under autocast: see _linear_epilogue)
         y = torch.ops.bertfast_C.linear_act(_as_rows(x, x.shape[-1]), weight.contiguous(), bias.contiguous(),
                                             epilogue)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
@@ -1353,6 +1361,46 @@ def _embed_backward(ctx, dy, dmean, drstd):
 _register_autograd(_embed_op, _embed_backward, _embed_setup)
 
 
+def _check_embed_args(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight,
+                      ln_bias, eps) -> None:
+    """The C++ op's argument checks (csrc/embed.h), as named ValueErrors for every implementation: the reference
+    would otherwise cast mixed dtypes, ignore token_type_ids without a type table, or take a negative eps."""
+    if not isinstance(word_emb, Tensor) or word_emb.dim() != 2 or not word_emb.is_floating_point() \
+            or word_emb.shape[1] < 1:
+        raise ValueError(f"word_emb must be a floating-point tensor [vocab, E] with E >= 1, got "
+                         f"{_describe(word_emb)}")
+    e, dev = word_emb.shape[1], word_emb.device
+    ids = [("input_ids", input_ids, "[N] (the flattened [B, S] ids)"), ("indices", indices, "[T]"),
+           ("position_ids", position_ids, "[N] (the flattened [B, S] positions)")]
+    if token_type_ids is not None:
+        if type_emb is None:
+            raise ValueError("token_type_ids given but type_emb is None (a model without token type embeddings "
+                             "takes no token_type_ids)")
+        ids.append(("token_type_ids", token_type_ids, "[N] (the flattened [B, S] types)"))
+    for name, t, layout in ids:
+        if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int64 tensor {layout}, got {_describe(t)}")
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but word_emb is on {dev}")
+        if name != "indices" and t.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{name} must have input_ids' length {input_ids.shape[0]}, got {t.shape[0]}")
+    for name, t, rows in (("pos_emb", pos_emb, "max_positions"), ("type_emb", type_emb, "type_vocab")):
+        if t is not None and (not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] != e or t.shape[0] < 1):
+            raise ValueError(f"{name} must have shape [{rows} >= 1, {e}] (word_emb's embedding size), got "
+                             f"{_describe(t)}")
+        _check_same(name, t, word_emb, "word_emb")
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor [{e}], got {type(t).__name__}")
+        _check_same(name, t, word_emb, "word_emb", shape=(e,))
+    if not float(eps) >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+
+def _describe(t) -> str:
+    return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
 def embed(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_ids: Optional[Tensor],
           word_emb: Tensor, pos_emb: Tensor, type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor,
           eps: float, padding_idx: Optional[int] = None, pos_padding_idx: Optional[int] = None) -> Tensor:
@@ -1366,14 +1414,19 @@ def embed(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_i
     returns (T, E) in word_emb's dtype. The C++ / CUDA implementations check every id they read (a named error);
     the reference relies on torch's indexing. The model checks them once per batch too.
     """
+    _check_embed_args(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight,
+                      ln_bias, eps)
     impl = choose("embed", word_emb.device, dtype=word_emb.dtype)
     # the kernels read the id / index vectors and the LayerNorm vectors by address: a strided view of them (e.g.
     # the expanded position ids of a batch of length-1 rows) is made contiguous here, a no-op otherwise
     input_ids, indices, position_ids = input_ids.contiguous(), indices.contiguous(), position_ids.contiguous()
     token_type_ids = token_type_ids.contiguous() if token_type_ids is not None else None
-    return _run(_embed_op, input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
-                ln_weight.contiguous(), ln_bias.contiguous(), float(eps), _row_or_none(padding_idx, word_emb,
-                "padding_idx"), _row_or_none(pos_padding_idx, pos_emb, "pos_padding_idx"), impl)[0]
+    # (the tables too: the C++ op reads them by address; a no-op for a model's parameters)
+    type_emb = type_emb.contiguous() if type_emb is not None else None
+    return _run(_embed_op, input_ids, indices, position_ids, token_type_ids, word_emb.contiguous(),
+                pos_emb.contiguous(), type_emb, ln_weight.contiguous(), ln_bias.contiguous(), float(eps),
+                _row_or_none(padding_idx, word_emb, "padding_idx"),
+                _row_or_none(pos_padding_idx, pos_emb, "pos_padding_idx"), impl)[0]
 
 
 def _row_or_none(row: Optional[int], table: Tensor, name: str) -> int:
@@ -1458,6 +1511,12 @@ _register_autograd(_unpad_op, _unpad_backward, _unpad_setup)
 _register_autograd(_pad_op, _pad_backward, _pad_setup)
 
 
+def _check_rows(name: str, t: Tensor, layout: str) -> None:
+    if not isinstance(t, Tensor) or t.dim() < 1:
+        raise ValueError(f"{name} must be a tensor of shape {layout} (at least 1-D), got "
+                         f"{'a 0-d tensor' if isinstance(t, Tensor) else type(t).__name__}")
+
+
 def unpad(x: Tensor, indices: Tensor, validate: bool = True) -> Tensor:
     """x (N, ...) -> x[indices] (T, ...); e.g. hidden states [B*S, H] of a padded batch to its real tokens.
     indices may repeat a row: with validate on, x's gradient accumulates (index_add_; on a GPU in nondeterministic
@@ -1465,6 +1524,7 @@ def unpad(x: Tensor, indices: Tensor, validate: bool = True) -> Tensor:
     validate: the reference implementation checks the indices as the C++ kernels always do (one host read on a
     GPU). bertfast's encoder, which builds them, passes False: the caller then vouches that they are in range and
     hold no row twice, and the gradient is one scatter (pad), each row written once."""
+    _check_rows("x", x, "[N, ...]")
     if indices.dtype != torch.int64 or indices.dim() != 1:
         raise ValueError(f"indices must be a 1-D int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
     impl = choose("unpad", x.device, dtype=x.dtype)
@@ -1476,6 +1536,9 @@ def unpad(x: Tensor, indices: Tensor, validate: bool = True) -> Tensor:
 def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int, validate: bool = True) -> Tensor:
     """x (T, ...) packed real tokens -> (batch, seqlen, ...) with zeros at the padded positions.
     validate: as for unpad (indices in range and distinct)."""
+    _check_rows("x", x, "[T, ...]")
+    if int(batch) < 0 or int(seqlen) < 0:
+        raise ValueError(f"batch and seqlen must be >= 0, got {batch} and {seqlen}")
     if indices.dtype != torch.int64 or indices.dim() != 1 or indices.shape[0] != x.shape[0]:
         raise ValueError(f"indices must be a 1-D int64 tensor with one entry per row of x ({x.shape[0]}), got "
                          f"{indices.dtype} of shape {tuple(indices.shape)}")

@@ -406,3 +406,98 @@ def test_cli_bad_backend_setting_is_one_line(monkeypatch, capsys):
     assert bertfast.cli.main(["info"]) == 2
     err = capsys.readouterr().err
     assert "BERTFAST_BACKEND='bogus' is not one of" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+def test_attention_without_heads_refused(backend, monkeypatch):
+    """0 heads or head_dim 0: a named error on every backend (ATen's CPU flash attention, which the CPU path calls,
+    died of SIGFPE on 0 heads; head_dim 0 divided by zero in the default scale)."""
+    dev = _backend(monkeypatch, backend)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=dev)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape in ((8, 3, 0, 32), (8, 3, 2, 0)):
+            with pytest.raises(ValueError, match=r"qkv must have at least one head and head_dim >= 1"):
+                bertfast.ops.varlen_attention(torch.randn(shape, device=dev).to(dtype), cu, 5)
+
+
+def _embed_args(dev, dtype=torch.float32):
+    n, e = 6, 8
+    return dict(input_ids=torch.randint(0, 10, (n,), device=dev), indices=torch.tensor([0, 2, 5], device=dev),
+                position_ids=torch.arange(n, device=dev), token_type_ids=torch.zeros(n, dtype=torch.long, device=dev),
+                word_emb=torch.randn(10, e, device=dev, dtype=dtype), pos_emb=torch.randn(n, e, device=dev, dtype=dtype),
+                type_emb=torch.randn(2, e, device=dev, dtype=dtype), ln_weight=torch.ones(e, device=dev, dtype=dtype),
+                ln_bias=torch.zeros(e, device=dev, dtype=dtype), eps=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpp"])
+def test_embed_arguments_named(backend, monkeypatch):
+    """embed checks its arguments itself, as the C++ op does, for every implementation: the reference cast mixed
+    dtypes, ignored token_type_ids without a type table and took a negative eps or int32 ids."""
+    monkeypatch.setenv("BERTFAST_BACKEND", backend)
+    ops = bertfast.ops
+    for dtype in (torch.float32, torch.float64) if backend != "cpp" else (torch.float32,):
+        good = _embed_args("cpu", dtype)
+        ref = ops.embed(**good)
+        assert ref.shape == (3, 8) and ref.dtype == dtype
+        cases = [
+            (dict(type_emb=None), "token_type_ids given but type_emb is None"),
+            (dict(pos_emb=good["pos_emb"].half()), "pos_emb has dtype torch.float16 but word_emb has dtype"),
+            (dict(ln_weight=good["ln_weight"].half()), "ln_weight has dtype torch.float16"),
+            (dict(ln_bias=torch.zeros(7, dtype=dtype)), r"ln_bias must have shape \(8,\)"),
+            (dict(type_emb=torch.randn(2, 7, dtype=dtype)), r"type_emb must have shape \[type_vocab >= 1, 8\]"),
+            (dict(eps=-1.0), "eps must be >= 0"),
+            (dict(eps=float("nan")), "eps must be >= 0"),
+            (dict(input_ids=good["input_ids"].int()), "input_ids must be a 1-D int64 tensor"),
+            (dict(indices=good["indices"].view(1, 3)), "indices must be a 1-D int64 tensor"),
+            (dict(position_ids=torch.arange(5)), "position_ids must have input_ids' length 6"),
+            (dict(word_emb=torch.randn(10, 0, dtype=dtype)), r"word_emb must be a floating-point tensor \[vocab, E\]"),
+        ]
+        for change, message in cases:
+            with pytest.raises(ValueError, match=message):
+                ops.embed(**dict(good, **change))
+        # a table that is a strided view is taken (made contiguous), with the same result
+        wide = torch.zeros(10, 16, dtype=dtype)
+        wide[:, ::2] = good["word_emb"]
+        assert torch.equal(ops.embed(**dict(good, word_emb=wide[:, ::2])), ref)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpp"])
+def test_pad_unpad_any_dtype_and_no_0d(backend, monkeypatch):
+    """pad / unpad copy rows as bytes, so every backend takes integer and bool rows (the C++ backend, forced, was
+    refused for dtypes the math kernels do not take); a 0-d x is a named error (the reference raised IndexError)."""
+    monkeypatch.setenv("BERTFAST_BACKEND", backend)
+    ops = bertfast.ops
+    idx = torch.tensor([3, 0, 2])
+    for x in (torch.randint(-100, 100, (4, 5)), torch.rand(4, 5) > 0.5, torch.randint(0, 9, (4,), dtype=torch.uint8)):
+        rows = ops.unpad(x, idx)
+        assert torch.equal(rows, x[idx])
+        back = ops.pad(rows, idx, 2, 2)
+        want = torch.zeros_like(x)
+        want[idx] = x[idx]
+        assert torch.equal(back.reshape(x.shape), want)
+    with pytest.raises(ValueError, match=r"x must be a tensor of shape \[N, \.\.\.\] \(at least 1-D\), got a 0-d"):
+        ops.unpad(torch.tensor(1.0), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"x must be a tensor of shape \[T, \.\.\.\] \(at least 1-D\), got a 0-d"):
+        ops.pad(torch.tensor(1.0), torch.tensor([0]), 1, 1)
+    with pytest.raises(ValueError, match="batch and seqlen must be >= 0"):
+        ops.pad(torch.randn(0, 3), torch.zeros(0, dtype=torch.long), -1, 2)
+
+
+def test_linear_act_arguments_named():
+    """linear_act names a weight / bias of another dtype or device on every path (torch's F.linear said "expected
+    m1 and m2 to have the same dtype"); under autocast mixed dtypes stay allowed (autocast casts them)."""
+    ops = bertfast.ops
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="weight has dtype torch.float16 but x has dtype torch.float32"):
+        ops.linear_act(x, torch.randn(4, 8, dtype=torch.float16), None, "gelu")
+    with pytest.raises(ValueError, match="bias has dtype torch.float64 but x has dtype torch.float32"):
+        ops.linear_act(x, torch.randn(4, 8), torch.zeros(4, dtype=torch.float64), "gelu")
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        ops.linear_act(x, torch.randn(4, 8), torch.zeros(5), "relu")
+    w, b = torch.randn(4, 8), torch.randn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.linear_act(x.bfloat16(), w, b, "gelu")
+    want = torch.nn.functional.gelu(torch.nn.functional.linear(x.bfloat16().double(), w.bfloat16().double(),
+                                                               b.bfloat16().double()))
+    assert y.dtype == torch.bfloat16 and (y.double() - want).abs().max() <= 0.05
+
