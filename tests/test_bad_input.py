@@ -501,3 +501,14 @@ def test_linear_act_arguments_named():
                                                                b.bfloat16().double()))
     assert y.dtype == torch.bfloat16 and (y.double() - want).abs().max() <= 0.05
 
+
+@pytest.mark.parametrize("pad", [None, -1, 39])
+def test_roberta_without_a_usable_pad_token_id(pad):
+    """RoBERTa counts positions from config.pad_token_id: without one (or outside the positions) the model is refused
+    at construction by name (its first forward raised a TypeError from int - None)."""
+    import transformers as T
+    cfg = T.RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          vocab_size=50, max_position_embeddings=40, type_vocab_size=1)
+    cfg.pad_token_id = pad
+    with pytest.raises(ValueError, match=r"config.pad_token_id must be an int in \[0, max_position_embeddings - 1"):
+        bertfast.RobertaModel(cfg)

@@ -76,6 +76,25 @@ def test_parity_position_ids_and_no_mask(saved_model):
                  ours(inputs_embeds=emb, attention_mask=mask).last_hidden_state, mask, "inputs_embeds")
 
 
+def test_one_row_of_token_types_or_positions_for_the_batch(saved_model):
+    """token_type_ids / position_ids of shape [1, S] or [S] serve every sequence, as in transformers (bertfast
+    refused such token_type_ids)."""
+    hf, ours, _ = saved_model
+    cfg = hf.config
+    ids, mask, _ = random_batch(3, 12, cfg.vocab_size)
+    types = torch.randint(0, cfg.type_vocab_size, (12,))
+    pos = torch.randperm(12)
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, token_type_ids=types.expand(3, 12),
+                  position_ids=pos.expand(3, 12)).last_hidden_state
+        for t, q in ((types, pos), (types[None], pos[None]), (types[None], None)):
+            got = ours(ids, attention_mask=mask, token_type_ids=t,
+                       position_ids=q if q is not None else pos.expand(3, 12)).last_hidden_state
+            _compare(want, got, mask, f"token_type_ids {tuple(t.shape)}")
+        with pytest.raises(ValueError, match=r"token_type_ids has shape \(2, 12\), expected \(3, 12\), \(1, 12\)"):
+            ours(ids, token_type_ids=torch.zeros(2, 12, dtype=torch.long))
+
+
 def test_left_padding_and_holes(saved_model):
     """Any mask pattern: a sequence is its real tokens in order (transformers masks the same keys)."""
     hf, ours, _ = saved_model

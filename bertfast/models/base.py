@@ -605,18 +605,10 @@ class EncoderModel(nn.Module):
                 raise ValueError(f"token_type_ids: {type(self).__name__} has no token type embeddings (transformers' "
                                  f"model ignores them); leave them out, e.g. tokenizer(..., "
                                  f"return_token_type_ids=False)")
-            token_type_ids = _int_tensor("token_type_ids", token_type_ids, device)
-            if tuple(token_type_ids.shape) != shape:
-                raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected {shape}")
+            token_type_ids = _rows_of_batch("token_type_ids", _int_tensor("token_type_ids", token_type_ids, device),
+                                            shape)
         if position_ids is not None:
-            position_ids = _int_tensor("position_ids", position_ids, device)
-            given_shape = tuple(position_ids.shape)
-            if position_ids.dim() == 1:
-                position_ids = position_ids.unsqueeze(0)
-            if position_ids.dim() != 2 or position_ids.shape[1] != shape[1] or position_ids.shape[0] not in (1, shape[0]):
-                raise ValueError(f"position_ids has shape {given_shape}, expected {shape}, (1, {shape[1]}) or "
-                                 f"({shape[1]},)")
-            position_ids = position_ids.expand(shape)
+            position_ids = _rows_of_batch("position_ids", _int_tensor("position_ids", position_ids, device), shape)
         else:
             # RoBERTa counts positions over the non-padding ids: a batch padded past the positions is fine as long
             # as its sequences fit (_check_ranges checks the counted positions)
@@ -742,6 +734,15 @@ def hf_base_model(hf_model: nn.Module) -> nn.Module:
 
 def _hf_has_pooler(base: nn.Module) -> bool:
     return getattr(base, "pooler", None) is not None
+
+
+def _rows_of_batch(name: str, t: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """t of shape [batch, seq_len], or one row for every sequence ([1, seq_len] or [seq_len], broadcast as
+    transformers' embeddings do), as [batch, seq_len]."""
+    rows = t.unsqueeze(0) if t.dim() == 1 else t
+    if rows.dim() != 2 or rows.shape[1] != shape[1] or rows.shape[0] not in (1, shape[0]):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}, (1, {shape[1]}) or ({shape[1]},)")
+    return rows.expand(shape)
 
 
 def _int_tensor(name: str, value, device) -> torch.Tensor:
