@@ -1075,7 +1075,11 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: st
         raise ValueError(f"linear_act takes x [..., K] and weight [O, K], got x "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__} and weight "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-    if autocast_dtype(x.device) is None:    # (under autocast F.linear casts x, weight and bias itself)
+    # a weight / bias of another dtype or device is named (under autocast F.linear casts them itself); the
+    # attribute compares first, as this runs once per layer on the eager GPU path's host time
+    odd = weight.dtype != x.dtype or weight.device != x.device or (bias is not None and (
+        bias.dtype != x.dtype or bias.device != x.device or bias.shape != (weight.shape[0],)))
+    if odd and autocast_dtype(x.device) is None:
         _check_same("weight", weight, x, "x")
         _check_same("bias", bias, x, "x", shape=(weight.shape[0],))
     plain = type(x) is Tensor and type(weight) in _PLAIN and type(bias) in _PLAIN
