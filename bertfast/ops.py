@@ -1541,7 +1541,7 @@ def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int, validate: bool = Tr
     """x (T, ...) packed real tokens -> (batch, seqlen, ...) with zeros at the padded positions.
     validate: as for unpad (indices in range and distinct)."""
     _check_rows("x", x, "[T, ...]")
-    if int(batch) < 0 or int(seqlen) < 0:
+    if batch < 0 or seqlen < 0:    # (no int(): under torch.compile they may be symbolic sizes)
         raise ValueError(f"batch and seqlen must be >= 0, got {batch} and {seqlen}")
     if indices.dtype != torch.int64 or indices.dim() != 1 or indices.shape[0] != x.shape[0]:
         raise ValueError(f"indices must be a 1-D int64 tensor with one entry per row of x ({x.shape[0]}), got "
