@@ -15,13 +15,17 @@ class RobertaModel(EncoderModel):
     positions_count_tokens = True
 
     @classmethod
-    def spec_of(cls, config):
-        # transformers' RobertaEmbeddings build the position table with padding_idx = pad_token_id: that row
-        # starts at zero and gets no gradient (pad tokens' positions; also ids a caller passes as positions)
+    def check_config(cls, config) -> None:
+        super().check_config(config)
         pad = getattr(config, "pad_token_id", None)
         if not isinstance(pad, int) or not 0 <= pad < config.max_position_embeddings - 1:
             raise ValueError(f"config.pad_token_id must be an int in [0, max_position_embeddings - 1 = "
                              f"{config.max_position_embeddings - 1}): RoBERTa counts its positions from it, got {pad!r}")
+
+    @classmethod
+    def spec_of(cls, config):
+        # transformers' RobertaEmbeddings build the position table with padding_idx = pad_token_id: that row
+        # starts at zero and gets no gradient (pad tokens' positions; also ids a caller passes as positions)
         return dataclasses.replace(bert_spec(config), position_padding_idx=config.pad_token_id)
 
     def default_position_ids(self, input_ids, shape, device):
