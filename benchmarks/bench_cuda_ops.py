@@ -4,8 +4,10 @@ pad, against the torch composites they replace, at BERT shapes (16384 real token
 GB/s counts the bytes each op must move at least once: embed reads the ids of the T real tokens and one
 word + position + token-type row each and writes the [T, H] output (and fp32 mean / rstd); unpad reads and
 writes T rows; pad reads T rows and writes the whole [B*S, H] output. The fraction is against the copy
-bandwidth measured at the start of the same run. Timing: triton.testing.do_bench medians with 20/80
-quantiles on CUDA; on CPU (a smoke run only) wall clock through benchmarks.common.timeit.
+bandwidth measured at the start of the same run. Each op runs twice: checked (its default: the error flag read
+back after the launch, a stream sync) and unchecked (check=False, the encoder's call; csrc/cuda/cuda_common.cuh).
+Timing: triton.testing.do_bench medians with 20/80 quantiles on CUDA; on CPU (a smoke run only) wall clock
+through benchmarks.common.timeit.
 
     python -m benchmarks.bench_cuda_ops [--quick]     (from the project root)
 """
@@ -36,7 +38,7 @@ def _inputs(t, h, dtype, device):
 
 
 def run(device="cuda", quick=False, on_row=None) -> list[dict]:
-    """The rows; on_row(row) is called for each once its op's pair is measured (the suite saves after each). An
+    """The rows; on_row(row) is called for each once its op's rows are measured (the suite saves after each). An
     op that fails gives error rows; the others still run."""
     import bertfast._C  # noqa: F401 - registers torch.ops.bertfast_C
     device = torch.device(device)
@@ -62,34 +64,38 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
                     F.embedding(pos.index_select(0, indices), pemb)
                 return F.layer_norm(e, (h,), ln_w, ln_b, EPS)
 
+            # ours(check): check=True reads the kernel's error flag back (a stream sync, the op's default);
+            # check=False is the encoder's call, whose ids and indices were checked once per batch
             cases = {
-                "embed": (lambda: torch.ops.bertfast_C.embed(ids, indices, pos, types, word, pemb, temb, ln_w, ln_b,
-                                                             EPS), embed_torch,
+                "embed": (lambda check: torch.ops.bertfast_C.embed(ids, indices, pos, types, word, pemb, temb, ln_w,
+                                                                   ln_b, EPS, check), embed_torch,
                           t * 3 * 8 + 3 * t * h * elem + t * h * elem + 2 * t * 4),
-                "unpad": (lambda: torch.ops.bertfast_C.unpad(padded, indices), lambda: padded.index_select(0, indices),
-                          t * 8 + 2 * t * h * elem),
-                "pad": (lambda: torch.ops.bertfast_C.pad(packed, indices, n),
+                "unpad": (lambda check: torch.ops.bertfast_C.unpad(padded, indices, check),
+                          lambda: padded.index_select(0, indices), t * 8 + 2 * t * h * elem),
+                "pad": (lambda check: torch.ops.bertfast_C.pad(packed, indices, n, check),
                         lambda: packed.new_zeros((n, h)).index_copy_(0, indices, packed),
                         t * 8 + t * h * elem + n * h * elem),
             }
             for name, (ours, theirs, nbytes) in cases.items():
-                times, pair = {}, []
-                for impl, fn in (("bertfast_C", ours), ("torch", theirs)):
+                times, group = {}, []
+                for impl, fn in (("bertfast_C", lambda: ours(True)), ("bertfast_C unchecked", lambda: ours(False)),
+                                 ("torch", theirs)):
                     row = dict(name=name, shape=f"{t}x{h}", dtype=str(dtype).replace("torch.", ""), impl=impl)
                     try:
                         t_ = timeit(fn, device, warmup_ms=25 if quick else 50, rep_ms=100 if quick else 300)
                     except Exception as exc:  # noqa: BLE001 - an error row; the other cases still run
-                        pair.append(dict(row, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+                        group.append(dict(row, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
                         continue
                     times[impl] = t_["ms"]
                     gbps = nbytes / (t_["ms"] * 1e-3) / 1e9
-                    pair.append(dict(row, ms=round(t_["ms"], 4), ms_q20=round(t_["p20"], 4),
+                    group.append(dict(row, ms=round(t_["ms"], 4), ms_q20=round(t_["p20"], 4),
                                      ms_q80=round(t_["p80"], 4), gbps=round(gbps, 1),
                                      frac_copy_bw=round(gbps / copy_bw, 3)))
-                if len(times) == 2:
-                    pair[0]["speedup"] = round(times["torch"] / times["bertfast_C"], 3)
-                rows += pair
-                for r in pair:
+                for r in group:
+                    if "torch" in times and r["impl"] != "torch" and r["impl"] in times:
+                        r["speedup"] = round(times["torch"] / times[r["impl"]], 3)
+                rows += group
+                for r in group:
                     if on_row:
                         on_row(r)
     return rows
@@ -98,12 +104,12 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
 def main(argv=None) -> int:
     args = bench_args(__doc__, argv)
     rows = run(args.device, args.quick)
-    print(f"{'op':<8} {'shape':<11} {'dtype':<9} {'impl':<11} {'ms':>8} {'GB/s':>8} {'of copy':>8} {'speed-up':>8}")
+    print(f"{'op':<8} {'shape':<11} {'dtype':<9} {'impl':<21} {'ms':>8} {'GB/s':>8} {'of copy':>8} {'speed-up':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['name']:<8} {r['shape']:<11} {r['dtype']:<9} {r['impl']:<11} error: {r['error']}")
+            print(f"{r['name']:<8} {r['shape']:<11} {r['dtype']:<9} {r['impl']:<21} error: {r['error']}")
             continue
-        print(f"{r['name']:<8} {r['shape']:<11} {r['dtype']:<9} {r['impl']:<11} {r['ms']:>8.3f} {r['gbps']:>8.0f} "
+        print(f"{r['name']:<8} {r['shape']:<11} {r['dtype']:<9} {r['impl']:<21} {r['ms']:>8.3f} {r['gbps']:>8.0f} "
               f"{r['frac_copy_bw']:>8.0%} {r.get('speedup', float('nan')):>7.2f}x")
     return 0
 

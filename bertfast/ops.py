@@ -1296,18 +1296,21 @@ def _embed_reference(input_ids, indices, position_ids, token_type_ids, word_emb,
 @torch.library.custom_op("bertfast::embed", mutates_args=())
 def _embed_op(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_ids: Optional[Tensor],
               word_emb: Tensor, pos_emb: Tensor, type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor,
-              eps: float, padding_idx: int, pos_padding_idx: int, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+              eps: float, padding_idx: int, pos_padding_idx: int, impl: str,
+              trusted: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """trusted: the caller has checked every id (embed(validate=False)); the CUDA kernel then skips its error
+    flag's read-back, a stream sync (csrc/cuda/cuda_common.cuh)."""
     if impl == "cpp":
         # token_type_ids=None with a type table reads type 0 for every token inside the C++ op (as transformers)
         return tuple(torch.ops.bertfast_C.embed(input_ids, indices, position_ids, token_type_ids, word_emb,
-                                                pos_emb, type_emb, ln_weight, ln_bias, eps))
+                                                pos_emb, type_emb, ln_weight, ln_bias, eps, not trusted))
     return _embed_reference(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
                             ln_weight, ln_bias, eps)
 
 
 @_embed_op.register_fake
 def _(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, eps,
-      padding_idx, pos_padding_idx, impl):
+      padding_idx, pos_padding_idx, impl, trusted=False):
     t = indices.shape[0]
     return (word_emb.new_empty((t, word_emb.shape[1])), word_emb.new_empty((t,), dtype=torch.float32),
             word_emb.new_empty((t,), dtype=torch.float32))
@@ -1350,7 +1353,7 @@ def _(dy, input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, t
 
 def _embed_setup(ctx, inputs, output):
     (input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight, ln_bias, eps,
-     padding_idx, pos_padding_idx, impl) = inputs
+     padding_idx, pos_padding_idx, impl) = inputs[:13]     # (and trusted, which the backward does not need)
     ctx.save_for_backward(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb,
                           ln_weight, ln_bias, output[1], output[2])
     ctx.args = (eps, padding_idx, pos_padding_idx, impl)
@@ -1359,7 +1362,8 @@ def _embed_setup(ctx, inputs, output):
 def _embed_backward(ctx, dy, dmean, drstd):
     saved = ctx.saved_tensors
     dw, dp, dt, dlw, dlb = _run(_embed_backward_op, dy.contiguous(), *saved, *ctx.args)
-    return None, None, None, None, dw, dp, (dt if saved[6] is not None else None), dlw, dlb, None, None, None, None
+    return (None, None, None, None, dw, dp, (dt if saved[6] is not None else None), dlw, dlb, None, None, None, None,
+            None)
 
 
 _register_autograd(_embed_op, _embed_backward, _embed_setup)
@@ -1407,7 +1411,8 @@ def _describe(t) -> str:
 
 def embed(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_ids: Optional[Tensor],
           word_emb: Tensor, pos_emb: Tensor, type_emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor,
-          eps: float, padding_idx: Optional[int] = None, pos_padding_idx: Optional[int] = None) -> Tensor:
+          eps: float, padding_idx: Optional[int] = None, pos_padding_idx: Optional[int] = None,
+          validate: bool = True) -> Tensor:
     """LayerNorm(word_emb[ids] + type_emb[token_types] + pos_emb[positions]) for the real tokens.
 
     input_ids, position_ids, token_type_ids: (N,) int64, flattened padded batch (N = B * S)
@@ -1416,7 +1421,10 @@ def embed(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_i
     padding_idx: the word-embedding row that gets no gradient (nn.Embedding's padding_idx), or None
     pos_padding_idx: the position-embedding row that gets no gradient (RoBERTa's), or None
     returns (T, E) in word_emb's dtype. The C++ / CUDA implementations check every id they read (a named error);
-    the reference relies on torch's indexing. The model checks them once per batch too.
+    the reference relies on torch's indexing.
+    validate=False: the caller has checked every id and index (bertfast's encoder does, once per batch, in one host
+    read): the CUDA kernel then skips reading its error flag back, a stream sync per call, and writes NaN rows
+    for a bad id instead of raising. The CPU kernel checks regardless.
     """
     _check_embed_args(input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb, type_emb, ln_weight,
                       ln_bias, eps)
@@ -1430,7 +1438,7 @@ def embed(input_ids: Tensor, indices: Tensor, position_ids: Tensor, token_type_i
     return _run(_embed_op, input_ids, indices, position_ids, token_type_ids, word_emb.contiguous(),
                 pos_emb.contiguous(), type_emb, ln_weight.contiguous(), ln_bias.contiguous(), float(eps),
                 _row_or_none(padding_idx, word_emb, "padding_idx"),
-                _row_or_none(pos_padding_idx, pos_emb, "pos_padding_idx"), impl)[0]
+                _row_or_none(pos_padding_idx, pos_emb, "pos_padding_idx"), impl, not validate)[0]
 
 
 def _row_or_none(row: Optional[int], table: Tensor, name: str) -> int:
@@ -1461,54 +1469,59 @@ def _check_index_values(op: str, indices: Tensor, n_rows: int, what: str, distin
 
 
 @torch.library.custom_op("bertfast::unpad", mutates_args=())
-def _unpad_op(x: Tensor, indices: Tensor, impl: str, distinct: bool = True) -> Tensor:
-    """distinct: the indices hold no row twice, so the backward scatters with pad (each row written once);
-    otherwise it accumulates (index_add_)."""
+def _unpad_op(x: Tensor, indices: Tensor, impl: str, trusted: bool = True) -> Tensor:
+    """trusted: the caller vouches that the indices are in range and hold no row twice (unpad(validate=False)):
+    the backward scatters with pad (each row written once), and the CUDA kernel skips its error flag's read-back,
+    a stream sync (csrc/cuda/cuda_common.cuh). Otherwise the kernel checks and the backward accumulates
+    (index_add_)."""
     if impl == "cpp":
-        return torch.ops.bertfast_C.unpad(x, indices)
+        return torch.ops.bertfast_C.unpad(x, indices, not trusted)
     return x.index_select(0, indices)
 
 
 @_unpad_op.register_fake
-def _(x, indices, impl, distinct=True):
+def _(x, indices, impl, trusted=True):
     return x.new_empty((indices.shape[0],) + tuple(x.shape[1:]))
 
 
 @torch.library.custom_op("bertfast::pad", mutates_args=())
-def _pad_op(x: Tensor, indices: Tensor, n_rows: int, impl: str) -> Tensor:
+def _pad_op(x: Tensor, indices: Tensor, n_rows: int, impl: str, trusted: bool = False) -> Tensor:
+    """trusted: as for _unpad_op (in range and distinct; the CUDA kernel skips its read-back)."""
     if impl == "cpp":
-        return torch.ops.bertfast_C.pad(x, indices, n_rows)
+        return torch.ops.bertfast_C.pad(x, indices, n_rows, not trusted)
     return x.new_zeros((n_rows,) + tuple(x.shape[1:])).index_copy_(0, indices, x)
 
 
 @_pad_op.register_fake
-def _(x, indices, n_rows, impl):
+def _(x, indices, n_rows, impl, trusted=False):
     return x.new_empty((n_rows,) + tuple(x.shape[1:]))
 
 
 def _unpad_setup(ctx, inputs, output):
-    x, indices, impl, distinct = inputs
+    x, indices, impl = inputs[:3]      # (inputs holds the arguments the op was called with: trusted may be absent)
+    trusted = inputs[3] if len(inputs) > 3 else True
     ctx.save_for_backward(indices)
-    ctx.args = (x.shape[0], impl, distinct)
+    ctx.args = (x.shape[0], impl, trusted)
 
 
 def _unpad_backward(ctx, dy):
     (indices,) = ctx.saved_tensors
-    n_rows, impl, distinct = ctx.args
-    if distinct:
-        return _run(_pad_op, dy.contiguous(), indices, n_rows, impl), None, None, None
+    n_rows, impl, trusted = ctx.args
+    if trusted:
+        return _run(_pad_op, dy.contiguous(), indices, n_rows, impl, True), None, None, None
     return dy.new_zeros((n_rows,) + tuple(dy.shape[1:])).index_add_(0, indices, dy), None, None, None
 
 
 def _pad_setup(ctx, inputs, output):
-    x, indices, n_rows, impl = inputs
+    indices, impl = inputs[1], inputs[3]
     ctx.save_for_backward(indices)
     ctx.args = (impl,)
 
 
 def _pad_backward(ctx, dy):
     (indices,) = ctx.saved_tensors
-    return _run(_unpad_op, dy.contiguous(), indices, ctx.args[0], True), None, None, None
+    # the forward wrote each of these rows once: they are in range and distinct (checked, or vouched for)
+    return _run(_unpad_op, dy.contiguous(), indices, ctx.args[0], True), None, None, None, None
 
 
 _register_autograd(_unpad_op, _unpad_backward, _unpad_setup)
@@ -1525,9 +1538,11 @@ def unpad(x: Tensor, indices: Tensor, validate: bool = True) -> Tensor:
     """x (N, ...) -> x[indices] (T, ...); e.g. hidden states [B*S, H] of a padded batch to its real tokens.
     indices may repeat a row: with validate on, x's gradient accumulates (index_add_; on a GPU in nondeterministic
     order, as index_select's), with no host read, so torch.compile and CUDA graphs see through it.
-    validate: the reference implementation checks the indices as the C++ kernels always do (one host read on a
-    GPU). bertfast's encoder, which builds them, passes False: the caller then vouches that they are in range and
-    hold no row twice, and the gradient is one scatter (pad), each row written once."""
+    validate: check the indices, a named error for a bad one (one host read on a GPU, every implementation).
+    bertfast's encoder, which builds them, passes False: the caller then vouches that they are in range and hold
+    no row twice; the gradient is one scatter (pad), each row written once, and the CUDA kernel does not read its
+    error flag back (no stream sync; a bad index would give a zero row, never a read out of bounds). The CPU
+    kernel checks regardless."""
     _check_rows("x", x, "[N, ...]")
     if indices.dtype != torch.int64 or indices.dim() != 1:
         raise ValueError(f"indices must be a 1-D int64 tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
@@ -1550,5 +1565,5 @@ def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int, validate: bool = Tr
     if validate and impl == "reference":
         _check_index_values("pad", indices, batch * seqlen, "rows of the padded output, batch * seqlen",
                             distinct=True)
-    out = _run(_pad_op, x.contiguous(), indices.contiguous(), batch * seqlen, impl)
+    out = _run(_pad_op, x.contiguous(), indices.contiguous(), batch * seqlen, impl, not validate)
     return out.view((batch, seqlen) + tuple(x.shape[1:]))

@@ -2,7 +2,7 @@
 // LayerNorm; all in one pass per token.
 //
 //   embed(Tensor input_ids, Tensor indices, Tensor position_ids, Tensor? token_type_ids, Tensor word_emb,
-//         Tensor pos_emb, Tensor? type_emb, Tensor ln_weight, Tensor ln_bias, float eps)
+//         Tensor pos_emb, Tensor? type_emb, Tensor ln_weight, Tensor ln_bias, float eps, bool check=True)
 //       -> (Tensor out, Tensor mean, Tensor rstd)
 //     input_ids, position_ids, token_type_ids: int64 [N] (the flattened [B, S] layout, N = B*S), contiguous.
 //     indices: int64 [T], the padded positions of the real tokens (bertfast.padding), each in [0, N).
@@ -14,7 +14,10 @@
 //     type_emb None: no token-type part (DistilBERT); token_type_ids None with type_emb given: type 0 for every
 //     token (what transformers does); token_type_ids given with type_emb None: error.
 //     Every id that is read is checked first: a bad one raises an error naming the argument, the value, its
-//     position and the valid range; nothing is read out of bounds. RoBERTa's padding-offset positions are just
+//     position and the valid range; nothing is read out of bounds. check=False: the caller has checked the ids
+//     (bertfast's encoder, once per batch); the CUDA kernel then skips its error flag and the flag's read-back (a
+//     stream sync) and writes NaN rows for a bad id instead of raising; the CPU kernel checks regardless (no sync
+//     to save; its checks keep the gathers in bounds). RoBERTa's padding-offset positions are just
 //     position_ids computed by the caller; ALBERT/ELECTRA's E < hidden is just E.
 //
 //   embed_backward(Tensor grad_out, Tensor input_ids, Tensor indices, Tensor position_ids, Tensor? token_type_ids,
@@ -200,7 +203,8 @@ void scatter_rows(const std::vector<int64_t>& ids, int64_t n_rows, const float* 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_cpu(
     const at::Tensor& input_ids, const at::Tensor& indices, const at::Tensor& position_ids,
     const std::optional<at::Tensor>& token_type_ids, const at::Tensor& word_emb, const at::Tensor& pos_emb,
-    const std::optional<at::Tensor>& type_emb, const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps) {
+    const std::optional<at::Tensor>& type_emb, const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps,
+    bool /*check: always on the CPU, see above*/) {
   check_device(kFwd, "word_emb", word_emb, at::Device(at::kCPU));
   const EmbedShapes s = check_embed_args(kFwd, input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb,
                                          type_emb, ln_weight);
@@ -325,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Te
 TORCH_LIBRARY_FRAGMENT(bertfast_C, m) {
   m.def(
       "embed(Tensor input_ids, Tensor indices, Tensor position_ids, Tensor? token_type_ids, Tensor word_emb, "
-      "Tensor pos_emb, Tensor? type_emb, Tensor ln_weight, Tensor ln_bias, float eps) "
+      "Tensor pos_emb, Tensor? type_emb, Tensor ln_weight, Tensor ln_bias, float eps, bool check=True) "
       "-> (Tensor out, Tensor mean, Tensor rstd)");
   m.def(
       "embed_backward(Tensor grad_out, Tensor input_ids, Tensor indices, Tensor position_ids, "

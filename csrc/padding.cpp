@@ -1,12 +1,15 @@
 // bertfast_C::unpad / pad: move rows between the padded layout [N = B*S, ...] and the packed one [T, ...].
 //
-//   unpad(Tensor x, Tensor indices) -> Tensor
+//   unpad(Tensor x, Tensor indices, bool check=True) -> Tensor
 //     x [N, ...] any dtype, contiguous; indices int64 [T], each in [0, N). Returns x[indices] [T, ...].
-//   pad(Tensor x, Tensor indices, int n_rows) -> Tensor
+//   pad(Tensor x, Tensor indices, int n_rows, bool check=True) -> Tensor
 //     x [T, ...] any dtype, contiguous; indices int64 [T], each in [0, n_rows) and all distinct (checked: a
 //     duplicate would make the result depend on the write order). Returns out [n_rows, ...] with
 //     out[indices[t]] = x[t] and zeros in every other row (each output byte is written exactly once).
 // Rows are copied as bytes, so every dtype works; indices are range-checked before any row is touched.
+// check=False: the caller has checked the indices (bertfast's encoder builds them from the mask). The CUDA kernels
+// then skip their error flag and its read-back, a stream sync (csrc/cuda/cuda_common.cuh); the CPU kernels check
+// regardless: the check costs no sync here, and it is what keeps the memcpys in bounds.
 #include <torch/library.h>
 
 #include <cstring>
@@ -30,7 +33,7 @@ int64_t copy_grain(int64_t row_bytes) { return std::max<int64_t>(1, 65536 / std:
 
 }  // namespace
 
-at::Tensor unpad_cpu(const at::Tensor& x, const at::Tensor& indices) {
+at::Tensor unpad_cpu(const at::Tensor& x, const at::Tensor& indices, bool /*check: always, see above*/) {
   check_device(kUnpad, "x", x, at::Device(at::kCPU));
   TORCH_CHECK(x.dim() >= 1, kUnpad, ": x must have at least one dimension [N, ...], got a 0-d tensor");
   check_contiguous(kUnpad, "x", x);
@@ -51,7 +54,7 @@ at::Tensor unpad_cpu(const at::Tensor& x, const at::Tensor& indices) {
   return out;
 }
 
-at::Tensor pad_cpu(const at::Tensor& x, const at::Tensor& indices, int64_t n_rows) {
+at::Tensor pad_cpu(const at::Tensor& x, const at::Tensor& indices, int64_t n_rows, bool /*check*/) {
   check_device(kPad, "x", x, at::Device(at::kCPU));
   TORCH_CHECK(x.dim() >= 1, kPad, ": x must have at least one dimension [T, ...], got a 0-d tensor");
   check_contiguous(kPad, "x", x);
@@ -90,8 +93,8 @@ at::Tensor pad_cpu(const at::Tensor& x, const at::Tensor& indices, int64_t n_row
 }
 
 TORCH_LIBRARY_FRAGMENT(bertfast_C, m) {
-  m.def("unpad(Tensor x, Tensor indices) -> Tensor");
-  m.def("pad(Tensor x, Tensor indices, int n_rows) -> Tensor");
+  m.def("unpad(Tensor x, Tensor indices, bool check=True) -> Tensor");
+  m.def("pad(Tensor x, Tensor indices, int n_rows, bool check=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bertfast_C, CPU, m) {

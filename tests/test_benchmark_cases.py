@@ -114,6 +114,20 @@ def test_linear_act_encoder_rows_run():
     assert all(r["ms"] > 0 and r["speedup"] > 0 and r["name"] == "encoder gelu_new" for r in rows)
 
 
+def test_cuda_ops_cases_run(monkeypatch):
+    """bench_cuda_ops (a CUDA-only step of the suite) on CPU tensors at a small shape, timed once: each op's three
+    rows (checked, unchecked, torch) with no error, and both of ours carry a ratio to torch's."""
+    from benchmarks import bench_cuda_ops as bench
+    monkeypatch.setattr(bench, "SHAPES", [(37, 48)])
+    monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda device: 1.0)
+    monkeypatch.setattr(bench, "timeit", lambda fn, device, **kw: (fn(), dict(ms=1.0, p20=1.0, p80=1.0))[1])
+    rows = bench.run("cpu", quick=True)
+    assert not [r for r in rows if "error" in r], rows
+    assert [(r["name"], r["impl"]) for r in rows] == [
+        (op, impl) for op in ("embed", "unpad", "pad") for impl in ("bertfast_C", "bertfast_C unchecked", "torch")]
+    assert all(r["speedup"] == 1.0 for r in rows if r["impl"] != "torch")
+
+
 SMALL_CPU_SIZES = dict(T=64, H=48, I=96, B=4, S=32)
 
 

@@ -54,13 +54,13 @@ _register_fake("bias_act", lambda x, b, act: torch.empty_like(x))
 _register_fake("bias_act_", lambda x, b, act: None)
 _register_fake("bias_act_backward", lambda dy, x, b, act: (torch.empty_like(x),
                                                            None if b is None else torch.empty_like(b)))
-_register_fake("embed", lambda ids, idx, pos, tt, we, pe, te, lw, lb, eps: (
+_register_fake("embed", lambda ids, idx, pos, tt, we, pe, te, lw, lb, eps, check=True: (
     we.new_empty((idx.shape[0], we.shape[1])), _f32(we, idx.shape[0]), _f32(we, idx.shape[0])))
 _register_fake("embed_backward", lambda g, ids, idx, pos, tt, we, pe, te, lw, m, s: (
     torch.empty_like(we), torch.empty_like(pe), None if te is None else torch.empty_like(te),
     torch.empty_like(lw), torch.empty_like(lw)))
-_register_fake("unpad", lambda x, idx: x.new_empty((idx.shape[0],) + tuple(x.shape[1:])))
-_register_fake("pad", lambda x, idx, n: x.new_empty((n,) + tuple(x.shape[1:])))
+_register_fake("unpad", lambda x, idx, check=True: x.new_empty((idx.shape[0],) + tuple(x.shape[1:])))
+_register_fake("pad", lambda x, idx, n, check=True: x.new_empty((n,) + tuple(x.shape[1:])))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -798,10 +798,13 @@ def _opcheck_cases():
         ("bias_act_backward", (dy, x, xb, "silu")),
         ("bias_act_backward", (dy, x, None, "gelu")),
         ("embed", (*eargs, 1e-5)),
+        ("embed", (*eargs, 1e-5, False)),
         ("embed", (*eargs[:3], None, eargs[4], eargs[5], None, *eargs[7:], 1e-5)),
         ("embed_backward", (eg, *eargs[:8], em, es)),
         ("unpad", (x, idx)),
+        ("unpad", (x, idx, False)),
         ("pad", (x[:3].clone(), idx, 9)),
+        ("pad", (x[:3].clone(), idx, 9, False)),
         ("attention_dropout_keep", (3, 2, 5, 2, 0.25, 99)),
     ]
 
@@ -918,6 +921,10 @@ def _bad_cases():
         (lambda: ops.pad(x, torch.tensor([0, 1]), 9), "indices must have one entry per row of x"),
         (lambda: ops.pad(x, torch.tensor([0, 1, 2, 3]), -1), "n_rows must be >= 0"),
         (lambda: ops.pad(x.t(), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]), 9), "x must be contiguous"),
+        # check=False only spares the CUDA kernels their read-back: the CPU kernels check regardless
+        (lambda: ops.unpad(x, torch.tensor([0, 4]), False), r"indices holds 4 at position 1"),
+        (lambda: ops.pad(x, torch.tensor([0, 1, 1, 2]), 9, False), "indices holds row 1 twice"),
+        (lambda: E(bad_ids, idx, pos, tt, we, pe, te, lw, lb, 1e-5, False), r"input_ids .* holds 10 at position 2"),
     ]
 
 
@@ -1001,6 +1008,39 @@ def test_cuda_unpad_pad_bad_indices(cuda_build):
     with pytest.raises(RuntimeError, match="bertfast_C::unpad: indices must be on cuda"):
         ops.unpad(x, torch.tensor([0]))
     torch.cuda.synchronize()
+
+
+@cuda_only
+def test_cuda_unchecked_index_ops_do_not_sync(cuda_build):
+    """check=False (the encoder's calls): the same results as the checked ops with no stream sync, which
+    torch.cuda.set_sync_debug_mode sees in the checked ones (so this test can fail); a bad value is still never
+    read: its row is zeros (unpad) or NaN (embed), and the context stays healthy."""
+    ids, idx, pos, tt, we, pe, te, lw, lb = [None if a is None else a.cuda()
+                                             for a in _embed_inputs(37, 48, torch.float16)]
+    x = torch.randn(ids.shape[0], 48, device="cuda", dtype=torch.float16)
+    checked = [ops.embed(ids, idx, pos, tt, we, pe, te, lw, lb, 1e-5), ops.unpad(x, idx),
+               ops.pad(x[:idx.shape[0]].contiguous(), idx, ids.shape[0])]
+    torch.cuda.synchronize()
+    unchecked_calls = [lambda: ops.embed(ids, idx, pos, tt, we, pe, te, lw, lb, 1e-5, False),
+                       lambda: ops.unpad(x, idx, False),
+                       lambda: ops.pad(x[:idx.shape[0]].contiguous(), idx, ids.shape[0], False)]
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            ops.unpad(x, idx)
+        unchecked = [call() for call in unchecked_calls]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(checked, unchecked):
+        for u, v in zip(a if isinstance(a, tuple) else [a], b if isinstance(b, tuple) else [b]):
+            assert torch.equal(u, v)
+    bad = ids.clone()
+    bad[idx[3]] = we.shape[0]
+    out = ops.embed(bad, idx, pos, tt, we, pe, te, lw, lb, 1e-5, False)[0]
+    assert out[3].isnan().all() and not out[torch.arange(out.shape[0], device="cuda") != 3].isnan().any()
+    u = ops.unpad(x, torch.tensor([0, x.shape[0], 2], device="cuda"), False)
+    assert torch.equal(u[1], torch.zeros_like(u[1])) and torch.equal(u[0], x[0]) and torch.equal(u[2], x[2])
+    torch.cuda.synchronize()  # the context is still healthy
 
 
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=cuda_only)])

@@ -97,3 +97,34 @@ def test_encoder_cpp_backend(monkeypatch, hidden, heads):
         if ".self." in name or p.grad is None:
             continue
         assert (mine[name].grad - p.grad).abs().max() <= 1e-5 * max(1.0, p.grad.abs().max().item()), name
+
+
+def test_encoder_calls_the_index_ops_unchecked(monkeypatch):
+    """The model checks every id, position and token type once per batch (one host read) and builds the indices
+    from the mask, so its calls of bertfast_C's embed / unpad / pad pass check=False (on a GPU: no error flag read
+    back, a stream sync each) - forward, output_attentions, inputs_embeds and backward alike; the public ops
+    called directly keep checking."""
+    monkeypatch.setenv("BERTFAST_BACKEND", "cpp")
+    calls = []
+    for name in ("embed", "unpad", "pad"):
+        def spy(*args, _real=getattr(torch.ops.bertfast_C, name), _name=name):
+            calls.append((_name, args[-1] if isinstance(args[-1], bool) else "default"))
+            return _real(*args)
+        monkeypatch.setattr(torch.ops.bertfast_C, name, spy)
+    torch.manual_seed(3)
+    cfg = bert_config(hidden=64, heads=2, layers=1)
+    ours = bertfast.BertModel.from_hf(hf_bert(cfg)).train()
+    ids, mask, types = random_batch(3, 17, cfg.vocab_size, cfg.type_vocab_size)
+    ours(ids, attention_mask=mask, token_type_ids=types).last_hidden_state.sum().backward()
+    ours(ids, attention_mask=mask, output_attentions=True).last_hidden_state.sum().backward()
+    ours(inputs_embeds=torch.randn(3, 17, 64, requires_grad=True), attention_mask=mask).last_hidden_state.sum() \
+        .backward()
+    assert {name for name, _ in calls} == {"embed", "unpad", "pad"}, calls
+    assert all(check is False for _, check in calls), calls
+    calls.clear()
+    x, idx = torch.randn(6, 4), torch.tensor([4, 0, 2])
+    bertfast.ops.pad(bertfast.ops.unpad(x, idx), idx, 2, 3)
+    w = ours.embeddings
+    bertfast.ops.embed(ids[0], torch.arange(3), torch.arange(17), None, w.word_embeddings.weight,
+                       w.position_embeddings.weight, None, w.LayerNorm.weight, w.LayerNorm.bias, 1e-12)
+    assert calls == [("unpad", True), ("pad", True), ("embed", True)], calls

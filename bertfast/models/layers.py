@@ -162,7 +162,8 @@ class Embeddings(nn.Module):
             types = self.token_type_embeddings.weight if self.token_type_embeddings is not None else None
             x = ops.embed(input_ids.reshape(-1), unp.indices, position_ids.reshape(-1), tt,
                           self.word_embeddings.weight, self.position_embeddings.weight, types, ln.weight, ln.bias,
-                          ln.eps, self.word_embeddings.padding_idx, self.position_embeddings.padding_idx)
+                          ln.eps, self.word_embeddings.padding_idx, self.position_embeddings.padding_idx,
+                          validate=False)   # the model's forward checked every id (_check_ranges, one host read)
         else:
             rows = ops.unpad(inputs_embeds.reshape(-1, inputs_embeds.shape[-1]), unp.indices, validate=False)
             pos = position_ids.reshape(-1).index_select(0, unp.indices)

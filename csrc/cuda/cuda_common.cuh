@@ -12,10 +12,14 @@
 //   * While the stream is being captured into a CUDA graph, no sync is allowed: the read-back is skipped, the
 //     kernel still never reads out of bounds, and a bad id shows as NaN rows (embed) in the output.
 //   A host-side min/max before the launch was rejected: it costs the same sync plus an extra pass and kernel.
+//   * A caller that has checked the values already passes check=False (bertfast's encoder: every id, position and
+//     token type in one host read per batch, and indices it built from the mask): no flag (the kernels get
+//     nullptr), no memset, no read-back and no sync. A bad value is still never dereferenced (NaN or zero rows).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
@@ -74,19 +78,23 @@ inline bool stream_is_capturing(cudaStream_t stream) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-// A zeroed device int used as the kernels' error flag.
-inline at::Tensor new_error_flag(const at::Tensor& like, cudaStream_t stream) {
+// The kernels' error flag: a zeroed device int, or an undefined tensor (no flag) when the caller passed check=False.
+inline at::Tensor new_error_flag(const at::Tensor& like, cudaStream_t stream, bool check = true) {
+  if (!check) return at::Tensor();
   auto flag = at::empty({1}, like.options().dtype(at::kInt));
   C10_CUDA_CHECK(cudaMemsetAsync(flag.data_ptr<int>(), 0, sizeof(int), stream));
   return flag;
 }
 
-// Reads the flag back (one sync) unless the stream is capturing; returns its value (0: no error).
+// The pointer the kernels set (nullptr: no flag; they test it before writing).
+inline int* error_flag_ptr(const at::Tensor& flag) { return flag.defined() ? flag.data_ptr<int>() : nullptr; }
+
+// Reads the flag back (one sync) unless there is none or the stream is capturing; returns its value (0: no
+// error). Through c10's memcpy_and_sync, so torch.cuda.set_sync_debug_mode sees the sync.
 inline int read_error_flag(const at::Tensor& flag, cudaStream_t stream) {
-  if (stream_is_capturing(stream)) return 0;
+  if (!flag.defined() || stream_is_capturing(stream)) return 0;
   int host = 0;
-  C10_CUDA_CHECK(cudaMemcpyAsync(&host, flag.data_ptr<int>(), sizeof(int), cudaMemcpyDeviceToHost, stream));
-  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  c10::cuda::memcpy_and_sync(&host, flag.data_ptr<int>(), sizeof(int), cudaMemcpyDeviceToHost, stream);
   return host;
 }
 

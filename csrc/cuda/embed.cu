@@ -60,7 +60,7 @@ __device__ __forceinline__ void gather(const T* __restrict__ wr, const T* __rest
 }
 
 // word [V, E], pos [P, E], type [TT, E] or null; ids/pos_ids/type_ids [N] (type_ids may be null: type 0);
-// indices [T]; out [T, E]; mean, rstd [T]; err: set to 1 on any out-of-range index.
+// indices [T]; out [T, E]; mean, rstd [T]; err: set to 1 on any out-of-range index (null: no flag, check=False).
 template <typename T, int VEC, int kMaxItems>
 __global__ void __launch_bounds__(kWarp * kTokensPerBlock)
     embed_kernel(const int64_t* __restrict__ input_ids, const int64_t* __restrict__ indices,
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kWarp * kTokensPerBlock)
   }
   if (!ok) {
     if (lane == 0) {
-      *err = 1;
+      if (err != nullptr) *err = 1;
       mean_out[t] = NAN;
       rstd_out[t] = NAN;
     }
@@ -191,7 +191,7 @@ void launch(const at::Tensor& input_ids, const at::Tensor& indices, const at::Te
       input_ids.data_ptr<int64_t>(), indices.data_ptr<int64_t>(), position_ids.data_ptr<int64_t>(),
       token_type_ids.has_value() ? token_type_ids->data_ptr<int64_t>() : nullptr, ptr(word_emb), ptr(pos_emb),
       type_emb.has_value() ? ptr(*type_emb) : nullptr, ptr(ln_weight), ptr(ln_bias),
-      reinterpret_cast<T*>(out.data_ptr<AT>()), mean.data_ptr<float>(), rstd.data_ptr<float>(), err.data_ptr<int>(),
+      reinterpret_cast<T*>(out.data_ptr<AT>()), mean.data_ptr<float>(), rstd.data_ptr<float>(), error_flag_ptr(err),
       s.n, s.t, s.e, word_emb.size(0), pos_emb.size(0), type_emb.has_value() ? type_emb->size(0) : 0, eps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -232,7 +232,8 @@ constexpr const char* kFwd = "bertfast_C::embed";
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_cuda(
     const at::Tensor& input_ids, const at::Tensor& indices, const at::Tensor& position_ids,
     const std::optional<at::Tensor>& token_type_ids, const at::Tensor& word_emb, const at::Tensor& pos_emb,
-    const std::optional<at::Tensor>& type_emb, const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps) {
+    const std::optional<at::Tensor>& type_emb, const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps,
+    bool check) {
   TORCH_CHECK(word_emb.is_cuda(), kFwd, ": word_emb must be a CUDA tensor, got ", word_emb.device());
   const EmbedShapes s = check_embed_args(kFwd, input_ids, indices, position_ids, token_type_ids, word_emb, pos_emb,
                                          type_emb, ln_weight);
@@ -244,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_cuda(
   auto mean = at::empty({s.t}, word_emb.options().dtype(at::kFloat));
   auto rstd = at::empty({s.t}, word_emb.options().dtype(at::kFloat));
   if (s.t == 0) return {out, mean, rstd};
-  auto err = new_error_flag(word_emb, stream);
+  auto err = new_error_flag(word_emb, stream, check);
   const float feps = static_cast<float>(eps);
   switch (word_emb.scalar_type()) {
     case at::kFloat:

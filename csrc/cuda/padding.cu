@@ -17,7 +17,7 @@ namespace {
 constexpr int kRowsPerBlock = 8;
 
 // dst [n_dst, units] <- src [n_src, units]; map [n_dst] (int64 indices for unpad, int32 inverse map for pad).
-// kPadding: map[r] == -1 means a zero row; any other value outside [0, n_src) sets *err.
+// kPadding: map[r] == -1 means a zero row; any other value outside [0, n_src) sets *err (err null: no flag).
 template <typename U, typename I, bool kPadding>
 __global__ void __launch_bounds__(kWarp * kRowsPerBlock)
     gather_rows_kernel(const U* __restrict__ src, U* __restrict__ dst, const I* __restrict__ map,
@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock)
   U* d = dst + r * units;
   const bool ok = s >= 0 && s < n_src;
   if (!ok) {
-    if (!(kPadding && s == -1) && lane == 0) *err = 1;
+    if (!(kPadding && s == -1) && lane == 0 && err != nullptr) *err = 1;
     const U zero{};
     for (int64_t c = lane; c < units; c += kWarp) d[c] = zero;
     return;
@@ -38,17 +38,18 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock)
   for (int64_t c = lane; c < units; c += kWarp) d[c] = sr[c];
 }
 
-// inverse[indices[t]] = t; an index outside [0, n_rows) or seen twice sets *err.
+// inverse[indices[t]] = t; an index outside [0, n_rows) or seen twice sets *err (err null: no flag; a duplicate
+// then leaves one of its tokens' rows, whichever wrote last).
 __global__ void invert_indices_kernel(const int64_t* __restrict__ indices, int32_t* __restrict__ inverse, int64_t t,
                                       int64_t n_rows, int* __restrict__ err) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= t) return;
   const int64_t i = indices[k];
   if (i < 0 || i >= n_rows) {
-    *err = 1;
+    if (err != nullptr) *err = 1;
     return;
   }
-  if (atomicExch(inverse + i, static_cast<int32_t>(k)) != -1) *err = 2;
+  if (atomicExch(inverse + i, static_cast<int32_t>(k)) != -1 && err != nullptr) *err = 2;
 }
 
 struct Bytes2 { uint16_t v; };
@@ -97,7 +98,7 @@ void check_pad_indices_on_host(const at::Tensor& indices, int64_t n_rows) {
   padded_sources_cpu(kPad, "indices", cpu.data_ptr<int64_t>(), cpu.numel(), n_rows);
 }
 
-at::Tensor unpad_cuda(const at::Tensor& x, const at::Tensor& indices) {
+at::Tensor unpad_cuda(const at::Tensor& x, const at::Tensor& indices, bool check) {
   TORCH_CHECK(x.is_cuda(), kUnpad, ": x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.dim() >= 1, kUnpad, ": x must have at least one dimension [N, ...], got a 0-d tensor");
   check_contiguous(kUnpad, "x", x);
@@ -110,13 +111,13 @@ at::Tensor unpad_cuda(const at::Tensor& x, const at::Tensor& indices) {
   auto out = at::empty(sizes, x.options());
   if (t == 0) return out;
   if (out.numel() == 0) {  // rows of zero width: nothing to copy; the indices are still checked, on the host
-    if (!stream_is_capturing(stream)) check_unpad_indices_on_host(indices, n);  // (no read-back in a capture)
+    if (check && !stream_is_capturing(stream)) check_unpad_indices_on_host(indices, n);  // (none in a capture)
     return out;
   }
   // the row size from out, which has rows: x may have none (then every index is out of range and flagged)
-  auto err = new_error_flag(x, stream);
+  auto err = new_error_flag(x, stream, check);
   launch_gather<int64_t, false>(x.data_ptr(), out.data_ptr(), indices.data_ptr<int64_t>(), t, n,
-                                row_bytes_of(out), err.data_ptr<int>(), stream);
+                                row_bytes_of(out), error_flag_ptr(err), stream);
   if (read_error_flag(err, stream) != 0) {
     check_unpad_indices_on_host(indices, n);
     TORCH_CHECK(false, kUnpad, ": indices held a value out of range on the device (changed since the launch?)");
@@ -124,7 +125,7 @@ at::Tensor unpad_cuda(const at::Tensor& x, const at::Tensor& indices) {
   return out;
 }
 
-at::Tensor pad_cuda(const at::Tensor& x, const at::Tensor& indices, int64_t n_rows) {
+at::Tensor pad_cuda(const at::Tensor& x, const at::Tensor& indices, int64_t n_rows, bool check) {
   TORCH_CHECK(x.is_cuda(), kPad, ": x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.dim() >= 1, kPad, ": x must have at least one dimension [T, ...], got a 0-d tensor");
   check_contiguous(kPad, "x", x);
@@ -140,19 +141,19 @@ at::Tensor pad_cuda(const at::Tensor& x, const at::Tensor& indices, int64_t n_ro
   sizes[0] = n_rows;
   auto out = at::empty(sizes, x.options());
   if (out.numel() == 0) {  // no rows or rows of zero width: nothing to write; the indices are still checked
-    if (t > 0 && !stream_is_capturing(stream)) check_pad_indices_on_host(indices, n_rows);  // (not in a capture)
+    if (check && t > 0 && !stream_is_capturing(stream)) check_pad_indices_on_host(indices, n_rows);
     return out;
   }
-  auto err = new_error_flag(x, stream);
+  auto err = new_error_flag(x, stream, check);
   auto inverse = at::empty({n_rows}, x.options().dtype(at::kInt));
   C10_CUDA_CHECK(cudaMemsetAsync(inverse.data_ptr<int32_t>(), 0xff, n_rows * sizeof(int32_t), stream));  // -1
   if (t > 0) {
     invert_indices_kernel<<<static_cast<unsigned>((t + 255) / 256), 256, 0, stream>>>(
-        indices.data_ptr<int64_t>(), inverse.data_ptr<int32_t>(), t, n_rows, err.data_ptr<int>());
+        indices.data_ptr<int64_t>(), inverse.data_ptr<int32_t>(), t, n_rows, error_flag_ptr(err));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   launch_gather<int32_t, true>(x.data_ptr(), out.data_ptr(), inverse.data_ptr<int32_t>(), n_rows, t,
-                               row_bytes_of(out), err.data_ptr<int>(), stream);
+                               row_bytes_of(out), error_flag_ptr(err), stream);
   if (read_error_flag(err, stream) != 0) {
     check_pad_indices_on_host(indices, n_rows);  // names the bad value, or the duplicate and its two positions
     TORCH_CHECK(false, kPad, ": indices held a bad value on the device (changed since the launch?)");
