@@ -188,9 +188,21 @@ def plot(out: pathlib.Path, env: dict, rows: list[dict]) -> list[str]:
     return made
 
 
+def _device_arg(value: str):
+    """--device: a cpu or cuda device (argparse names the argument and the value when it is not one)."""
+    import torch
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda, got {value!r}")
+    return device
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bertfast bench", description=__doc__)
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--device", default=None, type=_device_arg, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--quick", action="store_true", help="fewer cases (CPU: under 10 minutes on 2 cores)")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-slug>)")
     parser.add_argument("--only", choices=("kernels", "model"), default=None)
@@ -201,7 +213,7 @@ def main(argv=None) -> int:
 
     from benchmarks import bench_model
     from benchmarks.common import copy_bandwidth_gbs, device_slug, matmul_tflops
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bertfast bench: --device cuda but no CUDA device is available")
         return 2

@@ -126,8 +126,10 @@ def cmd_demo(args) -> int:
     print(f"bertfast demo: {os.path.basename(model_dir.rstrip('/'))} at {model_dir}\n  device {device}, fp32")
     tok = AutoTokenizer.from_pretrained(model_dir)
     batch = tok(DEMO_SENTENCES, padding=True, return_tensors="pt").to(device)
-    ours = bertfast.BertModel.from_pretrained(model_dir).to(device).eval()
-    hf = HFBertModel.from_pretrained(model_dir).to(device).eval()
+    # both in fp32, whatever the checkpoint holds (transformers 5 would otherwise load a half-precision
+    # checkpoint in its own dtype and compare it with bertfast in fp32)
+    ours = bertfast.BertModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    hf = HFBertModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     hf_models = {}
     for impl in ("eager", "sdpa"):
         m = HFBertModel._from_config(copy.deepcopy(hf.config), attn_implementation=impl)

@@ -70,29 +70,73 @@ def resolve(path_or_id: str | os.PathLike, subfolder: str = "", use_safetensors:
                               f"fetched ({type(exc).__name__}: {exc})") from exc
 
 
-def read_config(directory: Path, **overrides) -> tuple:
+def read_config(directory: Path, model_type: str | None = None, **overrides) -> tuple:
     """(the directory's config, the overrides that are not config fields); overrides: config fields to set
-    (from_pretrained's keyword arguments, as transformers applies them)."""
+    (from_pretrained's keyword arguments, as transformers applies them). model_type: the family's, when the
+    caller is a family class: a config.json without "model_type" (older checkpoints) is then read with that
+    family's config class, as transformers' <Family>Model.from_pretrained reads it."""
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing: a checkpoint directory needs config.json")
-    from transformers import AutoConfig
+    from transformers import CONFIG_MAPPING, AutoConfig
     try:
-        return AutoConfig.from_pretrained(str(directory), return_unused_kwargs=True, **overrides)
+        fields = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_file} could not be read as JSON: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object, got {type(fields).__name__}")
+    reader = CONFIG_MAPPING[model_type] if model_type and "model_type" not in fields else AutoConfig
+    try:
+        return reader.from_pretrained(str(directory), return_unused_kwargs=True, **overrides)
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{config_file} could not be read: {exc}") from exc
+        hint = "" if "model_type" in fields else \
+            " (config.json has no model_type: load it with its family's class, e.g. bertfast.BertModel)"
+        raise CheckpointError(f"{config_file} could not be read: {exc}{hint}") from exc
 
 
 def _load_file(path: Path) -> dict:
+    """The {name: tensor} of one weights file; a CheckpointError naming the file for anything else."""
+    with open(path, "rb") as f:
+        if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+            raise CheckpointError(f"{path} is a Git LFS pointer, not the weights (the repository was cloned "
+                                  f"without them: run `git lfs pull` there)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
-    # pickle checkpoints: tensors only, never arbitrary objects
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            raise CheckpointError(f"{path} could not be read as a safetensors file (truncated or not one?): "
+                                  f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    else:
+        # pickle checkpoints: tensors only, never arbitrary objects
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            raise CheckpointError(f"{path} could not be loaded as a weights-only pickle checkpoint (objects other "
+                                  f"than tensors are refused): {type(exc).__name__}: {str(exc)[:300]}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict ({{name: tensor}})")
+    other = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if other:
+        raise CheckpointError(f"{path} is not a state dict: {', '.join(other[:4])}{', ...' if len(other) > 4 else ''}"
+                              f" hold{'s' if len(other) == 1 else ''} no tensor (a training checkpoint? save the "
+                              f"model's state_dict() there)")
+    return state
+
+
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _weight_map(path: Path) -> dict:
+    """The weight_map of a sharded checkpoint's index file (a CheckpointError naming it when there is none)."""
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointError(f"{path} could not be loaded as a weights-only pickle checkpoint (objects other than "
-                              f"tensors are refused): {type(exc).__name__}: {str(exc)[:300]}") from exc
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} could not be read as JSON: {exc}") from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path} has no weight_map (a JSON object mapping each weight's name to its shard)")
+    return weight_map
 
 
 def read_state_dict(directory: Path, use_safetensors: bool | None = None) -> tuple[dict, dict]:
@@ -105,7 +149,7 @@ def read_state_dict(directory: Path, use_safetensors: bool | None = None) -> tup
         if not path.is_file():
             continue
         if name.endswith(".index.json"):
-            weight_map = json.loads(path.read_text())["weight_map"]
+            weight_map = _weight_map(path)
             state, origin = {}, {}
             for shard in sorted(set(weight_map.values())):
                 shard_path = directory / shard

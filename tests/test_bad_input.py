@@ -137,6 +137,65 @@ def test_checkpoint_missing_and_unexpected_keys(checkpoint):
         bertfast.BertModel.from_pretrained(checkpoint)
 
 
+def test_config_without_model_type_read_by_the_family_class(checkpoint):
+    """Older config.json files have no model_type: transformers' BertModel reads them with BertConfig, and so
+    does bertfast.BertModel; AutoModel cannot tell the family and says how to load it."""
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    cfg.pop("model_type")
+    cfg.pop("architectures", None)
+    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    from transformers import BertModel as HFBertModel
+    theirs = HFBertModel.from_pretrained(checkpoint).eval()
+    ours = bertfast.BertModel.from_pretrained(checkpoint)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert (ours(ids).last_hidden_state - theirs(ids).last_hidden_state).abs().max() <= 1e-5
+    with pytest.raises(CheckpointError, match="no model_type: load it with its family's class"):
+        bertfast.AutoModel.from_pretrained(checkpoint)
+
+
+_LFS = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234567\n"
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("model.safetensors", _LFS, "model.safetensors is a Git LFS pointer, not the weights"),
+    ("pytorch_model.bin", _LFS, "pytorch_model.bin is a Git LFS pointer, not the weights"),
+    ("model.safetensors", "x" * 64, "model.safetensors could not be read as a safetensors file"),
+    ("model.safetensors.index.json", "{oops", "model.safetensors.index.json could not be read as JSON"),
+    ("model.safetensors.index.json", '{"metadata": {}}', "model.safetensors.index.json has no weight_map"),
+    ("pytorch_model.bin", torch.zeros(3), "pytorch_model.bin holds a Tensor, not a state dict"),
+    ("pytorch_model.bin", {"state_dict": {"a": torch.zeros(1)}, "epoch": 1},
+     r"pytorch_model.bin is not a state dict: epoch, state_dict hold no tensor"),
+])
+def test_unreadable_weight_files_named(checkpoint, name, content, message):
+    """Weights that are not weights (a Git LFS pointer, a truncated file, a broken index, a training checkpoint)
+    give a CheckpointError naming the file and what is wrong with it."""
+    (checkpoint / "model.safetensors").unlink()
+    if isinstance(content, str):
+        (checkpoint / name).write_text(content)
+    else:
+        torch.save(content, checkpoint / name)
+    with pytest.raises(CheckpointError, match=message):
+        bertfast.BertModel.from_pretrained(checkpoint)
+
+
+def test_from_hf_takes_transformers_models_only():
+    with pytest.raises(TypeError, match="from_hf takes a loaded transformers model .* got Linear"):
+        bertfast.BertModel.from_hf(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="from_hf takes a loaded transformers model .* got Linear"):
+        bertfast.AutoModel.from_hf(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("device,message", [("bogus", "'bogus' is not a device"),
+                                            ("meta", "must be cpu or cuda, got 'meta'")])
+def test_bench_device_argument_checked(device, message, capsys):
+    from benchmarks import suite
+    with pytest.raises(SystemExit) as info:
+        suite.main(["--device", device, "--dry-run"])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="neither a local directory"):
         bertfast.BertModel.from_pretrained(tmp_path / "does-not-exist")

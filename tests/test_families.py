@@ -3,6 +3,7 @@ XLM-RoBERTa, ELECTRA, ALBERT, DistilBERT; then bertfast.optimize on task models 
 before and after, and training gives the same losses."""
 import contextlib
 import copy
+import json
 
 import pytest
 import torch
@@ -368,6 +369,26 @@ def test_from_pretrained_dtype_argument(tmp_path):
     assert bertfast.AutoModel.from_pretrained(tmp_path).dtype == torch.float32
     with pytest.raises(ValueError, match="disagree"):
         bertfast.AutoModel.from_pretrained(tmp_path, dtype=torch.float16, torch_dtype=torch.bfloat16)
+
+
+def test_from_pretrained_default_and_auto_dtype_as_transformers(tmp_path):
+    """No dtype loads what the installed transformers loads (its default is "auto" from version 5 on); "auto"
+    takes the config's dtype before the weights' (a float32 checkpoint whose config says bfloat16 loads in
+    bfloat16, as transformers loads it)."""
+    half = BASE["bert"]._from_config(family_config("bert")).to(torch.bfloat16)
+    half.save_pretrained(tmp_path / "half")
+    full = BASE["bert"]._from_config(family_config("bert"))
+    full.save_pretrained(tmp_path / "declared")
+    cfg = json.loads((tmp_path / "declared" / "config.json").read_text())
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = "bfloat16"
+    (tmp_path / "declared" / "config.json").write_text(json.dumps(cfg))
+    for folder in ("half", "declared"):
+        for kwargs in ({}, {"dtype": "auto"}, {"torch_dtype": "auto"}):
+            expected = BASE["bert"].from_pretrained(tmp_path / folder, **kwargs).dtype
+            for load in (bertfast.AutoModel.from_pretrained, bertfast.BertModel.from_pretrained):
+                assert load(tmp_path / folder, **kwargs).dtype == expected, (folder, kwargs)
+    assert BASE["bert"].from_pretrained(tmp_path / "declared", dtype="auto").dtype == torch.bfloat16
 
 
 def test_from_pretrained_arguments_as_transformers(tmp_path):

@@ -41,8 +41,8 @@ class AutoModel:
 
     @classmethod
     def from_hf(cls, hf_model) -> EncoderModel:
-        from bertfast.models.base import hf_base_model
-        return cls.family(hf_base_model(hf_model).config).from_hf(hf_model)
+        from bertfast.models.base import hf_encoder_of
+        return cls.family(hf_encoder_of(hf_model).config).from_hf(hf_model)
 
 
 __all__ = ["AutoModel", "AlbertModel", "BertModel", "DistilBertModel", "ElectraModel", "EncoderModel",

@@ -73,7 +73,6 @@ class EncoderModel(nn.Module):
     model_types: tuple = ()
     base_model_prefix = ""
     supports_gradient_checkpointing = True
-    config_class_name = ""
     has_token_types = True
     positions_count_tokens = False     # default position ids count the non-padding ids (RoBERTa), not 0..S-1
     # (internal key template, family key template) pairs; internal = the BERT-style module tree of layers.py
@@ -175,8 +174,9 @@ class EncoderModel(nn.Module):
                         config=None, use_safetensors: bool | None = None, device_map=None, **kwargs):
         """Load config.json + model.safetensors (or a pickle checkpoint, weights_only=True) from a directory or a
         hub id. Strict: keys and shapes must equal the model's, or a CheckpointError names file and key.
-        dtype (transformers 5's name) and torch_dtype are one argument; float32 when neither is given, "auto":
-        the checkpoint's. add_pooling_layer None (default): a pooler where the checkpoint has its weights (MLM and
+        dtype (transformers 5's name) and torch_dtype are one argument; when neither is given, transformers'
+        default ("auto" from transformers 5 on, float32 before); "auto": the config's dtype, else the checkpoint
+        weights'. add_pooling_layer None (default): a pooler where the checkpoint has its weights (MLM and
         RoBERTa classifier checkpoints have none: pooler_output is then None, where transformers initialises a
         random pooler); True: the checkpoint must hold it; False: none, its weights set aside.
 
@@ -197,7 +197,7 @@ class EncoderModel(nn.Module):
         directory = loading.resolve(path_or_id, use_safetensors=use_safetensors, **hub)
         if config is None or isinstance(config, (str, os.PathLike)):
             source = directory if config is None else loading.resolve(config, config_only=True, **hub)
-            config, unused = loading.read_config(source, **kwargs)
+            config, unused = loading.read_config(source, cls.model_types[0] if cls.model_types else None, **kwargs)
         else:
             config = copy.deepcopy(config)   # as transformers: the model's config is its own
             unused = kwargs   # transformers hands these to the model's __init__, which takes none of them
@@ -209,7 +209,7 @@ class EncoderModel(nn.Module):
 
     @classmethod
     def _from_state(cls, config, state, origin, directory, torch_dtype, device, add_pooling_layer):
-        dtype = _dtype_arg(torch_dtype, state)
+        dtype = _dtype_arg(torch_dtype, state, config)
         with torch.device("meta"):
             model = cls(config, add_pooling_layer=add_pooling_layer is not False)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -237,7 +237,7 @@ class EncoderModel(nn.Module):
     def from_hf(cls, hf_model: nn.Module):
         """A bertfast model with a copy of a loaded transformers model's encoder weights, dtype and device
         (a task model's encoder is used; see bertfast.optimize to swap it in place instead)."""
-        base = hf_base_model(hf_model)
+        base = hf_encoder_of(hf_model)
         config = copy.deepcopy(base.config)
         param = next(base.parameters())
         with torch.device("meta"):
@@ -732,6 +732,18 @@ def hf_base_model(hf_model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else hf_model
 
 
+def hf_encoder_of(hf_model) -> nn.Module:
+    """hf_base_model for from_hf, which takes a loaded transformers model (or a bertfast-optimised one) only."""
+    from transformers import PreTrainedModel
+    base = hf_base_model(hf_model) if isinstance(hf_model, nn.Module) else hf_model
+    if not isinstance(base, (PreTrainedModel, EncoderModel)):
+        hint = " (pass model[0].auto_model, or bertfast.optimize(model) to swap its encoder in place)" \
+            if type(hf_model).__name__ in ("SentenceTransformer", "CrossEncoder") else ""
+        raise TypeError(f"from_hf takes a loaded transformers model (a PreTrainedModel with a config), got "
+                        f"{type(hf_model).__name__}{hint}")
+    return base
+
+
 def _hf_has_pooler(base: nn.Module) -> bool:
     return getattr(base, "pooler", None) is not None
 
@@ -807,10 +819,31 @@ def _dtype_spelling(value):
     return getattr(torch, value, value) if isinstance(value, str) and value != "auto" else value
 
 
-def _dtype_arg(torch_dtype, state: dict) -> torch.dtype:
-    if torch_dtype is None or torch_dtype == "auto":
-        floats = [v.dtype for v in state.values() if v.is_floating_point()]
-        return floats[0] if (torch_dtype == "auto" and floats) else torch.float32
+def _transformers_default_dtype():
+    """What transformers' from_pretrained loads when given no dtype: "auto" from transformers 5 on, torch's default
+    dtype (float32) before."""
+    import transformers
+    return "auto" if int(transformers.__version__.split(".")[0]) >= 5 else None
+
+
+def _dtype_arg(torch_dtype, state: dict, config=None) -> torch.dtype:
+    """from_pretrained's dtype, as transformers resolves it: None is transformers' own default; "auto" the
+    config's dtype (config.json's "dtype" / "torch_dtype"), else the checkpoint's first floating-point weight's."""
+    if torch_dtype is None:
+        torch_dtype = _transformers_default_dtype()
+    if torch_dtype is None:
+        return torch.get_default_dtype()
+    if isinstance(torch_dtype, str) and torch_dtype == "auto":
+        declared = getattr(config, "dtype", None)
+        if declared is None and "torch_dtype" in getattr(config, "__dict__", {}):
+            declared = config.torch_dtype           # (transformers 4's name, before 4.56)
+        if declared is not None:
+            torch_dtype = declared
+        else:
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    return value.dtype
+            return torch.get_default_dtype()
     dtype = getattr(torch, torch_dtype, None) if isinstance(torch_dtype, str) else torch_dtype
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"torch_dtype={torch_dtype!r} is not a torch dtype")
