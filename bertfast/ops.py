@@ -408,31 +408,50 @@ def records_grad(*args) -> bool:
 _FUNCTORCH = torch._C._functorch
 
 
-def _carries_tangent(t: Tensor, jvp_levels) -> bool:
+def _wrapped_at(t: Tensor, levels) -> bool:
+    """Whether a functorch wrapper of t belongs to one of the transform levels."""
     while _FUNCTORCH.is_functorch_wrapped_tensor(t) or _FUNCTORCH.is_batchedtensor(t):
-        if _FUNCTORCH.maybe_get_level(t) in jvp_levels:
+        if _FUNCTORCH.maybe_get_level(t) in levels:
             return True
+        t = _FUNCTORCH.get_unwrapped(t)
+    return False
+
+
+def _carries_tangent(t: Tensor, jvp_levels) -> bool:
+    if _wrapped_at(t, jvp_levels):
+        return True
+    while _FUNCTORCH.is_functorch_wrapped_tensor(t) or _FUNCTORCH.is_batchedtensor(t):
         t = _FUNCTORCH.get_unwrapped(t)
     return _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(t).tangent is not None
 
 
-def _refuse_forward_ad(op, args, transformed: bool) -> None:
+def _refuse_transform_ad(op, args, transformed: bool) -> None:
     """The bertfast:: ops have reverse-mode formulas only: under forward-mode AD (torch.func.jvp / jacfwd,
     torch.autograd.forward_ad dual tensors) an input carrying a tangent would give an output without one, a silent
-    zero. Refuse such a call instead (inputs without a tangent, e.g. a frozen encoder under a head's jvp, run)."""
-    jvp_levels = ()
+    zero. Refuse such a call instead (inputs without a tangent, e.g. a frozen encoder under a head's jvp, run).
+    torch.func.grad / vjp / jacrev through an op fail inside torch's custom-op autograd (it cannot run under
+    functorch, torch 2.11-2.13) with a message about autograd.Function: refused here by name (an op whose
+    inputs are not differentiated by the transform runs)."""
+    jvp_levels = grad_levels = ()
     if transformed:   # (the stack reads None while AOTAutograd traces)
-        jvp_levels = {i.level() for i in (_FUNCTORCH.get_interpreter_stack() or ())
-                      if i.key() == _FUNCTORCH.TransformType.Jvp}
-    if any(isinstance(a, Tensor) and _carries_tangent(a, jvp_levels) for a in args):
+        stack = _FUNCTORCH.get_interpreter_stack() or ()
+        jvp_levels = {i.level() for i in stack if i.key() == _FUNCTORCH.TransformType.Jvp}
+        grad_levels = {i.level() for i in stack if i.key() == _FUNCTORCH.TransformType.Grad}
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if any(_carries_tangent(a, jvp_levels) for a in tensors):
         raise NotImplementedError(
             f"{op._qualname} has no forward-mode AD (jvp) formula, so the tangent through it would be lost: use "
             f"reverse mode (loss.backward(), torch.autograd.grad), or transformers' model for jvp / jacfwd")
+    if grad_levels and any(_wrapped_at(a, grad_levels) for a in tensors):
+        raise NotImplementedError(
+            f"{op._qualname} cannot be differentiated by torch.func.grad / vjp / jacrev (torch's custom-op autograd "
+            f"does not run under functorch transforms): use loss.backward() or torch.autograd.grad, with "
+            f"torch.func.functional_call for stateless parameters")
 
 
 @torch.compiler.disable
-def _refuse_forward_ad_compiled(op, args) -> None:
-    _refuse_forward_ad(op, args, _FUNCTORCH.peek_interpreter_stack() is not None)
+def _refuse_transform_ad_compiled(op, args) -> None:
+    _refuse_transform_ad(op, args, _FUNCTORCH.peek_interpreter_stack() is not None)
 
 
 def _run(op, *args):
@@ -443,13 +462,13 @@ def _run(op, *args):
     graph is being built through (a backward op under create_graph) go through the registered op."""
     if torch.compiler.is_compiling():
         if _forward_ad._current_level >= 0:    # (outside the graph: dynamo cannot trace the functorch queries)
-            _refuse_forward_ad_compiled(op, args)
+            _refuse_transform_ad_compiled(op, args)
         return op(*args)
-    # peek_interpreter_stack: inside torch.func transforms (vmap; torch.func.grad / vjp fail in torch's custom-op
-    # autograd under functorch, torch 2.11-2.13)
+    # peek_interpreter_stack: inside torch.func transforms (vmap runs; torch.func.grad / vjp through an op are
+    # refused by name: they fail in torch's custom-op autograd under functorch, torch 2.11-2.13)
     transformed = _FUNCTORCH.peek_interpreter_stack() is not None
     if transformed or _forward_ad._current_level >= 0:
-        _refuse_forward_ad(op, args, transformed)
+        _refuse_transform_ad(op, args, transformed)
         if transformed:
             return op(*args)
     if records_grad(*args):
@@ -1067,7 +1086,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: st
     up-projection. Where BERTFAST_LINEAR_EPILOGUE decides so (see linear_epilogue_setting; `bertfast info` shows
     it), the bias and activation run in the GEMM's epilogue (bertfast_C::linear_act, cuBLASLt): at inference, on
     plain tensors, outside torch.autocast / torch.compile / torch.func. Otherwise torch's GEMM, then bias_act, in
-    place over the GEMM's output for CPU inference (NOTES change 23)."""
+    place over the GEMM's output for CPU inference outside torch.compile / torch.func (NOTES change 23)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or weight.dim() != 2 or x.dim() < 1 \
@@ -1090,7 +1109,8 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: st
                                             epilogue)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
     y = F.linear(x, weight)    # (y records a gradient exactly when x or weight does)
-    if y.device.type == "cpu" and not records and not torch.compiler.is_compiling():
+    if y.device.type == "cpu" and not records and not torch.compiler.is_compiling() \
+            and _FUNCTORCH.peek_interpreter_stack() is None:     # (an in-place op has no vmap rule)
         return bias_act_(y, bias, activation)
     return bias_act(y, bias, activation)
 

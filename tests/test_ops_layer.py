@@ -589,6 +589,22 @@ def test_settings_follow_the_environment(monkeypatch, fast):
     assert ops.setting("BERTFAST_NO_SUCH_SETTING_X", "dflt") == "dflt"
 
 
+def test_func_grad_through_an_op_is_refused_by_name():
+    """torch.func.grad / vjp / jacrev through a bertfast op fail inside torch's custom-op autograd (with a message
+    about autograd.Function's setup_context): refused by name. An op whose inputs the transform does not
+    differentiate (a frozen encoder under a head's grad) runs."""
+    x, w, b = torch.randn(4, 16), torch.randn(16), torch.randn(16)
+    message = "bertfast::add_layer_norm cannot be differentiated by torch.func.grad / vjp / jacrev"
+    f = lambda a: ops.add_layer_norm(a, w, b, 1e-5).pow(2).sum()          # noqa: E731
+    for transform in (lambda: torch.func.grad(f)(x), lambda: torch.func.vjp(f, x)[1](torch.tensor(1.0)),
+                      lambda: torch.func.jacrev(lambda a: ops.add_layer_norm(a, w, b, 1e-5))(x)):
+        with pytest.raises(NotImplementedError, match=message):
+            transform()
+    head = torch.randn(16)
+    g = torch.func.grad(lambda h: ops.add_layer_norm(x, w, b, 1e-5) @ h @ torch.ones(4))(head)
+    torch.testing.assert_close(g, torch.nn.functional.layer_norm(x, (16,), w, b, 1e-5).sum(0))
+
+
 def test_forward_mode_ad_is_refused_not_dropped():
     """The ops have reverse-mode formulas only: a dual tensor (torch.autograd.forward_ad) or torch.func.jvp /
     jacfwd through them raises, instead of returning outputs without a tangent (a silent zero). Tensors without a

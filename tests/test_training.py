@@ -1,5 +1,6 @@
 """Training mode: gradients of bertfast equal transformers' (dropout off), dropout really applies in training,
 and torch.compile(model) runs and matches eager."""
+import pytest
 import torch
 
 import bertfast
@@ -58,3 +59,25 @@ def test_torch_compile_matches_eager():
         eager = ours(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
         comp = compiled(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
     assert (eager - comp).abs().max() < 1e-5
+
+
+def test_what_cannot_capture_the_model_says_why():
+    """The model reads each batch on the host (lengths, id ranges) to unpad it: torch.export, fullgraph=True and
+    vmap over the ids say so by name (they failed with torch's data-dependent-guard or data-pointer errors);
+    vmap over inputs_embeds without a mask runs."""
+    torch.manual_seed(5)
+    cfg = bert_config(hidden=64, heads=2, layers=1)
+    ours = bertfast.BertModel(cfg).eval()
+    ids, mask, _ = random_batch(3, 10, cfg.vocab_size)
+    with pytest.raises(NotImplementedError, match="torch.export cannot capture BertModel: bertfast reads each "
+                                                  "batch's lengths"):
+        torch.export.export(ours, (ids,), {"attention_mask": mask}, strict=False)
+    with pytest.raises(Exception, match="bertfast reads each batch's lengths and id ranges on the host"):
+        torch.compile(ours, fullgraph=True, backend="eager")(ids, attention_mask=mask)
+    with pytest.raises(NotImplementedError, match="cannot run under torch.func.vmap over its ids or mask"):
+        torch.func.vmap(lambda row: ours(row).last_hidden_state)(ids.unsqueeze(1))
+    embeds = torch.randn(3, 1, 10, 64)
+    with torch.no_grad():
+        batched = torch.func.vmap(lambda e: ours(inputs_embeds=e).last_hidden_state)(embeds)
+        looped = torch.stack([ours(inputs_embeds=e).last_hidden_state for e in embeds])
+    torch.testing.assert_close(batched, looped)

@@ -266,6 +266,8 @@ class EncoderModel(nn.Module):
                                  else output_attentions)
         return_dict = getattr(cfg, "return_dict", True) if return_dict is None else return_dict
 
+        if torch.compiler.is_exporting():
+            _refuse_export(type(self).__name__)
         positions_given = position_ids is not None
         input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds = self._check_inputs(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
@@ -637,7 +639,7 @@ class EncoderModel(nn.Module):
         for t in (input_ids, token_type_ids, position_ids):
             if t is not None and t.numel():
                 stats += [t.min(), t.max()]
-        values = torch.stack([s.long() for s in stats]).tolist() if stats else []
+        values = _read_on_host(torch.stack([s.long() for s in stats])) if stats else []
         max_seqlen, unpadded, total = seqlen, True, batch * seqlen
         if attention_mask is not None:
             max_seqlen, min_seqlen, total = int(values.pop(0)), int(values.pop(0)), int(values.pop(0))
@@ -817,6 +819,32 @@ def _indexed(device: torch.device) -> torch.device:
 def _dtype_spelling(value):
     """torch.float16 and "float16" as one value (for comparing dtype and torch_dtype)."""
     return getattr(torch, value, value) if isinstance(value, str) and value != "auto" else value
+
+
+@torch.compiler.disable(reason="bertfast reads each batch's lengths and id ranges on the host, to unpad it and "
+                               "check the ids: a bertfast model is not one graph; compile it with fullgraph=False "
+                               "(the default)")
+def _read_on_host(stats: torch.Tensor) -> list:
+    """The forward's one host read of a batch's statistics (lengths, id ranges), outside torch.compile's graphs."""
+    functorch, t = torch._C._functorch, stats
+    while functorch.is_functorch_wrapped_tensor(t) and not functorch.is_batchedtensor(t):
+        t = functorch.get_unwrapped(t)      # (grad transforms wrap every tensor; those read fine)
+    if functorch.is_batchedtensor(t):       # vmap over the ids or the mask: a value per sample, none to read
+        raise NotImplementedError(
+            "a bertfast model cannot run under torch.func.vmap over its ids or mask: it reads the batch's lengths "
+            "and id ranges on the host to unpad it; call it on the whole batch (vmap over inputs_embeds without "
+            "an attention_mask runs)")
+    return stats.tolist()
+
+
+_NO_EXPORT = ("bertfast reads each batch's lengths and id ranges on the host to unpad it, so its shapes depend on "
+              "the data; serve it eagerly or with torch.compile, or export transformers' model")
+
+
+@torch.compiler.disable(reason=f"torch.export cannot capture a bertfast model: {_NO_EXPORT}")
+def _refuse_export(name: str) -> None:
+    """torch.export's non-strict mode runs this (strict mode stops at the disable, with its reason)."""
+    raise NotImplementedError(f"torch.export cannot capture {name}: {_NO_EXPORT}")
 
 
 def _transformers_default_dtype():
