@@ -68,7 +68,10 @@ def cmd_info(args) -> int:
         try:
             isa = f"{torch.ops.bertfast_C.cpu_isa()} (BERTFAST_CPU_ISA=avx2|base lowers it)"
         except RuntimeError as exc:  # a BERTFAST_CPU_ISA value the kernels refuse: said, not a traceback
-            isa = f"unusable: {str(exc).splitlines()[0]}"
+            print(f"  {'CPU kernels':<13} unusable: {str(exc).splitlines()[0]}")
+            # every C++ CPU kernel raises the same error, under auto too: no implementation table to show (as
+            # for a misspelt BERTFAST_BACKEND, the command fails, naming the setting)
+            raise ValueError("BERTFAST_CPU_ISA: the C++ CPU kernels refuse its value (above); fix or unset it")
         print(f"  {'CPU kernels':<13} {isa}")
     print(f"  {'backend':<13} BERTFAST_BACKEND={ops.backend_setting()}"
           f"{'  TRITON_INTERPRET=1' if os.environ.get('TRITON_INTERPRET') == '1' else ''}")

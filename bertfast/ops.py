@@ -200,8 +200,16 @@ def _supports(impl: str, op: str, facts: dict) -> Optional[str]:
     if impl in ("triton", "cpp") and dtype is not None and dtype not in KERNEL_DTYPES \
             and op not in _ANY_DTYPE_OPS:
         return f"dtype {dtype} (kernels take float32, float16, bfloat16)"
-    if impl == "triton" and op == "varlen_attention" and facts["head_dim"] not in ATTENTION_HEAD_DIMS:
-        return f"head_dim {facts['head_dim']} (kernels take {', '.join(map(str, ATTENTION_HEAD_DIMS))})"
+    if impl == "triton" and op == "varlen_attention":
+        if facts["head_dim"] not in ATTENTION_HEAD_DIMS:
+            return f"head_dim {facts['head_dim']} (kernels take {', '.join(map(str, ATTENTION_HEAD_DIMS))})"
+        from bertfast.kernels.attention import MAX_GRID_YZ
+        if max(facts.get("sequences", 1), facts.get("heads", 1)) > MAX_GRID_YZ:
+            return (f"{facts['sequences']} sequences of {facts['heads']} heads (the kernel's grid takes at most "
+                    f"{MAX_GRID_YZ} of each per call)")
+        if facts.get("cpu") and dtype == torch.bfloat16 and not _interpreter_bf16_dot_fixed():
+            return ("bfloat16 in the Triton interpreter, whose tl.dot multiplies bfloat16's raw bits (triton issue "
+                    "#11584; the test suite patches the interpreter)")
     if impl == "triton" and op == "add_layer_norm":
         from bertfast.kernels.config import MAX_FUSED_BACKWARD_HIDDEN, MAX_FUSED_HIDDEN
         if facts["hidden"] > MAX_FUSED_HIDDEN:
@@ -210,6 +218,13 @@ def _supports(impl: str, op: str, facts: dict) -> Optional[str]:
         if facts.get("records_grad") and facts["hidden"] > MAX_FUSED_BACKWARD_HIDDEN:
             return f"hidden size {facts['hidden']} > {MAX_FUSED_BACKWARD_HIDDEN} with a gradient to compute"
     return None
+
+
+def _interpreter_bf16_dot_fixed() -> bool:
+    """Whether the Triton interpreter's bfloat16 tl.dot has been patched to upcast its operands (tests/conftest.py
+    does; the interpreter of Triton 3.6 multiplies the raw bits, a wrong answer by orders of magnitude)."""
+    from triton.runtime import interpreter
+    return bool(getattr(interpreter.InterpreterBuilder, "_bertfast_bf16_patch", False))
 
 
 def choose(op: str, device: torch.device, **facts) -> str:
@@ -786,7 +801,8 @@ def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_s
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
-    impl = choose("varlen_attention", qkv.device, dtype=qkv.dtype, head_dim=qkv.shape[-1])
+    impl = choose("varlen_attention", qkv.device, dtype=qkv.dtype, head_dim=qkv.shape[-1],
+                  sequences=cu_seqlens.shape[0] - 1, heads=qkv.shape[2], cpu=qkv.device.type == "cpu")
     cu_seqlens = cu_seqlens.contiguous()       # the kernels read it by address
     if cu_seqlens.numel() == 1:                # no sequence: nothing to attend
         if qkv.shape[0]:

@@ -227,6 +227,9 @@ class FusedHeadTransform(nn.Module):
     def forward(self, hidden_states):
         ln, dense = self.LayerNorm, self.dense
         if has_hooks(ln):      # transformers' LayerNorm module, hooked after optimize: called as a module
+            ops.notice_once("unfused-head-transform:hooks",
+                            "the MLM head transform's LayerNorm has hooks: it runs as a module so that they run, "
+                            "and the fused bias + activation + LayerNorm kernel is not used there")
             return ln(ops.bias_act(dense(hidden_states), None, self.activation))
         if fusable_linear(dense, "the MLM head transform's dense"):
             h, x_bias = torch.nn.functional.linear(hidden_states, dense.weight), dense.bias

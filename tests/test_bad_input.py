@@ -87,6 +87,39 @@ def test_forced_backend_that_cannot_serve(monkeypatch):
         bertfast.ops.varlen_attention(qkv, cu, 5)
 
 
+def test_attention_inputs_the_kernel_cannot_take_are_refused_or_routed(monkeypatch):
+    """More sequences (or heads) than the attention kernel's grid takes: forced Triton is a BackendError naming the
+    limit (it was the kernel's own UnsupportedInput), auto routes around the kernel with a notice. bfloat16 in a
+    Triton interpreter whose dot multiplies bfloat16's raw bits (Triton 3.6; the tests patch it) is refused by
+    name: it gave answers off by ~1e9."""
+    from bertfast import ops
+    from bertfast.kernels.attention import MAX_GRID_YZ
+    dev = _backend(monkeypatch, "triton")
+    n = MAX_GRID_YZ + 1
+    qkv = torch.randn(n, 3, 1, 32, device=dev)
+    cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
+    with pytest.raises(ops.BackendError, match=f"{n} sequences of 1 heads .*at most {MAX_GRID_YZ}"):
+        ops.varlen_attention(qkv, cu, 1)
+    facts = dict(dtype=torch.float16, head_dim=64, sequences=n, heads=12, cpu=False)
+    assert "at most" in ops._supports("triton", "varlen_attention", facts)
+    assert ops._supports("triton", "varlen_attention", dict(facts, sequences=n - 1)) is None
+    monkeypatch.setitem(ops.PREFERENCE, "varlen_attention", dict(ops.PREFERENCE["varlen_attention"],
+                                                                 cpu=ops.PREFERENCE["varlen_attention"]["cuda"]))
+    monkeypatch.setenv("BERTFAST_BACKEND", "auto")
+    if dev == "cpu":
+        ops._notices.clear()
+        assert ops.choose("varlen_attention", torch.device("cpu"), **facts) == "reference"
+        assert any("triton skipped" in v and "at most" in v for v in ops.notices().values())
+        from triton.runtime import interpreter
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "_bertfast_bf16_patch", False, raising=False)
+        bf16 = dict(facts, dtype=torch.bfloat16, sequences=2, cpu=True)
+        assert "triton issue #11584" in ops._supports("triton", "varlen_attention", bf16)
+        monkeypatch.setenv("BERTFAST_BACKEND", "triton")
+        with pytest.raises(ops.BackendError, match="bfloat16 in the Triton interpreter"):
+            ops.varlen_attention(torch.randn(5, 3, 2, 64, dtype=torch.bfloat16), torch.tensor([0, 2, 5],
+                                 dtype=torch.int32), 3)
+
+
 def test_all_zero_mask_row_is_finite(model):
     ids, mask, _ = random_batch(3, 8, 50)
     mask[1] = 0

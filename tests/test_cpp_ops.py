@@ -649,8 +649,11 @@ def test_cpu_isa_override_is_checked():
     assert 'kernel: bertfast_C: BERTFAST_CPU_ISA must be base, avx2 or avx512' in bad.stdout, bad.stdout
     info = subprocess.run([sys.executable, "-m", "bertfast", "info"], env=dict(os.environ, BERTFAST_CPU_ISA="scalar"),
                           capture_output=True, text=True, timeout=300)
-    assert info.returncode == 0 and "CPU kernels   unusable: bertfast_C: BERTFAST_CPU_ISA must be" in info.stdout, \
+    # info says so and fails (exit 2, as for a misspelt BERTFAST_BACKEND), not a table claiming the C++ kernels run
+    assert info.returncode == 2 and "CPU kernels   unusable: bertfast_C: BERTFAST_CPU_ISA must be" in info.stdout, \
         info.stdout + info.stderr[-2000:]
+    assert "error: BERTFAST_CPU_ISA: the C++ CPU kernels refuse its value" in info.stderr
+    assert "implementation per op" not in info.stdout
     assert 'BERTFAST_CPU_ISA must be base, avx2 or avx512 (it can only lower the ISA), got "scalar"' in bad.stderr
 
 

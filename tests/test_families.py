@@ -715,6 +715,34 @@ def test_heads_reading_a_padded_position_are_refused(family, head, padding_side,
     assert (la - lb).abs().max() <= TOL
 
 
+def test_unfused_paths_for_hooks_are_said():
+    """Global module hooks take the embeddings off the fused embed kernel, and a hook on an optimised MLM head's
+    LayerNorm takes the head transform off its fused kernel: both said once (they were silent), the outputs still
+    as transformers'."""
+    torch.manual_seed(0)
+    cfg = family_config("bert", dropout=False)
+    hf = T.BertForMaskedLM(cfg).eval()
+    ours = bertfast.optimize(copy.deepcopy(hf))
+    ids, mask, _ = random_batch(2, 7, cfg.vocab_size)
+    bertfast.ops._notices.clear()
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        with torch.no_grad():
+            a = ours(ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+    assert "Embedding" in seen
+    assert "global module hooks are registered" in bertfast.ops.notices()["unfused-embeddings:global-hooks"]
+    ours.cls.predictions.transform.LayerNorm.register_forward_hook(lambda *args: None)
+    with torch.no_grad():
+        b = ours(ids, attention_mask=mask).logits
+        ref = hf(ids, attention_mask=mask).logits
+    assert "LayerNorm has hooks" in bertfast.ops.notices()["unfused-head-transform:hooks"]
+    q = real(mask)
+    assert (a[q] - ref[q]).abs().max() <= 1e-4 and (b[q] - ref[q]).abs().max() <= 1e-4
+
+
 def test_optimize_refuses_models_with_hooks_on_the_encoder():
     """Hooks on modules the swap replaces would silently stop running: refused by name, model untouched; a hooked
     MLM head transform stays transformers' (unfused) and its hook runs."""

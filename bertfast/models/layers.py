@@ -155,7 +155,12 @@ class Embeddings(nn.Module):
         ln = self.LayerNorm
         if inputs_embeds is None and has_hooks(self.word_embeddings):
             # hooks on the input embeddings (transformers' NEFTune noise, enable_input_require_grads) get what
-            # transformers' embeddings give them, [B, S, E]: the unfused path then
+            # transformers' embeddings give them, [B, S, E]: the unfused path then (documented for the embeddings'
+            # own hooks; global module hooks, which every module runs, are said once)
+            if not has_local_hooks(self.word_embeddings):
+                ops.notice_once("unfused-embeddings:global-hooks",
+                                "global module hooks are registered: the word embeddings run as a module so that "
+                                "the hooks see them, and the fused gather + LayerNorm kernel (embed) is not used")
             inputs_embeds = self.word_embeddings(input_ids)
         if inputs_embeds is None:
             tt = token_type_ids.reshape(-1) if token_type_ids is not None else None
