@@ -189,15 +189,12 @@ def plot(out: pathlib.Path, env: dict, rows: list[dict]) -> list[str]:
 
 
 def _device_arg(value: str):
-    """--device: a cpu or cuda device (argparse names the argument and the value when it is not one)."""
-    import torch
+    """--device: bertfast's own check of a device argument (argparse names the argument and the value)."""
+    from bertfast.cli import parse_device
     try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a device") from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"must be cpu or cuda, got {value!r}")
-    return device
+        return parse_device(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv=None) -> int:

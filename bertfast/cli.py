@@ -231,20 +231,30 @@ def _at_least_two(text: str) -> int:
     return value
 
 
+def parse_device(value: str):
+    """A --device value as a cpu or cuda torch.device; ValueError saying what is wrong with it otherwise."""
+    import torch
+    try:
+        device = torch.device(value)
+    except RuntimeError as exc:
+        raise ValueError(f"{value!r} is not a device ({exc})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"must be cpu or cuda, got {value!r}")
+    return device
+
+
 def _device(args):
     """The device of --device (default: cuda when available), refused by name when it cannot run here."""
     import torch
     if args.device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise SystemExit(f"bertfast {args.cmd}: --device {args.device!r} is not a device ({exc})") from exc
+        device = parse_device(args.device)
+    except ValueError as exc:
+        raise SystemExit(f"bertfast {args.cmd}: --device {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"bertfast {args.cmd}: --device {args.device} asked for CUDA, but torch "
                          f"{torch.__version__} sees no CUDA device (CUDA build: {torch.version.cuda or 'no'})")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"bertfast {args.cmd}: --device must be cpu or cuda, got {args.device!r}")
     return device
 
 

@@ -79,12 +79,7 @@ def read_config(directory: Path, model_type: str | None = None, **overrides) -> 
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing: a checkpoint directory needs config.json")
     from transformers import CONFIG_MAPPING, AutoConfig
-    try:
-        fields = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_file} could not be read as JSON: {exc}") from exc
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"{config_file} must hold a JSON object, got {type(fields).__name__}")
+    fields = _json_object(config_file)
     reader = CONFIG_MAPPING[model_type] if model_type and "model_type" not in fields else AutoConfig
     try:
         return reader.from_pretrained(str(directory), return_unused_kwargs=True, **overrides)
@@ -127,13 +122,20 @@ def _load_file(path: Path) -> dict:
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
-def _weight_map(path: Path) -> dict:
-    """The weight_map of a sharded checkpoint's index file (a CheckpointError naming it when there is none)."""
+def _json_object(path: Path) -> dict:
+    """The JSON object in a checkpoint's file (config.json, an index), or a CheckpointError naming the file."""
     try:
-        index = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} could not be read as JSON: {exc}") from exc
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _weight_map(path: Path) -> dict:
+    """The weight_map of a sharded checkpoint's index file (a CheckpointError naming it when there is none)."""
+    weight_map = _json_object(path).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path} has no weight_map (a JSON object mapping each weight's name to its shard)")
     return weight_map

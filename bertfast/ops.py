@@ -194,8 +194,8 @@ def _available_cached(impl: str, op: str, device_type: str) -> Optional[str]:
 _ANY_DTYPE_OPS = ("unpad", "pad")    # they copy rows as bytes (csrc/padding.cpp, csrc/cuda/padding.cu)
 
 
-def _supports(impl: str, op: str, facts: dict) -> Optional[str]:
-    """None when `impl` can serve an input with these facts, else the reason it cannot."""
+def _supports(impl: str, op: str, facts: dict, device_type: str) -> Optional[str]:
+    """None when `impl` can serve an input with these facts on a device of this type, else the reason it cannot."""
     dtype = facts.get("dtype")
     if impl in ("triton", "cpp") and dtype is not None and dtype not in KERNEL_DTYPES \
             and op not in _ANY_DTYPE_OPS:
@@ -207,7 +207,7 @@ def _supports(impl: str, op: str, facts: dict) -> Optional[str]:
         if max(facts.get("sequences", 1), facts.get("heads", 1)) > MAX_GRID_YZ:
             return (f"{facts['sequences']} sequences of {facts['heads']} heads (the kernel's grid takes at most "
                     f"{MAX_GRID_YZ} of each per call)")
-        if facts.get("cpu") and dtype == torch.bfloat16 and not _interpreter_bf16_dot_fixed():
+        if device_type == "cpu" and dtype == torch.bfloat16 and not _interpreter_bf16_dot_fixed():
             return ("bfloat16 in the Triton interpreter, whose tl.dot multiplies bfloat16's raw bits (triton issue "
                     "#11584; the test suite patches the interpreter)")
     if impl == "triton" and op == "add_layer_norm":
@@ -234,7 +234,7 @@ def choose(op: str, device: torch.device, **facts) -> str:
     if setting == "auto":
         skipped = []
         for impl in PREFERENCE[op][dev]:
-            reason = _available(impl, op, device) or _supports(impl, op, facts)
+            reason = _available(impl, op, device) or _supports(impl, op, facts, dev)
             if reason is None:
                 if skipped:
                     notice_once(f"{op}:{dev}:{impl}:{';'.join(skipped)}",
@@ -249,7 +249,7 @@ def choose(op: str, device: torch.device, **facts) -> str:
         notice_once(f"{op}:{setting}:none", f"BERTFAST_BACKEND={setting}: {op} has no {setting} "
                     f"implementation, so it runs the reference implementation")
         return "reference"
-    reason = _available(setting, op, device) or _supports(setting, op, facts)
+    reason = _available(setting, op, device) or _supports(setting, op, facts, dev)
     if reason is not None:
         raise BackendError(f"BERTFAST_BACKEND={setting}: the {setting} implementation of {op} cannot run "
                            f"here: {reason}. Unset BERTFAST_BACKEND (auto) to use another implementation.")
@@ -276,7 +276,7 @@ def implementation_table(device: torch.device | str = "cpu") -> dict[str, str]:
             table[op] = impl + (f"  (BERTFAST_BACKEND={setting}: {op} has no {setting} implementation)"
                                 if impl != setting else "")
         else:
-            skipped = [f"{i}: {_available(i, op, device) or _supports(i, op, facts[op])}"
+            skipped = [f"{i}: {_available(i, op, device) or _supports(i, op, facts[op], dev)}"
                        for i in PREFERENCE[op][dev][: PREFERENCE[op][dev].index(impl)]]
             table[op] = impl + (f"  ({'; '.join(skipped)})" if skipped else "")
         if op == "varlen_attention" and dev == "cpu" and impl == "reference":
@@ -423,21 +423,22 @@ def records_grad(*args) -> bool:
 _FUNCTORCH = torch._C._functorch
 
 
-def _wrapped_at(t: Tensor, levels) -> bool:
-    """Whether a functorch wrapper of t belongs to one of the transform levels."""
+def _unwrap_unless_at(t: Tensor, levels) -> Optional[Tensor]:
+    """t with its functorch wrappers removed, or None when one of them belongs to one of the transform levels."""
     while _FUNCTORCH.is_functorch_wrapped_tensor(t) or _FUNCTORCH.is_batchedtensor(t):
         if _FUNCTORCH.maybe_get_level(t) in levels:
-            return True
+            return None
         t = _FUNCTORCH.get_unwrapped(t)
-    return False
+    return t
+
+
+def _wrapped_at(t: Tensor, levels) -> bool:
+    return _unwrap_unless_at(t, levels) is None
 
 
 def _carries_tangent(t: Tensor, jvp_levels) -> bool:
-    if _wrapped_at(t, jvp_levels):
-        return True
-    while _FUNCTORCH.is_functorch_wrapped_tensor(t) or _FUNCTORCH.is_batchedtensor(t):
-        t = _FUNCTORCH.get_unwrapped(t)
-    return _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(t).tangent is not None
+    base = _unwrap_unless_at(t, jvp_levels)
+    return base is None or (_forward_ad._current_level >= 0 and _forward_ad.unpack_dual(base).tangent is not None)
 
 
 def _refuse_transform_ad(op, args, transformed: bool) -> None:
@@ -802,7 +803,7 @@ def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_s
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(qkv.shape[-1])
     impl = choose("varlen_attention", qkv.device, dtype=qkv.dtype, head_dim=qkv.shape[-1],
-                  sequences=cu_seqlens.shape[0] - 1, heads=qkv.shape[2], cpu=qkv.device.type == "cpu")
+                  sequences=cu_seqlens.shape[0] - 1, heads=qkv.shape[2])
     cu_seqlens = cu_seqlens.contiguous()       # the kernels read it by address
     if cu_seqlens.numel() == 1:                # no sequence: nothing to attend
         if qkv.shape[0]:

@@ -100,9 +100,9 @@ def test_attention_inputs_the_kernel_cannot_take_are_refused_or_routed(monkeypat
     cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
     with pytest.raises(ops.BackendError, match=f"{n} sequences of 1 heads .*at most {MAX_GRID_YZ}"):
         ops.varlen_attention(qkv, cu, 1)
-    facts = dict(dtype=torch.float16, head_dim=64, sequences=n, heads=12, cpu=False)
-    assert "at most" in ops._supports("triton", "varlen_attention", facts)
-    assert ops._supports("triton", "varlen_attention", dict(facts, sequences=n - 1)) is None
+    facts = dict(dtype=torch.float16, head_dim=64, sequences=n, heads=12)
+    assert "at most" in ops._supports("triton", "varlen_attention", facts, "cuda")
+    assert ops._supports("triton", "varlen_attention", dict(facts, sequences=n - 1), "cuda") is None
     monkeypatch.setitem(ops.PREFERENCE, "varlen_attention", dict(ops.PREFERENCE["varlen_attention"],
                                                                  cpu=ops.PREFERENCE["varlen_attention"]["cuda"]))
     monkeypatch.setenv("BERTFAST_BACKEND", "auto")
@@ -112,8 +112,8 @@ def test_attention_inputs_the_kernel_cannot_take_are_refused_or_routed(monkeypat
         assert any("triton skipped" in v and "at most" in v for v in ops.notices().values())
         from triton.runtime import interpreter
         monkeypatch.setattr(interpreter.InterpreterBuilder, "_bertfast_bf16_patch", False, raising=False)
-        bf16 = dict(facts, dtype=torch.bfloat16, sequences=2, cpu=True)
-        assert "triton issue #11584" in ops._supports("triton", "varlen_attention", bf16)
+        bf16 = dict(facts, dtype=torch.bfloat16, sequences=2)
+        assert "triton issue #11584" in ops._supports("triton", "varlen_attention", bf16, "cpu")
         monkeypatch.setenv("BERTFAST_BACKEND", "triton")
         with pytest.raises(ops.BackendError, match="bfloat16 in the Triton interpreter"):
             ops.varlen_attention(torch.randn(5, 3, 2, 64, dtype=torch.bfloat16), torch.tensor([0, 2, 5],
