@@ -81,11 +81,13 @@ def _max_err(a, b):
 
 
 def _check_case(device, dtype, head_dim, lengths, heads, fp32_precision="ieee", dropout_p=0.0, seed=0,
-                softmax_scale=None, check_lse=True):
+                softmax_scale=None, check_lse=True, qk_gain=1.0):
+    """qk_gain multiplies q and k (the logits by its square)."""
     cu_t, max_seqlen = _cu(lengths, device)
     cu = cu_t.tolist()
     total = cu[-1]
     qkv = torch.randn(total, 3, heads, head_dim, dtype=dtype)
+    qkv[:, :2] *= qk_gain
     dout = torch.randn(total, heads, head_dim, dtype=dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
 
@@ -150,6 +152,17 @@ def test_bf16_wide_head_batch_of_eight(device):
     _seed_for("bf16-8")
     lengths = [1, 17, 64, 129, 200] + torch.randint(2, 256, (3,)).tolist()
     _check_case(device, torch.bfloat16, 96, lengths, heads=1)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32-tf32", "fp16", "bf16"])
+def test_large_logits(device, dtype_name):
+    """q and k 3x a unit normal's (logits of std ~9, sharp softmaxes): the backward recomputes P from its own
+    scores and the forward's lse, so they must agree. With tf32 dots the dK / dV kernel rounded the other operand
+    of its (transposed) score dot than the forward: dV 2.4x over the bound (NOTES change 37)."""
+    _seed_for("large-logits", dtype_name)
+    dtype = DTYPES.get(dtype_name, torch.float32)
+    lengths = [48, 1, 130, int(torch.randint(2, 100, ()))]
+    _check_case(device, dtype, 64, lengths, heads=2, fp32_precision="tf32", qk_gain=3.0)
 
 
 @pytest.mark.parametrize("head_dim,lengths", [(64, [17, 129, 3]), (80, [17, 129, 3]), (64, [128, 77, 200])])
@@ -373,6 +386,25 @@ def test_bad_dropout_p(device, p):
     _raises("dropout_p", attention_forward, qkv, cu, ms, dropout_p=p)
     _raises("dropout_p", attention_backward, qkv[:, 0], qkv, qkv[:, 0], torch.zeros(2, 14, device=qkv.device),
             cu, ms, dropout_p=p)
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 63, 1.0, True])
+def test_bad_dropout_seed(device, seed):
+    """With dropout the seed is an int in [0, 2**63), as the LayerNorm kernels take it (a float was truncated and
+    2**64 + 1 gave seed 1's mask); without dropout it is not read."""
+    qkv, cu, ms = _good(device)
+    out, lse = attention_forward(qkv, cu, ms)
+    _raises("seed", attention_forward, qkv, cu, ms, dropout_p=0.1, seed=seed)
+    _raises("seed", attention_backward, out, qkv, out, lse, cu, ms, dropout_p=0.1, seed=seed)
+    _raises("seed", dropout_mask, cu, ms, 2, 0.1, seed)
+    attention_forward(qkv, cu, ms, seed=seed)
+
+
+def test_bad_dropout_mask_arguments(device):
+    qkv, cu, ms = _good(device)
+    _raises("heads", dropout_mask, cu, ms, 0, 0.1, 3)
+    _raises("heads", dropout_mask, cu, ms, 2.0, 0.1, 3)
+    _raises("max_seqlen", dropout_mask, cu, ms - 1, 2, 0.1, 3)   # shorter than the longest sequence
 
 
 def test_bad_fp32_precision(device):
