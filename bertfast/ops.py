@@ -128,6 +128,34 @@ def _register_cpp_fakes() -> None:
             return torch.empty((count, heads, length, length), dtype=torch.bool,
                                device=torch.device("cpu") if device is None else device)
 
+    # the kernels that the bertfast:: ops' bodies and their backward formulas call: those run them directly in
+    # eager calls, and under tracers that are not torch.compile (make_fx, AOTAutograd's own tracing) with fake
+    # tensors unless _run sees the tracer first
+    def rows_f32(like, n):
+        return like.new_empty((n,), dtype=torch.float32)
+
+    fakes = {
+        "add_layer_norm": lambda x, w, b, eps, r, xb, act, p=0.0, seed=0: (
+            torch.empty_like(x), rows_f32(x, x.shape[0]), rows_f32(x, x.shape[0]),
+            x.new_empty((x.shape[0], (x.shape[1] + 7) // 8) if p > 0 else (0,), dtype=torch.uint8)),
+        "add_layer_norm_backward": lambda dy, x, w, m, s, r, xb, act, p=0.0, seed=0, keep=None: (
+            torch.empty_like(x), None if r is None or not (act or p > 0) else torch.empty_like(x),
+            torch.empty_like(w), torch.empty_like(w), None if xb is None else torch.empty_like(xb)),
+        "bias_act": lambda x, b, act: torch.empty_like(x),
+        "bias_act_": lambda x, b, act: None,
+        "bias_act_backward": lambda dy, x, b, act: (torch.empty_like(x), None if b is None else torch.empty_like(b)),
+        "embed": lambda ids, idx, pos, tt, we, pe, te, lw, lb, eps, check=True: (
+            we.new_empty((idx.shape[0], we.shape[1])), rows_f32(we, idx.shape[0]), rows_f32(we, idx.shape[0])),
+        "embed_backward": lambda g, ids, idx, pos, tt, we, pe, te, lw, m, s: (
+            torch.empty_like(we), torch.empty_like(pe), None if te is None else torch.empty_like(te),
+            torch.empty_like(lw), torch.empty_like(lw)),
+        "unpad": lambda x, idx, check=True: x.new_empty((idx.shape[0],) + tuple(x.shape[1:])),
+        "pad": lambda x, idx, n, check=True: x.new_empty((n,) + tuple(x.shape[1:])),
+    }
+    for name, fake in fakes.items():
+        if hasattr(torch.ops.bertfast_C, name):
+            torch.library.register_fake(f"bertfast_C::{name}")(fake)
+
 
 def cpp_built_with_cuda() -> bool:
     return cpp_extension_error() is None and bool(torch.ops.bertfast_C.built_with_cuda())
@@ -470,13 +498,23 @@ def _refuse_transform_ad_compiled(op, args) -> None:
     _refuse_transform_ad(op, args, _FUNCTORCH.peek_interpreter_stack() is not None)
 
 
+_FAKE_MODE, _PROXY_MODE = torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY
+
+
+def _tracing() -> bool:
+    """Whether a tracer other than dynamo is recording (make_fx, AOTAutograd's joint graph, FakeTensorMode): it
+    must see the bertfast:: ops, which have fake kernels, not their bodies."""
+    return torch._C._len_torch_dispatch_stack() > 0 and (      # (the count first: 0.1 us, what eager calls pay)
+        torch._C._get_dispatch_mode(_FAKE_MODE) is not None or torch._C._get_dispatch_mode(_PROXY_MODE) is not None)
+
+
 def _run(op, *args):
     """Call a bertfast:: op. Eager calls skip the custom-op dispatcher, whose host cost per call is larger than
     many of these kernels at BERT sizes: without gradients they run the implementation directly, with gradients
     they run it through the op's autograd formula as a torch.autograd.Function (_register_autograd). Calls that
-    torch.compile is tracing, calls inside torch.func transforms, and ops without an autograd formula that a
-    graph is being built through (a backward op under create_graph) go through the registered op."""
-    if torch.compiler.is_compiling():
+    torch.compile or another tracer is recording, calls inside torch.func transforms, and ops without an autograd
+    formula that a graph is being built through (a backward op under create_graph) go through the registered op."""
+    if torch.compiler.is_compiling() or _tracing():
         if _forward_ad._current_level >= 0:    # (outside the graph: dynamo cannot trace the functorch queries)
             _refuse_transform_ad_compiled(op, args)
         return op(*args)

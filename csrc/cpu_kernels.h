@@ -522,7 +522,8 @@ inline void bytes_from_bits(const uint8_t* keep_bits, int64_t n, uint8_t* keep) 
 // Activations and their derivatives, on fp32.
 //   gelu(x)      = x/2 (1 + erf(x/sqrt2))                   gelu'(x) = Phi(x) + x phi(x)
 //   gelu_tanh(x) = x/2 (1 + tanh(u)) = x sigmoid(2u),  u = sqrt(2/pi) (x + 0.044715 x^3)
-//   relu(x) = max(x, 0) (derivative 1 where x > 0, as torch's threshold_backward)
+//   relu(x) = max(x, 0), NaN kept (derivative 0 where x <= 0, else 1: a NaN passes the gradient through, as
+//   torch's threshold_backward)
 //   silu(x) = x sigmoid(x)
 constexpr float kSqrt1_2 = 0.70710678118654752440f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
@@ -584,7 +585,7 @@ BF_INLINE float act_f(float x) {
     sigmoid_pair(2.0f * kSqrt2OverPi * (x + kGeluTanhC * x * x * x), s, one_minus_s);
     return x * s;
   } else if constexpr (A == Activation::kRelu) {
-    return x > 0.0f ? x : 0.0f;
+    return x < 0.0f ? 0.0f : x;  // not x > 0 ? x : 0, which turned NaN into 0 (torch's relu keeps it)
   } else if constexpr (A == Activation::kSilu) {
     float s, one_minus_s;
     sigmoid_pair(x, s, one_minus_s);
@@ -608,9 +609,9 @@ BF_INLINE float act_grad_f(float x) {
     sigmoid_pair(2.0f * kSqrt2OverPi * (x + kGeluTanhC * x * x * x), s, one_minus_s);
     const float s_one_minus_s = s * one_minus_s;
     const float slope = 2.0f * x * s_one_minus_s * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhC * x * x);
-    return s + (s_one_minus_s != 0.0f ? slope : 0.0f);
+    return s + (s_one_minus_s != 0.0f || x != x ? slope : 0.0f);  // a NaN x gives a NaN slope, as in torch
   } else if constexpr (A == Activation::kRelu) {
-    return x > 0.0f ? 1.0f : 0.0f;
+    return x <= 0.0f ? 0.0f : 1.0f;
   } else if constexpr (A == Activation::kSilu) {
     float s, one_minus_s;
     sigmoid_pair(x, s, one_minus_s);
@@ -642,17 +643,24 @@ BF_INLINE float row_sum(const float* __restrict v, int64_t n) {
   return s;
 }
 
-// LayerNorm statistics of the fp32 row h: two passes (mean, then the centred second moment).
+// LayerNorm statistics of the fp32 row h: two passes, the second corrected (the mean, then the sums of the
+// deviations d = h - m and of their squares; the mean is m + mean(d) and the variance mean(d^2) - mean(d)^2).
+// The first pass's sum rounds at the row's magnitude: for a row far from zero (1e3 +- 0.01) its mean was off by
+// several times torch's error, which went straight into y; mean(d) recovers it at the deviations' magnitude.
 BF_INLINE void row_moments(const float* __restrict h, int64_t n, float eps, float& mean, float& rstd) {
-  float m = row_sum(h, n) / static_cast<float>(n);
-  float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
+  const float inv_n = 1.0f / static_cast<float>(n);
+  const float m = row_sum(h, n) * inv_n;
+  float s1 = 0.0f, ss = 0.0f;
+#pragma omp simd reduction(+ : s1, ss)
   for (int64_t i = 0; i < n; ++i) {
     float d = h[i] - m;
+    s1 += d;
     ss += d * d;
   }
-  mean = m;
-  rstd = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  const float c = s1 * inv_n;
+  const float var = ss * inv_n - c * c;
+  mean = m + c;
+  rstd = 1.0f / std::sqrt((var > 0.0f ? var : 0.0f) + eps);
 }
 
 // y = (h - mean) * rstd * w + b, rounded to T.
@@ -681,7 +689,10 @@ BF_INLINE void row_layer_norm_backward(float* __restrict h, const float* __restr
   }
   float inv_n = 1.0f / static_cast<float>(n);
   float mg = sg * inv_n, mgx = sgx * inv_n;
-  for (int64_t i = 0; i < n; ++i) h[i] = rstd * (dy[i] * w[i] - mg - h[i] * mgx);
+  // a one-element row normalises to its bias: dh is exactly 0 (x NaN / inf kept). With the product contracted
+  // into an FMA (dy w - mg) is dy w's rounding error, not 0, times rstd (1e6 at eps 1e-12).
+  const float r = n == 1 ? 0.0f * rstd : rstd;
+  for (int64_t i = 0; i < n; ++i) h[i] = r * (dy[i] * w[i] - mg - h[i] * mgx);
 }
 
 // ----------------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def _act_fwd(a, ACTIVATION: tl.constexpr):
         u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
         out = a / (1.0 + tl.exp(-2.0 * u))
     elif ACTIVATION == 3:
-        out = tl.maximum(a, 0.0)
+        out = tl.where(a < 0.0, 0.0, a)   # NaN kept, as torch's relu (the GPU's max.f32 returns the non-NaN operand)
     elif ACTIVATION == 4:
         out = a / (1.0 + tl.exp(-a))
     else:
@@ -73,7 +73,7 @@ def _act_bwd(a, ACTIVATION: tl.constexpr):
         # 1 - s elsewhere (e * s would be inf * 0 for large negative u)
         out = s + a * 2.0 * s * tl.where(u > 0.0, e * s, 1.0 - s) * du
     elif ACTIVATION == 3:
-        out = tl.where(a > 0.0, 1.0, 0.0)
+        out = tl.where(a <= 0.0, 0.0, 1.0)   # a NaN passes the gradient, as torch's threshold_backward
     elif ACTIVATION == 4:
         e = tl.exp(-a)
         s = 1.0 / (1.0 + e)

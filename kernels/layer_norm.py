@@ -319,6 +319,8 @@ def add_layer_norm_forward(x, weight, bias, eps: float, residual=None, x_bias=No
     Returns (y [N, H] in x's dtype, mean [N] fp32, rstd [N] fp32)."""
     if validate:
         _check_common(x, weight, bias, residual, x_bias, activation, dropout_p, seed)
+        if not float(eps) >= 0.0:   # (NaN too) every row would be NaN
+            raise UnsupportedInput(f"eps must be >= 0, got {eps}")
     n_rows, n_cols = x.shape
     block_n, _ = row_block(n_cols, "hidden size (x.shape[-1])")
     choices = forward_row_choices(block_n)

@@ -87,9 +87,10 @@ def pytest_report_header(config):
 
 
 # tests that run on the GPU when there is one: those taking the `device` fixture (CUDA on a GPU machine), those
-# with "cuda" in their name or parameters, and the files that run on CUDA throughout. benchmarks/gpu_suite.sh runs
-# them first (-m gpu), within its time budget, and the rest (which CI runs on CPU too) if time is left
-_GPU_FILES = {"test_gpu_model.py", "test_encoder_backends.py"}
+# with "cuda" in their name or parameters, the files that run on CUDA throughout, and tests marked gpu by hand.
+# benchmarks/gpu_suite.sh runs them first (-m gpu), within its time budget, and the rest (which CI runs on CPU too)
+# if time is left
+_GPU_FILES = {"test_gpu_model.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,6 +26,23 @@ def test_ids_outside_vocabulary(model):
         model(ids)
 
 
+@pytest.mark.parametrize("table,arg,rows", [("word_embeddings", "input_ids", 40),
+                                             ("position_embeddings", "position_ids", 6)])
+def test_ids_outside_a_smaller_table_assigned_to_the_model(table, arg, rows):
+    """A table smaller than the config's, assigned directly (not through set_input_embeddings), bounds the ids:
+    on CUDA the encoder's gathers run unchecked after the model's own range check."""
+    torch.manual_seed(2)
+    model = bertfast.BertModel(bert_config(hidden=64, heads=2, layers=1, vocab=50, max_pos=32)).eval()
+    old = getattr(model.embeddings, table)
+    setattr(model.embeddings, table, torch.nn.Embedding(rows, old.embedding_dim))
+    ids = torch.randint(0, 40, (2, 6))
+    positions = torch.arange(6).expand(2, 6).clone()
+    model(ids, position_ids=positions)                  # in range of the smaller table: runs
+    (ids if arg == "input_ids" else positions)[1, 5] = rows
+    with pytest.raises(ValueError, match=rf"{arg}.*\[0, {rows}\).*embeddings\.{table}\.weight"):
+        model(ids, position_ids=positions)
+
+
 def test_token_types_outside_type_vocab(model):
     ids = torch.randint(0, 50, (2, 8))
     types = torch.zeros_like(ids)

@@ -4,8 +4,8 @@ Tolerance (flash-attention's rule): the kernel's max abs error against the float
 2x the error of torch's own composite run in the same dtype (3x for gradients), plus one ulp of the largest
 reference value as a floor. Shapes are odd on purpose (N = 1, 7, 1000; H = 384, 1023, 768).
 
-The fake (meta) implementations of the bertfast_C ops used by opcheck are registered here, only where none is
-registered yet: the ops layer (bertfast/ops.py) should own them, next to the public bertfast:: ops.
+The fake (meta) implementations of the bertfast_C ops, which opcheck checks, are the ops layer's (bertfast/ops.py,
+registered when it loads the extension).
 
 CUDA tests (at the end) compare the CUDA kernels with the CPU ones; they run only where CUDA is available.
 """
@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 
 import bertfast._C  # noqa: F401  (registers torch.ops.bertfast_C)
+import bertfast.ops
 from helpers import KERNEL_DEVICE
+
+assert bertfast.ops.cpp_extension_error() is None   # loads the extension as the ops layer does: with its fakes
 
 ops = torch.ops.bertfast_C
 HAS_CUDA = torch.cuda.is_available()
@@ -27,40 +30,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NS = [1, 7, 1000]
 HS = [384, 1023, 768]
 ACTS = ["gelu", "gelu_tanh", "relu", "silu"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# fake implementations for opcheck (the ops layer should own these)
-
-def _register_fake(name, fn):
-    try:
-        torch.library.register_fake(f"bertfast_C::{name}")(fn)
-    except RuntimeError as exc:  # already registered (by bertfast/ops.py or an earlier import)
-        if "already" not in str(exc):
-            raise
-
-
-def _f32(like, n):
-    return like.new_empty((n,), dtype=torch.float32)
-
-
-_register_fake("add_layer_norm", lambda x, w, b, eps, r, xb, act, p=0.0, seed=0: (
-    torch.empty_like(x), _f32(x, x.shape[0]), _f32(x, x.shape[0]),
-    x.new_empty((x.shape[0], (x.shape[1] + 7) // 8) if p > 0 else (0,), dtype=torch.uint8)))
-_register_fake("add_layer_norm_backward", lambda dy, x, w, m, s, r, xb, act, p=0.0, seed=0, keep=None: (
-    torch.empty_like(x), None if r is None or not (act or p > 0) else torch.empty_like(x), torch.empty_like(w),
-    torch.empty_like(w), None if xb is None else torch.empty_like(xb)))
-_register_fake("bias_act", lambda x, b, act: torch.empty_like(x))
-_register_fake("bias_act_", lambda x, b, act: None)
-_register_fake("bias_act_backward", lambda dy, x, b, act: (torch.empty_like(x),
-                                                           None if b is None else torch.empty_like(b)))
-_register_fake("embed", lambda ids, idx, pos, tt, we, pe, te, lw, lb, eps, check=True: (
-    we.new_empty((idx.shape[0], we.shape[1])), _f32(we, idx.shape[0]), _f32(we, idx.shape[0])))
-_register_fake("embed_backward", lambda g, ids, idx, pos, tt, we, pe, te, lw, m, s: (
-    torch.empty_like(we), torch.empty_like(pe), None if te is None else torch.empty_like(te),
-    torch.empty_like(lw), torch.empty_like(lw)))
-_register_fake("unpad", lambda x, idx, check=True: x.new_empty((idx.shape[0],) + tuple(x.shape[1:])))
-_register_fake("pad", lambda x, idx, n, check=True: x.new_empty((n,) + tuple(x.shape[1:])))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,6 +294,74 @@ def test_activation_math_wide_range():
             assert ((got - want).abs() <= tol).all(), (act, what, big[(got - want).abs() > tol], got, want)
     assert torch.equal(ops.bias_act(torch.tensor([[float("inf"), float("-inf")]]), None, "relu"),
                        torch.tensor([[float("inf"), 0.0]]))
+
+
+def test_nan_propagates_like_torch():
+    """A NaN input gives NaN where torch's composite gives NaN (an overflowed fp16 GEMM must not be hidden): relu
+    returned 0 for it (x > 0 ? x : 0), and the gelu_tanh derivative 0. relu's derivative at NaN is 1, torch's
+    threshold_backward passing the gradient through."""
+    nan = float("nan")
+    for dtype in DTYPES:
+        x = torch.tensor([[nan, 1.0, -1.0, 0.0] * 5], dtype=dtype)   # 20 columns: vector body and scalar tail
+        b = torch.zeros(20, dtype=dtype)
+        for act in ACTS:
+            want = _act(x.float(), act)
+            got = ops.bias_act(x, b, act)
+            assert torch.equal(got.float().isnan(), want.isnan()), (act, dtype, got)
+            inplace = x.clone()
+            ops.bias_act_(inplace, b, act)
+            assert torch.equal(inplace.float().isnan(), want.isnan()), (act, dtype, inplace)
+            xd = x.float().clone().requires_grad_()
+            (dref,) = torch.autograd.grad(_act(xd, act).sum(), xd)
+            dx, _ = ops.bias_act_backward(torch.ones_like(x), x, b, act)
+            assert torch.equal(dx.float().isnan(), dref.isnan()), (act, dtype, dx, dref)
+            if act == "relu":
+                assert dx[0, 0].item() == 1.0 == dref[0, 0].item()
+        # a NaN before the LayerNorm makes its row NaN, through every activation
+        xr = torch.randn(3, 20).to(dtype)
+        xr[1, 7] = nan
+        for act in ACTS + [""]:
+            y = ops.add_layer_norm(xr, torch.ones(20, dtype=dtype), b, 1e-5, None, None, act)[0]
+            assert y[1].isnan().all() and not y[[0, 2]].isnan().any(), (act, dtype)
+
+
+@pytest.mark.parametrize("h", [384, 1023, 4097])
+@pytest.mark.parametrize("offset,spread", [(3e4, 1.0), (1e3, 0.01)])
+def test_add_layer_norm_rows_far_from_zero(h, offset, spread):
+    """Rows with a mean far from zero (an fp32 sum rounds at the row's magnitude): the mean, and so y, within 2x
+    torch's own fp32 error. The single-pass mean was 4-10x off (0.014-0.037 against torch's 0.0035 at 3e4 +- 1)."""
+    torch.manual_seed(h)
+    x = (spread * torch.randn(16, h) + offset).float()
+    w, b = torch.ones(h), torch.zeros(h)
+    y, mean, _, _ = ops.add_layer_norm(x, w, b, 1e-5, None, None, "")
+    ref = F.layer_norm(x.double(), (h,), w.double(), b.double(), 1e-5)
+    assert_within(y, ref, F.layer_norm(x, (h,), w, b, 1e-5), torch.float32, what="y")
+    assert_within(mean, x.double().mean(-1), x.mean(-1), torch.float32, what="mean")
+    # the same helper normalises the embeddings
+    t = 16
+    ids, idx, pos = torch.arange(t), torch.arange(t), torch.zeros(t, dtype=torch.long)
+    out, _, _ = ops.embed(ids, idx, pos, None, x, torch.zeros(1, h), None, w, b, 1e-5)
+    assert_within(out, ref, F.layer_norm(x, (h,), w, b, 1e-5), torch.float32, what="embed")
+
+
+def test_one_column_layer_norm_gradients_are_zero():
+    """A one-element row normalises to its bias, whatever x: every gradient but dbias is exactly 0, as in torch.
+    With the product dy * w contracted into an FMA (AVX2), dy w - mean(dy w) was dy w's rounding error times rstd
+    (1e6 at eps 1e-12): dx ~ 2e-2."""
+    torch.manual_seed(0)
+    for eps in (1e-12, 1e-5):
+        x, dy = torch.randn(64, 1), torch.randn(64, 1)
+        w, b = torch.randn(1), torch.randn(1)
+        y, mean, rstd, _ = ops.add_layer_norm(x, w, b, eps, None, None, "")
+        assert torch.equal(y, b.expand(64, 1))
+        dx, _, dw, db, _ = ops.add_layer_norm_backward(dy, x, w, mean, rstd, None, None, "")
+        assert not dx.any() and not dw.any() and torch.allclose(db, dy.sum(0))
+        ids = torch.randint(0, 64, (64,))
+        out, m, r = ops.embed(ids, torch.arange(64), torch.zeros(64, dtype=torch.long), None, x, torch.zeros(1, 1),
+                              None, w, b, eps)
+        dwe = ops.embed_backward(dy, ids, torch.arange(64), torch.zeros(64, dtype=torch.long), None, x,
+                                 torch.zeros(1, 1), None, w, m, r)[0]
+        assert not dwe.any(), eps
 
 
 def _gelu_tail_relative_error(y, x):

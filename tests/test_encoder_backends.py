@@ -21,6 +21,7 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("BERTFAST_BACKEND", "triton")
 
 
+@pytest.mark.gpu   # on DEVICE: the GPU where there is one (the C++ tests below run on the CPU everywhere)
 @pytest.mark.parametrize("hidden,heads", [(64, 2), (160, 2)])
 def test_encoder_forward_triton(triton_backend, hidden, heads):
     torch.manual_seed(hidden)
@@ -38,6 +39,7 @@ def test_encoder_forward_triton(triton_backend, hidden, heads):
     assert (a.pooler_output - b.pooler_output).abs().max() <= 1e-5
 
 
+@pytest.mark.gpu
 def test_encoder_backward_triton(triton_backend):
     torch.manual_seed(5)
     cfg = bert_config(hidden=64, heads=2, layers=1, intermediate=128, hidden_dropout_prob=0.0,
@@ -104,6 +106,7 @@ def test_encoder_calls_the_index_ops_unchecked(monkeypatch):
     from the mask, so its calls of bertfast_C's embed / unpad / pad pass check=False (on a GPU: no error flag read
     back, a stream sync each) - forward, output_attentions, inputs_embeds and backward alike; the public ops
     called directly keep checking."""
+    import bertfast._C  # noqa: F401 - registers torch.ops.bertfast_C (the spies read it before any op loads it)
     monkeypatch.setenv("BERTFAST_BACKEND", "cpp")
     calls = []
     for name in ("embed", "unpad", "pad"):

@@ -92,6 +92,24 @@ def test_out_is_fully_written(device):
     torch.testing.assert_close(out.double(), F.gelu(x.double() + bias.double()), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
+def test_nan_propagates_like_torch(activation, device):
+    """NaN in, NaN out where torch's activation gives NaN (relu was tl.maximum(a, 0), whose max.f32 on a GPU
+    returns the non-NaN operand: an overflowed fp16 GEMM would have been hidden); the derivative too (relu's is 1
+    at NaN, torch's threshold_backward passing the gradient)."""
+    nan = float("nan")
+    x = torch.tensor([[nan, 1.0, -1.0, 0.0] * 5], device=device)
+    fn = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu, "silu": F.silu}
+    want = fn[activation](x)
+    assert torch.equal(gelu.bias_act_forward(x, None, activation).isnan(), want.isnan())
+    xd = x.clone().requires_grad_()
+    (dref,) = torch.autograd.grad(fn[activation](xd).sum(), xd)
+    dx, _ = gelu.bias_act_backward(torch.ones_like(x), x, None, activation)
+    assert torch.equal(dx.isnan(), dref.isnan()), (dx, dref)
+    if activation == "relu":
+        assert dx[0, 0].item() == 1.0 == dref[0, 0].item()
+
+
 def test_backward_deterministic(device):
     x = torch.randn(200, 640, device=device, dtype=torch.bfloat16)
     bias = torch.randn(640, device=device, dtype=torch.bfloat16)

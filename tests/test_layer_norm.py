@@ -296,6 +296,8 @@ def _good(device, h=128, dtype=torch.float32):
     (dict(residual="noncontig"), ["residual", "contiguous"]),
     (dict(activation="swish"), ["activation"]),
     (dict(dropout_p=1.5), ["dropout_p"]),
+    (dict(eps=-1e-5), ["eps"]),
+    (dict(eps=float("nan")), ["eps"]),
 ])
 def test_bad_input(change, words, device):
     kw = _good(device)

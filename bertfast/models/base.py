@@ -656,14 +656,20 @@ class EncoderModel(nn.Module):
                         f"attention_mask: {padded} row(s) hold padding at {where}, which {reader} reads; bertfast "
                         f"computes nothing for padded positions (their rows of last_hidden_state are zero, where "
                         f"transformers hands the head the pad tokens' hidden states): {fix[position]}")
-        for name, t, limit, what in (("input_ids", input_ids, spec.vocab, "config.vocab_size"),
-                                     ("token_type_ids", token_type_ids, spec.type_vocab,
-                                      "config.type_vocab_size"),
-                                     ("position_ids", position_ids, spec.max_positions,
-                                      "config.max_position_embeddings")):
+        emb = self.embeddings
+        for name, t, limit, what, table in (
+                ("input_ids", input_ids, spec.vocab, "config.vocab_size", "word_embeddings"),
+                ("token_type_ids", token_type_ids, spec.type_vocab, "config.type_vocab_size", "token_type_embeddings"),
+                ("position_ids", position_ids, spec.max_positions, "config.max_position_embeddings",
+                 "position_embeddings")):
             if t is None or not t.numel():
                 continue
             lo, hi = values.pop(0), values.pop(0)
+            rows = getattr(emb, table).weight.shape[0]
+            if rows < limit:
+                # a table swapped in by assignment rather than set_input_embeddings: the kernels gather from it
+                # unchecked on CUDA, so its own size bounds the ids
+                limit, what = rows, f"the rows of embeddings.{table}.weight"
             if lo < 0 or hi >= limit:
                 if name == "position_ids" and not positions_given:   # RoBERTa's, counted from the real tokens
                     raise ValueError(f"input_ids hold a sequence of {hi - self.spec.pad_token_id} tokens (not counting "
