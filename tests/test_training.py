@@ -49,7 +49,13 @@ def test_dropout_applies_in_training():
                            ours(ids, attention_mask=mask).last_hidden_state)
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("is_exporting_in_dynamo", ["torch's", "torch 2.11's"])
+def test_torch_compile_matches_eager(monkeypatch, is_exporting_in_dynamo):
+    """torch 2.11's dynamo (the GPU machines') reads torch.compiler.is_exporting() as True in every trace: the
+    model's export refusal then refused torch.compile. The second case stands in for that here (dynamo traces a
+    replaced is_exporting as the function it is)."""
+    if is_exporting_in_dynamo == "torch 2.11's":
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
     torch.manual_seed(4)
     cfg = bert_config(hidden=64, heads=2, layers=1)
     ours = bertfast.BertModel(cfg).eval()

@@ -266,7 +266,7 @@ class EncoderModel(nn.Module):
                                  else output_attentions)
         return_dict = getattr(cfg, "return_dict", True) if return_dict is None else return_dict
 
-        if torch.compiler.is_exporting():
+        if _exporting():
             _refuse_export(type(self).__name__)
         positions_given = position_ids is not None
         input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds = self._check_inputs(
@@ -845,6 +845,14 @@ def _read_on_host(stats: torch.Tensor) -> list:
 
 _NO_EXPORT = ("bertfast reads each batch's lengths and id ranges on the host to unpad it, so its shapes depend on "
               "the data; serve it eagerly or with torch.compile, or export transformers' model")
+
+
+def _exporting() -> bool:
+    """Whether torch.export is running. Not torch.compiler.is_exporting() under dynamo: torch 2.11's dynamo (the
+    GPU machines') reads that as True in every trace, torch.compile's included, so each compiled forward was refused
+    as an export; the flag it returns is read as the module global it is (torch 2.13 reads it so itself)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 @torch.compiler.disable(reason=f"torch.export cannot capture a bertfast model: {_NO_EXPORT}")
