@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import KernelSpec, UnsupportedInput, cdiv, launch_arch, next_pow2, torch_to_triton_dtype
+from .config import KernelSpec, UnsupportedInput, dropout_seed, cdiv, launch_arch, next_pow2, torch_to_triton_dtype
 
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -659,14 +659,8 @@ def _check_buffer(name, t, shape, dtype, device):
 
 
 def _seed_halves(seed: int, dropout_p: float) -> tuple[int, int]:
-    """The seed as two signed int32 (the Philox key words). With dropout it must be an int in [0, 2**63) (as
-    the LayerNorm kernels take it: a float would be truncated, and a value outside would wrap onto another
-    seed's mask); without, it is not used."""
-    if dropout_p > 0.0:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-            raise UnsupportedInput(f"seed must be an int in [0, 2**63), got {seed!r}")
-    else:
-        seed = 0
+    """The seed (checked by dropout_seed) as two signed int32: the Philox key words."""
+    seed = dropout_seed(seed, dropout_p)
     lo, hi = seed & 0xFFFFFFFF, seed >> 32
     return (lo - (1 << 32) if lo >= 1 << 31 else lo), (hi - (1 << 32) if hi >= 1 << 31 else hi)
 

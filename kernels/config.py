@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from typing import Callable
 
 import triton
@@ -24,6 +25,21 @@ MIN_ROW_BLOCK = 16
 
 class UnsupportedInput(ValueError):
     """A kernel cannot serve this input; the message names the argument and what was expected."""
+
+
+def dropout_seed(seed, dropout_p: float) -> int:
+    """The dropout seed every launcher passes to its kernel: with dropout, an integer in [0, 2**63) (a Python or
+    numpy int, or an integer tensor with one element); a float is refused rather than truncated, and a value outside
+    the range rather than wrapped onto another seed's mask. Without dropout the seed is not used and 0 is passed."""
+    if not dropout_p > 0.0:
+        return 0
+    try:
+        value = operator.index(seed) if not isinstance(seed, bool) else None
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value < 2 ** 63:
+        raise UnsupportedInput(f"seed must be an int in [0, 2**63) when dropout_p > 0, got {seed!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

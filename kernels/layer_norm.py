@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from bertfast.kernels.config import (MAX_FUSED_BACKWARD_HIDDEN, MAX_FUSED_HIDDEN, MIN_ROW_BLOCK, KernelSpec,
-                                     UnsupportedInput, cdiv, row_block, torch_to_triton_dtype)
+                                     UnsupportedInput, cdiv, dropout_seed, row_block, torch_to_triton_dtype)
 from bertfast.kernels.gelu import (ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACT_RELU, ACT_SILU, _act_bwd, _act_fwd,
                                    device_guard)
 
@@ -227,8 +227,7 @@ def _check_common(x, weight, bias, residual, x_bias, activation, dropout_p, seed
         _check_vec("x_bias", x_bias, x)
     if not 0.0 <= float(dropout_p) <= 1.0:
         raise UnsupportedInput(f"dropout_p must be in [0, 1], got {dropout_p}")
-    if dropout_p > 0 and not 0 <= int(seed) < 2 ** 63:
-        raise UnsupportedInput(f"seed must be in [0, 2**63), got {seed}")
+    dropout_seed(seed, float(dropout_p))
 
 
 def _dropout_scale(p: float) -> float:
@@ -348,7 +347,7 @@ def add_layer_norm_forward(x, weight, bias, eps: float, residual=None, x_bias=No
     with device_guard(x):
         _add_ln_fwd_kernel[(cdiv(n_rows, rows),)](
             x, x_bias if x_bias is not None else x, residual if residual is not None else x, weight, bias,
-            out, mean, rstd, n_rows, n_cols, float(eps), dropout_p, _dropout_scale(dropout_p), int(seed),
+            out, mean, rstd, n_rows, n_cols, float(eps), dropout_p, _dropout_scale(dropout_p), int(seed) if dropout_p > 0.0 else 0,
             HAS_X_BIAS=x_bias is not None, HAS_RESIDUAL=residual is not None,
             ACTIVATION=LN_ACTIVATIONS[activation], HAS_DROPOUT=dropout_p > 0.0, ROWS=rows, BLOCK_N=block_n,
             num_warps=num_warps or forward_warps(block_n, rows), num_stages=NUM_STAGES)
@@ -398,7 +397,7 @@ def add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=None, x_bi
         _add_ln_bwd_kernel[(g,)](
             dy, x, x_bias if x_bias is not None else x, residual if residual is not None else x, weight, mean,
             rstd, dx, dres if dres is not None else dx, parts[0], parts[1], parts[n_parts - 1],
-            n_rows, n_cols, rows_per_program, dropout_p, _dropout_scale(dropout_p), int(seed),
+            n_rows, n_cols, rows_per_program, dropout_p, _dropout_scale(dropout_p), int(seed) if dropout_p > 0.0 else 0,
             HAS_X_BIAS=x_bias is not None, HAS_RESIDUAL=residual is not None,
             ACTIVATION=LN_ACTIVATIONS[activation], HAS_DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
             num_warps=num_warps, num_stages=NUM_STAGES)
@@ -424,7 +423,7 @@ def dropout_keep_mask(shape, p: float, seed: int, device) -> torch.Tensor:
     if numel:
         with device_guard(keep):
             _dropout_keep_kernel[(cdiv(numel, DROPOUT_BLOCK),)](
-                keep, numel, float(p), int(seed), BLOCK=DROPOUT_BLOCK, num_warps=4, num_stages=1)
+                keep, numel, float(p), dropout_seed(seed, float(p)), BLOCK=DROPOUT_BLOCK, num_warps=4, num_stages=1)
     return keep.view(shape).bool()
 
 

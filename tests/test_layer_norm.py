@@ -322,6 +322,29 @@ def test_bad_input(change, words, device):
         assert word in msg, f"{word!r} not in {msg!r}"
 
 
+@pytest.mark.parametrize("seed", [-1, 2 ** 63, 1.0, 3.7, True, None, "3"])
+def test_bad_dropout_seed(device, seed):
+    """With dropout the seed is an int in [0, 2**63), as the attention kernels take it (kernels.config.dropout_seed):
+    a float was truncated (3.7 drew seed 3's mask) and is now refused; without dropout it is not read."""
+    kw = _good(device)
+    y, mean, rstd = ln.add_layer_norm_forward(**kw)
+    for call in (lambda: ln.add_layer_norm_forward(**kw, dropout_p=0.1, seed=seed),
+                 lambda: ln.add_layer_norm_backward(y, kw["x"], kw["weight"], kw["bias"], mean, rstd,
+                                                    kw["residual"], dropout_p=0.1, seed=seed),
+                 lambda: ln.dropout_keep_mask((4, 128), 0.1, seed, device)):
+        with pytest.raises(config.UnsupportedInput, match=r"seed must be an int in \[0, 2\*\*63\)"):
+            call()
+    ln.add_layer_norm_forward(**kw, seed=seed)                       # not read without dropout
+
+
+def test_dropout_seed_integer_forms(device):
+    """Integers that are not Python ints (numpy, a one-element integer tensor) give the same mask as the int."""
+    np = pytest.importorskip("numpy")
+    want = ln.dropout_keep_mask((3, 40), 0.3, 2 ** 40 + 5, device)
+    for seed in (np.int64(2 ** 40 + 5), torch.tensor(2 ** 40 + 5)):
+        assert torch.equal(ln.dropout_keep_mask((3, 40), 0.3, seed, device), want)
+
+
 def test_hidden_too_large(device):
     h = config.MAX_FUSED_HIDDEN + 1
     kw = _good(device, h)
