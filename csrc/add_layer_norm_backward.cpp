@@ -169,8 +169,7 @@ add_layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
             }
             // pass 2 (dresidual is only written where it differs from dx, i.e. when scaled)
             const float mg = sg * inv_h, mgx = sgx * inv_h;
-            // a one-element row normalises to its bias: its dh is exactly 0 (see row_layer_norm_backward)
-            const float s2 = h == 1 ? 0.0f * s : s;
+            const float s2 = cpu::ln_backward_factor(s, h);
             T* __restrict dxr = dxp + row * h;
             if (drp) {
               backward_pass2<true, true>(dyr, w, xhat, ag, s2, mg, mgx, h, dxr, drp + row * h, dxb_acc);

@@ -69,7 +69,13 @@ inline void check_index_values_cpu(const char* op, const char* name, const int64
 inline std::vector<int64_t> padded_sources_cpu(const char* op, const char* name, const int64_t* v, int64_t n,
                                                int64_t n_rows) {
   check_index_values_cpu(op, name, v, n, n_rows, "rows of the padded output, n_rows");
-  std::vector<int64_t> source(static_cast<size_t>(n_rows), -1);
+  std::vector<int64_t> source;
+  try {
+    source.assign(static_cast<size_t>(n_rows), -1);
+  } catch (const std::exception&) {  // std::length_error / std::bad_alloc: name the argument, not the container
+    TORCH_CHECK(false, op, ": n_rows (", n_rows, ") is too large: its row map of ", n_rows,
+                " int64 entries cannot be allocated");
+  }
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(source[v[i]] < 0, op, ": ", name, " holds row ", v[i], " twice (at positions ", source[v[i]],
                 " and ", i, "); the rows of a padded layout are distinct");

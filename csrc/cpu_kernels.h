@@ -670,6 +670,12 @@ BF_INLINE void row_normalize(const float* __restrict h, float mean, float rstd, 
   for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>((h[i] - mean) * rstd * w[i] + b[i]);
 }
 
+// The factor of the LayerNorm backward's last pass, dh = factor (dy w - mean(dy w) - xhat mean(dy w xhat)): rstd,
+// except for a one-element row, which normalises to its bias, so its dh is exactly 0 (x NaN / inf kept by 0 * rstd).
+// Computed as written, (dy w - mean(dy w)) is dy w's rounding error when the product is contracted into an FMA, not
+// 0, times rstd (1e6 at eps 1e-12).
+BF_INLINE float ln_backward_factor(float rstd, int64_t n) { return n == 1 ? 0.0f * rstd : rstd; }
+
 // LayerNorm backward of one row given the recomputed pre-LN row h (overwritten with dh):
 //   xhat = (h - mean) rstd,  g = dy * w,  dh = rstd (g - mean(g) - xhat mean(g xhat)).
 // Also accumulates dw += dy xhat and db += dy into the fp32 partial sums.
@@ -689,9 +695,7 @@ BF_INLINE void row_layer_norm_backward(float* __restrict h, const float* __restr
   }
   float inv_n = 1.0f / static_cast<float>(n);
   float mg = sg * inv_n, mgx = sgx * inv_n;
-  // a one-element row normalises to its bias: dh is exactly 0 (x NaN / inf kept). With the product contracted
-  // into an FMA (dy w - mg) is dy w's rounding error, not 0, times rstd (1e6 at eps 1e-12).
-  const float r = n == 1 ? 0.0f * rstd : rstd;
+  const float r = ln_backward_factor(rstd, n);
   for (int64_t i = 0; i < n; ++i) h[i] = r * (dy[i] * w[i] - mg - h[i] * mgx);
 }
 

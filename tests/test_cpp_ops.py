@@ -960,6 +960,7 @@ def _bad_cases():
         (lambda: ops.pad(x, torch.tensor([0, 1, 1, 2]), 9), "indices holds row 1 twice"),
         (lambda: ops.pad(x, torch.tensor([0, 1]), 9), "indices must have one entry per row of x"),
         (lambda: ops.pad(x, torch.tensor([0, 1, 2, 3]), -1), "n_rows must be >= 0"),
+        (lambda: ops.pad(x, torch.tensor([0, 1, 2, 3]), 2 ** 62), r"n_rows \(4611686018427387904\) is too large"),
         (lambda: ops.pad(x.t(), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]), 9), "x must be contiguous"),
         # check=False only spares the CUDA kernels their read-back: the CPU kernels check regardless
         (lambda: ops.unpad(x, torch.tensor([0, 4]), False), r"indices holds 4 at position 1"),
