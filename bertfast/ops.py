@@ -311,6 +311,8 @@ def implementation_table(device: torch.device | str = "cpu") -> dict[str, str]:
             missing = _cpu_attention_keep_missing()
             table[op] += ("  (dropout mask: bertfast._C Philox, the GPU kernels' draw)" if missing is None
                           else f"  (dropout mask: {_torch_generator_mask(missing)})")
+        if op == "embed" and dev == "cuda" and impl == "cpp":
+            table[op] += "  (backward: torch autograd of the reference; bertfast._C has no CUDA embed backward)"
     return table
 
 

@@ -94,6 +94,8 @@ def test_implementations_on_cuda():
     assert table["varlen_attention"].startswith("triton")
     assert table["add_layer_norm"].startswith("triton")
     assert table["bias_act"].startswith("triton")
+    # the forward is bertfast._C's; the backward is torch's (no CUDA embed backward), and the table says so
+    assert table["embed"].startswith("cpp") and "backward: torch autograd" in table["embed"]
 
 
 def test_enable_cuda_graphs_matches_eager():
