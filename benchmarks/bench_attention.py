@@ -7,7 +7,9 @@ and without the padding mask, and with flash_attn.flash_attn_varlen_qkvpacked_fu
 
 FLOPs are counted on real tokens only: 4 * sum(len^2) * heads * head_dim for the forward, 2.5x that for the
 backward, so every implementation is credited with the same useful work whatever it computes on padding.
-Timing: triton.testing.do_bench, median of the quantiles (0.5, 0.2, 0.8).
+Timing: triton.testing.do_bench, median of the quantiles (0.5, 0.2, 0.8), of the callable replayed from a CUDA
+graph (benchmarks.common.cuda_kernel_time: the kernels' time; a forward + backward's launches took longer on the
+host than on the GPU at 32x128). Each row also has host_ms (the host's time a call issued back to back) and timing.
 
     python benchmarks/bench_attention.py [--quick]
 `run(device="cuda", quick=False)` returns the rows (dicts with name, shape, dtype, impl, ms, tflops,
@@ -30,10 +32,9 @@ def _lengths(shape: str, batch: int) -> list[int]:
     return [int(shape.split("x")[1])] * batch
 
 
-def _bench(fn):
-    import triton.testing
-    med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-    return med, p20, p80
+def _bench(fn) -> dict:
+    from benchmarks.common import cuda_kernel_time
+    return cuda_kernel_time(fn)
 
 
 def _impls(lengths, dtype, device, backward):
@@ -128,7 +129,9 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
                     try:
                         fn()
                         torch.cuda.synchronize()
-                        row["ms"], row["ms_p20"], row["ms_p80"] = _bench(fn)
+                        t = _bench(fn)
+                        row.update(ms=t["ms"], ms_p20=t["p20"], ms_p80=t["p80"], host_ms=t["host_ms"],
+                                   timing=t["timing"])
                         row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
                     except Exception as err:  # noqa: BLE001 - a backend that cannot run this input; the rest go on
                         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"

@@ -158,7 +158,9 @@ def _cases(T=T, H=H, I=I, B=B, S=S):
     ln_bwd = _nbytes(dy, x, r, mean, rstd, x) + 5 * vec                 # dy, x, residual, stats, w, x_bias -> dx,
     ln_bwd_two = ln_bwd + _nbytes(x)                                    # dw, db, dx_bias; and dresidual apart
     ids_read = 3 * t_real * ids.element_size() + _nbytes(idx)           # the real tokens' ids, positions, types
-    rows_gathered = 3 * t_real * H * we.element_size()                  # their word, position and type rows
+    # the distinct word, position and type rows they gather (a row repeated in the batch is read from memory once
+    # and then from cache: 3 rows a token counted the 2-row type table T times, ~2x the bytes, 2026-11-27 review)
+    rows_gathered = sum(int(torch.unique(v[idx]).numel()) for v in (ids, pos, tt)) * H * we.element_size()
     embed_bytes = ids_read + rows_gathered + 2 * vec + _nbytes(e_out, e_mean, e_rstd)
     # the backward: de, the stats and weight read, the rows gathered again, dweight / dbias and every row of the
     # three table gradients written (zeros where no token is)

@@ -1,13 +1,15 @@
 """Bandwidth of the CUDA kernels of bertfast._C: fused embedding + LayerNorm over packed tokens, unpad and
 pad, against the torch composites they replace, at BERT shapes (16384 real tokens of hidden 768 / 1024).
 
-GB/s counts the bytes each op must move at least once: embed reads the ids of the T real tokens and one
-word + position + token-type row each and writes the [T, H] output (and fp32 mean / rstd); unpad reads and
+GB/s counts the bytes each op must move at least once: embed reads the ids of the T real tokens and the distinct
+word, position and token-type rows they name, and writes the [T, H] output (and fp32 mean / rstd); unpad reads and
 writes T rows; pad reads T rows and writes the whole [B*S, H] output. The fraction is against the copy
 bandwidth measured at the start of the same run. Each op runs twice: checked (its default: the error flag read
 back after the launch, a stream sync) and unchecked (check=False, the encoder's call; csrc/cuda/cuda_common.cuh).
-Timing: triton.testing.do_bench medians with 20/80 quantiles on CUDA; on CPU (a smoke run only) wall clock
-through benchmarks.common.timeit.
+Timing: triton.testing.do_bench medians with 20/80 quantiles on CUDA, of the call replayed from a CUDA graph
+(benchmarks.common.cuda_kernel_time: the kernels' time; the torch composite of embed is 9 launches) except the
+checked rows, whose read-back cannot be captured: those are timed as called, sync included (their `timing` says
+so); on CPU (a smoke run only) wall clock through benchmarks.common.timeit.
 
     python -m benchmarks.bench_cuda_ops [--quick]     (from the project root)
 """
@@ -64,12 +66,15 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
                     F.embedding(pos.index_select(0, indices), pemb)
                 return F.layer_norm(e, (h,), ln_w, ln_b, EPS)
 
+            # embed's gathers: the distinct word / position / type rows of the real tokens (a repeated row comes
+            # from memory once; counting 3 rows a token overstated the bytes ~2x, 2026-11-27 review)
+            gathered = sum(int(torch.unique(v.index_select(0, indices)).numel()) for v in (ids, pos, types))
             # ours(check): check=True reads the kernel's error flag back (a stream sync, the op's default);
             # check=False is the encoder's call, whose ids and indices were checked once per batch
             cases = {
                 "embed": (lambda check: torch.ops.bertfast_C.embed(ids, indices, pos, types, word, pemb, temb, ln_w,
                                                                    ln_b, EPS, check), embed_torch,
-                          t * 3 * 8 + 3 * t * h * elem + t * h * elem + 2 * t * 4),
+                          t * 3 * 8 + gathered * h * elem + t * h * elem + 2 * t * 4),
                 "unpad": (lambda check: torch.ops.bertfast_C.unpad(padded, indices, check),
                           lambda: padded.index_select(0, indices), t * 8 + 2 * t * h * elem),
                 "pad": (lambda check: torch.ops.bertfast_C.pad(packed, indices, n, check),
@@ -78,19 +83,23 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
             }
             for name, (ours, theirs, nbytes) in cases.items():
                 times, group = {}, []
-                for impl, fn in (("bertfast_C", lambda: ours(True)), ("bertfast_C unchecked", lambda: ours(False)),
-                                 ("torch", theirs)):
+                for impl, fn, graph in (("bertfast_C", lambda: ours(True), False),
+                                        ("bertfast_C unchecked", lambda: ours(False), True), ("torch", theirs, True)):
                     row = dict(name=name, shape=f"{t}x{h}", dtype=str(dtype).replace("torch.", ""), impl=impl)
                     try:
-                        t_ = timeit(fn, device, warmup_ms=25 if quick else 50, rep_ms=100 if quick else 300)
+                        t_ = timeit(fn, device, warmup_ms=25 if quick else 50, rep_ms=100 if quick else 300,
+                                    graph=graph)
                     except Exception as exc:  # noqa: BLE001 - an error row; the other cases still run
                         group.append(dict(row, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
                         continue
                     times[impl] = t_["ms"]
                     gbps = nbytes / (t_["ms"] * 1e-3) / 1e9
+                    timing = t_.get("timing", "as called (check=True reads the error flag back: a sync)"
+                                    if not graph else "as called")
                     group.append(dict(row, ms=round(t_["ms"], 4), ms_q20=round(t_["p20"], 4),
                                      ms_q80=round(t_["p80"], 4), gbps=round(gbps, 1),
-                                     frac_copy_bw=round(gbps / copy_bw, 3)))
+                                     frac_copy_bw=round(gbps / copy_bw, 3), timing=timing,
+                                     **({"host_ms": round(t_["host_ms"], 4)} if "host_ms" in t_ else {})))
                 for r in group:
                     if "torch" in times and r["impl"] != "torch" and r["impl"] in times:
                         r["speedup"] = round(times["torch"] / times[r["impl"]], 3)

@@ -76,13 +76,16 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
                         row = dict(name=f"ffn up + {activation}", shape=f"{t}x{k}->{o}",
                                    dtype=str(dtype).replace("torch.", ""), impl=impl)
                         try:
-                            r = timeit(fn, device, warmup_ms=25 if quick else 50, rep_ms=100 if quick else 300)
+                            r = timeit(fn, device, warmup_ms=25 if quick else 50, rep_ms=100 if quick else 300,
+                                       graph=True)
                         except Exception as exc:  # noqa: BLE001 - one implementation failing is a row, not the end
                             group.append({**row, "error": f"{type(exc).__name__}: {exc}"})
                             continue
                         group.append({**row, "ms": round(r["ms"], 4), "ms_q20": round(r["p20"], 4),
                                       "ms_q80": round(r["p80"], 4),
-                                      "tflops": round(2 * t * k * o / (r["ms"] * 1e-3) / 1e12, 1)})
+                                      "tflops": round(2 * t * k * o / (r["ms"] * 1e-3) / 1e12, 1),
+                                      **({"host_ms": round(r["host_ms"], 4), "timing": r["timing"]}
+                                         if "timing" in r else {})})
                     rows += _finish(group, on_row)
         if device.type == "cuda":
             rows += encoder_rows(device, quick, on_row)

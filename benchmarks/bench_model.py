@@ -123,6 +123,14 @@ def run(device="cuda", quick=False, progress=None, on_model_done=None) -> list[d
             if (name, dtype, wname) in compile_for:
                 impls["transformers-sdpa-compile"] = _deferred(lambda: compiled_baseline(sdpa),
                                                                lambda compiled: compiled(ids, attention_mask=mask))
+            if device.type == "cpu":   # one group, repetitions alternating: the VM's drift hits each impl alike
+                if progress:
+                    progress(f"{name} {str(dtype)[6:]} {wname} {', '.join(impls)} (interleaved on CPU)")
+                add(*interleaved_rows(impls, lambda impl, t, error=None: _row(name, dtype, wname, impl, t, flops,
+                                                                              lengths, device, error=error),
+                                      device, rep_ms=300 if quick else 600))
+                impls.clear()
+                continue
             for impl, fn in impls.items():
                 if progress:
                     progress(f"{name} {str(dtype)[6:]} {wname} {impl}")
@@ -145,6 +153,29 @@ def run(device="cuda", quick=False, progress=None, on_model_done=None) -> list[d
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def interleaved_rows(impls: dict, make_row, device, rep_ms: float) -> list[dict]:
+    """Rows of impls timed together by timeit_interleaved under inference_mode (CPU forwards: run one after another,
+    the implementations of a workload were timed seconds to minutes apart on a shared VM whose speed drifts 10-20%
+    in that time). An impl whose first call fails gets an error row and the others are still timed; rows keep the
+    order of impls. make_row(impl, t, error=None) builds a row (t None for an error)."""
+    errors, ok = {}, {}
+    with torch.inference_mode():
+        for impl, fn in impls.items():
+            try:
+                fn()
+                ok[impl] = fn
+            except Exception as exc:  # noqa: BLE001 - this impl's row says why; the others still run
+                errors[impl] = f"{type(exc).__name__}: {exc}"
+        times = {}
+        if ok:
+            try:
+                times = timeit_interleaved(ok, device, rep_ms=rep_ms, warmup=False)   # each was just called
+            except Exception as exc:  # noqa: BLE001
+                errors.update({impl: f"{type(exc).__name__}: {exc}" for impl in ok})
+    return [make_row(impl, times[impl]) if impl in times else make_row(impl, None, error=errors[impl])
+            for impl in impls]
 
 
 def _deferred(make, call):

@@ -4,7 +4,9 @@ GB/s counts the bytes each op must move at least once (inputs read, outputs writ
 statistics included), and is also given as a fraction of the copy bandwidth measured at the start (a large
 device-to-device copy, read + write bytes counted). Forward and forward + backward, against torch eager,
 torch.compile and Liger-Kernel's LayerNorm when importable. Times are triton.testing.do_bench medians with the
-20 / 80 % quantiles.
+20 / 80 % quantiles of the callable replayed from a CUDA graph (benchmarks.common.cuda_kernel_time: the kernels'
+time, with no host gap between a forward's and a backward's launches; each row also has host_ms, the host's time
+a call issued back to back, and timing, "cuda graph" or why not).
 
     python -m benchmarks.bench_norm_act [--quick]
     python -m benchmarks.bench_norm_act --sweep [--dtype bfloat16]   the LayerNorm forward's launch variants
@@ -23,11 +25,15 @@ SHAPES = [(16384, 768), (16384, 1024), (16384, 3072)]
 EPS = 1e-12
 
 
+def _timed(fn, quick) -> dict:
+    """benchmarks.common.cuda_kernel_time of fn: {'ms', 'p20', 'p80', 'host_ms', 'timing'}."""
+    from benchmarks.common import cuda_kernel_time
+    return cuda_kernel_time(fn, warmup_ms=10 if quick else 25, rep_ms=30 if quick else 100)
+
+
 def _do_bench(fn, quick):
-    import triton.testing
-    ms, lo, hi = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
-                                         quantiles=[0.5, 0.2, 0.8])
-    return ms, lo, hi
+    t = _timed(fn, quick)
+    return t["ms"], t["p20"], t["p80"]
 
 
 def copy_bandwidth(device="cuda", quick=False) -> float:
@@ -109,10 +115,22 @@ def _ln_impls(n, h, dtype, device):
         except TypeError:  # older liger: bias always present
             liger = LigerLayerNorm(h, eps=EPS)
         liger = liger.to(device=device, dtype=dtype)
+        with torch.no_grad():
+            liger.weight.copy_(w)
+            liger.bias.copy_(b)
 
-        def liger_fn(x, res, w, b, xb):
+        def liger_fn(x, res, xb):
             return liger(x + xb + res)
-        impls["liger (LN only; add in torch)"] = autograd_pair(liger_fn)
+
+        def liger_fwd():
+            with torch.no_grad():
+                return liger_fn(x, res, xb)
+
+        def liger_fwd_bwd():
+            # the module owns its weight and bias: the gradient is taken with respect to them (w and b are not
+            # in its graph: autograd.grad refused them, and every liger fwd+bwd row was an error)
+            return torch.autograd.grad(liger_fn(x, res, xb), (x, res, liger.weight, liger.bias, xb), dy)
+        impls["liger (LN only; add in torch)"] = (liger_fwd, liger_fwd_bwd)
     except Exception:  # liger_kernel not installed
         pass
     return impls
@@ -263,15 +281,17 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
                     for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                         row = dict(name=f"{op} {mode}", shape=f"{n}x{h}", dtype=dname, impl=impl, device=gpu)
                         try:
-                            ms, lo, hi = _do_bench(fn, quick)
+                            t = _timed(fn, quick)
                         except Exception as exc:  # noqa: BLE001 - an error row; the other impls still run
                             print(f"{op} {impl} {mode} {n}x{h} {dtype}: {exc}", file=sys.stderr)
                             add(dict(row, ms=None, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
                             continue
+                        ms = t["ms"]
                         gbps = _bytes(op, n, h, elem, mode) / (ms * 1e-3) / 1e9
                         extra = {"frac_same_bytes_copy": round(gbps / same, 3)} if mode == "fwd" and same else {}
-                        add(dict(row, ms=round(ms, 4), ms_q20=round(lo, 4), ms_q80=round(hi, 4),
-                                 gbps=round(gbps, 1), frac_copy_bw=round(gbps / copy_bw, 3), **extra))
+                        add(dict(row, ms=round(ms, 4), ms_q20=round(t["p20"], 4), ms_q80=round(t["p80"], 4),
+                                 gbps=round(gbps, 1), frac_copy_bw=round(gbps / copy_bw, 3),
+                                 host_ms=round(t["host_ms"], 4), timing=t["timing"], **extra))
     return rows
 
 
@@ -325,7 +345,7 @@ def main(argv=None) -> int:
     if args.sweep:
         return _print_sweep(args.dtype)
     rows = run("cuda", quick=args.quick)
-    cols = ["name", "shape", "dtype", "impl", "ms", "ms_q20", "ms_q80", "gbps", "frac_copy_bw"]
+    cols = ["name", "shape", "dtype", "impl", "ms", "ms_q20", "ms_q80", "gbps", "frac_copy_bw", "host_ms", "timing"]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
     print(f"device: {rows[0]['device']}")
     print("  ".join(c.ljust(widths[c]) for c in cols))

@@ -1,7 +1,13 @@
 """Timing and ceilings shared by every benchmark.
 
-CUDA: triton.testing.do_bench (CUDA events, warm-up, median and 20/80 percentiles), inputs rotated so the L2
-does not hold them where the caller passes several input sets. CPU: wall clock with the same statistics.
+CUDA: triton.testing.do_bench (CUDA events, warm-up, median and 20/80 percentiles, the L2 cleared before each
+call). Kernel rows (``timeit(..., graph=True)``) replay the callable captured in a CUDA graph: do_bench's events
+bracket fn(), and the only head start the GPU gets is the L2-clearing memset (~60-80 us on an H100 / H200), so a
+callable that issues more host work than that (a forward + backward: several launches at 15-50 us each on the GPU
+machines' hosts) was timed by its Python, not its kernels (2026-11-27 review: torch.compile's LayerNorm fwd+bwd
+took 0.50 ms at 16384 x 768 and at 16384 x 3072, four times the bytes). A graph replay is one launch, so the
+events time the kernels; each such row also gets ``host_ms``, the host's time a call when calls are issued back to
+back, and ``timing`` says which way it was timed. CPU: wall clock with the same statistics.
 """
 from __future__ import annotations
 
@@ -34,24 +40,83 @@ def child_rows(module: str, args: list[str], env: dict | None = None) -> list[di
         return json.loads(path.read_text())
 
 
-def timeit(fn, device, warmup_ms: float = 100, rep_ms: float = 400, min_reps: int = 5) -> dict:
-    """{'ms': median, 'p20': ..., 'p80': ...} of fn() on device."""
+def timeit(fn, device, warmup_ms: float = 100, rep_ms: float = 400, min_reps: int = 5, graph: bool = False) -> dict:
+    """{'ms': median, 'p20': ..., 'p80': ...} of fn() on device. On CUDA with graph=True: the GPU time of fn's
+    kernels (cuda_kernel_time: also 'host_ms' and 'timing'); graph=False times fn() as called, host gaps included
+    (whole-model rows: what an eager caller gets)."""
     device = torch.device(device)
     if device.type == "cuda":
+        if graph:
+            return cuda_kernel_time(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
         from triton.testing import do_bench
         med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return {"ms": med, "p20": p20, "p80": p80}
     return timeit_interleaved({"fn": fn}, device, rep_ms=rep_ms, min_reps=min_reps)["fn"]
 
 
-def timeit_interleaved(fns: dict, device, rep_ms: float = 400, min_reps: int = 5) -> dict:
+def capture_graph(fn, warmup_calls: int = 3):
+    """fn() captured in a torch.cuda.CUDAGraph, after warm-up calls on a side stream (first-call work: Triton and
+    inductor compiles, cuBLAS workspaces, autograd's lazy state). The outputs live in the graph's memory pool and
+    are rewritten by each replay. Raises what the capture raises (a host sync inside fn, say)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    return g
+
+
+def host_ms_per_call(fn, calls: int = 10) -> float:
+    """Host time of one fn() when calls are issued back to back with no sync between them: the launch cost a
+    caller pays (if it exceeds the kernels' time, an eager caller waits on Python, not on the GPU). 10 calls of a
+    few launches each stay well inside the GPU's launch queue, so the host is not throttled by the device."""
+    import time
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed * 1e3 / calls
+
+
+def cuda_kernel_time(fn, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
+    """{'ms', 'p20', 'p80', 'host_ms', 'timing'}: do_bench of one replay of fn captured in a CUDA graph (the L2
+    cleared before each replay, as for any do_bench call), i.e. the time of fn's kernels with no host gap between
+    them. A callable that cannot be captured (a host sync inside, say) is timed as called, with 'timing' saying so
+    and why (also printed to stderr): a row is never silently timed the other way."""
+    import sys
+    from triton.testing import do_bench
+    host_ms = host_ms_per_call(fn)
+    try:
+        g = capture_graph(fn)
+    except Exception as exc:  # noqa: BLE001 - said in the row and on stderr
+        torch.cuda.synchronize()
+        timing = f"eager (capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+        print(f"cuda_kernel_time: {timing}", file=sys.stderr)
+        run = fn
+    else:
+        timing, run = "cuda graph", g.replay
+    med, p20, p80 = do_bench(run, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return {"ms": med, "p20": p20, "p80": p80, "host_ms": host_ms, "timing": timing}
+
+
+def timeit_interleaved(fns: dict, device, rep_ms: float = 400, min_reps: int = 5, warmup: bool = True) -> dict:
     """{name: timeit-style dict} for several callables; on CPU their repetitions alternate (a, b, a, b, ...)
     so that the drift of a shared machine (other tenants, clocks) hits each of them alike. On CUDA each is
-    timed on its own with do_bench (CUDA events are not disturbed that way)."""
+    timed on its own with do_bench (CUDA events are not disturbed that way). warmup=False: the caller has just
+    called each fn once (CPU)."""
     device = torch.device(device)
     if device.type == "cuda":
         return {name: timeit(fn, device, rep_ms=rep_ms) for name, fn in fns.items()}
-    for fn in fns.values():     # warm-up (allocator, first-call costs)
+    for fn in (fns.values() if warmup else ()):     # warm-up (allocator, first-call costs)
         fn()
     one = {}
     for name, fn in fns.items():
@@ -122,14 +187,27 @@ def device_name(device) -> str:
 
 
 def device_slug(device) -> str:
-    import re
+    """The results folder's name: the GPU's name, or the CPU's model and thread count."""
     device = torch.device(device)
     name = device_name(device)
     if device.type == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
-    short = re.sub(r"\(.*\)", "", name).lower()
-    short = re.sub(r"(\(r\)|\(tm\)|cpu|processor|@.*)", " ", short)
-    return "cpu-" + re.sub(r"[^a-z0-9]+", "-", short).strip("-")[:40] + f"-{torch.get_num_threads()}t"
+        return _slug(name.lower().replace("nvidia", ""))
+    return cpu_slug(name, torch.get_num_threads())
+
+
+def _slug(text: str) -> str:
+    import re
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+def cpu_slug(name: str, threads: int) -> str:
+    """"Intel(R) Xeon(R) Platinum 8480+ (2 threads)" -> "cpu-intel-xeon-platinum-8480-2t". Only device_name's
+    thread-count suffix is cut, then the (R) / (TM) marks: cutting from the first "(" to the last ")" made every
+    Intel CPU "cpu-intel-2t" (an AVX2 Xeon's run would have replaced an AVX-512 one's results)."""
+    import re
+    short = re.sub(r"\s*\(\d+ threads\)$", "", name).lower()
+    short = re.sub(r"(\(r\)|\(tm\)|\bcpu\b|processor|@.*)", " ", short)
+    return "cpu-" + _slug(short)[:40] + f"-{threads}t"
 
 
 def bench_args(doc: str, argv=None):

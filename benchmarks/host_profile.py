@@ -13,8 +13,11 @@ did not explain it. This script measures, on one device, in one process:
   3. cProfile of N forwards: the functions with the most own time, and the most cumulative time;
   4. torch.profiler (CPU): self CPU time per operator;
   5. a fine-tuning step (forward + backward in train mode, dropout on; no optimizer) at the benchmark's 32x128
-     (2x16 with --tiny), bertfast and transformers SDPA: host against wall per step says whether the step is
-     host-bound (the H200's step was 0.72x SDPA in fp16, 2026-11-26, and the reason was unknown).
+     (2x16 with --tiny), bertfast and transformers SDPA: host, wall and, on CUDA, the GPU's busy time per step
+     (the kernels' summed durations from torch.profiler's CUDA activity) say whether the step is host-bound
+     (the H200's step was 0.72x SDPA in fp16, 2026-11-26, and the reason was unknown). Busy well below wall:
+     the GPU waits on the host. Host against wall alone cannot say it: bertfast's forward reads the ids' range
+     back once (the range check), so the host waits for the previous step's kernels and host ~ wall either way.
 
 Writes host_profile.txt and host_profile.json into --out and prints the tables.
 
@@ -142,6 +145,24 @@ def _cprofile(fn, calls: int, device) -> str:
     return out.getvalue()
 
 
+def gpu_busy_ms(fn, device, calls: int) -> float | None:
+    """The GPU's busy time per call of fn: the summed durations of the kernels, copies and sets that torch.profiler
+    records with CUDA activity only over `calls` calls (one stream: they do not overlap). None on CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        _sync(device)
+    total_us = 0.0
+    for event in prof.key_averages():
+        total_us += getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+    return total_us / 1e3 / calls
+
+
 def _torch_profile(fn, calls: int, device) -> str:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -218,8 +239,17 @@ def run(device="cuda", tiny=False, calls=None, out_dir=None) -> dict:
         def step(train=train):
             train(tids, attention_mask=tmask).last_hidden_state.float().sum().backward()
         t = host_ms(step, device, steps, repeats=3)
+        busy = ""
+        try:
+            t["gpu_busy_ms"] = gpu_busy_ms(step, device, steps)
+        except Exception as exc:  # noqa: BLE001 - the host / wall figures stand; the line says why busy is missing
+            t["gpu_busy_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            busy = f"   gpu busy: {t['gpu_busy_error']}"
+        if t.get("gpu_busy_ms") is not None:
+            busy = (f"   gpu busy {t['gpu_busy_ms']:8.3f} ({t['gpu_busy_ms'] / t['wall_ms']:.0%} of wall: "
+                    f"{'GPU-bound' if t['gpu_busy_ms'] >= 0.9 * t['wall_ms'] else 'the GPU waits on the host'})")
         result["train_step"][name] = t
-        lines.append(f"  {name:<42} host {t['host_ms']:8.3f}   wall {t['wall_ms']:8.3f}")
+        lines.append(f"  {name:<42} host {t['host_ms']:8.3f}   wall {t['wall_ms']:8.3f}{busy}")
         del train
     print("\n".join(lines[section5:]), flush=True)
     write(profiles + section4)

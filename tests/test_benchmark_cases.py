@@ -77,8 +77,8 @@ def test_norm_act_rows_carry_a_same_size_copy(monkeypatch):
         """Runs fn and says it took 1 ms: every GB/s is then bytes / 1 ms, so a forward moving its own bytes
         is exactly 1.0 of the copy of those bytes (wall-clock ratios made this test depend on the machine's load)."""
         fn()
-        return 1.0, 1.0, 1.0
-    monkeypatch.setattr(bench_norm_act, "_do_bench", one_ms)
+        return dict(ms=1.0, p20=1.0, p80=1.0, host_ms=0.5, timing="stand-in")
+    monkeypatch.setattr(bench_norm_act, "_timed", one_ms)
     monkeypatch.setattr(bench_norm_act, "SHAPES", [(64, 96), (64, 128), (64, 256)])
     rows = bench_norm_act.run("meta", quick=True)
     copies = [r for r in rows if r["name"].startswith("copy (")]
@@ -87,6 +87,59 @@ def test_norm_act_rows_carry_a_same_size_copy(monkeypatch):
     torch_fwd = [r for r in rows if r["impl"] == "torch" and r["name"].endswith(" fwd")]
     assert len(torch_fwd) == 4 and all(r["frac_same_bytes_copy"] == 1.0 for r in torch_fwd), torch_fwd
     assert not [r for r in rows if r["name"].endswith("fwd+bwd") and "frac_same_bytes_copy" in r]
+    ops = [r for r in rows if not r["name"].startswith("copy") and "error" not in r]
+    assert ops and all(r["timing"] == "stand-in" and r["host_ms"] == 0.5 for r in ops)
+
+
+def test_norm_act_liger_rows_run(monkeypatch):
+    """Liger's LayerNorm owns its weight and bias: its fwd+bwd row differentiates with respect to them (it was an
+    error row on every run that carried the wheel: autograd.grad was asked for w and b, outside its graph). A
+    stand-in module here (the wheel is carried to the GPU machines only); its output must equal torch's."""
+    import sys
+    import types
+    fake = types.ModuleType("liger_kernel.transformers")
+
+    class LigerLayerNorm(torch.nn.LayerNorm):
+        def __init__(self, hidden, eps=1e-6, bias=True):
+            super().__init__(hidden, eps=eps, bias=bias)
+            torch.nn.init.normal_(self.weight)       # the benchmark must copy the shared weights in
+    fake.LigerLayerNorm = LigerLayerNorm
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    impls = bench_norm_act._ln_impls(9, 384, torch.float32, "cpu")
+    fwd, fwd_bwd = impls["liger (LN only; add in torch)"]
+    torch.testing.assert_close(fwd(), impls["torch"][0]())
+    got, want = fwd_bwd(), impls["torch"][1]()
+    assert len(got) == 5
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_cuda_kernel_time_says_how_a_row_was_timed(monkeypatch):
+    """A callable that cannot be captured in a CUDA graph is timed as called, and its row says so and why (CUDA
+    replaced by stand-ins: the timing itself runs on the GPU machines only)."""
+    import triton.testing
+
+    from benchmarks import common
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    timed = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (timed.append(fn), [2.0, 1.5, 2.5])[1])
+
+    def no_capture(fn, warmup_calls=3):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(common, "capture_graph", no_capture)
+    calls = []
+    t = common.cuda_kernel_time(lambda: calls.append(1))
+    assert t["timing"].startswith("eager (capture failed: RuntimeError: operation not permitted")
+    assert t["ms"] == 2.0 and t["host_ms"] >= 0 and len(calls) == 11 and timed[0] is not None
+
+    class Graph:
+        def replay(self):
+            pass
+    monkeypatch.setattr(common, "capture_graph", lambda fn, warmup_calls=3: Graph())
+    t = common.cuda_kernel_time(lambda: None)
+    assert t["timing"] == "cuda graph" and timed[-1].__self__.__class__ is Graph
 
 
 def test_linear_act_cases_run():
@@ -206,3 +259,36 @@ def test_cpu_ops_cases_run():
         assert r["gbps"] > 0 and abs(r["gbps"] / gbps - 1) < 0.05 + 0.0005 / r["ms"], r
         assert abs(r["frac_copy_bw"] / (r["gbps"] / copy["gbps"]) - 1) < 0.01, r
         assert r["frac_same_bytes_copy"] > 0, r
+
+
+def test_cpu_results_folders_name_the_model():
+    """Each CPU model gets its own results folder (cutting from the first "(" made every Intel CPU one folder)."""
+    from benchmarks.common import cpu_slug
+    names = ["Intel(R) Xeon(R) Processor (2 threads)", "Intel(R) Xeon(R) Platinum 8480+ (2 threads)",
+             "Intel(R) Xeon(R) CPU @ 2.20GHz (2 threads)", "Intel(R) Core(TM) i9-13900K (2 threads)",
+             "AMD EPYC (2 threads)", "AMD EPYC 7B13 64-Core Processor (2 threads)"]
+    slugs = [cpu_slug(n, 2) for n in names]
+    assert slugs == ["cpu-intel-xeon-2t", "cpu-intel-xeon-platinum-8480-2t", "cpu-intel-xeon-2t",
+                     "cpu-intel-core-i9-13900k-2t", "cpu-amd-epyc-2t", "cpu-amd-epyc-7b13-64-core-2t"]
+    assert cpu_slug("AMD EPYC (2 threads)", 4) == "cpu-amd-epyc-4t"
+
+
+def test_cpu_forward_rows_are_timed_interleaved():
+    """bench_model's CPU forward rows: the implementations of a workload are timed in one alternating group (a, b,
+    a, b: the VM's drift hits each alike), a failing one gets its error row and the others are still timed, in the
+    order given."""
+    from benchmarks import bench_model
+    order = []
+
+    def impl(name):
+        return lambda: order.append(name)
+
+    def boom():
+        raise RuntimeError("no such backend")
+    rows = bench_model.interleaved_rows({"a": impl("a"), "bad": boom, "b": impl("b")},
+                                        lambda i, t, error=None: dict(impl=i, t=t, error=error), "cpu", rep_ms=1)
+    assert [r["impl"] for r in rows] == ["a", "bad", "b"]
+    assert rows[1]["t"] is None and "RuntimeError: no such backend" in rows[1]["error"]
+    assert all(r["t"]["ms"] > 0 and r["error"] is None for r in (rows[0], rows[2]))
+    timed = order[2:]                 # after each one's first call (a, b) and the estimate (a, b): alternating
+    assert len(timed) >= 10 and timed == ["a", "b"] * (len(timed) // 2)
