@@ -8,8 +8,9 @@ bandwidth measured at the start of the same run. Each op runs twice: checked (it
 back after the launch, a stream sync) and unchecked (check=False, the encoder's call; csrc/cuda/cuda_common.cuh).
 Timing: triton.testing.do_bench medians with 20/80 quantiles on CUDA, of the call replayed from a CUDA graph
 (benchmarks.common.cuda_kernel_time: the kernels' time; the torch composite of embed is 9 launches) except the
-checked rows, whose read-back cannot be captured: those are timed as called, sync included (their `timing` says
-so); on CPU (a smoke run only) wall clock through benchmarks.common.timeit.
+checked rows, whose read-back a capture would skip (cuda_common.cuh: not while capturing), so a replay would do
+less than a call: those are timed as called, sync included (their `timing` says so); on CPU (a smoke run only)
+wall clock through benchmarks.common.timeit.
 
     python -m benchmarks.bench_cuda_ops [--quick]     (from the project root)
 """

@@ -54,10 +54,28 @@ def timeit(fn, device, warmup_ms: float = 100, rep_ms: float = 400, min_reps: in
     return timeit_interleaved({"fn": fn}, device, rep_ms=rep_ms, min_reps=min_reps)["fn"]
 
 
+# Why graph capture is off for the rest of this process (empty: it is on). torch 2.11's torch.cuda.graph does not
+# clean up after a failed capture (its __exit__ has no try / finally, and the graph releases its pool only once a
+# capture ended): the allocator keeps the capture "underway", and every later empty_cache (which each capture and
+# several benchmarks call) fails an internal assert. capture_graph screens calls for syncs first and undoes what it
+# can after a failure; if the allocator still does not recover, the remaining rows are timed as called.
+_CAPTURE_OFF: list[str] = []
+
+
 def capture_graph(fn, warmup_calls: int = 3):
     """fn() captured in a torch.cuda.CUDAGraph, after warm-up calls on a side stream (first-call work: Triton and
     inductor compiles, cuBLAS workspaces, autograd's lazy state). The outputs live in the graph's memory pool and
-    are rewritten by each replay. Raises what the capture raises (a host sync inside fn, say)."""
+    are rewritten by each replay. Raises (and captures nothing) when fn synchronizes with the host, found by one
+    call under torch.cuda.set_sync_debug_mode("error"): a sync would invalidate the capture. Raises what a failed
+    capture raises after restoring the stream and the allocator."""
+    if _CAPTURE_OFF:
+        raise RuntimeError(f"graph capture is off in this process: {_CAPTURE_OFF[0]}")
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -66,10 +84,43 @@ def capture_graph(fn, warmup_calls: int = 3):
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    pool = torch.cuda.graph_pool_handle()
+    caller_stream = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(g, pool=pool):
+            fn()
+    except Exception as exc:
+        _after_failed_capture(pool, caller_stream, exc)
+        raise
     torch.cuda.synchronize()
     return g
+
+
+def _after_failed_capture(pool, caller_stream, exc: Exception) -> None:
+    """Undo what torch.cuda.graph leaves behind when its capture fails: the current stream (still the capture
+    stream) and the allocator's routing into the graph's pool. If the allocator still refuses empty_cache, graph
+    capture is turned off for the rest of the process (_CAPTURE_OFF)."""
+    torch.cuda.set_stream(caller_stream)
+    device = torch.cuda.current_device()
+    for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+        try:
+            getattr(torch._C, name)(device, pool)
+        except Exception:  # noqa: BLE001 - already undone by torch, or not this torch's API
+            pass
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    except Exception as still:  # noqa: BLE001
+        _CAPTURE_OFF.append(f"a capture failed ({_root_cause(exc)}) and the allocator did not recover "
+                            f"({type(still).__name__}: {str(still).splitlines()[0][:120] if str(still) else ''})")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first error of a failed capture: torch.cuda.graph's capture_end raises its own error over the one that
+    invalidated the capture, which is then the context."""
+    cause = exc.__context__ if exc.__context__ is not None else exc
+    text = str(cause).splitlines()[0][:120] if str(cause) else ""
+    return f"{type(cause).__name__}: {text}"
 
 
 def host_ms_per_call(fn, calls: int = 10) -> float:
@@ -91,7 +142,9 @@ def cuda_kernel_time(fn, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
     """{'ms', 'p20', 'p80', 'host_ms', 'timing'}: do_bench of one replay of fn captured in a CUDA graph (the L2
     cleared before each replay, as for any do_bench call), i.e. the time of fn's kernels with no host gap between
     them. A callable that cannot be captured (a host sync inside, say) is timed as called, with 'timing' saying so
-    and why (also printed to stderr): a row is never silently timed the other way."""
+    and why (also printed to stderr): a row is never silently timed the other way. A call that reads a result back
+    only outside captures (bertfast_C's checked ops skip their read-back while capturing) must be timed with
+    graph=False: replayed, it would do less than an eager call."""
     import sys
     from triton.testing import do_bench
     host_ms = host_ms_per_call(fn)
@@ -99,7 +152,7 @@ def cuda_kernel_time(fn, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
         g = capture_graph(fn)
     except Exception as exc:  # noqa: BLE001 - said in the row and on stderr
         torch.cuda.synchronize()
-        timing = f"eager (capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+        timing = f"eager (not captured: {_root_cause(exc)})"
         print(f"cuda_kernel_time: {timing}", file=sys.stderr)
         run = fn
     else:

@@ -85,7 +85,8 @@ def write_markdown(path: pathlib.Path, env: dict, ceilings: dict, rows: list[dic
              "Times are medians (p20-p80 in brackets) of CUDA-event timings (triton.testing.do_bench) on GPUs, of "
              "wall-clock timings on CPUs. On GPUs the kernel rows time the call replayed from a CUDA graph (its "
              "kernels' time, no host gaps; results.json gives each row's `timing` and `host_ms`, the host's time "
-             "a call), the whole-encoder rows the call as made. Ratios compare implementations measured in this same run; "
+             "a call), the whole-encoder rows the call as made. Ratios compare implementations measured in this "
+             "same run; "
              "`vs X` = time of X / time of this row (above 1 = faster than X). `peak MiB`: memory one forward "
              "allocates at its peak beyond what was allocated before it (weights excluded; not shown for graph "
              "replays, whose memory is the pool their capture reserved).", ""]
