@@ -66,6 +66,17 @@ def test_activations(activation, dtype, device):
     _check(37, 300, dtype, activation, device)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fp32_curve_dense(activation, device):
+    """fp32 over a dense grid of the activations' curved region, [-3.99, 3.99]: the same bound as everywhere (twice
+    torch's fp32 error plus one ulp), but at the output's magnitude here (below 4) rather than at the ~8 of
+    test_activations' 2 * randn inputs, where one ulp is twice as large. A 6e-6 relative error in gelu_tanh's
+    sqrt(2 / pi) passed every other test of this file (mutation testing, 2026-11-27)."""
+    x = torch.linspace(-3.99, 3.99, 32 * 256, device=device).reshape(32, 256)
+    y = gelu.bias_act_forward(x, None, activation)
+    _assert_close("y", y, _act(x, activation), _act(x.double(), activation), torch.float32)
+
+
 @pytest.mark.parametrize("width", [128, 1023, 1536, 3072])
 def test_widths(width, device):
     _check(5, width, torch.float16, "gelu", device)
