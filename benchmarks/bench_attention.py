@@ -32,11 +32,6 @@ def _lengths(shape: str, batch: int) -> list[int]:
     return [int(shape.split("x")[1])] * batch
 
 
-def _bench(fn) -> dict:
-    from benchmarks.common import cuda_kernel_time
-    return cuda_kernel_time(fn)
-
-
 def _impls(lengths, dtype, device, backward):
     """{impl name: zero-argument callable} for one shape; each callable runs forward (and backward)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -106,6 +101,8 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
         raise RuntimeError("bench_attention needs a CUDA device")
     import triton
 
+    from benchmarks.common import cuda_kernel_time
+
     device = torch.device(device)
     if device.index is None:          # "cuda" means the current device; set_device needs an index
         device = torch.device("cuda", torch.cuda.current_device())
@@ -129,7 +126,7 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
                     try:
                         fn()
                         torch.cuda.synchronize()
-                        t = _bench(fn)
+                        t = cuda_kernel_time(fn)
                         row.update(ms=t["ms"], ms_p20=t["p20"], ms_p80=t["p80"], host_ms=t["host_ms"],
                                    timing=t["timing"])
                         row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12

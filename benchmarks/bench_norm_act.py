@@ -31,11 +31,6 @@ def _timed(fn, quick) -> dict:
     return cuda_kernel_time(fn, warmup_ms=10 if quick else 25, rep_ms=30 if quick else 100)
 
 
-def _do_bench(fn, quick):
-    t = _timed(fn, quick)
-    return t["ms"], t["p20"], t["p80"]
-
-
 def _copy_ms(copy, quick) -> float:
     """A copy's time as called (one launch: nothing for a graph to remove; the ceilings of every benchmark and of
     earlier runs are measured this way)."""
@@ -225,7 +220,7 @@ def sweep(device="cuda", dtype_name="bfloat16", quick=True, on_row=None, shapes=
         for i, ((r, warps), fn) in enumerate(sweep_cases(n, h, dtype, device).items()):
             row = dict(name="add_layer_norm fwd sweep", shape=f"{n}x{h}", dtype=dtype_name, rows=r, num_warps=warps)
             try:
-                ms = _do_bench(fn, quick)[0] if on_cuda else _wall_ms(fn)
+                ms = _timed(fn, quick)["ms"] if on_cuda else _wall_ms(fn)
             except Exception as exc:  # noqa: BLE001 - an error row (a variant that fails to compile, say)
                 row.update(ms=None, error=f"{type(exc).__name__}: {str(exc)[:200]}")
             else:

@@ -112,15 +112,19 @@ def _after_failed_capture(pool, caller_stream, exc: Exception) -> None:
         torch.cuda.empty_cache()
     except Exception as still:  # noqa: BLE001
         _CAPTURE_OFF.append(f"a capture failed ({_root_cause(exc)}) and the allocator did not recover "
-                            f"({type(still).__name__}: {str(still).splitlines()[0][:120] if str(still) else ''})")
+                            f"({_describe(still)})")
+
+
+def _describe(exc: BaseException) -> str:
+    """'Type: first line of the message' (at most 120 characters of it)."""
+    text = str(exc).splitlines()[0][:120] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
 
 
 def _root_cause(exc: BaseException) -> str:
     """The first error of a failed capture: torch.cuda.graph's capture_end raises its own error over the one that
     invalidated the capture, which is then the context."""
-    cause = exc.__context__ if exc.__context__ is not None else exc
-    text = str(cause).splitlines()[0][:120] if str(cause) else ""
-    return f"{type(cause).__name__}: {text}"
+    return _describe(exc.__context__ if exc.__context__ is not None else exc)
 
 
 def host_ms_per_call(fn, calls: int = 10) -> float:

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import KernelSpec, UnsupportedInput, dropout_seed, cdiv, launch_arch, next_pow2, torch_to_triton_dtype
+from .config import KernelSpec, UnsupportedInput, cdiv, dropout_seed, launch_arch, next_pow2, torch_to_triton_dtype
 
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
