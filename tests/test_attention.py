@@ -174,6 +174,52 @@ def test_fp32_tf32(device, head_dim, lengths):
     _check_case(device, torch.float32, head_dim, lengths, heads=2, fp32_precision="tf32")
 
 
+def _tf32_pair(x):
+    """(x2, x3) from fp32 x: x3 a tf32 value (low 13 mantissa bits zero), x2 = x3 less 1/4 of a tf32 ulp in
+    magnitude. Rounded to nearest, x2 is x3; truncated, it is x3 less a whole ulp. Sign-magnitude bits, so one
+    integer add does both signs."""
+    base = (x.view(torch.int32) + 0x1000) & ~0x1FFF     # x rounded to tf32 (half up): some tf32 value near x
+    return (base + 0x1800).view(torch.float32), (base + 0x2000).view(torch.float32)
+
+
+def test_fp32_tf32_rounded_operands(device):
+    """The operands the kernels round to tf32 themselves (_tf32_rn: Q in every kernel, V in the dK / dV kernel)
+    are rounded to nearest, not left to the hardware's truncation. Exact, flip-free and hardware-independent:
+    inputs that differ by less than half a tf32 ulp in those operands only (and round to the same tf32 value)
+    give bit-identical results. The fp16-scaled bounds of test_fp32_tf32 absorb one operand truncated instead of
+    rounded (a mutation run: V in the dK / dV kernel). fp32 "ieee" dots are the control: the same inputs differ."""
+    _seed_for("tf32-rounded")
+    lengths = [17, 70, 3]
+    cu_t, max_seqlen = _cu(lengths, device)
+    total, heads, head_dim = sum(lengths), 2, 64
+    qkv = torch.randn(total, 3, heads, head_dim)
+    dout = torch.randn(total, heads, head_dim).to(device)
+
+    def run(qkv, precision, out_lse=None):
+        qkv = qkv.to(device)
+        out, lse = out_lse or attention_forward(qkv, cu_t, max_seqlen, fp32_precision=precision)
+        return out, lse, attention_backward(dout, qkv, out, lse, cu_t, max_seqlen, fp32_precision=precision)
+
+    for precision in ("tf32", "ieee"):
+        same = precision == "tf32"
+        # Q: rounded where loaded by all three kernels, so the forward and the whole backward agree bit for bit
+        q2, q3 = _tf32_pair(qkv[:, 0])
+        a, b = qkv.clone(), qkv.clone()
+        a[:, 0], b[:, 0] = q2, q3
+        ra, rb = run(a, precision), run(b, precision)
+        for name, x, y in zip(("out", "lse", "dqkv"), ra, rb):
+            assert torch.equal(x, y) == same, f"{precision}: Q's rounding, {name}"
+        # V: rounded by the dK / dV kernel (the forward and the dQ kernel leave it to the hardware): backwards
+        # from the same out / lse give the same dK and dV
+        v2, v3 = _tf32_pair(qkv[:, 2])
+        a, b = qkv.clone(), qkv.clone()
+        a[:, 2], b[:, 2] = v2, v3
+        out_lse = run(a, precision)[:2]
+        da, db = run(a, precision, out_lse)[2], run(b, precision, out_lse)[2]
+        assert torch.equal(da[:, 1], db[:, 1]) == same, f"{precision}: V's rounding, dK"
+        assert torch.equal(da[:, 2], db[:, 2]), "dV does not read V"
+
+
 def test_custom_scale_and_empty_sequences(device):
     """Zero-length sequences in cu_seqlens are allowed and write nothing; softmax_scale is honoured."""
     _seed_for("scale")
