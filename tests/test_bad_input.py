@@ -394,6 +394,14 @@ def test_empty_batches(backend, monkeypatch):
         assert model(ids[:, :0]).last_hidden_state.shape == (3, 0, 64)
         out = model(ids, attention_mask=torch.zeros_like(ids))
     assert out.last_hidden_state.shape == (3, 7, 64) and not out.last_hidden_state.any()
+    # output_attentions (the padded path) on batches without a real token: the probabilities of transformers'
+    # eager attention, uniform over the (all masked) keys
+    with torch.no_grad():
+        for b, mask in ((3, torch.zeros_like(ids)), (0, None)):
+            out = model(ids[:b], attention_mask=None if mask is None else mask[:b], output_attentions=True)
+            assert out.last_hidden_state.shape == (b, 7, 64) and not out.last_hidden_state.any()
+            (probs,) = out.attentions
+            assert probs.shape == (b, 2, 7, 7) and torch.equal(probs, torch.full_like(probs, 1 / 7))
     qkv = torch.randn(0, 3, 2, 32, device=dev, requires_grad=True)
     zeros = torch.zeros(3, dtype=torch.int32, device=dev)
     assert bertfast.ops.varlen_attention(qkv, zeros[:1], 0).shape == (0, 2, 32)

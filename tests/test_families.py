@@ -340,6 +340,53 @@ def test_save_pretrained_round_trip(family, tmp_path):
         ours.save_pretrained(tmp_path / "c", push_to_hub=True)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_state_dict_subsets_as_transformers(family):
+    """load_state_dict with any subset of state_dict()'s keys (fine-tuned parts, adapters merged by hand) does
+    what transformers' does: the keys given load, the rest keep their values, and missing / unexpected keys are
+    reported under state_dict()'s names. A lone query / key / value part used to be 'unexpected' and not loaded
+    (the three are one packed parameter), the missing ones named qkv_weight / qkv_bias, and families with their
+    own key names (DistilBERT's q_lin, ALBERT's) reported missing keys under bertfast's internal names."""
+    torch.manual_seed(11)
+    cfg = family_config(family, dropout=False)
+    hf = BASE[family]._from_config(copy.deepcopy(cfg)).eval()
+    ours = bertfast.AutoModel.from_hf(hf)
+    keys = sorted(hf.state_dict())
+    assert sorted(ours.state_dict()) == keys
+    qkv = [k for k in keys if any(f"{n}." in k for n in ("query", "key", "value", "q_lin", "k_lin", "v_lin"))]
+    assert len(qkv) >= 6, qkv
+    picks = [qkv[0], qkv[3]] + [keys[i] for i in torch.randperm(len(keys))[:3].tolist()]
+    subset = {k: torch.randn_like(hf.state_dict()[k]) for k in picks}
+    subset["not.a.key"] = torch.zeros(2)
+    want, got = hf.load_state_dict(subset, strict=False), ours.load_state_dict(subset, strict=False)
+    assert sorted(got.missing_keys) == sorted(want.missing_keys)
+    assert sorted(got.unexpected_keys) == sorted(want.unexpected_keys) == ["not.a.key"]
+    theirs = hf.state_dict()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
+    ids, mask, _ = _batch(cfg)
+    with torch.no_grad():
+        q = real(mask)
+        ref = hf(ids, attention_mask=mask).last_hidden_state[q]
+        assert (ours(ids, attention_mask=mask).last_hidden_state[q] - ref).abs().max() <= TOL
+
+    full = ours.state_dict()
+    gone = qkv[1]
+    del full[gone]
+    with pytest.raises(RuntimeError, match="Missing key") as err:
+        ours.load_state_dict(full)
+    assert f'"{gone}"' in str(err.value) and "qkv_" not in str(err.value) and "Unexpected" not in str(err.value)
+    full = ours.state_dict()
+    other = next(k for k in keys if k not in qkv and k.startswith(("encoder.", "transformer.")) and full[k].dim() == 2)
+    for k in (qkv[0], other):
+        full[k] = full[k][..., :-1]
+    with pytest.raises(RuntimeError) as err:
+        ours.load_state_dict(full)
+    for k in (qkv[0], other):
+        assert f"size mismatch for {k}: " in str(err.value), (k, str(err.value))
+    assert "Unexpected" not in str(err.value) and "Missing" not in str(err.value), str(err.value)
+
+
 def test_optimized_models_pickle_and_take_trainer_kwargs(tmp_path):
     """torch.save of a whole optimised model (and pickling, as sentence-transformers' multi-process pool does);
     the keyword arguments transformers' Trainer and task models pass to an encoder (num_items_in_batch,

@@ -107,6 +107,8 @@ class EncoderModel(nn.Module):
             self._to_internal = [(_pattern(b), a) for a, b in self.key_map]
             self._register_state_dict_hook(EncoderModel._family_keys)
             self._register_load_state_dict_pre_hook(EncoderModel._internal_keys, with_module=True)
+            self.register_load_state_dict_post_hook(_family_names_in_report)
+            self._load_prefix, self._load_errors = "", None
 
     # ------------------------------------------------------------------------------------ family hooks
     @classmethod
@@ -161,6 +163,7 @@ class EncoderModel(nn.Module):
     @staticmethod
     def _internal_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                        error_msgs):
+        module._load_prefix, module._load_errors = prefix, error_msgs   # for _family_names_in_report
         for key in list(state_dict):
             if key.startswith(prefix):
                 new = prefix + _convert(key[len(prefix):], module._to_internal)
@@ -726,6 +729,23 @@ class EncoderModel(nn.Module):
         self.embeddings.word_embeddings = value
         self.spec = dataclasses.replace(self.spec, vocab=value.num_embeddings)
         self._drop_graphs()
+
+
+def _family_names_in_report(module, incompatible_keys) -> None:
+    """load_state_dict post-hook of families with their own key names: the missing / unexpected keys it reports
+    under the family's names (state_dict()'s), not the internal modules' they were loaded into."""
+    prefix = module._load_prefix
+
+    def family(key):
+        return prefix + _convert(key[len(prefix):], module._to_family) if key.startswith(prefix) else key
+
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        keys[:] = [family(k) for k in keys]
+    errors, module._load_errors = module._load_errors, None
+    for i, msg in enumerate(errors or ()):   # torch's "size mismatch for <key>: ..." (and SelfAttention's)
+        m = re.match(r"size mismatch for (\S+): ", msg)
+        if m:
+            errors[i] = f"size mismatch for {family(m.group(1))}: " + msg[m.end():]
 
 
 def _drop_graphs_after_load(module, incompatible_keys) -> None:

@@ -194,7 +194,9 @@ class SelfAttention(nn.Module):
         self.qkv_weight = nn.Parameter(torch.empty(3 * hidden, hidden))
         self.qkv_bias = nn.Parameter(torch.empty(3 * hidden))
         self._register_state_dict_hook(SelfAttention._split_qkv)
-        self._register_load_state_dict_pre_hook(SelfAttention._pack_qkv)
+        self.register_load_state_dict_pre_hook(SelfAttention._pack_qkv)
+        self.register_load_state_dict_post_hook(SelfAttention._hide_packed_keys)
+        self._packed_missing: list[str] = []
 
     @staticmethod
     def _split_qkv(module, state_dict, prefix, local_metadata):
@@ -205,11 +207,44 @@ class SelfAttention(nn.Module):
         return state_dict
 
     @staticmethod
-    def _pack_qkv(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _pack_qkv(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """query / key / value (the public keys) -> qkv_weight / qkv_bias. Any subset loads as it would into
+        transformers' three Linears: a part the state dict lacks keeps its current value and is reported missing
+        under its public name (never as qkv_*, which state_dict() does not show); a part of the wrong shape is
+        torch's size-mismatch error under its public name."""
         for kind in ("weight", "bias"):
+            packed_name = prefix + f"qkv_{kind}"
+            if packed_name in state_dict:
+                continue
             names = [prefix + f"{n}.{kind}" for n in ("query", "key", "value")]
-            if all(n in state_dict for n in names):
-                state_dict[prefix + f"qkv_{kind}"] = torch.cat([state_dict.pop(n) for n in names], dim=0)
+            current = getattr(module, f"qkv_{kind}").detach().chunk(3, dim=0)
+            present = [n for n in names if n in state_dict]
+            bad = [n for n, cur in zip(names, current)
+                   if n in state_dict and tuple(state_dict[n].shape) != tuple(cur.shape)]
+            for n, cur in zip(names, current):
+                if n in bad:
+                    error_msgs.append(f"size mismatch for {n}: copying a param with shape "
+                                      f"{tuple(state_dict[n].shape)} from checkpoint, the shape in current model "
+                                      f"is {tuple(cur.shape)}.")
+                elif n not in state_dict:
+                    missing_keys.append(n)
+            for n in bad:
+                state_dict.pop(n)   # not loaded, as torch skips a parameter of the wrong shape
+            present = [n for n in present if n not in bad]
+            module._packed_missing.append(packed_name)   # torch lists it missing unless packed below
+            if present:
+                first = state_dict[present[0]]
+                parts = [state_dict.pop(n) if n in state_dict else cur.to(first.device, first.dtype)
+                         for n, cur in zip(names, current)]
+                state_dict[packed_name] = torch.cat(parts, dim=0)
+
+    @staticmethod
+    def _hide_packed_keys(module, incompatible_keys):
+        """The internal qkv_* names out of the missing keys: _pack_qkv reported the public ones."""
+        for name in module._packed_missing:
+            while name in incompatible_keys.missing_keys:
+                incompatible_keys.missing_keys.remove(name)
+        module._packed_missing.clear()
 
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, 3, heads, head_dim], one GEMM."""
@@ -228,7 +263,7 @@ class SelfAttention(nn.Module):
         the probabilities of real query rows equal transformers'; padded query rows are computed from zero
         queries. Slower than forward(): used only when probabilities are asked for."""
         b, s = unp.batch, unp.seqlen
-        qkv = ops.pad(self.qkv(x).reshape(x.shape[0], -1), unp.indices, b, s, validate=False)
+        qkv = ops.pad(self.qkv(x).reshape(x.shape[0], 3 * self.hidden), unp.indices, b, s, validate=False)
         q, k, v = qkv.view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         real = torch.zeros(b * s, dtype=torch.bool, device=x.device).index_fill_(0, unp.indices, True).view(b, s)
         mask = torch.zeros((b, 1, 1, s), dtype=q.dtype, device=x.device).masked_fill(
