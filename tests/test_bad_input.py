@@ -144,9 +144,14 @@ def test_all_zero_mask_row_is_finite(model):
         out = model(ids, attention_mask=mask)
     assert torch.isfinite(out.last_hidden_state).all() and torch.isfinite(out.pooler_output).all()
     assert torch.all(out.last_hidden_state[1] == 0)
+    # the pooler reads a zero row for a sequence without a real token (not another sequence's token)
+    with torch.no_grad():
+        no_token = torch.tanh(model.pooler.dense.bias)
+    assert torch.equal(out.pooler_output[1], no_token)
     with torch.no_grad():
         empty = model(ids, attention_mask=torch.zeros_like(mask))
     assert torch.isfinite(empty.pooler_output).all() and torch.all(empty.last_hidden_state == 0)
+    assert torch.equal(empty.pooler_output, no_token.expand_as(empty.pooler_output))
 
 
 @pytest.fixture
@@ -416,6 +421,7 @@ def test_empty_batches(backend, monkeypatch):
 @pytest.mark.parametrize("cu,max_seqlen,message", [
     ([1, 3, 8, 9], 5, "must start at 0, got 1"),
     ([0, 8, 3, 9], 8, "monotonic non-decreasing"),
+    ([0, 5, 4, 9], 5, "monotonic non-decreasing"),      # a sequence of length -1
     ([0, -3, 8, 9], 11, "monotonic non-decreasing"),
     ([0, 3, 8], 5, r"must end at T = qkv.shape\[0\] = 9, got 8"),
     ([0, 3, 8, 12], 5, r"must end at T = qkv.shape\[0\] = 9, got 12"),
@@ -450,12 +456,39 @@ def test_strided_vectors_are_taken(backend, monkeypatch):
     assert torch.equal(ops.pad(x[:3], idx, 2, 3).reshape(6, 64)[[0, 2, 4]], x[:3])
 
 
-def test_op_arguments_named(monkeypatch):
+def test_cpu_attention_reads_cu_seqlens_checked_even_unvalidated(monkeypatch):
+    """validate=False skips the GPU's host read of cu_seqlens; the CPU attention, which reads the values on the
+    host anyway, still refuses bad ones rather than slicing garbage."""
+    qkv = torch.randn(9, 3, 2, 32)
+    for backend in ("auto", "cpp", "reference"):
+        monkeypatch.setenv("BERTFAST_BACKEND", backend)
+        for cu, message in (([0, 8, 3, 9], "monotonic"), ([1, 3, 9], "start at 0"), ([0, 3, 8], "end at T")):
+            with pytest.raises(ValueError, match=message):
+                bertfast.ops.varlen_attention(qkv, torch.tensor(cu, dtype=torch.int32), 8, validate=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+def test_op_arguments_named(monkeypatch, backend):
+    dev = _backend(monkeypatch, backend)
     ops = bertfast.ops
-    x, w, b = torch.randn(3, 8), torch.ones(8), torch.zeros(8)
+    x, w, b = torch.randn(3, 8, device=dev), torch.ones(8, device=dev), torch.zeros(8, device=dev)
     for eps in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="eps must be >= 0"):
             ops.add_layer_norm(x, w, b, eps)
+    qkv, cu = torch.randn(6, 3, 2, 32, device=dev), torch.tensor([0, 6], dtype=torch.int32, device=dev)
+    for p in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+            ops.varlen_attention(qkv, cu, 6, dropout_p=p)
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+            ops.add_layer_norm(x, w, b, 1e-5, dropout_p=p)
+    with pytest.raises(ValueError, match=r"qkv must be contiguous in its last dimension"):
+        ops.varlen_attention(torch.randn(6, 3, 32, 2, device=dev).transpose(2, 3), cu, 6)
+    ids, idx = torch.tensor([1, 2, 3], device=dev), torch.arange(3, device=dev)
+    word, pos = torch.randn(10, 8, device=dev), torch.randn(6, 8, device=dev)
+    for kw, name in ((dict(padding_idx=10), "padding_idx=10"), (dict(padding_idx=-1), "padding_idx=-1"),
+                     (dict(pos_padding_idx=6), "pos_padding_idx=6")):
+        with pytest.raises(ValueError, match=f"{name} is not a row of its table"):
+            ops.embed(ids, idx, idx, None, word, pos, None, w, b, 1e-5, **kw)
     with pytest.raises(ValueError, match=r"x must be a tensor of shape \[\.\.\., I\]"):
         ops.bias_gelu(torch.tensor(1.0), None)
     with pytest.raises(ValueError, match=r"attention_mask must be a \[batch, seq_len\] tensor, got \(4,\)"):

@@ -242,6 +242,55 @@ def test_optimize_heads(family, head):
     assert abs(a1 - a2) > 1e-4          # the step really changed the model
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "distilbert"])   # DistilBERT's eps is fixed
+def test_layer_norm_eps_from_the_config(family):
+    """config.layer_norm_eps reaches every LayerNorm: the embeddings', each layer's two, the MLM head's (fused,
+    or on the kernel in 16-bit). Every other test config keeps the default 1e-12 (the real MiniLM weights too),
+    where a hard-coded eps passes; at 0.5 it scales normalised values by ~0.8, far beyond TOL and bf16's error."""
+    torch.manual_seed(31 + FAMILIES.index(family))
+    cfg = family_config(family, dropout=False)
+    cfg.layer_norm_eps = 0.5
+    ref = getattr(T, PREFIX[family] + "ForMaskedLM")._from_config(copy.deepcopy(cfg),
+                                                                  attn_implementation="eager").eval()
+    model = bertfast.optimize(copy.deepcopy(ref))
+    inputs = _head_inputs(cfg, "ForMaskedLM")
+    q = real(inputs["attention_mask"])
+    with torch.no_grad():
+        a, b = ref(**inputs, output_hidden_states=True), model(**inputs, output_hidden_states=True)
+    for x, y in zip(a.hidden_states, b.hidden_states, strict=True):
+        assert (x[q] - y[q]).abs().max() <= TOL
+    assert (a.logits[q] - b.logits[q]).abs().max() <= TOL
+    # bf16 (the head's LayerNorm on the kernel): as close to the fp32 result as transformers' own bf16 run
+    with torch.no_grad():
+        theirs = copy.deepcopy(ref).to(torch.bfloat16)(**inputs).logits[q].float()
+        ours = copy.deepcopy(model).to(torch.bfloat16)(**inputs).logits[q].float()
+    floor = torch.finfo(torch.bfloat16).eps * a.logits[q].abs().max()
+    assert (ours - a.logits[q]).abs().max() <= 2 * (theirs - a.logits[q]).abs().max() + floor
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish"])
+def test_hidden_act_parity(act):
+    """Each hidden_act on its own formula: the FFN's up-projection scaled so its outputs are O(1) (std ~3), where
+    erf and tanh GELU differ by ~1e-3; at initialisation scale (~0.02) they agree within TOL and a wrong mapping
+    passes every parity test."""
+    torch.manual_seed(len(act))
+    cfg = family_config("bert", dropout=False)
+    cfg.hidden_act = act
+    hf = T.BertModel._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for layer in hf.encoder.layer:
+            layer.intermediate.dense.weight.mul_(20.0)
+            layer.intermediate.dense.bias.normal_()
+    ours = bertfast.BertModel.from_hf(hf).eval()
+    ids, mask, _ = _batch(cfg)
+    q = real(mask)
+    with torch.no_grad():
+        a, b = hf(ids, attention_mask=mask), ours(ids, attention_mask=mask)
+        inner = hf.encoder.layer[0].intermediate.dense(hf.embeddings(ids))
+    assert inner.std() > 2.0
+    assert (a.last_hidden_state[q] - b.last_hidden_state[q]).abs().max() <= TOL
+
+
 def test_optimize_shares_weights_and_ties():
     cfg = family_config("bert")
     model = T.BertForMaskedLM._from_config(cfg)

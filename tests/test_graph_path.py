@@ -65,6 +65,21 @@ def test_unpad_mask_fixed_matches_unpad_mask(batch, seqlen):
             assert torch.equal(unp.first_token, ref.first_token)
 
 
+@pytest.mark.parametrize("batch,seqlen", [(1, 1), (3, 17), (6, 64)])
+def test_unpad_mask_fields(batch, seqlen):
+    """unpad_mask's public fields from their definitions (the model passes max_seqlen on, and callers of
+    bertfast.padding use it for the attention's tiling): the real tokens' flat positions in order, per-sequence
+    counts, their offsets, the longest count; all-padding rows count 0, an all-padding batch has max_seqlen 0."""
+    g = torch.Generator().manual_seed(batch * 31 + seqlen)
+    for mask in _masks(batch, seqlen, g) + [torch.zeros(batch, seqlen, dtype=torch.long)]:
+        unp = unpad_mask(mask)
+        counts = [int(row.sum()) for row in mask]
+        assert unp.indices.tolist() == [i for i, m in enumerate(mask.reshape(-1).tolist()) if m]
+        assert unp.seqlens.tolist() == counts and unp.cu_seqlens.tolist() == [sum(counts[:i]) for i in
+                                                                           range(batch + 1)]
+        assert unp.max_seqlen == max(counts) and (unp.batch, unp.seqlen, unp.total) == (batch, seqlen, sum(counts))
+
+
 def _eager_and_graphed(family, max_graphs=16):
     """A model and its copy with graphs enabled, the copy's forward taking the graph path on this CPU (eligible
     as on CUDA, the graph's function run uncaptured)."""

@@ -250,6 +250,9 @@ def _opcheck_cases(impl):
                                              impl)),
         (torch.ops.bertfast.add_layer_norm, (torch.randn(4, 8, **grad), torch.randn(8, **grad), torch.randn(8, **grad),
                                              1e-5, None, None, "", 0.0, 0, impl)),
+        # x + residual, no activation: their gradients are one tensor (the backward op must not return aliases)
+        (torch.ops.bertfast.add_layer_norm, (torch.randn(4, 8, **grad), torch.randn(8, **grad), torch.randn(8, **grad),
+                                             1e-5, torch.randn(4, 8, **grad), None, "", 0.0, 0, impl)),
         (torch.ops.bertfast.bias_act, (torch.randn(4, 8, **grad), torch.randn(8, **grad), "gelu_tanh", impl)),
         (torch.ops.bertfast.unpad, (torch.randn(6, 4, **grad), torch.tensor([0, 2, 5]), impl, True)),
         (torch.ops.bertfast.unpad, (torch.randn(6, 4, **grad), torch.tensor([2, 0, 2]), impl, False)),
@@ -386,13 +389,15 @@ def test_auto_add_layer_norm_trains_rows_wider_than_the_fused_backward(monkeypat
         assert torch.allclose(ops.add_layer_norm(x, w, b, 1e-5).double(), y64, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["cpp", "reference"])
-def test_add_layer_norm_dropout_gradients_use_the_forward_mask(monkeypatch, impl):
+@pytest.mark.parametrize("activation", ["gelu", None])
+@pytest.mark.parametrize("impl", ["cpp", "triton", "reference"])
+def test_add_layer_norm_dropout_gradients_use_the_forward_mask(monkeypatch, impl, activation):
     """Training through bertfast.ops.add_layer_norm with dropout: the backward applies the forward's mask (the
     C++ kernel reads the keep bits its forward saved, the reference draws it again from the saved seed). The kept
     elements are read off the forward itself (dropped ones carry no x gradient), then float64 autograd with that
     mask must give the same gradients (a mask that differs between forward and backward shows as O(1) errors,
-    far above the fp32 noise the bound leaves room for)."""
+    far above the fp32 noise the bound leaves room for). Without an activation (every layer's dense + dropout +
+    residual + LayerNorm) dresidual is not dx: dx carries the mask and 1 / (1 - p), dresidual neither."""
     monkeypatch.setenv("BERTFAST_BACKEND", impl)
     backward_keeps = []
     real_backward = ops._add_layer_norm_backward_op._init_fn
@@ -401,19 +406,36 @@ def test_add_layer_norm_dropout_gradients_use_the_forward_mask(monkeypatch, impl
     n, h, p = 9, 384, 0.3
     x, r = torch.randn(n, h, requires_grad=True), torch.randn(n, h, requires_grad=True)
     w, b, xb = (torch.randn(h, requires_grad=True) for _ in range(3))
-    y = ops.add_layer_norm(x, w, b, 1e-12, residual=r, x_bias=xb, activation="gelu", dropout_p=p)
+    y = ops.add_layer_norm(x, w, b, 1e-12, residual=r, x_bias=xb, activation=activation, dropout_p=p)
     dy = torch.randn(n, h)
     grads = torch.autograd.grad(y, (x, r, w, b, xb), dy)
-    # the C++ backward got the forward's keep bits (the reference none: it draws the mask again)
+    # the C++ backward got the forward's keep bits (the others none: they draw the mask again)
     assert [k.shape for k in backward_keeps] == [(n, h // 8) if impl == "cpp" else (0,)]
     keep = grads[0] != 0                        # gelu' is never exactly 0 on these inputs
     assert 0.6 < keep.float().mean().item() < 0.8
     leaves = [t.detach().double().requires_grad_() for t in (x, r, w, b, xb)]
-    z = torch.where(keep, torch.nn.functional.gelu(leaves[0] + leaves[4]) / (1 - p), 0.0) + leaves[1]
+    act = torch.nn.functional.gelu if activation else (lambda t: t)
+    z = torch.where(keep, act(leaves[0] + leaves[4]) / (1 - p), 0.0) + leaves[1]
     ref = torch.nn.functional.layer_norm(z, (h,), leaves[2], leaves[3], 1e-12)
     assert (y.double() - ref).abs().max() < 1e-4
     for g, ref_g in zip(grads, torch.autograd.grad(ref, leaves, dy.double())):
         assert (g.double() - ref_g).abs().max() < 1e-4 * max(1.0, ref_g.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton", "reference"])
+def test_dropout_masks_are_fresh_per_call_and_follow_manual_seed(monkeypatch, impl):
+    """Each add_layer_norm / varlen_attention call with dropout draws its own mask (a fixed seed would drop the
+    same elements in every layer and step), and torch.manual_seed repeats them."""
+    monkeypatch.setenv("BERTFAST_BACKEND", impl)
+    x, w, b = torch.randn(5, 96), torch.randn(96), torch.randn(96)
+    qkv, cu = torch.randn(12, 3, 2, 32), torch.tensor([0, 5, 12], dtype=torch.int32)
+    calls = (lambda: ops.add_layer_norm(x, w, b, 1e-5, dropout_p=0.5),
+             lambda: ops.varlen_attention(qkv, cu, 7, dropout_p=0.5))
+    for call in calls:
+        torch.manual_seed(3)
+        first, second = call(), call()
+        torch.manual_seed(3)
+        assert not torch.equal(first, second) and torch.equal(call(), first)
 
 
 def _grads(fn, inputs, seed=0):
