@@ -419,6 +419,31 @@ def test_load_state_dict_subsets_as_transformers(family):
         ref = hf(ids, attention_mask=mask).last_hidden_state[q]
         assert (ours(ids, attention_mask=mask).last_hidden_state[q] - ref).abs().max() <= TOL
 
+    # a part in another dtype is cast as torch's copy_ casts it; the parts not given stay bit for bit
+    half = {qkv[1]: torch.randn_like(theirs[qkv[1]]).half()}
+    assert not hf.load_state_dict(half, strict=False).unexpected_keys
+    assert not ours.load_state_dict(half, strict=False).unexpected_keys
+    theirs = hf.state_dict()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
+    # bertfast's internal names (the packed parameter, the internal modules of families with their own names)
+    # are not keys of state_dict(): unexpected, as in transformers, and not loaded
+    internal = sorted({n for n, _ in ours.named_parameters()} - set(theirs))
+    assert any("qkv_" in n for n in internal)
+    got = ours.load_state_dict({n: torch.zeros(()) for n in internal}, strict=False)
+    assert sorted(got.unexpected_keys) == internal and sorted(got.missing_keys) == keys
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
+    # a model on the meta device takes all of query / key / value with assign=True, not a part (one tensor)
+    with torch.device("meta"):
+        empty = bertfast.AutoModel.from_config(copy.deepcopy(cfg))
+    with pytest.raises(RuntimeError, match="one packed parameter in bertfast; a model on the meta device"):
+        empty.load_state_dict({qkv[0]: theirs[qkv[0]]}, strict=False, assign=True)
+    empty.load_state_dict(theirs, assign=True)
+    assert not any(p.is_meta for p in empty.parameters())
+    with pytest.raises(RuntimeError, match=f'While copying the parameter named "{qkv[0]}", expected torch.Tensor'):
+        ours.load_state_dict({qkv[0]: None}, strict=False)
+
     full = ours.state_dict()
     gone = qkv[1]
     del full[gone]
@@ -809,6 +834,93 @@ def test_heads_reading_a_padded_position_are_refused(family, head, padding_side,
         la, lb = la[full], lb[full]
         assert full.any()
     assert (la - lb).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("summary_type,padding_side,where", [
+    ("last", "right", "their last position"), ("cls_index", "right", "their last position"),
+    ("mean", "right", "some positions"), ("mean", "left", "some positions"),
+])
+def test_sequence_summaries_reading_padding_are_refused(summary_type, padding_side, where):
+    """ELECTRA's multiple-choice SequenceSummary per summary_type: 'last' and 'cls_index' (no index: the last
+    token) read the last position, 'mean' every position (transformers averages over padding too). A batch with
+    padding there is refused by name, even one token short; unpadded batches match transformers."""
+    torch.manual_seed(len(summary_type))
+    cfg = family_config("electra", dropout=False)
+    cfg.summary_type = summary_type
+    ref = T.ElectraForMultipleChoice._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    model = bertfast.optimize(copy.deepcopy(ref))
+    ids = torch.randint(3, cfg.vocab_size, (2, 2, 6))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        a, b = ref(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
+    assert (a - b).abs().max() <= TOL
+    mask[1, 0, -1 if padding_side == "right" else 0] = 0          # one token of one row
+    with pytest.raises(ValueError, match=f"1 row\\(s\\) hold padding at {where}"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "gelu_new"])
+def test_hooked_linear_layers_run_as_modules_with_their_bias(act):
+    """A hook on a layer's dense modules makes them run as modules (the hook sees what it sees in transformers):
+    the bias they add is not added again by the fused LayerNorm / activation, and the activation after a hooked
+    intermediate is the config's. Biases drawn non-zero (initialisation leaves them 0, where a doubled bias
+    passes)."""
+    torch.manual_seed(len(act))
+    cfg = family_config("bert", dropout=False)
+    cfg.hidden_act = act
+    ref = T.BertModel._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("bias") and "LayerNorm" not in name:
+                p.normal_(0, 0.5)
+    model = bertfast.optimize(copy.deepcopy(ref))
+    for m in (ref, model):
+        layer = m.encoder.layer[0]
+        for dense in (layer.attention.output.dense, layer.intermediate.dense, layer.output.dense):
+            dense.register_forward_hook(lambda mod, args, out: None)
+    ids, mask, _ = _batch(cfg)
+    q = real(mask)
+    with torch.no_grad():
+        a, b = ref(ids, attention_mask=mask).last_hidden_state, model(ids, attention_mask=mask).last_hidden_state
+    assert (a[q] - b[q]).abs().max() <= TOL
+
+
+def test_optimize_keeps_training_mode_and_frozen_parameters():
+    """optimize leaves an eval model in eval (dropout off: two forwards equal) and a frozen encoder frozen,
+    the packed query / key / value included."""
+    torch.manual_seed(2)
+    cfg = family_config("bert")                              # dropout on
+    model = bertfast.optimize(T.BertForSequenceClassification._from_config(copy.deepcopy(cfg)).eval())
+    assert not any(m.training for m in model.modules())
+    ids, mask, _ = _batch(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+    ref = T.BertForSequenceClassification._from_config(copy.deepcopy(cfg))
+    ref.bert.encoder.requires_grad_(False)
+    model = bertfast.optimize(ref)
+    assert model.bert.encoder.layer[0].attention.self.qkv_weight.requires_grad is False
+    assert not [n for n, p in model.bert.encoder.named_parameters() if p.requires_grad]
+    assert all(p.requires_grad for p in model.classifier.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_initialisation_as_transformers(family):
+    """A model built from a config (random weights, for training from scratch) is initialised as transformers
+    initialises that family: per parameter, constants equal (zero biases, unit LayerNorms, zero padding rows)
+    and random ones of the same spread (std within 5 standard errors of a sample std: 5 / sqrt(2 n))."""
+    torch.manual_seed(3)
+    cfg = family_config(family, dropout=False)
+    cfg.initializer_range = 0.05
+    theirs = BASE[family]._from_config(copy.deepcopy(cfg)).state_dict()
+    ours = bertfast.AutoModel.from_config(copy.deepcopy(cfg)).state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        o = ours[name]
+        if t.numel() > 1 and t.std() > 0:
+            assert abs(o.std().item() / t.std().item() - 1) < 5 / (2 * t.numel()) ** 0.5, \
+                (name, o.std().item(), t.std().item())
+        else:
+            assert torch.equal(o, t), name
 
 
 def test_unfused_paths_for_hooks_are_said():

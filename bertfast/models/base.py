@@ -108,7 +108,7 @@ class EncoderModel(nn.Module):
             self._register_state_dict_hook(EncoderModel._family_keys)
             self._register_load_state_dict_pre_hook(EncoderModel._internal_keys, with_module=True)
             self.register_load_state_dict_post_hook(_family_names_in_report)
-            self._load_prefix, self._load_errors = "", None
+            self._load_state = None    # (prefix, error_msgs, renamed keys) of a load in progress
 
     # ------------------------------------------------------------------------------------ family hooks
     @classmethod
@@ -163,12 +163,20 @@ class EncoderModel(nn.Module):
     @staticmethod
     def _internal_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                        error_msgs):
-        module._load_prefix, module._load_errors = prefix, error_msgs   # for _family_names_in_report
+        renamed = {}
         for key in list(state_dict):
             if key.startswith(prefix):
-                new = prefix + _convert(key[len(prefix):], module._to_internal)
-                if new != key:
-                    state_dict[new] = state_dict.pop(key)
+                rest = key[len(prefix):]
+                new = _convert(rest, module._to_internal)
+                if new != rest:
+                    state_dict[prefix + new] = state_dict.pop(key)
+                    renamed[prefix + new] = key
+                elif _convert(rest, module._to_family) != rest:
+                    # bertfast's internal name of a key this family names otherwise: not a key of state_dict(),
+                    # so unexpected (as in transformers), not loaded under a name the model does not have
+                    unexpected_keys.append(key)
+                    state_dict.pop(key)
+        module._load_state = (prefix, error_msgs, renamed)   # for _family_names_in_report
 
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -732,20 +740,20 @@ class EncoderModel(nn.Module):
 
 
 def _family_names_in_report(module, incompatible_keys) -> None:
-    """load_state_dict post-hook of families with their own key names: the missing / unexpected keys it reports
-    under the family's names (state_dict()'s), not the internal modules' they were loaded into."""
-    prefix = module._load_prefix
-
-    def family(key):
-        return prefix + _convert(key[len(prefix):], module._to_family) if key.startswith(prefix) else key
-
-    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
-        keys[:] = [family(k) for k in keys]
-    errors, module._load_errors = module._load_errors, None
-    for i, msg in enumerate(errors or ()):   # torch's "size mismatch for <key>: ..." (and SelfAttention's)
-        m = re.match(r"size mismatch for (\S+): ", msg)
+    """load_state_dict post-hook of families with their own key names: what the load reports under the names the
+    caller used and state_dict() shows, not those of the internal modules the keys were loaded into. Missing keys
+    (the model's own parameters) under the family's names; unexpected keys and size mismatches under the name
+    given."""
+    prefix, errors, renamed = module._load_state
+    module._load_state = None
+    missing = incompatible_keys.missing_keys
+    missing[:] = [prefix + _convert(k[len(prefix):], module._to_family) if k.startswith(prefix) else k
+                  for k in missing]
+    incompatible_keys.unexpected_keys[:] = [renamed.get(k, k) for k in incompatible_keys.unexpected_keys]
+    for i, msg in enumerate(errors):   # torch's messages naming a key (and SelfAttention's, worded as torch's)
+        m = re.match(r'(size mismatch for |While copying the parameter named ")([^\s"]+?)(: |")', msg)
         if m:
-            errors[i] = f"size mismatch for {family(m.group(1))}: " + msg[m.end():]
+            errors[i] = m.group(1) + renamed.get(m.group(2), m.group(2)) + msg[m.end(2):]
 
 
 def _drop_graphs_after_load(module, incompatible_keys) -> None:

@@ -209,34 +209,54 @@ class SelfAttention(nn.Module):
     @staticmethod
     def _pack_qkv(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """query / key / value (the public keys) -> qkv_weight / qkv_bias. Any subset loads as it would into
-        transformers' three Linears: a part the state dict lacks keeps its current value and is reported missing
-        under its public name (never as qkv_*, which state_dict() does not show); a part of the wrong shape is
-        torch's size-mismatch error under its public name."""
+        transformers' three Linears: a part the state dict lacks keeps its current value, bit for bit, and is
+        reported missing under its public name (never as qkv_*, which state_dict() does not show); a part that
+        is not a tensor or has the wrong shape is torch's error under its public name. With assign=True the
+        packed parameter takes the given parts' dtype and device (one tensor: parts cannot differ)."""
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        missing = []
+        module._packed_missing.clear()     # (left over if an earlier load raised before the post-hook)
         for kind in ("weight", "bias"):
             packed_name = prefix + f"qkv_{kind}"
-            if packed_name in state_dict:
-                continue
-            names = [prefix + f"{n}.{kind}" for n in ("query", "key", "value")]
-            current = getattr(module, f"qkv_{kind}").detach().chunk(3, dim=0)
-            present = [n for n in names if n in state_dict]
-            bad = [n for n, cur in zip(names, current)
-                   if n in state_dict and tuple(state_dict[n].shape) != tuple(cur.shape)]
-            for n, cur in zip(names, current):
-                if n in bad:
-                    error_msgs.append(f"size mismatch for {n}: copying a param with shape "
-                                      f"{tuple(state_dict[n].shape)} from checkpoint, the shape in current model "
-                                      f"is {tuple(cur.shape)}.")
-                elif n not in state_dict:
-                    missing_keys.append(n)
-            for n in bad:
-                state_dict.pop(n)   # not loaded, as torch skips a parameter of the wrong shape
-            present = [n for n in present if n not in bad]
+            if packed_name in state_dict:          # the internal name: not a key of state_dict(), as in transformers
+                unexpected_keys.append(packed_name)
+                state_dict.pop(packed_name)
             module._packed_missing.append(packed_name)   # torch lists it missing unless packed below
-            if present:
-                first = state_dict[present[0]]
-                parts = [state_dict.pop(n) if n in state_dict else cur.to(first.device, first.dtype)
-                         for n, cur in zip(names, current)]
-                state_dict[packed_name] = torch.cat(parts, dim=0)
+            param = getattr(module, f"qkv_{kind}")
+            names = [prefix + f"{n}.{kind}" for n in ("query", "key", "value")]
+            current = dict(zip(names, param.detach().chunk(3, dim=0)))
+            given = {}
+            for n in names:
+                if n not in state_dict:
+                    missing.append(n)
+                    continue
+                value = state_dict.pop(n)
+                if not isinstance(value, torch.Tensor):
+                    error_msgs.append(f'While copying the parameter named "{n}", expected torch.Tensor or '
+                                      f'Tensor-like object from checkpoint but received {type(value)}')
+                elif value.shape != current[n].shape:
+                    error_msgs.append(f"size mismatch for {n}: copying a param with shape {value.shape} from "
+                                      f"checkpoint, the shape in current model is {current[n].shape}.")
+                else:
+                    given[n] = value
+            if not given:
+                continue
+            if assign and len(given) < 3:
+                if param.is_meta:
+                    error_msgs.append(f"{', '.join(n for n in names if n not in given)}: query / key / value are "
+                                      f"one packed parameter in bertfast; a model on the meta device loads them "
+                                      f"together, not one without the others")
+                    continue
+                first = next(iter(given.values()))
+                parts = [given.get(n, current[n].to(first.device, first.dtype)) for n in names]
+            elif assign:
+                parts = [given[n] for n in names]
+            else:   # copied into the parameter: the given parts as torch's copy_ would cast them, the rest exact
+                parts = [given[n].to(param.device, param.dtype) if n in given else current[n] for n in names]
+            state_dict[packed_name] = torch.cat(parts, dim=0)
+        order = {prefix + f"{n}.{k}": i for i, (n, k) in enumerate(
+            (n, k) for n in ("query", "key", "value") for k in ("weight", "bias"))}
+        missing_keys.extend(sorted(missing, key=order.get))   # torch's order: query.weight, query.bias, key...
 
     @staticmethod
     def _hide_packed_keys(module, incompatible_keys):
