@@ -7,13 +7,42 @@ import torch
 import bertfast
 import bertfast.cli
 from bertfast import CheckpointError
-from helpers import KERNEL_DEVICE, bert_config, hf_bert, random_batch
+from helpers import KERNEL_DEVICE, bert_config, hf_bert, random_batch, real
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(1)
     return bertfast.BertModel(bert_config(hidden=64, heads=2, layers=1, vocab=50, max_pos=32, type_vocab=2)).eval()
+
+
+def test_refused_forward_arguments(model):
+    """The README's refusals: head_mask, and cross-attention / cache arguments, named (not ignored); arguments
+    that change nothing an encoder computes (use_cache, Trainer's num_items_in_batch) are taken."""
+    ids = torch.randint(0, 50, (2, 8))
+    with pytest.raises(ValueError, match="head_mask is not supported"):
+        model(ids, head_mask=torch.ones(1, 2))
+    for name in ("encoder_hidden_states", "encoder_attention_mask", "past_key_values"):
+        with pytest.raises(TypeError, match=f"forward got unsupported arguments: {name}"):
+            model(ids, **{name: torch.ones(2, 8, 64)})
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_cache=True, num_items_in_batch=3).last_hidden_state,
+                           model(ids).last_hidden_state)
+
+
+def test_inputs_embeds_of_another_dtype(model):
+    """inputs_embeds in another floating dtype than the weights are taken in the weights' dtype, as transformers'
+    embeddings promote them (fp16 embeddings into an fp32 model: an fp32 result)."""
+    import transformers as T
+    hf = T.BertModel._from_config(model.config, attn_implementation="eager").eval()
+    hf.load_state_dict(model.state_dict())
+    ids, mask, _ = random_batch(2, 8, 50)
+    emb = torch.randn(2, 8, 64).half()
+    with torch.no_grad():
+        a = hf(inputs_embeds=emb.float(), attention_mask=mask).last_hidden_state
+        b = model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    q = real(mask)
+    assert b.dtype == torch.float32 and (a[q] - b[q]).abs().max() <= 1e-5
 
 
 def test_ids_outside_vocabulary(model):

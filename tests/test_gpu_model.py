@@ -137,3 +137,9 @@ def test_cuda_graphs_padded_batches(dtype):
         b = graphed(ids, attention_mask=mask, token_type_ids=types)
     assert torch.equal(a.last_hidden_state, b.last_hidden_state) and torch.equal(a.pooler_output, b.pooler_output)
     assert len(graphed._graphs) == 2
+    # a batch without a real token runs eagerly (nothing to pack: no graph of packed length 0), zeros as eager
+    mask = torch.zeros_like(mask)
+    with torch.inference_mode():
+        a, b = graphed(ids, attention_mask=mask), bertfast.BertModel.from_hf(hf).eval()(ids, attention_mask=mask)
+    assert not a.last_hidden_state.any() and torch.equal(a.pooler_output, b.pooler_output)
+    assert len(graphed._graphs) == 2
