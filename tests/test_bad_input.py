@@ -7,7 +7,7 @@ import torch
 import bertfast
 import bertfast.cli
 from bertfast import CheckpointError
-from helpers import KERNEL_DEVICE, bert_config, hf_bert, random_batch, real
+from helpers import KERNEL_DEVICE, bert_config, hf_bert, hf_copy, random_batch, real
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,7 @@ def test_refused_forward_arguments(model):
 def test_inputs_embeds_of_another_dtype(model):
     """inputs_embeds in another floating dtype than the weights are taken in the weights' dtype, as transformers'
     embeddings promote them (fp16 embeddings into an fp32 model: an fp32 result)."""
-    import transformers as T
-    hf = T.BertModel._from_config(model.config, attn_implementation="eager").eval()
-    hf.load_state_dict(model.state_dict())
+    hf = hf_copy(model, "eager")
     ids, mask, _ = random_batch(2, 8, 50)
     emb = torch.randn(2, 8, 64).half()
     with torch.no_grad():

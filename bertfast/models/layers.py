@@ -241,22 +241,19 @@ class SelfAttention(nn.Module):
                     given[n] = value
             if not given:
                 continue
-            if assign and len(given) < 3:
-                if param.is_meta:
+            if assign:
+                if param.is_meta and len(given) < 3:
                     error_msgs.append(f"{', '.join(n for n in names if n not in given)}: query / key / value are "
                                       f"one packed parameter in bertfast; a model on the meta device loads them "
                                       f"together, not one without the others")
                     continue
                 first = next(iter(given.values()))
-                parts = [given.get(n, current[n].to(first.device, first.dtype)) for n in names]
-            elif assign:
-                parts = [given[n] for n in names]
+                parts = [given[n] if n in given else current[n].to(first.device, first.dtype) for n in names]
             else:   # copied into the parameter: the given parts as torch's copy_ would cast them, the rest exact
                 parts = [given[n].to(param.device, param.dtype) if n in given else current[n] for n in names]
             state_dict[packed_name] = torch.cat(parts, dim=0)
-        order = {prefix + f"{n}.{k}": i for i, (n, k) in enumerate(
-            (n, k) for n in ("query", "key", "value") for k in ("weight", "bias"))}
-        missing_keys.extend(sorted(missing, key=order.get))   # torch's order: query.weight, query.bias, key...
+        parts = ("query", "key", "value")    # torch's order: query.weight, query.bias, key.weight, ... (stable sort)
+        missing_keys.extend(sorted(missing, key=lambda n: parts.index(n[len(prefix):].split(".")[0])))
 
     @staticmethod
     def _hide_packed_keys(module, incompatible_keys):
