@@ -94,10 +94,12 @@ def run(device="cuda", quick=False, on_row=None) -> list[dict]:
 
 def _finish(group: list[dict], on_row) -> list[dict]:
     """Each row's speedup over the group's unfused row; on_row(row) for each."""
-    base = next((g["ms"] for g in group if g["impl"] in ("unfused", "epilogue off") and "ms" in g), None)
+    from benchmarks.common import speedup
+    base = next((g for g in group if g["impl"] in ("unfused", "epilogue off") and "ms" in g), None)
     for g in group:
-        if base and "ms" in g:
-            g["speedup"] = round(base / g["ms"], 3)
+        if "ms" in g and base is not None:
+            sp = speedup(base, g)        # None when the two were timed differently (a failed capture)
+            g["speedup"] = None if sp is None else round(sp, 3)
         if on_row:
             on_row(g)
     return group
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
             continue
         tf = f"{r['tflops']:.1f}" if "tflops" in r else "-"
         print(f"{r['name']:<20} {r['shape']:<20} {r['dtype']:<9} {r['impl']:<16} {r['ms']:>8.3f} {tf:>8} "
-              f"{r.get('speedup', ''):>10}")
+              f"{r.get('speedup') or '-':>10}")
     return 0
 
 

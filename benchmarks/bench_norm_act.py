@@ -209,6 +209,8 @@ def sweep(device="cuda", dtype_name="bfloat16", quick=True, on_row=None, shapes=
     """Rows of the forward's launch variants: ms, GB/s, fraction of the copy bandwidth, and the speed-up over the
     launch policy's variant at the same shape (above 1: faster than the rule)."""
     import torch
+
+    from benchmarks.common import speedup
     dtype = getattr(torch, dtype_name)
     on_cuda = str(device).startswith("cuda")
     copy_bw = copy_bandwidth(device, quick) if on_cuda else None
@@ -220,13 +222,16 @@ def sweep(device="cuda", dtype_name="bfloat16", quick=True, on_row=None, shapes=
         for i, ((r, warps), fn) in enumerate(sweep_cases(n, h, dtype, device).items()):
             row = dict(name="add_layer_norm fwd sweep", shape=f"{n}x{h}", dtype=dtype_name, rows=r, num_warps=warps)
             try:
-                ms = _timed(fn, quick)["ms"] if on_cuda else _wall_ms(fn)
+                t = _timed(fn, quick) if on_cuda else {"ms": _wall_ms(fn)}
             except Exception as exc:  # noqa: BLE001 - an error row (a variant that fails to compile, say)
                 row.update(ms=None, error=f"{type(exc).__name__}: {str(exc)[:200]}")
             else:
-                base = ms if i == 0 else base
+                base = t if i == 0 else base
+                ms, vs_policy = t["ms"], speedup(base, t)      # None: the rule failed, or was timed differently
                 gbps = nbytes / (ms * 1e-3) / 1e9
-                row.update(ms=round(ms, 4), gbps=round(gbps, 1), vs_policy=round(base / ms, 3) if base else None,
+                row.update(ms=round(ms, 4), gbps=round(gbps, 1),
+                           vs_policy=None if vs_policy is None else round(vs_policy, 3),
+                           **({"timing": t["timing"]} if "timing" in t else {}),
                            frac_copy_bw=round(gbps / copy_bw, 3) if copy_bw else None,
                            frac_same_bytes_copy=round(gbps / same, 3) if same else None)
             rows.append(row)

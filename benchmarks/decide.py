@@ -3,7 +3,8 @@
 Issue 5 leaves the FFN up-projection's epilogue to the benchmark, per GPU: for each GPU name, activation and dtype
 that bench_linear_act timed, the fused epilogue's speedup over the unfused path (F.linear + bias_act): the
 slowest over the FFN shapes timed and, for gelu_tanh, the whole-encoder workloads (a gelu_new encoder with the
-epilogue on against off); a fused row that failed makes it 0. Each speedup is taken at the pessimistic end of the
+epilogue on against off); a fused row that failed makes it 0, and a pair of rows timed differently (one replayed
+from a CUDA graph, the other as called after a failed capture) decides nothing. Each speedup is taken at the pessimistic end of the
 two rows' spreads: the unfused row's 20th percentile over the fused row's 80th (where the rows have them), so one
 median against another cannot switch a default on by noise. ops.linear_act's `auto` fuses where it is at least
 LINEAR_EPILOGUE_MIN_SPEEDUP. Where two result folders measured the same GPU name, the newer run (its
@@ -20,6 +21,8 @@ import json
 import pathlib
 import pprint
 import sys
+
+from benchmarks.common import timing_kind
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -72,12 +75,16 @@ def _run_speedups(rows: list[dict]) -> dict:
         ms = r.get("ms") if "error" not in r else None
         if impl in fused:
             group["fused"] = (r.get("ms_q80") or ms) if ms else 0.0      # 0.0: the fused row failed
+            group["fused_timing"] = timing_kind(r) if ms else None
         elif ms and (group["base"] is None or impl == base[0]):
             group["base"] = r.get("ms_q20") or ms
+            group["base_timing"] = timing_kind(r)
     worst: dict = {}
     for (activation, _shape, dtype), g in groups.items():
         if g["fused"] is None or g["base"] is None:
             continue
+        if g["fused"] and g["fused_timing"] != g["base_timing"]:
+            continue        # a graph replay against a call as made (a failed capture): not a comparison
         speedup = g["base"] / g["fused"] if g["fused"] else 0.0
         key = f"{activation}/{dtype}"
         worst[key] = min(worst.get(key, float("inf")), speedup)

@@ -1,8 +1,9 @@
 """The benchmark suite (`bertfast bench`, `python -m benchmarks`).
 
 Measures the ceilings first (copy bandwidth; bf16 matmul on CUDA, fp32 matmul on CPU), then every kernel
-benchmark that exists for the device, then the end-to-end encoder against its baselines, all in one run, and
-writes results/<device-slug>/results.json, results.md and PNG plots.
+benchmark that exists for the device, then the end-to-end encoder against its baselines, all in one run, then
+the ceilings again (MFU is of the higher of the two matmul measurements in the row's dtype; a GPU kernel row's
+fraction of copy bandwidth is of the highest copy measured: the suite's two and its benchmark's own), and writes results/<device-slug>/results.json, results.md and PNG plots.
 """
 from __future__ import annotations
 
@@ -79,9 +80,7 @@ def write_markdown(path: pathlib.Path, env: dict, ceilings: dict, rows: list[dic
              f"Measured {env['date']} at commit `{env['commit']}`: torch {env['torch']}, triton {env.get('triton')}, "
              f"transformers {env.get('transformers')}"
              + (f", CUDA {env.get('cuda')}, driver {env.get('driver')}" if env.get("cuda") else "") + ".", "",
-             "Ceilings measured at the start of this run: "
-             f"copy bandwidth {ceilings['copy_gbs']:.0f} GB/s (bytes read + written), "
-             f"matmul {ceilings['matmul_tflops']:.1f} TFLOP/s ({ceilings['matmul_dtype']}).", "",
+             ceilings_sentence(ceilings), "",
              "Times are medians (p20-p80 in brackets) of CUDA-event timings (triton.testing.do_bench) on GPUs, of "
              "wall-clock timings on CPUs. On GPUs the kernel rows time the call replayed from a CUDA graph (its "
              "kernels' time, no host gaps; results.json gives each row's `timing` and `host_ms`, the host's time "
@@ -91,6 +90,7 @@ def write_markdown(path: pathlib.Path, env: dict, ceilings: dict, rows: list[dic
              "allocates at its peak beyond what was allocated before it (weights excluded; not shown for graph "
              "replays, whose memory is the pool their capture reserved).", ""]
     model_rows = [r for r in rows if r.get("kind") == "model"]
+    over_ceiling = False
     if model_rows:
         lines += ["## Whole encoder", "",
                   "| model | dtype | workload | implementation | ms | tokens/s | TFLOP/s | MFU | vs sdpa | vs eager | vs compile | peak MiB |",
@@ -100,18 +100,25 @@ def write_markdown(path: pathlib.Path, env: dict, ceilings: dict, rows: list[dic
                 lines.append(f"| {r['model']} | {r['dtype']} | {r['workload']} | {r['impl']} | error: "
                              f"{r['error'][:120]} |||||||| |")
                 continue
-            mfu = r["tflops"] / ceilings["matmul_tflops"]
+            mfu = r["tflops"] / matmul_ceiling(ceilings, r["dtype"])
+            over_ceiling |= mfu > 1
             peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else ""
 
             def ratio(k):
                 return f"{r[k]:.2f}x" if k in r else ""
             lines.append(
                 f"| {r['model']} | {r['dtype']} | {r['workload']} | {r['impl']} | {r['ms']:.2f} "
-                f"({r['p20']:.2f}-{r['p80']:.2f}) | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu:.0%} | "
+                f"({r['p20']:.2f}-{r['p80']:.2f}) | {r['tokens_per_s']:,.0f} | {_rate(r['tflops'])} | "
+                f"{mfu:.0%}{' (!)' if mfu > 1 else ''} | "
                 f"{ratio('vs_transformers-sdpa')} | {ratio('vs_transformers-eager')} | "
                 f"{ratio('vs_transformers-sdpa-compile')} | {peak} |")
+        if over_ceiling:
+            lines += ["", "(!) above the measured matmul ceiling: the ceiling was measured low (a busy machine, or "
+                      "a matmul shape slower than the encoder's GEMMs); these MFU figures are not a fraction of "
+                      "what the hardware can do."]
         lines.append("")
     kernel_rows = [r for r in rows if r.get("kind") == "kernel"]
+    over_ceiling_k = False
     if kernel_rows:
         lines += ["## Kernels", "", "| benchmark | case | dtype | implementation | ms | throughput | fraction of ceiling | speed-up |",
                   "|---|---|---|---|---:|---:|---:|---:|"]
@@ -124,15 +131,106 @@ def write_markdown(path: pathlib.Path, env: dict, ceilings: dict, rows: list[dic
                 lines.append(f"| {r.get('bench')} | {r.get('name', '')} {r.get('shape', '')} | {r.get('dtype', '')} | "
                              f"{r.get('impl', '')} | error: {str(r.get('error', ''))[:100]} | | | |")
                 continue
-            thr = (f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else f"{r['gbps']:.0f} GB/s" if "gbps" in r
+            thr = (f"{_rate(r['tflops'])} TFLOP/s" if "tflops" in r else f"{r['gbps']:.0f} GB/s" if "gbps" in r
                    else "")
             frac = r.get("frac_copy_bw", r.get("frac_peak"))
-            sp = r.get("speedup", r.get("ratio"))
+            sp = _speedup_cell(r)
             lines.append(f"| {r.get('bench')} | {r.get('name', '')} {r.get('shape', '')} | {r.get('dtype', '')} | "
-                         f"{r.get('impl', '')} | {r['ms']:.3f} | {thr} | {'' if frac is None else f'{frac:.0%}'} | "
-                         f"{'' if sp is None else f'{sp:.2f}x'} |")
+                         f"{r.get('impl', '')} | {r['ms']:.3f} | {thr} | "
+                         f"{'' if frac is None else f'{frac:.0%}' + (' (!)' if frac > 1 else '')} | "
+                         f"{sp} |")
+            over_ceiling_k |= frac is not None and frac > 1
+        if over_ceiling_k:
+            lines += ["", "(!) above the ceiling it is a fraction of: part of the case's bytes stay in a cache "
+                      "that the ceiling's larger copy does not fit in (results.json: `frac_same_bytes_copy`, a "
+                      "copy of the case's own size), or the ceiling was measured low."]
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+MATMUL_DTYPES = {"cuda": ("bfloat16", "float16", "float32"), "cpu": ("float32",)}
+SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def measure_ceilings(device) -> dict:
+    """Copy bandwidth, and the matmul rate in each dtype the run's model rows use (`matmul_<dtype>`; on CUDA fp32
+    runs at a fraction of bf16's rate, TF32 being off by default, so an fp32 row's MFU is of the fp32 rate);
+    `matmul_tflops` is the headline (bf16 on CUDA, fp32 on CPU)."""
+    import torch
+
+    from benchmarks.common import copy_bandwidth_gbs, matmul_tflops
+    ceilings = {"copy_gbs": copy_bandwidth_gbs(device)}
+    for name in MATMUL_DTYPES[device.type]:
+        ceilings[f"matmul_{name}"] = matmul_tflops(device, getattr(torch, name))
+    headline = MATMUL_DTYPES[device.type][0]
+    return {**ceilings, "matmul_tflops": ceilings[f"matmul_{headline}"], "matmul_dtype": SHORT[headline]}
+
+
+def combine_ceilings(start: dict, end: dict | None = None) -> dict:
+    """The ceilings a run's fractions are taken of: each the higher of its measurements at the start and at the
+    end of the run (a ceiling is the best rate the hardware showed; one measurement made while the machine was
+    busy - 2026-11-26's AMD CPU run: 0.088 TFLOP/s, against 0.19 on the idle machine - put model rows at 127%
+    "MFU"). Both measurements are kept under "start" and "end"."""
+    combined = {k: (max(v, end[k]) if end is not None and isinstance(v, float) else v) for k, v in start.items()}
+    return {**combined, "start": start, **({"end": end} if end is not None else {})}
+
+
+def matmul_ceiling(ceilings: dict, dtype: str) -> float:
+    """The matmul ceiling of a model row's dtype (the headline for results written before per-dtype ceilings)."""
+    return ceilings.get(f"matmul_{dtype}", ceilings["matmul_tflops"])
+
+
+def _speedup_cell(r: dict) -> str:
+    """The kernel table's speed-up: `speedup` (over the benchmark's baseline), or the attention rows' two ratios
+    (bench_attention: over SDPA flash on the padded batch, and over the fastest masked SDPA)."""
+    if r.get("speedup") is not None:
+        return f"{r['speedup']:.2f}x"
+    parts = [f"{r[k]:.2f}x {label}" for k, label in (("ratio_vs_sdpa_flash", "flash"),
+                                                      ("ratio_vs_sdpa_masked", "masked")) if r.get(k)]
+    return ", ".join(parts)
+
+
+def rebase_kernel_fractions(rows: list[dict], ceilings: dict, device) -> None:
+    """GPU kernel rows' frac_copy_bw as a fraction of the higher of their benchmark's own copy (what frac_copy_bw
+    was; kept as frac_bench_copy) and the suite's copy ceiling: each GPU benchmark measures its copy once, at its
+    start, and the H200 run's was 4116 GB/s against the suite's 4222 (LayerNorm fwd at 16384 x 768: 68.9% of the
+    one, 67.1% of the other). CPU rows keep bench_cpu_ops' own: its copy runs on 2 threads, as its ops do."""
+    if device.type != "cuda":
+        return
+    for r in rows:
+        if r.get("kind") != "kernel" or not r.get("gbps") or r.get("frac_copy_bw") is None:
+            continue
+        own = r.setdefault("frac_bench_copy", r["frac_copy_bw"])
+        r["frac_copy_bw"] = round(min(own, r["gbps"] / ceilings["copy_gbs"]), 3)
+
+
+def ceilings_sentence(ceilings: dict) -> str:
+    def both(key, fmt):
+        if "end" not in ceilings:
+            return fmt(ceilings[key])
+        return f"{fmt(ceilings[key])} (start {fmt(ceilings['start'][key])}, end {fmt(ceilings['end'][key])})"
+    matmuls = [k for k in ceilings if k.startswith("matmul_") and k not in ("matmul_tflops", "matmul_dtype")]
+    matmul = (", ".join(f"{SHORT.get(k[7:], k[7:])} {both(k, _rate)}" for k in matmuls) if matmuls else
+              f"{ceilings['matmul_dtype']} {both('matmul_tflops', _rate)}")
+    text = ("Ceilings: " + ("the higher of two measurements, at the start and at the end of this run: "
+                            if "end" in ceilings else "measured at the start of this run (the run did not finish): ")
+            + f"copy bandwidth {both('copy_gbs', lambda v: f'{v:.0f}')} GB/s (bytes read + written); "
+            f"matmul {matmul} TFLOP/s" + ("; each model row's MFU is of its own dtype's rate." if len(matmuls) > 1
+                                           else "."))
+    if "end" in ceilings:
+        keys = [k for k, v in ceilings["start"].items() if isinstance(v, float)]
+        spread = max(max(ceilings["start"][k], ceilings["end"][k]) / min(ceilings["start"][k], ceilings["end"][k])
+                     for k in keys)
+        if spread > 1.2:
+            text += (f" The two measurements differ by up to {spread - 1:.0%}: the machine's load changed during "
+                     "the run, so its fractions of a ceiling are uncertain (its ratios compare rows measured "
+                     "side by side).")
+    return text
+
+
+def _rate(tflops: float) -> str:
+    """TFLOP/s with three significant digits below 10 (a CPU's 0.19, not 0.2), one decimal above."""
+    return f"{tflops:.1f}" if tflops >= 10 else f"{tflops:.3g}"
 
 
 def plot(out: pathlib.Path, env: dict, rows: list[dict]) -> list[str]:
@@ -212,7 +310,7 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks import bench_model
-    from benchmarks.common import copy_bandwidth_gbs, device_slug, matmul_tflops
+    from benchmarks.common import device_slug
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bertfast bench: --device cuda but no CUDA device is available")
@@ -234,9 +332,8 @@ def main(argv=None) -> int:
     progress = Progress()
     progress(f"bertfast bench on {device}; results -> {out}")
     env = environment(device)
-    ceilings = {"copy_gbs": copy_bandwidth_gbs(device), "matmul_tflops": matmul_tflops(device),
-                "matmul_dtype": "bf16" if device.type == "cuda" else "fp32"}
-    progress(f"ceilings: copy {ceilings['copy_gbs']:.0f} GB/s, matmul {ceilings['matmul_tflops']:.1f} TFLOP/s")
+    ceilings = combine_ceilings(measure_ceilings(device))
+    progress(f"ceilings: copy {ceilings['copy_gbs']:.0f} GB/s, matmul {_rate(ceilings['matmul_tflops'])} TFLOP/s")
     rows: list[dict] = []
     out.mkdir(parents=True, exist_ok=True)
 
@@ -257,6 +354,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:      # the GPU suite's time limit (SIGINT): keep and plot what was measured
         progress("interrupted: results.json / results.md hold the rows measured so far")
         rows, complete = saved[0], False
+    if complete:        # an interrupted GPU suite is out of time: it keeps the start's measurement only
+        ceilings = combine_ceilings(ceilings["start"], measure_ceilings(device))
+        progress(f"ceilings again: copy {ceilings['end']['copy_gbs']:.0f} GB/s, "
+                 f"matmul {_rate(ceilings['end']['matmul_tflops'])} TFLOP/s")
+    rebase_kernel_fractions(rows, ceilings, device)
     save(rows, final=complete)
     plots = plot(out, env, rows)
     progress(f"wrote {out / 'results.json'}, results.md{', ' + ', '.join(plots) if plots else ''}")

@@ -166,6 +166,30 @@ def test_decide_reads_the_spreads_and_skips_incomplete_runs():
         {"GPU N": {"relu/float16": (round(1.95 / 1.02, 3), "benchmarks/results/a abcdef0 2026-11-30")}}
 
 
+def test_decide_skips_pairs_timed_differently():
+    """A fused row replayed from a CUDA graph against an unfused row timed as called (its capture failed: "eager
+    (not captured: ...)") compares kernels with host time: that shape decides nothing, the others still do."""
+    graph, eager = dict(timing="cuda graph"), dict(timing="eager (not captured: a sync)")
+    rows = [dict(_row("ffn up + relu", "s1", "float16", "unfused", 5.0), **eager),
+            dict(_row("ffn up + relu", "s1", "float16", "lt-fused", 1.0), **graph),
+            dict(_row("ffn up + relu", "s2", "float16", "unfused", 1.2), **graph),
+            dict(_row("ffn up + relu", "s2", "float16", "lt-fused", 1.0), **graph),
+            dict(_row("ffn up + gelu_tanh", "s1", "float16", "unfused", 1.2), **graph),
+            dict(_row("ffn up + gelu_tanh", "s1", "float16", "lt-fused", 1.0), **eager)]
+    assert decide.linear_epilogue([("m", _run("GPU M", "2026-11-30", rows))]) == \
+        {"GPU M": {"relu/float16": (1.2, "benchmarks/results/m abcdef0 2026-11-30")}}
+
+
+def test_linear_act_speedups_compare_rows_timed_alike():
+    """bench_linear_act's speedup column: over the group's unfused row, None where the two were timed differently."""
+    from benchmarks import bench_linear_act
+    group = bench_linear_act._finish([dict(impl="unfused", ms=2.0, timing="cuda graph"),
+                                      dict(impl="lt-fused", ms=1.0, timing="cuda graph"),
+                                      dict(impl="lt-unfused", ms=1.0, timing="eager (not captured: x)"),
+                                      dict(impl="broken", error="x")], None)
+    assert [g.get("speedup") for g in group] == [1.0, 2.0, None, None]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the decision
 
