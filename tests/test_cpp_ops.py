@@ -385,6 +385,52 @@ def test_gelu_relative_accuracy_in_the_tails():
     assert _gelu_tail_relative_error(F.gelu(x), x) > 1e3  # torch's fp32 GELU: why this is worth a test
 
 
+def test_exp_relative_accuracy_in_the_silu_tail():
+    """exp_nonpos_f's relative accuracy (documented <= 3 ulp), seen through SiLU far down its negative tail: for
+    x < -17, 1 + e^x rounds to 1, so silu(x) = x e^x carries exp's relative error plus one rounding. The
+    activation tests above bound the absolute error by max|ref|, which an exp several ulps worse passes."""
+    x = -(17.0 + 69.0 * torch.rand(1_000_000))
+    y = ops.bias_act(x.view(1, -1), None, "silu").view(-1).double()
+    ref = F.silu(x.double())
+    worst = ((y - ref).abs() / ref.abs()).max().item() / 2.0 ** -24
+    assert worst < 5.0, f"silu's relative error in the tail: {worst:.2f} u (u = 2^-24)"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_outputs_round_to_nearest(dtype):
+    """The kernels compute in fp32 and round once to the output dtype, to nearest: nearly every bf16 / fp16 output
+    element equals the float64 reference rounded to that dtype (the fp32 value differs from the float64 one by a few
+    fp32 ulps, so it lands on the other side of a rounding midpoint for a handful of elements in 10^4). A
+    truncating conversion moves about half of them one ulp, which the max-error bounds above (one ulp of max|ref|
+    at least) do not see. |x| <= 4.5 keeps GELU out of its far tail, where its relative error is larger by design
+    (gelu_parts)."""
+    def exact_fraction(got, ref64):
+        assert got.dtype == dtype
+        return (got == ref64.to(dtype)).float().mean().item()
+
+    x = (2.0 * torch.randn(37, 1023)).clamp(-4.5, 4.5).to(dtype)
+    b = torch.rand(1023).to(dtype) - 0.5
+    dy = torch.randn(37, 1023).to(dtype)
+    fractions = {}
+    for act in ACTS + [""]:
+        xd = x.double().requires_grad_()
+        ref = _act(xd + b.double(), act)
+        (dref,) = torch.autograd.grad(ref, xd, dy.double())
+        fractions["bias_act " + act] = exact_fraction(ops.bias_act(x, b, act), ref.detach())
+        in_place = x.clone()
+        ops.bias_act_(in_place, b, act)
+        fractions["bias_act_ " + act] = exact_fraction(in_place, ref.detach())
+        fractions["bias_act_backward " + act] = exact_fraction(ops.bias_act_backward(dy, x, b, act)[0], dref)
+    x, w, b, r, xb = _aln_inputs(37, 1023, dtype)
+    for act in ["", "gelu"]:
+        ref = _aln_composite(*[t.double() for t in (x, w, b, r, xb)], act, 1e-5)
+        fractions["add_layer_norm " + act] = exact_fraction(ops.add_layer_norm(x, w, b, 1e-5, r, xb, act)[0], ref)
+    args = _embed_inputs(300, 1023, dtype)
+    ref = _embed_composite(*args[:4], *[t.double() for t in args[4:]], 1e-5)
+    fractions["embed"] = exact_fraction(ops.embed(*args, 1e-5)[0], ref)
+    assert min(fractions.values()) > 0.995, {k: v for k, v in fractions.items() if v <= 0.995}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # embed
 
@@ -885,6 +931,9 @@ def _bad_cases():
         (lambda: A(x, w, b[:3], 1e-5, r, xb, ""), r"bias must have shape \[8\]"),
         (lambda: A(x, w, b.half(), 1e-5, r, xb, ""), "bias must be Float, got Half"),
         (lambda: A(x, w, b, 1e-5, r[:2], xb, ""), "residual must have x's shape"),
+        (lambda: A(x, w, b, 1e-5, torch.randn(4, 4), xb, ""), r"residual must have x's shape \[4, 8\], got \[4, 4\]"),
+        (lambda: A(torch.randn(4, 0), torch.ones(0), torch.zeros(0), 1e-5, None, None, ""),
+         "x must have a non-empty last dimension"),
         (lambda: A(x, w, b, 1e-5, r.half(), xb, ""), "residual must be Float"),
         (lambda: A(x, w, b, 1e-5, torch.randn(8, 4).t(), xb, ""), "residual must be contiguous"),
         (lambda: A(x, w, b, 1e-5, r, xb[:2], ""), r"x_bias must have shape \[8\]"),
@@ -902,6 +951,9 @@ def _bad_cases():
         (lambda: AB(dy, x, w, m, s, r, xb, "", 0.1, 5, keep.long()), "keep must be Byte, got Long"),
         (lambda: AB(dy, x, w, m, s, r, xb, "", 0.1, 5, keep[:3]),
          r"keep must be the forward's keep bits, shape \[4, 1\]"),
+        (lambda: AB(dy, x, w, m, s, r, xb, "", 0.1, 5, torch.cat([keep, keep], 1)),
+         r"keep must be the forward's keep bits, shape \[4, 1\]"),
+        (lambda: AB(dy, x, w, m, s, torch.randn(4, 4), xb, ""), r"residual must have x's shape \[4, 8\], got \[4, 4\]"),
         (lambda: AB(dy, x, w, m, s, r, xb, "", 0.0, 0, keep), "keep .* must be None or empty when dropout_p is 0"),
         # attention_dropout_keep
         (lambda: ops.attention_dropout_keep(0, -1, 4, 2, 0.1, 5), "first_token, count and length must be >= 0"),
