@@ -55,6 +55,14 @@ def environment(device) -> dict:
             env[name] = importlib.import_module(name).__version__
         except Exception:  # noqa: BLE001 - not installed is information, not an error
             env[name] = None
+    # the CPU's vector ISA: the C++ CPU kernels are compiled for AVX-512, AVX2 and the baseline and pick one at run
+    # time (two VMs both named "AMD EPYC" write the same results folder: one AVX2, one AVX-512)
+    env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    try:
+        import bertfast._C  # noqa: F401
+        env["bertfast_cpu_isa"] = torch.ops.bertfast_C.cpu_isa()
+    except Exception as exc:  # noqa: BLE001 - said, not raised: the GPU benchmarks do not need the CPU kernels
+        env["bertfast_cpu_isa"] = f"unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})"
     if torch.device(device).type == "cuda":
         env["cuda"] = torch.version.cuda
         try:
@@ -79,7 +87,9 @@ def write_markdown(path: pathlib.Path, env: dict, ceilings: dict, rows: list[dic
     lines = [f"# bertfast benchmark results: {env['device']}", "",
              f"Measured {env['date']} at commit `{env['commit']}`: torch {env['torch']}, triton {env.get('triton')}, "
              f"transformers {env.get('transformers')}"
-             + (f", CUDA {env.get('cuda')}, driver {env.get('driver')}" if env.get("cuda") else "") + ".", "",
+             + (f", CUDA {env.get('cuda')}, driver {env.get('driver')}" if env.get("cuda") else "")
+             + (f"; CPU kernels' ISA {env['bertfast_cpu_isa']}" if env.get("device_type") == "cpu"
+                and env.get("bertfast_cpu_isa") else "") + ".", "",
              ceilings_sentence(ceilings), "",
              "Times are medians (p20-p80 in brackets) of CUDA-event timings (triton.testing.do_bench) on GPUs, of "
              "wall-clock timings on CPUs. On GPUs the kernel rows time the call replayed from a CUDA graph (its "

@@ -372,6 +372,9 @@ def test_suite_ceilings_are_the_higher_of_start_and_end(monkeypatch, tmp_path):
     assert "| 0.1 | 53% |" in next(line for line in md.splitlines() if "| transformers-sdpa |" in line)
     assert "| 110% (!) |" in next(line for line in md.splitlines() if "| unpad" in line)   # CPU: its own copy
     assert md.count("(!) above the") == 2
+    isa = torch.ops.bertfast_C.cpu_isa()      # which of the CPU kernels' builds ran: the results must say
+    assert f"CPU kernels' ISA {isa}." in md and json.loads((tmp_path / "results.json").read_text())[
+        "environment"]["bertfast_cpu_isa"] == isa
 
 
 def test_suite_fractions_per_dtype_and_of_the_highest_copy():
