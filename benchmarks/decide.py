@@ -3,8 +3,9 @@
 Issue 5 leaves the FFN up-projection's epilogue to the benchmark, per GPU: for each GPU name, activation and dtype
 that bench_linear_act timed, the fused epilogue's speedup over the unfused path (F.linear + bias_act): the
 slowest over the FFN shapes timed and, for gelu_tanh, the whole-encoder workloads (a gelu_new encoder with the
-epilogue on against off); a fused row that failed makes it 0, and a pair of rows timed differently (one replayed
-from a CUDA graph, the other as called after a failed capture) decides nothing. Each speedup is taken at the pessimistic end of the
+epilogue on against off); a fused row that failed makes it 0, as does a fused row whose CUDA-graph capture failed
+where the unfused one's worked (graph users could not run it), and the reverse pair (a replay against a call as
+made) decides nothing. Each speedup is taken at the pessimistic end of the
 two rows' spreads: the unfused row's 20th percentile over the fused row's 80th (where the rows have them), so one
 median against another cannot switch a default on by noise. ops.linear_act's `auto` fuses where it is at least
 LINEAR_EPILOGUE_MIN_SPEEDUP. Where two result folders measured the same GPU name, the newer run (its
@@ -84,7 +85,9 @@ def _run_speedups(rows: list[dict]) -> dict:
         if g["fused"] is None or g["base"] is None:
             continue
         if g["fused"] and g["fused_timing"] != g["base_timing"]:
-            continue        # a graph replay against a call as made (a failed capture): not a comparison
+            if g["base_timing"] != "cuda graph":
+                continue    # the unfused row's capture failed: a replay against a call as made compares nothing
+            g["fused"] = 0.0    # the fused path could not be captured (enable_cuda_graphs needs it to): a failure
         speedup = g["base"] / g["fused"] if g["fused"] else 0.0
         key = f"{activation}/{dtype}"
         worst[key] = min(worst.get(key, float("inf")), speedup)

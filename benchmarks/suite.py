@@ -62,7 +62,8 @@ def environment(device) -> dict:
         import bertfast._C  # noqa: F401
         env["bertfast_cpu_isa"] = torch.ops.bertfast_C.cpu_isa()
     except Exception as exc:  # noqa: BLE001 - said, not raised: the GPU benchmarks do not need the CPU kernels
-        env["bertfast_cpu_isa"] = f"unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})"
+        from benchmarks.common import _describe
+        env["bertfast_cpu_isa"] = f"unavailable ({_describe(exc)})"
     if torch.device(device).type == "cuda":
         env["cuda"] = torch.version.cuda
         try:
@@ -195,6 +196,8 @@ def _speedup_cell(r: dict) -> str:
     (bench_attention: over SDPA flash on the padded batch, and over the fastest masked SDPA)."""
     if r.get("speedup") is not None:
         return f"{r['speedup']:.2f}x"
+    if "speedup" in r:          # benchmarks.common.speedup gave None
+        return "n/a (baseline failed, or timed another way)"
     parts = [f"{r[k]:.2f}x {label}" for k, label in (("ratio_vs_sdpa_flash", "flash"),
                                                       ("ratio_vs_sdpa_masked", "masked")) if r.get(k)]
     return ", ".join(parts)
@@ -222,11 +225,16 @@ def ceilings_sentence(ceilings: dict) -> str:
     matmuls = [k for k in ceilings if k.startswith("matmul_") and k not in ("matmul_tflops", "matmul_dtype")]
     matmul = (", ".join(f"{SHORT.get(k[7:], k[7:])} {both(k, _rate)}" for k in matmuls) if matmuls else
               f"{ceilings['matmul_dtype']} {both('matmul_tflops', _rate)}")
-    text = ("Ceilings: " + ("the higher of two measurements, at the start and at the end of this run: "
-                            if "end" in ceilings else "measured at the start of this run (the run did not finish): ")
+    when = ("the higher of two measurements, at the start and at the end of this run: " if "end" in ceilings else
+            "measured at the start of this run only (not again at its end): " if "start" in ceilings else
+            "measured at the start of this run: ")     # results written before the second measurement existed
+    text = ("Ceilings: " + when
             + f"copy bandwidth {both('copy_gbs', lambda v: f'{v:.0f}')} GB/s (bytes read + written); "
-            f"matmul {matmul} TFLOP/s" + ("; each model row's MFU is of its own dtype's rate." if len(matmuls) > 1
-                                           else "."))
+            f"matmul {matmul} TFLOP/s" + ("; each model row's MFU is of its own dtype's rate" if len(matmuls) > 1
+                                           else "")
+            + ("; a GPU kernel row's fraction of copy bandwidth is of the higher of this copy and its benchmark's "
+               "own (results.json keeps the latter's as frac_bench_copy)." if "matmul_bfloat16" in ceilings
+               else "."))
     if "end" in ceilings:
         keys = [k for k, v in ceilings["start"].items() if isinstance(v, float)]
         spread = max(max(ceilings["start"][k], ceilings["end"][k]) / min(ceilings["start"][k], ceilings["end"][k])
@@ -365,9 +373,12 @@ def main(argv=None) -> int:
         progress("interrupted: results.json / results.md hold the rows measured so far")
         rows, complete = saved[0], False
     if complete:        # an interrupted GPU suite is out of time: it keeps the start's measurement only
-        ceilings = combine_ceilings(ceilings["start"], measure_ceilings(device))
-        progress(f"ceilings again: copy {ceilings['end']['copy_gbs']:.0f} GB/s, "
-                 f"matmul {_rate(ceilings['end']['matmul_tflops'])} TFLOP/s")
+        try:            # the time limit's SIGINT or a CUDA error here must not cost a run whose rows all finished
+            ceilings = combine_ceilings(ceilings["start"], measure_ceilings(device))
+            progress(f"ceilings again: copy {ceilings['end']['copy_gbs']:.0f} GB/s, "
+                     f"matmul {_rate(ceilings['end']['matmul_tflops'])} TFLOP/s")
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+            progress(f"ceilings not measured again ({type(exc).__name__}: {exc}); the start's are kept")
     rebase_kernel_fractions(rows, ceilings, device)
     save(rows, final=complete)
     plots = plot(out, env, rows)

@@ -168,7 +168,9 @@ def test_decide_reads_the_spreads_and_skips_incomplete_runs():
 
 def test_decide_skips_pairs_timed_differently():
     """A fused row replayed from a CUDA graph against an unfused row timed as called (its capture failed: "eager
-    (not captured: ...)") compares kernels with host time: that shape decides nothing, the others still do."""
+    (not captured: ...)") compares kernels with host time: that shape decides nothing, the others still do. A
+    fused row whose capture failed where the unfused one's worked counts as a failure (0): a graph user could
+    not run it."""
     graph, eager = dict(timing="cuda graph"), dict(timing="eager (not captured: a sync)")
     rows = [dict(_row("ffn up + relu", "s1", "float16", "unfused", 5.0), **eager),
             dict(_row("ffn up + relu", "s1", "float16", "lt-fused", 1.0), **graph),
@@ -177,7 +179,8 @@ def test_decide_skips_pairs_timed_differently():
             dict(_row("ffn up + gelu_tanh", "s1", "float16", "unfused", 1.2), **graph),
             dict(_row("ffn up + gelu_tanh", "s1", "float16", "lt-fused", 1.0), **eager)]
     assert decide.linear_epilogue([("m", _run("GPU M", "2026-11-30", rows))]) == \
-        {"GPU M": {"relu/float16": (1.2, "benchmarks/results/m abcdef0 2026-11-30")}}
+        {"GPU M": {"relu/float16": (1.2, "benchmarks/results/m abcdef0 2026-11-30"),
+                   "gelu_tanh/float16": (0.0, "benchmarks/results/m abcdef0 2026-11-30")}}
 
 
 def test_linear_act_speedups_compare_rows_timed_alike():
