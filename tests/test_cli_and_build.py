@@ -55,6 +55,26 @@ def test_demo_compares_in_fp32_whatever_the_checkpoint_holds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "largest difference" in out
+    # a difference over the tolerance fails the command (a tolerance no difference can meet)
+    rc = bertfast.cli.main(["demo", "--model", str(tmp_path), "--repeats", "2", "--device", "cpu",
+                            "--tolerance", "-1"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAILED: difference" in out, out
+
+
+def test_check_passes_and_fails_by_its_tolerance(capsys):
+    """`bertfast check` (the GPU suite's parity step) on this machine: parity with transformers within its
+    tolerance exits 0 and says OK with the worst difference; a tolerance nothing meets exits 1 and says FAILED."""
+    import re
+
+    import bertfast.cli
+    assert bertfast.cli.main(["check", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "bertfast check on cpu: OK" in out and out.count("max |bertfast - transformers|") == 3, out
+    worst = float(re.search(r"worst ([0-9.e+-]+),", out).group(1))
+    assert 0 <= worst <= 1e-4
+    assert bertfast.cli.main(["check", "--device", "cpu", "--tolerance", "-1"]) == 1
+    assert "bertfast check on cpu: FAILED" in capsys.readouterr().out
 
 
 def _setup_function(name, env=None):
