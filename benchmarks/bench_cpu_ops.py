@@ -10,8 +10,9 @@ one write less.
 Throughput: each case's bytes are what the fused op reads and writes once (every element of its inputs and
 outputs; for gathers, the rows gathered), and every row of the case, torch's too, is given in GB/s of those
 bytes, as a fraction of the copy bandwidth (`frac_copy_bw`: torch's copy_ of 64 MiB, 2 threads, read + written
-bytes; the faster of a copy at the start of the run and one at its end), and of a copy moving the case's own bytes (`frac_same_bytes_copy`:
-half read, half written; at these sizes part of it can sit in the L3, so this is the ceiling at the op's size).
+bytes; the faster of a copy at the start of the run and one at its end), and of a copy moving the case's own
+bytes (`frac_same_bytes_copy`: half read, half written; at these sizes part of it can sit in the L3, so this is
+the ceiling at the op's size).
 
     python benchmarks/bench_cpu_ops.py [--quick] [--reuse-memory]
 
@@ -40,6 +41,7 @@ import bertfast._C  # noqa: F401  (registers torch.ops.bertfast_C)
 ops = torch.ops.bertfast_C
 T, H, I = 4096, 768, 3072
 B, S = 32, 256
+COPY_BYTES = 2 * 64 * 2 ** 20      # the copy ceiling's bytes: 64 MiB read, 64 MiB written
 VOCAB, POS, TYPES = 30522, 512, 2
 
 
@@ -232,8 +234,8 @@ def run(quick=False, reuse_memory=False, sizes=None):
     torch.set_num_threads(2)
     repeats = 21 if quick else 41
     try:
-        copy_start = _copy_gbs(2 * 64 * 2 ** 20, repeats)      # 64 MiB read, 64 MiB written
-        rows = []
+        copy_start = _copy_gbs(COPY_BYTES, repeats)
+        rows, raw_gbps = [], []     # raw_gbps: each row's unrounded GB/s, for its fraction of the copy (below)
         # no torch.no_grad(): the backward composites build their graphs once in _cases() (no other input
         # requires grad, so the forward composites record nothing either)
         for name, shape, ours, theirs, nbytes in _cases(**(sizes or {})):
@@ -242,8 +244,8 @@ def run(quick=False, reuse_memory=False, sizes=None):
 
             def throughput(ms):
                 gbps = nbytes / (ms * 1e-3) / 1e9
-                return dict(bytes=nbytes, gbps=_sig(gbps), frac_copy_bw=gbps,     # divided by the copy below
-                            frac_same_bytes_copy=_sig(gbps / same))
+                raw_gbps.append(gbps)
+                return dict(bytes=nbytes, gbps=_sig(gbps), frac_same_bytes_copy=_sig(gbps / same))
             rows.append(dict(name=name, shape=shape, dtype="float32", impl="bertfast_C", ms=round(ms_ours, 3),
                              speedup=round(ms_torch / ms_ours, 2), ms_min=round(min_ours, 3),
                              speedup_min=round(min_torch / min_ours, 2), **throughput(ms_ours)))
@@ -251,9 +253,9 @@ def run(quick=False, reuse_memory=False, sizes=None):
                              speedup=1.0, ms_min=round(min_torch, 3), speedup_min=1.0, **throughput(ms_torch)))
         # the ceiling: the faster of a copy at the start and one at the end (one measurement on a shared machine
         # can be low: the suite's AMD run of 2026-11-26 had its matmul ceiling at half the idle machine's rate)
-        copy_bw = max(copy_start, _copy_gbs(2 * 64 * 2 ** 20, repeats))
-        for r in rows:
-            r["frac_copy_bw"] = _sig(r["frac_copy_bw"] / copy_bw)
+        copy_bw = max(copy_start, _copy_gbs(COPY_BYTES, repeats))
+        for r, gbps in zip(rows, raw_gbps):
+            r["frac_copy_bw"] = _sig(gbps / copy_bw)
         rows.insert(0, dict(name="copy", shape="64 MiB", dtype="float32", impl="torch copy_", ms=None,
                             gbps=_sig(copy_bw), frac_copy_bw=1.0))
     finally:

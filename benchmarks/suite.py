@@ -3,7 +3,8 @@
 Measures the ceilings first (copy bandwidth; bf16 matmul on CUDA, fp32 matmul on CPU), then every kernel
 benchmark that exists for the device, then the end-to-end encoder against its baselines, all in one run, then
 the ceilings again (MFU is of the higher of the two matmul measurements in the row's dtype; a GPU kernel row's
-fraction of copy bandwidth is of the highest copy measured: the suite's two and its benchmark's own), and writes results/<device-slug>/results.json, results.md and PNG plots.
+fraction of copy bandwidth is of the highest copy measured: the suite's two and its benchmark's own), and writes
+results/<device-slug>/results.json, results.md and PNG plots.
 """
 from __future__ import annotations
 
