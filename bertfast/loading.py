@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -192,6 +193,56 @@ def normalise_keys(state: dict, origin: dict, expected: set, base_prefix: str) -
         renamed[new] = value
         renamed_origin[new] = origin.get(key, "?")
     return renamed, renamed_origin
+
+
+# a key of one encoder layer: "encoder.layer.3.output.dense.weight" (BERT, RoBERTa, ELECTRA), "transformer.layer.3.
+# ffn.lin1.weight" (DistilBERT); ALBERT's shared layer has no index (num_hidden_layers changes no weight)
+_LAYER_KEY = re.compile(r"^((?:.+\.)?layer\.)(\d+)\.(.+)$")
+_LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layers")   # config.json's name for it (DistilBERT: n_layers)
+
+
+def set_aside_deeper_layers(state: dict, origin: dict, expected: dict, directory: Path | str) -> tuple[dict, dict]:
+    """A model configured with fewer layers than its checkpoint holds (from_pretrained(..., num_hidden_layers=6),
+    or a config= with fewer) loads the checkpoint's first layers, as transformers does, and sets the deeper ones
+    aside with a notice (a distillation student, a pruned encoder). Only for a checkpoint that is itself whole:
+    its config.json (where it has one) counts the layers its weights hold, and every deeper key is a key of the
+    model's layer 0 at a later index. Anything else stays for check_state_dict to refuse. A model asking for more
+    layers than the checkpoint holds is refused here by name: bertfast does not initialise layers at random."""
+    def layers_of(keys):
+        out = {}
+        for key in keys:
+            m = _LAYER_KEY.match(key)
+            if m:
+                out.setdefault(m.group(1), {}).setdefault(int(m.group(2)), set()).add(m.group(3))
+        return out
+
+    wanted, held = layers_of(expected), layers_of(state)
+    declared = None
+    config_file = Path(directory) / "config.json"
+    if config_file.is_file():
+        fields = _json_object(config_file)
+        declared = next((fields[f] for f in _LAYER_COUNT_FIELDS if isinstance(fields.get(f), int)), None)
+    drop = []
+    for stem, model_layers in wanted.items():
+        n, layer0 = len(model_layers), model_layers.get(0, set())
+        ckpt_layers = held.get(stem, {})
+        if sorted(model_layers) != list(range(n)) or sorted(ckpt_layers) != list(range(len(ckpt_layers))):
+            continue
+        m = len(ckpt_layers)
+        if 0 < m < n and all(ckpt_layers[i] == layer0 for i in range(m)) and (declared is None or declared == m):
+            raise CheckpointError(f"checkpoint in {directory} holds {m} layer{'s' if m != 1 else ''} and the config "
+                                  f"asks for {n} (num_hidden_layers): bertfast does not initialise layers at random; "
+                                  f"load at most {m} layers")
+        if m > n and all(ckpt_layers[i] == layer0 for i in range(m)) and (declared is None or declared == m):
+            drop += [f"{stem}{i}.{rest}" for i in range(n, m) for rest in ckpt_layers[i]]
+            unused = f"{stem}{n} is" if m == n + 1 else f"{stem}{n}..{m - 1} are"
+            notice_once(f"deeper-layers:{directory}:{stem}:{n}",
+                        f"the model has {n} layer{'s' if n != 1 else ''} (num_hidden_layers) and the checkpoint in "
+                        f"{directory} has {m}: the first {n} load, {unused} not used")
+    if not drop:
+        return state, origin
+    gone = set(drop)
+    return ({k: v for k, v in state.items() if k not in gone}, {k: v for k, v in origin.items() if k not in gone})
 
 
 def check_state_dict(state: dict, origin: dict, expected: dict, directory: Path | str) -> None:

@@ -558,6 +558,52 @@ def test_from_pretrained_arguments_as_transformers(tmp_path):
                 load(tmp_path, **bad)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_pretrained_fewer_layers_as_transformers(family, tmp_path):
+    """from_pretrained(..., num_hidden_layers=k) loads the checkpoint's first k layers, as transformers does (a
+    distillation student, a pruned encoder; DistilBERT's n_layers too), and says which layers it sets aside; more
+    layers than the checkpoint holds is refused by name (transformers would initialise them at random); a
+    checkpoint whose config.json disagrees with its own weights stays refused (it is not a deliberate cut)."""
+    torch.manual_seed(11)
+    cfg = family_config(family, dropout=False)
+    layers_field = "n_layers" if family == "distilbert" else "num_hidden_layers"
+    setattr(cfg, layers_field, 4)
+    BASE[family]._from_config(copy.deepcopy(cfg)).save_pretrained(tmp_path / "deep")
+    ids, mask, types = _batch(cfg)
+    kwargs = dict(attention_mask=mask, **(dict(token_type_ids=types) if family == "bert" else {}))
+    q = real(mask)
+    fields = ["num_hidden_layers"] + (["n_layers"] if family == "distilbert" else [])
+    for field, k in [(f, k) for f in fields for k in (1, 3)]:
+        theirs = BASE[family].from_pretrained(tmp_path / "deep", **{field: k}).eval()
+        bertfast.ops._notices.clear()
+        ours = bertfast.AutoModel.from_pretrained(tmp_path / "deep", **{field: k})
+        assert ours.config.num_hidden_layers == k
+        assert set(ours.state_dict()) == set(theirs.state_dict())
+        with torch.no_grad():
+            a, b = theirs(ids, **kwargs), ours(ids, **kwargs)
+        assert (a.last_hidden_state[q] - b.last_hidden_state[q]).abs().max() <= TOL, (field, k)
+        said = [n for key, n in bertfast.ops.notices().items() if key.startswith("deeper-layers:")]
+        if family == "albert":     # one shared layer: no weight depends on the count
+            assert not said
+        else:
+            stem = "transformer.layer." if family == "distilbert" else "encoder.layer."
+            unused = f"{stem}3 is" if k == 3 else f"{stem}1..3 are"
+            assert said == [f"the model has {k} layer{'s' if k > 1 else ''} (num_hidden_layers) and the checkpoint "
+                            f"in {tmp_path / 'deep'} has 4: the first {k} load, {unused} not used"]
+    if family == "albert":
+        return
+    with pytest.raises(bertfast.loading.CheckpointError, match="holds 4 layers and the config asks for 5"):
+        bertfast.AutoModel.from_pretrained(tmp_path / "deep", **{layers_field: 5})
+    # weights of 4 layers under a config.json that says 3: refused, as before, by its unexpected keys
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "model.safetensors").write_bytes((tmp_path / "deep" / "model.safetensors").read_bytes())
+    declared = json.loads((tmp_path / "deep" / "config.json").read_text())
+    declared[layers_field] = 3
+    (tmp_path / "odd" / "config.json").write_text(json.dumps(declared))
+    with pytest.raises(bertfast.loading.CheckpointError, match=r"unexpected keys: .*layer\.3\."):
+        bertfast.AutoModel.from_pretrained(tmp_path / "odd")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("family", FAMILIES)

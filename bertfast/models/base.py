@@ -225,6 +225,7 @@ class EncoderModel(nn.Module):
             model = cls(config, add_pooling_layer=add_pooling_layer is not False)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         state, origin = loading.normalise_keys(state, origin, set(expected), cls.base_model_prefix)
+        state, origin = loading.set_aside_deeper_layers(state, origin, expected, directory)
         pooler_keys = {k for k in expected if k.startswith("pooler.")}
         if add_pooling_layer is None and pooler_keys and not pooler_keys & set(state):
             ops.notice_once(f"no-pooler:{cls.__name__}", f"the checkpoint in {directory} has no pooler weights "
