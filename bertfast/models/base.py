@@ -224,7 +224,7 @@ class EncoderModel(nn.Module):
         with torch.device("meta"):
             model = cls(config, add_pooling_layer=add_pooling_layer is not False)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        state, origin = loading.normalise_keys(state, origin, set(expected), cls.base_model_prefix)
+        state, origin = loading.normalise_keys(state, origin, set(expected), cls.base_model_prefix, directory)
         state, origin = loading.set_aside_deeper_layers(state, origin, expected, directory)
         pooler_keys = {k for k in expected if k.startswith("pooler.")}
         if add_pooling_layer is None and pooler_keys and not pooler_keys & set(state):
@@ -388,7 +388,11 @@ class EncoderModel(nn.Module):
     def _graph_eligible(self, device, inputs_embeds, total: int, batch: int, unpadded: bool,
                         extra_outputs: bool) -> bool:
         """Whether this forward replays a graph (enable_cuda_graphs says which forwards do)."""
-        if (device.type != "cuda" or inputs_embeds is not None or total == 0 or extra_outputs or self.training
+        if device.type != "cuda":
+            ops.notice_once(f"graphs:{device.type}", f"enable_cuda_graphs: the model is on the {device.type.upper()}: "
+                            "forwards run eagerly (CUDA graphs replay on a CUDA device only)")
+            return False
+        if (inputs_embeds is not None or total == 0 or extra_outputs or self.training
                 or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing()):
             return False
         if self._graph_unsafe_modules():
@@ -523,7 +527,14 @@ class EncoderModel(nn.Module):
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, unp)
         if self.embedding_projection is not None:
             x = self.get_submodule(self.embedding_projection)(x)
+        # output_hidden_states under autograd: each state is padded as it is made and the next layer (the pooler
+        # after the last) reads its rows back from the padded tensor, so that the returned states are on the
+        # gradient path as transformers' are (torch.autograd.grad of a later output with respect to them,
+        # retain_grad); otherwise the layers read the packed rows and the states are padded at the end
+        reroute = output_hidden_states and torch.is_grad_enabled()
         hidden_states = [x] if output_hidden_states else None
+        if reroute:
+            hidden_states[0], x = self._padded_and_read_back(x, unp)
         attentions = [] if output_attentions else None
         checkpoint = self._layer_checkpoint() if self.training and torch.is_grad_enabled() else None
         for depth, layer in enumerate(self.encoder.schedule()):
@@ -533,15 +544,26 @@ class EncoderModel(nn.Module):
                 x, probs = checkpoint(layer.__call__, x, unp, output_attentions)
             else:
                 x, probs = layer(x, unp, output_attentions)
-            if output_hidden_states:
+            if reroute:
+                padded, x = self._padded_and_read_back(x, unp)
+                hidden_states.append(padded)
+            elif output_hidden_states:
                 hidden_states.append(x)
             if output_attentions:
                 attentions.append(probs)
-        last = ops.pad(x, unp.indices, unp.batch, unp.seqlen, validate=False)
+        if reroute:
+            last, all_hidden = hidden_states[-1], tuple(hidden_states)
+        else:
+            last = ops.pad(x, unp.indices, unp.batch, unp.seqlen, validate=False)
+            all_hidden = tuple(last if h is x else ops.pad(h, unp.indices, unp.batch, unp.seqlen, validate=False)
+                               for h in hidden_states) if output_hidden_states else None
         pooled = self.pooler(x, unp) if self.pooler is not None else None
-        all_hidden = tuple(last if h is x else ops.pad(h, unp.indices, unp.batch, unp.seqlen, validate=False)
-                           for h in hidden_states) if output_hidden_states else None
         return last, pooled, all_hidden, tuple(attentions) if output_attentions else None
+
+    @staticmethod
+    def _padded_and_read_back(x: torch.Tensor, unp) -> tuple[torch.Tensor, torch.Tensor]:
+        padded = ops.pad(x, unp.indices, unp.batch, unp.seqlen, validate=False)
+        return padded, ops.unpad(padded.flatten(0, 1), unp.indices, validate=False)
 
     def has_pooler_output(self) -> bool:
         return True
@@ -648,6 +670,11 @@ class EncoderModel(nn.Module):
                 position = self._padded_position_reader[1]
                 padded = (lengths < seqlen) if position is None else (attention_mask[:, position] == 0)
                 stats.append(padded.sum() if attention_mask.shape[0] and seqlen else zero)
+            if self.pooler is not None:
+                # rows padded at position 0 that hold a real token: the pooler reads another token than
+                # transformers' (said, not refused: both are computed states)
+                left = (attention_mask[:, 0] == 0) & (lengths > 0) if seqlen else None
+                stats.append(left.sum() if left is not None and attention_mask.shape[0] else zero)
         for t in (input_ids, token_type_ids, position_ids):
             if t is not None and t.numel():
                 stats += [t.min(), t.max()]
@@ -668,6 +695,12 @@ class EncoderModel(nn.Module):
                         f"attention_mask: {padded} row(s) hold padding at {where}, which {reader} reads; bertfast "
                         f"computes nothing for padded positions (their rows of last_hidden_state are zero, where "
                         f"transformers hands the head the pad tokens' hidden states): {fix[position]}")
+            if self.pooler is not None and int(values.pop(0)):
+                ops.notice_once("pooler:left-padding", "attention_mask: a left-padded batch: pooler_output reads each "
+                                "sequence's first real token, where transformers' pooler reads position 0 (a pad "
+                                "token's state there), so pooled outputs (and the sequence-classification and "
+                                "multiple-choice logits computed from them) differ from transformers' for these rows; "
+                                "right padding, the BERT tokenizers' default, gives the same")
         emb = self.embeddings
         for name, t, limit, what, table in (
                 ("input_ids", input_ids, spec.vocab, "config.vocab_size", "word_embeddings"),
@@ -729,6 +762,66 @@ class EncoderModel(nn.Module):
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
 
+    # transformers' PreTrainedModel conveniences that code written for its base models calls
+    main_input_name = "input_ids"
+
+    def get_output_embeddings(self):
+        """None: an encoder has no language-model head (as transformers' base models)."""
+        return None
+
+    def tie_weights(self, *args, **kwargs) -> None:
+        """Nothing to tie: an encoder has no output embeddings (task models tie their head's decoder)."""
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters of the model, as transformers counts them (each shared parameter once)."""
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return sum(p.numel() for p in self.parameters()
+                   if (p.requires_grad or not only_trainable) and not (exclude_embeddings and id(p) in embeddings))
+
+    def enable_input_require_grads(self) -> None:
+        """The word embeddings' output requires grad (adapters on a frozen model with gradient checkpointing), as
+        transformers' method does: a forward hook, which runs the unfused embedding path."""
+        self.disable_input_require_grads()
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(_output_requires_grad)
+
+    def disable_input_require_grads(self) -> None:
+        hook = self.__dict__.pop("_require_grads_hook", None)
+        if hook is not None:
+            hook.remove()
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """transformers' resize_token_embeddings for a base model: the word embeddings get new_num_tokens rows
+        (rounded up to a multiple of pad_to_multiple_of), the old rows kept, rows past them dropped; added rows
+        drawn around the old rows' mean (mean_resizing: a normal with the old rows' mean and 1e-9 times their
+        covariance, the mean itself where that is not positive definite) or from normal(0, initializer_range).
+        The Parameter object stays (an optimizer holding it sees the new rows); config.vocab_size and the id range
+        check follow. Returns the embeddings; both arguments None returns them unchanged."""
+        old = self.get_input_embeddings()
+        if pad_to_multiple_of is not None:
+            if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+                raise ValueError(f"pad_to_multiple_of must be an int >= 1, got {pad_to_multiple_of!r}")
+            rows = old.num_embeddings if new_num_tokens is None else new_num_tokens
+            new_num_tokens = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
+        if new_num_tokens is None:
+            return old
+        if isinstance(new_num_tokens, bool) or not isinstance(new_num_tokens, int) or new_num_tokens < 1:
+            raise ValueError(f"new_num_tokens must be an int >= 1, got {new_num_tokens!r}")
+        weight, n_old = old.weight.data, old.num_embeddings
+        if new_num_tokens != n_old:
+            new = weight.new_empty((new_num_tokens, weight.shape[1]))
+            kept = min(n_old, new_num_tokens)
+            new[:kept] = weight[:kept]
+            if new_num_tokens > n_old:
+                new[n_old:] = _added_rows(weight, new_num_tokens - n_old, mean_resizing, self.spec.initializer_range)
+            old.weight.data = new
+            old.num_embeddings = new_num_tokens
+            if old.padding_idx is not None and old.padding_idx >= new_num_tokens:
+                old.padding_idx = None
+        self.set_input_embeddings(old)
+        self.config.vocab_size = new_num_tokens
+        return old
+
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         """Replace the word embeddings (transformers' resize_token_embeddings calls this); the id range checks
         follow the new vocabulary size."""
@@ -738,6 +831,25 @@ class EncoderModel(nn.Module):
         self.embeddings.word_embeddings = value
         self.spec = dataclasses.replace(self.spec, vocab=value.num_embeddings)
         self._drop_graphs()
+
+
+def _output_requires_grad(module, args, output):
+    output.requires_grad_(True)
+
+
+def _added_rows(weight: torch.Tensor, count: int, mean_resizing: bool, std: float) -> torch.Tensor:
+    """resize_token_embeddings' new rows: around the old rows' mean (mean_resizing) or normal(0, std)."""
+    if not mean_resizing:
+        return torch.randn((count, weight.shape[1]), device=weight.device).mul_(std).to(weight.dtype)
+    old = weight.float()
+    mean = old.mean(dim=0)
+    centred = old - mean
+    covariance = 1e-9 * (centred.T @ centred) / old.shape[0]
+    if bool(torch.distributions.constraints.positive_definite.check(covariance)):
+        rows = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance).sample((count,))
+    else:
+        rows = mean.expand(count, -1)
+    return rows.to(weight.dtype)
 
 
 def _family_names_in_report(module, incompatible_keys) -> None:

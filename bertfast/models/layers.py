@@ -24,7 +24,9 @@ from bertfast.padding import Unpadded
 # transformers' hidden_act names -> the kernels' activation names
 ACTIVATION_OF_HIDDEN_ACT = {
     "gelu": "gelu",
+    "gelu_python": "gelu",          # transformers' erf GELU written in Python: the same function
     "gelu_new": "gelu_tanh",
+    "gelu_accurate": "gelu_tanh",   # the tanh form too (transformers' AccurateGELUActivation)
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
     "relu": "relu",

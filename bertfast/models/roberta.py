@@ -10,7 +10,7 @@ from bertfast.models.base import EncoderModel
 
 
 class RobertaModel(EncoderModel):
-    model_types = ("roberta", "xlm-roberta")
+    model_types = ("roberta", "xlm-roberta", "camembert")   # CamemBERT: the RoBERTa architecture
     base_model_prefix = "roberta"
     positions_count_tokens = True
 
