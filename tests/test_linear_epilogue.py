@@ -163,7 +163,7 @@ def test_decide_reads_the_spreads_and_skips_incomplete_runs():
     clear = [row("unfused", 2.0, 1.95, 2.05), row("lt-fused", 1.0, 0.98, 1.02)]
     cut = dict(_run("GPU N", "2026-12-01", noisy), complete=False)
     assert decide.linear_epilogue([("a", _run("GPU N", "2026-11-30", clear)), ("b", cut)]) == \
-        {"GPU N": {"relu/float16": (round(1.95 / 1.02, 3), "benchmarks/results/a abcdef0 2026-11-30")}}
+        {"GPU N": {"relu/float16": (1.911, "benchmarks/results/a abcdef0 2026-11-30")}}    # 1.9118 rounded down
 
 
 def test_decide_skips_pairs_timed_differently():
@@ -191,6 +191,75 @@ def test_linear_act_speedups_compare_rows_timed_alike():
                                       dict(impl="lt-unfused", ms=1.0, timing="eager (not captured: x)"),
                                       dict(impl="broken", error="x")], None)
     assert [g.get("speedup") for g in group] == [1.0, 2.0, None, None]
+
+
+def test_decide_reads_only_its_rows_and_prefers_the_unfused_label():
+    """Only bench_linear_act's FFN rows and its gelu_new encoder rows decide: another benchmark's rows of the same
+    names, and encoder rows of another activation, decide nothing. In a group with both labels of the unfused path
+    (runs before change 30 said "encoder"), the "unfused" row is the baseline whichever comes first, and a failed
+    "unfused" row leaves the other standing; a fused row with an error is a failure even where it has a time."""
+    other_bench = [dict(_row("ffn up + relu", "s1", "float16", impl, ms), bench="bench_cuda_ops")
+                   for impl, ms in (("unfused", 2.0), ("lt-fused", 1.0))]
+    gelu_encoder = [_row("encoder gelu", "1x128 bert-base", "float16", "epilogue off", 2.0),
+                    _row("encoder gelu", "1x128 bert-base", "float16", "epilogue on", 1.0)]
+    assert decide.linear_epilogue([("o", _run("GPU O", "2026-11-30", other_bench + gelu_encoder))]) == {}
+    source = "benchmarks/results/l abcdef0 2026-11-30"
+    ms = {"encoder": 3.0, "unfused": 1.5}
+    for order in (("encoder", "unfused"), ("unfused", "encoder")):
+        rows = [_row("ffn up + relu", "s1", "float16", impl, ms[impl]) for impl in order]
+        rows.append(_row("ffn up + relu", "s1", "float16", "lt-fused", 1.0))
+        assert decide.linear_epilogue([("l", _run("GPU L", "2026-11-30", rows))]) == \
+            {"GPU L": {"relu/float16": (1.5, source)}}, order
+    failed_unfused = [_row("ffn up + relu", "s1", "float16", "encoder", 3.0),
+                      dict(bench="bench_linear_act", name="ffn up + relu", shape="s1", dtype="float16",
+                           impl="unfused", error="RuntimeError: boom"),
+                      _row("ffn up + relu", "s1", "float16", "lt-fused", 1.0)]
+    assert decide.linear_epilogue([("l", _run("GPU L", "2026-11-30", failed_unfused))]) == \
+        {"GPU L": {"relu/float16": (3.0, source)}}
+    timed_then_failed = [_row("ffn up + relu", "s1", "float16", "unfused", 2.0),
+                         dict(_row("ffn up + relu", "s1", "float16", "lt-fused", 1.0), error="wrong result")]
+    assert decide.linear_epilogue([("l", _run("GPU L", "2026-11-30", timed_then_failed))]) == \
+        {"GPU L": {"relu/float16": (0.0, source)}}
+
+
+def test_decide_never_rounds_a_speedup_up_to_the_threshold():
+    """A measured 1.0195 (below LINEAR_EPILOGUE_MIN_SPEEDUP, 1.02) is stored rounded down, so the ops layer does
+    not fuse on it (rounded to nearest it read 1.02 and passed); 1.0205 passes."""
+    for unfused, fuses in ((1.0195, False), (1.0205, True)):
+        rows = [_row("ffn up + gelu_tanh", "s1", "float16", "unfused", unfused),
+                _row("ffn up + gelu_tanh", "s1", "float16", "lt-fused", 1.0)]
+        speedup = decide.linear_epilogue([("r", _run("GPU R", "2026-12-01", rows))])["GPU R"]["gelu_tanh/float16"][0]
+        assert speedup <= unfused and (speedup >= ops.LINEAR_EPILOGUE_MIN_SPEEDUP) is fuses, (unfused, speedup)
+
+
+def test_decide_dates_undated_runs_and_offsets():
+    """An undated run counts as the oldest, whatever its folder's place in the listing; a date without a UTC offset
+    is UTC, and compares with dates that have one (naive against aware datetimes would raise)."""
+    fast = [_row("ffn up + relu", "s1", "float16", "unfused", 2.0),
+            _row("ffn up + relu", "s1", "float16", "lt-fused", 1.0)]
+    even = [_row("ffn up + relu", "s1", "float16", "unfused", 1.0),
+            _row("ffn up + relu", "s1", "float16", "lt-fused", 1.0)]
+    assert decide.linear_epilogue([("a", _run("GPU D", "2026-11-01", fast)), ("z", _run("GPU D", None, even))]) == \
+        {"GPU D": {"relu/float16": (2.0, "benchmarks/results/a abcdef0 2026-11-01")}}
+    # 12:00 without an offset is 12:00 UTC: later than 13:30+02:00 (11:30 UTC), earlier than 13:30+01:00
+    for aware, newer in (("2026-11-30T13:30:00+02:00", "naive"), ("2026-11-30T13:30:00+01:00", "aware")):
+        table = decide.linear_epilogue([("naive", _run("GPU D", "2026-11-30T12:00", fast)),
+                                        ("aware", _run("GPU D", aware, even))])
+        assert table["GPU D"]["relu/float16"][1].startswith(f"benchmarks/results/{newer} "), (aware, table)
+
+
+def test_decide_check_fails_on_a_stale_file_and_main_writes_it(tmp_path, monkeypatch, capsys):
+    """`python -m benchmarks.decide --check` exits 1 (and writes nothing) when bertfast/measured.py differs from
+    what the results say; without --check it writes the file, which --check then accepts."""
+    target = tmp_path / "measured.py"
+    monkeypatch.setattr(decide, "TARGET", target)
+    target.write_text("LINEAR_EPILOGUE = {}\n")
+    assert decide.main(["--check"]) == 1
+    assert "is out of date" in capsys.readouterr().err
+    assert target.read_text() == "LINEAR_EPILOGUE = {}\n"
+    assert decide.main([]) == 0
+    assert target.read_text() == decide.render(decide.linear_epilogue(decide.load_runs()))
+    assert decide.main(["--check"]) == 0
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -365,6 +365,42 @@ def test_choose_reports_and_respects_forced_backend(monkeypatch):
     assert set(table) == set(ops.PREFERENCE)
 
 
+def test_implementation_table_names_what_was_skipped_and_what_was_forced(monkeypatch):
+    """implementation_table (what `bertfast info` prints): under auto, an op's first choice alone, or the
+    implementation that runs followed by each skipped one and why; under a forced backend, that backend, or the
+    reference and why (the op has no such implementation), or the error a call would raise - never a silent
+    fallback."""
+    if ops.cpp_extension_error():
+        pytest.skip("needs bertfast._C")
+    monkeypatch.setattr(ops, "_notices", {})
+    monkeypatch.delenv("BERTFAST_BACKEND", raising=False)
+    real = ops._available
+
+    def no_cpp(impl, op, device):
+        return "test: no cpp" if impl == "cpp" else real(impl, op, device)
+    table = ops.implementation_table("cpu")
+    for op in ("add_layer_norm", "bias_act", "embed", "unpad", "pad"):
+        assert table[op] == "cpp", (op, table[op])
+    monkeypatch.setattr(ops, "_available", no_cpp)
+    assert ops.implementation_table("cpu")["add_layer_norm"] == "reference  (cpp: test: no cpp)"
+    monkeypatch.setattr(ops, "_available", real)
+    monkeypatch.setenv("BERTFAST_BACKEND", "cpp")
+    table = ops.implementation_table("cpu")
+    assert table["add_layer_norm"] == "cpp"
+    assert table["varlen_attention"].startswith(
+        "reference  (BERTFAST_BACKEND=cpp: varlen_attention has no cpp implementation)")
+    monkeypatch.setattr(ops, "_available", no_cpp)
+    assert ops.implementation_table("cpu")["add_layer_norm"] == (
+        "error: BERTFAST_BACKEND=cpp: the cpp implementation of add_layer_norm cannot run here: test: no cpp. "
+        "Unset BERTFAST_BACKEND (auto) to use another implementation.")
+    # on CUDA (the C++ kernels stood in as available): the embedding's backward is torch's, and the table says so
+    monkeypatch.delenv("BERTFAST_BACKEND")
+    monkeypatch.setattr(ops, "_available",
+                        lambda impl, op, device: None if impl == "cpp" else real(impl, op, device))
+    assert ops.implementation_table("cuda")["embed"] == (
+        "cpp  (backward: torch autograd of the reference; bertfast._C has no CUDA embed backward)")
+
+
 def test_auto_add_layer_norm_trains_rows_wider_than_the_fused_backward(monkeypatch):
     """The Triton LayerNorm's forward takes rows up to 8192 but its backward up to 4096, and a backward runs its
     forward's implementation: auto (CUDA's preference order; without a GPU in the interpreter) picks Triton for
