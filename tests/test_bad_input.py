@@ -689,3 +689,46 @@ def test_roberta_without_a_usable_pad_token_id(pad):
     cfg.pad_token_id = pad
     with pytest.raises(ValueError, match=r"config.pad_token_id must be an int in \[0, max_position_embeddings - 1"):
         bertfast.RobertaModel(cfg)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpp"])
+def test_ops_refuse_each_bad_argument_by_name(backend, monkeypatch):
+    """Each check of the ops layer's public functions names its argument: a tensor on another device (the meta
+    device stands in for a second device on a CPU-only machine), a negative size, an index vector of the wrong
+    dtype, length or values, an empty table, a mismatched x_bias."""
+    monkeypatch.setenv("BERTFAST_BACKEND", backend)
+    ops = bertfast.ops
+    meta = torch.device("meta")
+    qkv, cu = torch.randn(6, 3, 2, 32), torch.tensor([0, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens is on meta but qkv is on cpu"):
+        ops.varlen_attention(qkv, cu.to(meta), 6)
+    with pytest.raises(ValueError, match="max_seqlen must be >= 0, got -1"):
+        ops.varlen_attention(qkv, cu, -1, validate=False)
+    x, w, b = torch.randn(3, 8), torch.ones(8), torch.zeros(8)
+    with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+        ops.bias_act(x, torch.zeros(8, device=meta), "gelu")
+    with pytest.raises(ValueError, match="residual is on meta but x is on cpu"):
+        ops.add_layer_norm(x, w, b, 1e-5, residual=torch.randn(3, 8, device=meta))
+    with pytest.raises(ValueError, match=r"x_bias must have shape \(8,\), got \(7,\)"):
+        ops.add_layer_norm(x, w, b, 1e-5, x_bias=torch.zeros(7))
+    good = _embed_args("cpu")
+    with pytest.raises(ValueError, match="position_ids is on meta but word_emb is on cpu"):
+        ops.embed(**dict(good, position_ids=good["position_ids"].to(meta)))
+    with pytest.raises(ValueError, match=r"pos_emb must have shape \[max_positions >= 1, 8\]"):
+        ops.embed(**dict(good, pos_emb=torch.randn(0, 8)))
+    with pytest.raises(ValueError, match="padding_idx=10 is not a row of its table"):
+        ops.embed(**good, padding_idx=10)
+    y = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="batch and seqlen must be >= 0, got 3 and -1"):
+        ops.pad(y, torch.tensor([0, 1, 2]), 3, -1)
+    with pytest.raises(ValueError, match=r"indices must be a 1-D int64 tensor with one entry per row of x \(3\)"):
+        ops.pad(y, torch.tensor([0, 1]), 2, 3)
+    with pytest.raises(ValueError, match="indices must be a 1-D int64 tensor, got torch.int32"):
+        ops.unpad(y, torch.tensor([0, 1], dtype=torch.int32))
+    # out-of-range and repeated rows: the reference checks them itself, the C++ kernels in their own words
+    with pytest.raises((ValueError, RuntimeError), match=r"indices holds .*(outside|valid range)"):
+        ops.pad(y, torch.tensor([0, 1, 6]), 2, 3)          # row 6 of a [2 * 3] output
+    with pytest.raises((ValueError, RuntimeError), match=r"indices holds .*(outside|valid range)"):
+        ops.unpad(y, torch.tensor([1, -1]))
+    with pytest.raises((ValueError, RuntimeError), match="indices holds (row 2 twice|a row more than once)"):
+        ops.pad(y, torch.tensor([2, 0, 2]), 2, 3)

@@ -869,6 +869,8 @@ def _opcheck_cases():
     out, em, es = ops.embed(*eargs, 1e-5)
     eg = torch.randn_like(out)
     idx = torch.tensor([3, 0, 5])
+    x45, w45, b45, r45, _ = _aln_inputs(3, 45, torch.float32)
+    _, m45, s45, _ = ops.add_layer_norm(x45, w45, b45, 1e-5, r45, None, "relu", 0.3, 5)
     return [
         ("add_layer_norm", (x, w, b, 1e-5, r, xb, "gelu")),
         ("add_layer_norm", (x, w, b, 1e-5, None, None, "")),
@@ -892,6 +894,12 @@ def _opcheck_cases():
         ("pad", (x[:3].clone(), idx, 9)),
         ("pad", (x[:3].clone(), idx, 9, False)),
         ("attention_dropout_keep", (3, 2, 5, 2, 0.25, 99)),
+        # a width that is not a multiple of 8: the keep bits are ceil(H / 8) bytes a row
+        ("add_layer_norm", (x45, w45, b45, 1e-5, r45, None, "", 0.3, 5)),
+        ("add_layer_norm_backward", (torch.randn_like(x45), x45, w45, m45, s45, r45, None, "relu", 0.3, 5,
+                                     ops.add_layer_norm(x45, w45, b45, 1e-5, r45, None, "relu", 0.3, 5)[3])),
+        # a model without token-type embeddings (DistilBERT): no type table, no type gradient
+        ("embed_backward", (eg, *eargs[:3], None, eargs[4], eargs[5], None, eargs[7], em, es)),
     ]
 
 

@@ -200,6 +200,33 @@ def test_gradcheck_add_layer_norm(backend, activation):
         (x, w, b, r, xb), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
+@pytest.mark.parametrize("impl", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("activation,with_xb,n,h", [(None, False, 1, 1023), (None, True, 3, 384),
+                                                    ("gelu", True, 1, 1023)])
+def test_add_layer_norm_residual_and_x_gradients(monkeypatch, impl, activation, with_xb, n, h):
+    """Each input of ops.add_layer_norm gets its own gradient, in fp32, per implementation, against float64
+    autograd: without an activation or dropout the C++ and Triton backwards return dx once and the formula hands
+    it to the residual too (a residual left without it trains nothing); with an activation dresidual is not dx."""
+    monkeypatch.setenv("BERTFAST_BACKEND", impl)
+    torch.manual_seed(n * 10 + h)
+    x, r, dy = (torch.randn(n, h) for _ in range(3))
+    w, b, xb = 1 + 0.1 * torch.randn(h), 0.1 * torch.randn(h), 0.5 * torch.randn(h)
+    tensors = [x, r, w, b] + ([xb] if with_xb else [])
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    y = ops.add_layer_norm(leaves[0], leaves[2], leaves[3], 1e-5, residual=leaves[1],
+                           x_bias=leaves[4] if with_xb else None, activation=activation)
+    grads = torch.autograd.grad(y, leaves, dy)
+    l64 = [t.double().requires_grad_() for t in tensors]
+    z = l64[0] + l64[4] if with_xb else l64[0]
+    z = torch.nn.functional.gelu(z) if activation else z
+    ref = torch.nn.functional.layer_norm(z + l64[1], (h,), l64[2], l64[3], 1e-5)
+    want = torch.autograd.grad(ref, l64, dy.double())
+    assert (y.double() - ref).abs().max() < 1e-4
+    for name, g, w64 in zip(["x", "residual", "weight", "bias", "x_bias"], grads, want):
+        assert g.dtype == torch.float32 and g.shape == w64.shape, name
+        assert (g.double() - w64).abs().max() < 1e-4 * max(1.0, w64.abs().max().item()), name
+
+
 def test_add_layer_norm_matches_float64(backend):
     x, r = torch.randn(7, 384), torch.randn(7, 384)
     w, b, xb = torch.randn(384), torch.randn(384), torch.randn(384)
@@ -214,6 +241,63 @@ def test_gradcheck_bias_act(backend, activation):
     x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
     b = torch.randn(12, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, c: ops.bias_act(a, c, activation), (x, b), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("impl", ["auto", "cpp", "reference"])
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_bias_act_without_bias_trains(monkeypatch, impl, activation):
+    """bias_act(x, None) under autograd (a bias-free Linear before the activation, e.g. a frozen or bias-less FFN
+    being fine-tuned): x's gradient against float64 autograd of torch's activation, and no gradient for the
+    absent bias (an autograd formula that returns one for a None input fails in backward). gradcheck in float64
+    (the reference) as well."""
+    monkeypatch.setenv("BERTFAST_BACKEND", impl)
+    torch.manual_seed(11)
+    x = torch.randn(2, 3, 1023, requires_grad=True)
+    dy = torch.randn(2, 3, 1023)
+    y = ops.bias_act(x, None, activation)
+    (grad,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().requires_grad_()
+    act = torch.nn.functional.gelu if activation == "gelu" else torch.nn.functional.silu
+    y64 = act(x64)
+    (want,) = torch.autograd.grad(y64, x64, dy.double())
+    assert grad.dtype == torch.float32 and grad.shape == x.shape
+    assert (y.double() - y64).abs().max() < 1e-5
+    assert (grad.double() - want).abs().max() < 1e-5
+    if impl != "cpp":
+        t = torch.randn(3, 1, 13, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a: ops.bias_act(a, None, activation), (t,), eps=1e-6, atol=1e-6,
+                                        fast_mode=True)
+
+
+@pytest.mark.parametrize("impl", ["auto", "cpp", "reference"])
+def test_embed_without_type_table_trains(monkeypatch, impl):
+    """embed of a model without token-type embeddings (DistilBERT: type_emb None, token_type_ids None) under
+    autograd: the word / position / LayerNorm gradients against float64 autograd of the composite (padding rows
+    of both tables zeroed), and no gradient for the absent type table."""
+    monkeypatch.setenv("BERTFAST_BACKEND", impl)
+    torch.manual_seed(12)
+    n, e, vocab, n_pos = 10, 384, 13, 7
+    idx = torch.tensor([0, 1, 2, 4, 5, 9])
+    ids = torch.randint(0, vocab, (n,))
+    ids[idx[1]] = 0
+    pos = torch.randint(0, n_pos, (n,))
+    pos[idx[2]] = 3
+    tables = [torch.randn(vocab, e), torch.randn(n_pos, e), 1 + 0.1 * torch.randn(e), 0.1 * torch.randn(e)]
+    leaves = [t.clone().requires_grad_() for t in tables]
+    out = ops.embed(ids, idx, pos, None, leaves[0], leaves[1], None, leaves[2], leaves[3], 1e-12, padding_idx=0,
+                    pos_padding_idx=3)
+    dy = torch.randn(idx.numel(), e)
+    grads = torch.autograd.grad(out, leaves, dy)
+    l64 = [t.double().requires_grad_() for t in tables]
+    h = torch.nn.functional.embedding(ids[idx], l64[0]) + torch.nn.functional.embedding(pos[idx], l64[1])
+    ref = torch.nn.functional.layer_norm(h, (e,), l64[2], l64[3], 1e-12)
+    want = list(torch.autograd.grad(ref, l64, dy.double()))
+    want[0][0] = 0
+    want[1][3] = 0
+    assert (out.double() - ref).abs().max() < 1e-5
+    for name, g, w in zip(["word", "pos", "ln_weight", "ln_bias"], grads, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape, name
+        assert (g.double() - w).abs().max() < 1e-4, name
 
 
 def test_gradcheck_embed_and_padding(backend):
@@ -265,6 +349,63 @@ def _opcheck_cases(impl):
     if impl == "reference":
         cases.append((torch.ops.bertfast.varlen_attention, (qkv.requires_grad_(), cu, m, 0.2, 0.0, 0, impl)))
     return cases
+
+
+def _fake_matches_real(op, args):
+    """op's outputs under FakeTensorMode (what torch.compile / export see) against a real call: same structure,
+    shapes, dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    real = op(*args)
+    with FakeTensorMode() as mode:
+        fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    real = list(real) if isinstance(real, (tuple, list)) else [real]
+    fake = list(fake) if isinstance(fake, (tuple, list)) else [fake]
+    assert len(real) == len(fake), op
+    for i, (r, f) in enumerate(zip(real, fake)):
+        assert (r is None) == (f is None), (op, i)
+        if r is not None:
+            assert (tuple(f.shape), f.dtype) == (tuple(r.shape), r.dtype), (op, i, tuple(f.shape), f.dtype,
+                                                                             tuple(r.shape), r.dtype)
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_fake_implementations_match_real_outputs(impl, dtype):
+    """The fake (meta) implementation of every bertfast:: op gives the shapes and dtypes its real implementation
+    returns, beyond opcheck's fp32 cases: half-precision and float64 inputs (the statistics stay fp32), dropout
+    (the C++ forward's keep bits, ceil(H / 8) bytes a row: H = 1023), absent optional inputs (bias, residual,
+    type table)."""
+    if impl == "cpp" and dtype == torch.float64:
+        pytest.skip("the C++ kernels take float32, float16, bfloat16")
+    torch.manual_seed(21)
+    bf = torch.ops.bertfast
+    n, h = 3, 1023
+    x, r, dy = (torch.randn(n, h).to(dtype) for _ in range(3))
+    w, b, xb = (torch.randn(h).to(dtype) for _ in range(3))
+    for act, p, res, xbias in (("gelu", 0.0, r, xb), ("", 0.0, r, None), ("", 0.2, r, xb), ("relu", 0.3, None, None)):
+        y, mean, rstd, keep = bf.add_layer_norm(x, w, b, 1e-5, res, xbias, act, p, 7, impl)
+        _fake_matches_real(bf.add_layer_norm, (x, w, b, 1e-5, res, xbias, act, p, 7, impl))
+        _fake_matches_real(bf.add_layer_norm_backward, (dy, x, w, b, mean, rstd, 1e-5, res, xbias, act, p, 7, impl,
+                                                        keep))
+    for bias in (xb, None):
+        _fake_matches_real(bf.bias_act, (x, bias, "gelu_tanh", impl))
+        _fake_matches_real(bf.bias_act_backward, (dy, x, bias, "silu", impl))
+    ids, idx, pos = torch.randint(0, 9, (6,)), torch.tensor([0, 2, 5]), torch.arange(6)
+    word, pemb, temb = torch.randn(9, 384).to(dtype), torch.randn(6, 384).to(dtype), torch.randn(2, 384).to(dtype)
+    lw, lb = torch.randn(384).to(dtype), torch.randn(384).to(dtype)
+    for tt, te in ((torch.randint(0, 2, (6,)), temb), (None, None)):
+        out, mean, rstd = bf.embed(ids, idx, pos, tt, word, pemb, te, lw, lb, 1e-5, 0, 1, impl)
+        _fake_matches_real(bf.embed, (ids, idx, pos, tt, word, pemb, te, lw, lb, 1e-5, 0, 1, impl))
+        _fake_matches_real(bf.embed_backward, (torch.randn_like(out), ids, idx, pos, tt, word, pemb, te, lw, lb,
+                                               mean, rstd, 1e-5, 0, 1, impl))
+    _fake_matches_real(bf.unpad, (x, torch.tensor([2, 0]), impl, True))
+    _fake_matches_real(bf.pad, (x, torch.tensor([4, 0, 2]), 5, impl, False))
+    if impl == "reference":
+        qkv, cu = torch.randn(7, 3, 2, 32).to(dtype), torch.tensor([0, 1, 7], dtype=torch.int32)
+        out, lse = bf.varlen_attention(qkv, cu, 6, 0.2, 0.0, 0, impl)
+        _fake_matches_real(bf.varlen_attention, (qkv, cu, 6, 0.2, 0.1, 3, impl))
+        _fake_matches_real(bf.varlen_attention_backward, (torch.randn_like(out), qkv, out, lse, cu, 6, 0.2, 0.0, 0,
+                                                          impl))
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpp"])
@@ -704,3 +845,62 @@ def test_forward_mode_ad_is_refused_not_dropped():
             torch.func.vmap(lambda a: ops.bias_act(a, b, "relu"))(fwAD.make_dual(x.view(5, 1, 16), t.view(5, 1, 16)))
     y = torch.func.vmap(lambda a: ops.bias_act(a, b, "relu"))(x.view(5, 1, 16))
     torch.testing.assert_close(y.view(5, 16), torch.relu(x + b))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
+def test_reference_implementations_match_float64(monkeypatch, activation):
+    """The reference implementations (the definition the kernels are tested against) against independent float64
+    formulas: each activation of bias_act and of add_layer_norm (the MLM head's transform), embed reading type 0
+    for every token when token_type_ids is None, and pad writing zeros at the padded positions."""
+    monkeypatch.setenv("BERTFAST_BACKEND", "reference")
+    torch.manual_seed(31)
+    formulas = {"gelu": lambda z: 0.5 * z * (1 + torch.erf(z / 2 ** 0.5)),
+                "gelu_tanh": lambda z: 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z ** 3))),
+                "relu": lambda z: z.clamp(min=0), "silu": lambda z: z / (1 + torch.exp(-z))}
+    act = formulas[activation]
+    x, xb = 3 * torch.randn(5, 1023), torch.randn(1023)
+    want = act(x.double() + xb.double())
+    assert (ops.bias_act(x, xb, activation).double() - want).abs().max() < 1e-5
+    w, b = 1 + 0.1 * torch.randn(1023), 0.1 * torch.randn(1023)
+    y = ops.add_layer_norm(x, w, b, 1e-12, x_bias=xb, activation=activation)
+    mu, var = want.mean(-1, keepdim=True), want.var(-1, unbiased=False, keepdim=True)
+    assert (y.double() - ((want - mu) / (var + 1e-12).sqrt() * w.double() + b.double())).abs().max() < 1e-4
+    if activation == "gelu":
+        ids, idx, pos = torch.randint(0, 9, (6,)), torch.tensor([0, 2, 5]), torch.arange(6)
+        word, pemb, temb = torch.randn(9, 384), torch.randn(6, 384), torch.randn(2, 384)
+        lw, lb = torch.ones(384), torch.zeros(384)
+        out = ops.embed(ids, idx, pos, None, word, pemb, temb, lw, lb, 1e-12)
+        h = (word[ids[idx]] + temb[0] + pemb[pos[idx]]).double()
+        ref = (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-12).sqrt()
+        assert (out.double() - ref).abs().max() < 1e-4
+        rows = torch.randn(3, 7)
+        padded = ops.pad(rows, torch.tensor([4, 0, 2]), 2, 3)
+        assert padded.shape == (2, 3, 7)
+        assert torch.equal(padded.view(6, 7)[[1, 3, 5]], torch.zeros(3, 7))
+        assert torch.equal(padded.view(6, 7)[[4, 0, 2]], rows)
+
+
+def test_choose_limits_are_inclusive_and_see_the_call():
+    """The Triton kernels' limits (LayerNorm rows up to MAX_FUSED_HIDDEN, backward up to MAX_FUSED_BACKWARD_HIDDEN,
+    attention grids of up to MAX_GRID_YZ sequences and heads) are inclusive, and varlen_attention asks choose()
+    about its actual batch and head count."""
+    from bertfast.kernels.attention import MAX_GRID_YZ
+    from bertfast.kernels.config import MAX_FUSED_BACKWARD_HIDDEN, MAX_FUSED_HIDDEN
+    sup = ops._supports
+    assert sup("triton", "add_layer_norm", dict(dtype=torch.float16, hidden=MAX_FUSED_HIDDEN), "cuda") is None
+    assert "hidden size" in sup("triton", "add_layer_norm", dict(dtype=torch.float16, hidden=MAX_FUSED_HIDDEN + 1),
+                                "cuda")
+    grad = dict(dtype=torch.float16, records_grad=True)
+    assert sup("triton", "add_layer_norm", dict(grad, hidden=MAX_FUSED_BACKWARD_HIDDEN), "cuda") is None
+    assert "gradient" in sup("triton", "add_layer_norm", dict(grad, hidden=MAX_FUSED_BACKWARD_HIDDEN + 1), "cuda")
+    att = dict(dtype=torch.float16, head_dim=64)
+    assert sup("triton", "varlen_attention", dict(att, sequences=MAX_GRID_YZ, heads=MAX_GRID_YZ), "cuda") is None
+    assert "at most" in sup("triton", "varlen_attention", dict(att, sequences=2, heads=MAX_GRID_YZ + 1), "cuda")
+    seen = []
+    real = ops.choose
+    try:
+        ops.choose = lambda op, device, **facts: seen.append((op, facts)) or real(op, device, **facts)
+        ops.varlen_attention(torch.randn(9, 3, 5, 32), torch.tensor([0, 2, 2, 9], dtype=torch.int32), 7)
+    finally:
+        ops.choose = real
+    assert seen == [("varlen_attention", dict(dtype=torch.float32, head_dim=32, sequences=3, heads=5))]
