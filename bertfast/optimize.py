@@ -89,6 +89,12 @@ def _encoder_like(base: nn.Module, owner: nn.Module) -> EncoderModel:
                          f"(model.merge_and_unload()), or optimize the model without adapters and add LoRA after it to "
                          f"its dense layers (attention.output.dense, intermediate.dense, output.dense); bertfast packs "
                          f"query / key / value into one parameter, which LoRA cannot target")
+    words = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if isinstance(words, nn.Embedding) and (words.max_norm is not None or words.sparse):
+        raise ValueError(f"bertfast.optimize: {type(owner).__name__}'s word embeddings have "
+                         f"{'max_norm=' + repr(words.max_norm) if words.max_norm is not None else 'sparse=True'}: the "
+                         f"fused embedding kernel renormalises no row and gives dense gradients; set them back to "
+                         f"nn.Embedding's defaults first")
     pooler = getattr(base, "pooler", None) is not None
     with torch.device("meta"):
         ours = cls(config, add_pooling_layer=pooler)
@@ -123,12 +129,11 @@ def _encoder_like(base: nn.Module, owner: nn.Module) -> EncoderModel:
     for module, attr, param in plan:
         module._parameters[attr] = param
     # the word-embedding module itself is kept (it holds the same Parameter): hooks on it (transformers'
-    # enable_input_require_grads, NEFTune, user hooks) stay in place
-    theirs = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    # enable_input_require_grads, NEFTune, user hooks) stay in place, and so does its padding_idx, which the
+    # fused kernel reads (one set to None, so that the pad row trains, trains here too)
     mine = ours.embeddings.word_embeddings
-    if (isinstance(theirs, nn.Embedding) and theirs.weight is mine.weight and theirs.padding_idx == mine.padding_idx
-            and theirs.max_norm is None and not theirs.sparse):
-        ours.embeddings.word_embeddings = theirs
+    if isinstance(words, nn.Embedding) and words.weight is mine.weight:
+        ours.embeddings.word_embeddings = words
     _refuse_hooks(base, owner, kept=ours.embeddings.word_embeddings)
     ours.train(base.training)
     if base.training and any(param.requires_grad for module, attr, param in plan if attr.startswith("qkv_")):

@@ -79,8 +79,12 @@ def test_token_types_outside_type_vocab(model):
 
 
 def test_sequence_longer_than_positions(model):
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        model(torch.randint(0, 50, (1, 33)))
+    # one past the positions is refused by its length (not as out-of-range position ids it never gave)
+    for kwargs in (dict(input_ids=torch.randint(0, 50, (1, 33))), dict(inputs_embeds=torch.randn(1, 33, 64))):
+        with pytest.raises(ValueError, match=r"sequence length 33 of input_ids / inputs_embeds is longer than the "
+                                             r"model's positions allow \(32, from config.max_position_embeddings\)"):
+            model(**kwargs)
+    assert model(torch.randint(0, 50, (1, 32))).last_hidden_state.shape == (1, 32, 64)     # exactly the positions
     with pytest.raises(ValueError, match="position_ids"):
         model(torch.randint(0, 50, (1, 4)), position_ids=torch.tensor([[0, 1, 2, 40]]))
 
@@ -236,6 +240,74 @@ def test_config_without_model_type_read_by_the_family_class(checkpoint):
         bertfast.AutoModel.from_pretrained(checkpoint)
 
 
+@pytest.mark.parametrize("safe", [True, False])
+def test_sharded_checkpoints_as_transformers(tmp_path, safe):
+    """A checkpoint saved in shards (model-0000i-of-0000n.safetensors / pytorch_model-*.bin and an index): every
+    shard is read, the outputs equal transformers' load of the same folder, an error names the shard that holds the
+    key, and a shard the index lists but the folder lacks is named."""
+    torch.manual_seed(7)
+    cfg = bert_config(hidden=64, heads=2, layers=2, vocab=50, max_pos=32)
+    hf_bert(cfg).save_pretrained(tmp_path, max_shard_size="40KB")
+    index = tmp_path / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    ext = "safetensors"
+    if not safe:      # the same shards as pickle files (transformers 5 saves safetensors only)
+        from safetensors.torch import load_file
+        ext, renamed = "bin", {}
+        for name in sorted(set(weight_map.values())):
+            renamed[name] = name.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+            torch.save(load_file(str(tmp_path / name)), tmp_path / renamed[name])
+            (tmp_path / name).unlink()
+        index.unlink()
+        weight_map = {k: renamed[v] for k, v in weight_map.items()}
+        index = tmp_path / "pytorch_model.bin.index.json"
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) >= 3 and all(s.endswith("." + ext) for s in shards)
+    from transformers import BertModel as HFBertModel
+    theirs = HFBertModel.from_pretrained(tmp_path).eval()
+    ours = bertfast.BertModel.from_pretrained(tmp_path)
+    ids, mask, types = random_batch(3, 11, 50, 2)
+    with torch.no_grad():
+        a = theirs(ids, attention_mask=mask, token_type_ids=types)
+        b = ours(ids, attention_mask=mask, token_type_ids=types)
+    q = real(mask)
+    assert (a.last_hidden_state[q] - b.last_hidden_state[q]).abs().max() <= 1e-5
+    assert (a.pooler_output - b.pooler_output).abs().max() <= 1e-5
+    # a shape error names the shard the key came from, not the index
+    key = "encoder.layer.1.intermediate.dense.weight"
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 100}))
+    with pytest.raises(CheckpointError, match=f"{weight_map[key]}: key {key} has shape"):
+        bertfast.BertModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / shards[-1]).unlink()
+    with pytest.raises(CheckpointError, match=f"{shards[-1]} is missing \\(listed in .*{index.name}\\)"):
+        bertfast.BertModel.from_pretrained(tmp_path)
+
+
+def test_tensorflow_era_layer_norm_names_load_as_transformers(checkpoint):
+    """Old checkpoints name the LayerNorms' parameters gamma / beta: both renamed (weight / bias) as transformers
+    renames them, the outputs equal transformers' load of the same file."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertModel as HFBertModel
+    state = load_file(str(checkpoint / "model.safetensors"))
+    old = {}
+    for key, value in state.items():
+        if ".LayerNorm." in key:
+            key = key.replace(".LayerNorm.weight", ".LayerNorm.gamma").replace(".LayerNorm.bias", ".LayerNorm.beta")
+        old[key] = value
+    assert any(k.endswith(".gamma") for k in old) and any(k.endswith(".beta") for k in old)
+    save_file(old, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    theirs = HFBertModel.from_pretrained(checkpoint).eval()
+    ours = bertfast.BertModel.from_pretrained(checkpoint)
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert (ours(ids).last_hidden_state - theirs(ids).last_hidden_state).abs().max() <= 1e-5
+
+
 _LFS = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234567\n"
 
 
@@ -245,6 +317,8 @@ _LFS = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\
     ("model.safetensors", "x" * 64, "model.safetensors could not be read as a safetensors file"),
     ("model.safetensors.index.json", "{oops", "model.safetensors.index.json could not be read as JSON"),
     ("model.safetensors.index.json", '{"metadata": {}}', "model.safetensors.index.json has no weight_map"),
+    ("model.safetensors.index.json", '{"weight_map": {"pooler.dense.bias": 3}}',
+     "model.safetensors.index.json has no weight_map"),          # a shard named by something other than a file name
     ("pytorch_model.bin", torch.zeros(3), "pytorch_model.bin holds a Tensor, not a state dict"),
     ("pytorch_model.bin", {"state_dict": {"a": torch.zeros(1)}, "epoch": 1},
      r"pytorch_model.bin is not a state dict: epoch, state_dict hold no tensor"),
@@ -453,6 +527,7 @@ def test_empty_batches(backend, monkeypatch):
     ([0, 3, 8], 5, r"must end at T = qkv.shape\[0\] = 9, got 8"),
     ([0, 3, 8, 12], 5, r"must end at T = qkv.shape\[0\] = 9, got 12"),
     ([0, 3, 8, 9], 2, r"max_seqlen 2 is smaller than the longest sequence in cu_seqlens \(5\)"),
+    ([0, 3, 8, 9], 4, r"max_seqlen 4 is smaller than the longest sequence in cu_seqlens \(5\)"),     # one short
 ])
 def test_varlen_attention_checks_cu_seqlens_values(backend, cu, max_seqlen, message, monkeypatch):
     """A kernel addresses memory by cu_seqlens: wrong values are refused on every backend (the CPU path reads them
@@ -543,6 +618,14 @@ def test_roberta_batches_padded_past_the_positions(tmp_path):
     with pytest.raises(ValueError, match=r"input_ids hold a sequence of 39 tokens \(not counting padding\), longer "
                                          r"than the model's positions allow \(38"):
         ours(ids)
+    # inputs_embeds have no padding to leave out: their length is what must fit, and it is what the error names
+    embeds = torch.randn(2, 38, 64)
+    with torch.no_grad():
+        a, b = hf(inputs_embeds=embeds), ours(inputs_embeds=embeds)
+    assert (a.last_hidden_state - b.last_hidden_state).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=r"sequence length 39 of input_ids / inputs_embeds is longer than the "
+                                         r"model's positions allow \(38"):
+        ours(inputs_embeds=torch.randn(1, 39, 64))
 
 
 def test_reference_pad_and_unpad_check_indices(monkeypatch):

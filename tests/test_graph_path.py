@@ -78,6 +78,23 @@ def test_unpad_mask_fields(batch, seqlen):
         assert unp.seqlens.tolist() == counts and unp.cu_seqlens.tolist() == [sum(counts[:i]) for i in
                                                                            range(batch + 1)]
         assert unp.max_seqlen == max(counts) and (unp.batch, unp.seqlen, unp.total) == (batch, seqlen, sum(counts))
+        # each row's first packed row, kept inside [0, total) for empty rows (also when every row is empty)
+        assert unp.first_token.tolist() == [min(sum(counts[:i]), max(sum(counts) - 1, 0)) for i in range(batch)]
+
+
+@pytest.mark.parametrize("batch,seqlen", [(1, 9), (3, 17), (6, 4), (2, 0), (0, 5)])
+def test_full_batch_fields(batch, seqlen):
+    """full_batch (no mask: no host read) gives the fields unpad_mask gives for an all-ones mask, max_seqlen the
+    padded length (the attention's tiling reads it: a smaller value leaves tokens uncomputed on the GPU), and
+    first_token row b * seqlen."""
+    unp = bertfast.padding.full_batch(batch, seqlen, torch.device("cpu"))
+    ref = unpad_mask(torch.ones(batch, seqlen, dtype=torch.long))
+    assert torch.equal(unp.indices, ref.indices) and unp.indices.dtype == torch.int64
+    assert torch.equal(unp.seqlens, ref.seqlens) and unp.seqlens.dtype == torch.int32
+    assert torch.equal(unp.cu_seqlens, ref.cu_seqlens) and unp.cu_seqlens.dtype == torch.int32
+    assert (unp.max_seqlen, unp.batch, unp.seqlen, unp.total) == (seqlen, batch, seqlen, batch * seqlen)
+    if batch * seqlen:
+        assert unp.first_token.tolist() == [b * seqlen for b in range(batch)]
 
 
 def _eager_and_graphed(family, max_graphs=16):

@@ -668,6 +668,9 @@ class EncoderModel(nn.Module):
             if self._padded_position_reader is not None:
                 # rows whose position read by the head is padding
                 position = self._padded_position_reader[1]
+                if not seqlen and position is not None:
+                    raise ValueError(f"input_ids / inputs_embeds have no positions (seq_len 0), and "
+                                     f"{self._padded_position_reader[0]} reads position {position}")
                 padded = (lengths < seqlen) if position is None else (attention_mask[:, position] == 0)
                 stats.append(padded.sum() if attention_mask.shape[0] and seqlen else zero)
             if self.pooler is not None:
