@@ -168,7 +168,8 @@ def read_state_dict(directory: Path, use_safetensors: bool | None = None) -> tup
                           + ("" if use_safetensors is None else f" (use_safetensors={use_safetensors})"))
 
 
-def normalise_keys(state: dict, origin: dict, expected: set, base_prefix: str, directory: Path | str = "") -> tuple[dict, dict]:
+def normalise_keys(state: dict, origin: dict, expected: set, base_prefix: str,
+                   directory: Path | str = "") -> tuple[dict, dict]:
     """Map a checkpoint's keys onto the encoder's: strip the task model's prefix (e.g. "bert." in a
     BertForMaskedLM checkpoint; the head's own keys are then set aside with a notice), rename the old
     TensorFlow-era LayerNorm names (gamma/beta), drop buffers that carry no weights."""
@@ -223,27 +224,28 @@ def set_aside_deeper_layers(state: dict, origin: dict, expected: dict, directory
     if config_file.is_file():
         fields = _json_object(config_file)
         declared = next((fields[f] for f in _LAYER_COUNT_FIELDS if isinstance(fields.get(f), int)), None)
-    drop = []
+    drop = set()
     for stem, model_layers in wanted.items():
         n, layer0 = len(model_layers), model_layers.get(0, set())
         ckpt_layers = held.get(stem, {})
-        if sorted(model_layers) != list(range(n)) or sorted(ckpt_layers) != list(range(len(ckpt_layers))):
-            continue
         m = len(ckpt_layers)
-        if 0 < m < n and all(ckpt_layers[i] == layer0 for i in range(m)) and (declared is None or declared == m):
+        if sorted(model_layers) != list(range(n)) or sorted(ckpt_layers) != list(range(m)):
+            continue
+        # a whole checkpoint of this architecture: every layer holds layer 0's keys, and config.json agrees
+        whole = all(ckpt_layers[i] == layer0 for i in range(m)) and (declared is None or declared == m)
+        if whole and 0 < m < n:
             raise CheckpointError(f"checkpoint in {directory} holds {m} layer{'s' if m != 1 else ''} and the config "
                                   f"asks for {n} (num_hidden_layers): bertfast does not initialise layers at random; "
                                   f"load at most {m} layers")
-        if m > n and all(ckpt_layers[i] == layer0 for i in range(m)) and (declared is None or declared == m):
-            drop += [f"{stem}{i}.{rest}" for i in range(n, m) for rest in ckpt_layers[i]]
+        if whole and m > n:
+            drop.update(f"{stem}{i}.{rest}" for i in range(n, m) for rest in ckpt_layers[i])
             unused = f"{stem}{n} is" if m == n + 1 else f"{stem}{n}..{m - 1} are"
             notice_once(f"deeper-layers:{directory}:{stem}:{n}",
                         f"the model has {n} layer{'s' if n != 1 else ''} (num_hidden_layers) and the checkpoint in "
                         f"{directory} has {m}: the first {n} load, {unused} not used")
     if not drop:
         return state, origin
-    gone = set(drop)
-    return ({k: v for k, v in state.items() if k not in gone}, {k: v for k, v in origin.items() if k not in gone})
+    return ({k: v for k, v in state.items() if k not in drop}, {k: v for k, v in origin.items() if k not in drop})
 
 
 def check_state_dict(state: dict, origin: dict, expected: dict, directory: Path | str) -> None:

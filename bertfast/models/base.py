@@ -676,8 +676,9 @@ class EncoderModel(nn.Module):
             if self.pooler is not None:
                 # rows padded at position 0 that hold a real token: the pooler reads another token than
                 # transformers' (said, not refused: both are computed states)
-                left = (attention_mask[:, 0] == 0) & (lengths > 0) if seqlen else None
-                stats.append(left.sum() if left is not None and attention_mask.shape[0] else zero)
+                left = ((attention_mask[:, 0] == 0) & (lengths > 0)).sum() if attention_mask.shape[0] and seqlen \
+                    else zero
+                stats.append(left)
         for t in (input_ids, token_type_ids, position_ids):
             if t is not None and t.numel():
                 stats += [t.min(), t.max()]
@@ -802,7 +803,8 @@ class EncoderModel(nn.Module):
         check follow. Returns the embeddings; both arguments None returns them unchanged."""
         old = self.get_input_embeddings()
         if pad_to_multiple_of is not None:
-            if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+            if (isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int)
+                    or pad_to_multiple_of < 1):
                 raise ValueError(f"pad_to_multiple_of must be an int >= 1, got {pad_to_multiple_of!r}")
             rows = old.num_embeddings if new_num_tokens is None else new_num_tokens
             new_num_tokens = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
@@ -815,8 +817,10 @@ class EncoderModel(nn.Module):
             new = weight.new_empty((new_num_tokens, weight.shape[1]))
             kept = min(n_old, new_num_tokens)
             new[:kept] = weight[:kept]
-            if new_num_tokens > n_old:
-                new[n_old:] = _added_rows(weight, new_num_tokens - n_old, mean_resizing, self.spec.initializer_range)
+            if new_num_tokens > n_old and mean_resizing:
+                new[n_old:] = _rows_around_the_mean(weight, new_num_tokens - n_old)
+            elif new_num_tokens > n_old:
+                new[n_old:].normal_(0.0, self.spec.initializer_range)
             old.weight.data = new
             old.num_embeddings = new_num_tokens
             if old.padding_idx is not None and old.padding_idx >= new_num_tokens:
@@ -840,10 +844,9 @@ def _output_requires_grad(module, args, output):
     output.requires_grad_(True)
 
 
-def _added_rows(weight: torch.Tensor, count: int, mean_resizing: bool, std: float) -> torch.Tensor:
-    """resize_token_embeddings' new rows: around the old rows' mean (mean_resizing) or normal(0, std)."""
-    if not mean_resizing:
-        return torch.randn((count, weight.shape[1]), device=weight.device).mul_(std).to(weight.dtype)
+def _rows_around_the_mean(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """resize_token_embeddings' new rows under mean_resizing: a normal with the old rows' mean and 1e-9 times their
+    covariance (the mean itself where that is not positive definite)."""
     old = weight.float()
     mean = old.mean(dim=0)
     centred = old - mean
