@@ -81,13 +81,16 @@ def _max_err(a, b):
 
 
 def _check_case(device, dtype, head_dim, lengths, heads, fp32_precision="ieee", dropout_p=0.0, seed=0,
-                softmax_scale=None, check_lse=True, qk_gain=1.0):
-    """qk_gain multiplies q and k (the logits by its square)."""
+                softmax_scale=None, check_lse=True, qk_gain=1.0, edit_qkv=None, check_grads=True):
+    """qk_gain multiplies q and k (the logits by its square); edit_qkv(qkv, cu) edits the random qkv in place;
+    check_grads=False only requires the gradients to be finite."""
     cu_t, max_seqlen = _cu(lengths, device)
     cu = cu_t.tolist()
     total = cu[-1]
     qkv = torch.randn(total, 3, heads, head_dim, dtype=dtype)
     qkv[:, :2] *= qk_gain
+    if edit_qkv is not None:
+        edit_qkv(qkv, cu)
     dout = torch.randn(total, heads, head_dim, dtype=dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
 
@@ -111,7 +114,8 @@ def _check_case(device, dtype, head_dim, lengths, heads, fp32_precision="ieee", 
     err = _max_err(out, ref_out)
     bound = 2 * _max_err(pt_out, ref_out) + _floor(dtype, ref_out)
     assert err <= bound, f"out: max error {err:.3g} > bound {bound:.3g}"
-    for i, name in enumerate("qkv"):
+    assert torch.isfinite(dqkv).all()
+    for i, name in enumerate("qkv" if check_grads else ""):
         err = _max_err(dqkv[:, i], ref_grad[:, i])
         bound = 3 * _max_err(pt_grad[:, i], ref_grad[:, i]) + _grad_floor(dtype, ref_grad[:, i], head_dim)
         assert err <= bound, f"d{name}: max error {err:.3g} > bound {bound:.3g}"
@@ -218,6 +222,121 @@ def test_fp32_tf32_rounded_operands(device):
         da, db = run(a, precision, out_lse)[2], run(b, precision, out_lse)[2]
         assert torch.equal(da[:, 1], db[:, 1]) == same, f"{precision}: V's rounding, dK"
         assert torch.equal(da[:, 2], db[:, 2]), "dV does not read V"
+
+
+@pytest.mark.parametrize("case", ["peak", "low"])
+def test_logits_far_from_exp_range(device, case):
+    """Logits beyond exp's fp32 range (about +-88 nats) where the softmax is still well defined, being shift
+    invariant; component 0 of q and k is set to +-c with c^2 * scale = 112 nats. "peak": key 0 of each sequence
+    outscores every other key by that much, so a row's running max falls by ~160 (log2 units) from the first key
+    tile to the next: the rescaling exp2(m_old - m_new) must shrink, never grow (it overflowed to inf when the
+    running max was the tile's own). "low": every logit is below -100 nats, so lse < -100: a running max that starts
+    at 0 instead of -inf underflows every p to 0, and a padded key of a partial tile (score 0) gets
+    exp(0 - lse) = inf in the backward unless it is masked. The gradients of "peak" are only required to be
+    finite: its P is one-hot, where dS = P (dP - delta) cancels to 0 and the fp32 error of delta (from the stored
+    O) reaches dQ, dK times |K| or |Q| * scale (~4 here), beyond the gradient floor."""
+    _seed_for("far-logits", case)
+    head_dim = 64
+    c = math.sqrt(112 * math.sqrt(head_dim))
+
+    def edit(qkv, cu):
+        if case == "peak":
+            qkv[:, 0, :, 0] = c
+            qkv[:, 1, :, 0] = 0.0
+            qkv[cu[:-1], 1, :, 0] = c          # key 0 of every sequence (no sequence is empty here)
+        else:
+            qkv[:, 0, :, 0] = -c
+            qkv[:, 1, :, 0] = c
+
+    _check_case(device, torch.float32, head_dim, [40, 70, 1, 35], heads=2, edit_qkv=edit,
+                check_grads=case != "peak")
+
+
+@pytest.mark.parametrize("dtype_name,head_dim", [("fp16", 80), ("fp32", 64)])
+def test_neighbouring_memory_is_neither_read_nor_written(device, dtype_name, head_dim):
+    """Every tensor is a view into a larger NaN-filled buffer: NaN rows before the first and after the last token
+    (as many as a tile can reach), NaN between heads, and for qkv, dqkv, out and dout a NaN tail past head_dim. The
+    results equal those from compact tensors bit for bit, and every NaN outside the views is still there. A load
+    whose mask lets it reach past the last sequence's end or past head_dim multiplies a NaN by 0 (still NaN); a
+    store past a sequence, a head or head_dim overwrites the NaN; an offset built from head_dim instead of the
+    head stride lands in the gap. (head_dim 80 takes the padded-block masks, 64 the others.)"""
+    _seed_for("neighbours", dtype_name, head_dim)
+    dtype = DTYPES[dtype_name]
+    precision = "ieee"
+    lengths = [3, 70, 1, 37]                      # partial tiles everywhere; the last sequence ends mid-tile
+    cu_t, max_seqlen = _cu(lengths, device)
+    total, heads, before, after, gap = sum(lengths), 2, 3, 130, 16
+    nan = float("nan")
+
+    def view(buf):
+        return buf[before:before + total, ..., :head_dim]
+
+    qkv_buf = torch.full((before + total + after, 3, heads, head_dim + gap), nan, dtype=dtype, device=device)
+    dout_buf = torch.full((before + total + after, heads, head_dim + gap), nan, dtype=dtype, device=device)
+    out_buf, dqkv_buf = torch.full_like(dout_buf, nan), torch.full_like(qkv_buf, nan)
+    lse_buf = torch.full((heads, before + total + after), nan, device=device)
+    qkv, dout, out, dqkv = view(qkv_buf), view(dout_buf), view(out_buf), view(dqkv_buf)
+    lse = lse_buf[:, before:before + total]
+    qkv.copy_(torch.randn(qkv.shape, device=device).to(dtype))
+    dout.copy_(torch.randn(dout.shape, device=device).to(dtype))
+
+    attention_forward(qkv, cu_t, max_seqlen, fp32_precision=precision, out=out, lse=lse)
+    attention_backward(dout, qkv, out, lse, cu_t, max_seqlen, fp32_precision=precision, dqkv=dqkv)
+    ref_out, ref_lse = attention_forward(qkv.contiguous(), cu_t, max_seqlen, fp32_precision=precision)
+    ref_dqkv = attention_backward(dout.contiguous(), qkv.contiguous(), ref_out, ref_lse, cu_t, max_seqlen,
+                                  fp32_precision=precision)
+    assert torch.isfinite(ref_out).all() and torch.isfinite(ref_dqkv).all()
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
+    torch.testing.assert_close(dqkv, ref_dqkv, rtol=0, atol=0)
+    for name, buf, inside in (("out", out_buf, out), ("lse", lse_buf, lse), ("dqkv", dqkv_buf, dqkv)):
+        outside = torch.ones_like(buf, dtype=torch.bool)
+        (outside[:, before:before + total] if name == "lse" else view(outside)).fill_(False)
+        assert inside.shape == (buf[:, before:before + total] if name == "lse" else view(buf)).shape
+        assert buf[outside].isnan().all(), f"{name}: written outside its view"
+
+
+def test_fp32_tf32_rounding_ties_to_even(device):
+    """_tf32_rn's ties: Q exactly halfway between two tf32 values gives the same results, bit for bit, as Q rounded
+    to the even one of them (half the ties round down, half up). Rounding ties one way only (a dropped
+    ties-to-even term) rounds the odd half to the other neighbour. fp32 "ieee" dots are the control."""
+    _seed_for("tf32-ties")
+    lengths = [17, 40]
+    cu_t, max_seqlen = _cu(lengths, device)
+    qkv = torch.randn(sum(lengths), 3, 2, 64)
+    base = qkv[:, 0].view(torch.int32) & ~0x1FFF                       # a tf32 value (truncation)
+    tie = (base | 0x1000).view(torch.float32)
+    even = torch.where((base >> 13) & 1 == 1, base + 0x2000, base).view(torch.float32)
+    assert ((base >> 13) & 1).float().mean().item() > 0.3 and not torch.equal(tie, even)
+    for precision in ("tf32", "ieee"):
+        a, b = qkv.clone(), qkv.clone()
+        a[:, 0], b[:, 0] = tie, even
+        ra = attention_forward(a.to(device), cu_t, max_seqlen, fp32_precision=precision)
+        rb = attention_forward(b.to(device), cu_t, max_seqlen, fp32_precision=precision)
+        for name, x, y in zip(("out", "lse"), ra, rb):
+            assert torch.equal(x, y) == (precision == "tf32"), f"{precision}: {name}"
+
+
+def test_fp32_tf32_probabilities_rounded_not_truncated(device):
+    """P, the left operand of the forward's P @ V dot and of the dV dot P^T @ dO, is rounded to tf32 by the kernels
+    (_tf32_rn), which is unbiased; left to the tensor cores' truncation (conftest) every product shrinks. With V = 1
+    every output is 1, and with dO = 1 every dV is a column sum of P: rounded, the kernel's results fall below the
+    float64 reference about as often as above it (its other errors are random in sign too); truncated, nearly all
+    fall below. The accuracy bounds cannot see this (one truncated operand stays within them)."""
+    _seed_for("tf32-p-bias")
+    lengths, heads, head_dim = [100, 37, 70], 2, 64
+    cu_t, max_seqlen = _cu(lengths, device)
+    cu = cu_t.tolist()
+    qkv = torch.randn(sum(lengths), 3, heads, head_dim)
+    qkv[:, 2] = 1.0
+    dout = torch.ones(sum(lengths), heads, head_dim)
+    out, lse = attention_forward(qkv.to(device), cu_t, max_seqlen, fp32_precision="tf32")
+    dqkv = attention_backward(dout.to(device), qkv.to(device), out, lse, cu_t, max_seqlen, fp32_precision="tf32")
+    ref_out, ref_grad = _fwd_bwd(lambda x: _reference(x, cu, 1.0 / math.sqrt(head_dim)), qkv.double(), dout)
+    for name, got, ref in (("out", out.cpu(), ref_out), ("dV", dqkv[:, 2].cpu(), ref_grad[:, 2])):
+        err = (got.double() - ref)[..., 0]          # all head_dim columns are equal
+        below = (err < 0).sum().item() / max((err != 0).sum().item(), 1)
+        assert 0.3 <= below <= 0.7, f"{name}: {below:.2f} of the errors are negative"
 
 
 def test_custom_scale_and_empty_sequences(device):
@@ -349,6 +468,55 @@ def test_dropout_mask_statistics_and_determinism(device):
     # a cu_seqlens that is not a tensor is named (it used to be an AttributeError on its .device)
     with pytest.raises(UnsupportedInput, match="cu_seqlens must be a 1-D int32 tensor"):
         dropout_mask([0, 200], 200, 2, p, seed=42)
+
+
+def _philox_keep_reference(lengths, heads, dropout_p, seed):
+    """The keep-mask as documented, computed independently in numpy: Philox4x32 (Triton's constants,
+    attn.PHILOX_ROUNDS rounds) of counter (key index in the sequence, query token index in the packed T axis, head,
+    0) and key (seed's low, high 32-bit word); its first output made a float in [0, 1) as Triton's
+    uint_to_uniform_float does; kept where that is >= dropout_p (in fp32). Returns (keep, uniform), padded
+    [B, heads, S, S] (positions past a sequence's end: not kept)."""
+    import numpy as np
+    s_max = max(max(lengths), 1)
+    b_i, h_i, q_i, k_i = np.meshgrid(np.arange(len(lengths)), np.arange(heads), np.arange(s_max), np.arange(s_max),
+                                     indexing="ij")
+    starts = np.cumsum([0] + list(lengths))[:-1]
+    c0, c1 = k_i.astype(np.uint32), (starts[b_i] + q_i).astype(np.uint32)
+    c2, c3 = h_i.astype(np.uint32), np.zeros_like(c0)
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+
+    def mulhilo(a, m):
+        prod = a.astype(np.uint64) * np.uint64(m)
+        return (prod >> np.uint64(32)).astype(np.uint32), (prod & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+    for _ in range(attn.PHILOX_ROUNDS):
+        hi_b, lo_b = mulhilo(c2, 0xCD9E8D57)
+        hi_a, lo_a = mulhilo(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ np.uint32(k0), lo_b, hi_a ^ c3 ^ np.uint32(k1), lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    x = c0.view(np.int32)
+    x = np.where(x < 0, np.invert(x), x)
+    u = x.astype(np.float32) * np.float32(4.6566127342e-10)
+    real = (q_i < np.asarray(lengths)[b_i]) & (k_i < np.asarray(lengths)[b_i])
+    return (u >= np.float32(dropout_p)) & real, np.where(real, u, np.float32(-1.0))
+
+
+def test_dropout_mask_is_the_documented_philox_draw(device):
+    """dropout_mask (hence the kernels, which the dropout tests check against it) against an independent numpy
+    Philox of the documented counter: a swap of the key / query counter words, a local instead of global query index
+    or a lost head or seed word would keep the statistics and the forward / backward agreement, not this. Then the
+    keep test's boundary: with dropout_p equal to one of the drawn uniforms, that element is kept (>=)."""
+    lengths, heads = [5, 70, 0, 3], 2
+    cu_t, max_seqlen = _cu(lengths, device)
+    seed = (0x5EED << 32) | 0x9ABCDEF1                 # both key words, the low one with its top bit set
+    keep, u = _philox_keep_reference(lengths, heads, 0.3, seed)
+    mask = dropout_mask(cu_t, max_seqlen, heads, 0.3, seed, device).cpu().numpy()
+    assert (mask == keep).all(), f"{(mask != keep).sum()} of {mask.size} differ"
+    tie = float(u[(u > 0.1) & (u < 0.9)][0])
+    keep, u = _philox_keep_reference(lengths, heads, tie, seed)
+    assert (u == tie).sum() >= 1
+    mask = dropout_mask(cu_t, max_seqlen, heads, tie, seed, device).cpu().numpy()
+    assert (mask == keep).all() and mask[u == tie].all()
 
 
 def test_dropout_changes_output_and_zero_p_is_exact(device):
