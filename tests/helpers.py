@@ -46,3 +46,35 @@ def random_batch(batch, seqlen, vocab, type_vocab=2, lengths=None, generator=Non
 
 def real(mask):
     return mask.bool()
+
+
+GUARD = 2048      # elements of sentinel on either side of a guarded allocation (more than a row of the tests)
+SENTINEL = 7.0    # exact in every dtype the kernels write (fp32 / fp16 / bf16 / uint8)
+
+
+def guard_allocations(monkeypatch):
+    """From now on (until monkeypatch.undo()) torch.empty / torch.empty_like return views into larger buffers with
+    GUARD SENTINEL elements on either side, so that a kernel writing outside a tensor it was given is seen (the
+    Triton interpreter, like the GPU, does not check bounds). Returns the list of (buffer, numel) that
+    assert_guards_intact checks."""
+    real_empty, bases = torch.empty, []
+
+    def empty(*size, dtype=None, device=None, **kw):
+        shape = torch.Size(size[0] if len(size) == 1 and not isinstance(size[0], int) else size)
+        base = real_empty(shape.numel() + 2 * GUARD, dtype=dtype, device=device, **kw).fill_(SENTINEL)
+        bases.append((base, shape.numel()))
+        return base[GUARD:GUARD + shape.numel()].view(shape)
+
+    def empty_like(t, dtype=None, device=None, **kw):
+        return empty(t.shape, dtype=t.dtype if dtype is None else dtype, device=t.device if device is None else device)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    return bases
+
+
+def assert_guards_intact(bases):
+    assert bases, "nothing was allocated through the guards"
+    for base, numel in bases:
+        for where, guard in (("before", base[:GUARD]), ("after", base[GUARD + numel:])):
+            assert (guard == SENTINEL).all(), f"a kernel wrote {where} a buffer of {numel} {base.dtype} elements"

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from bertfast.kernels import config
 from bertfast.kernels import gelu
 
+from helpers import assert_guards_intact, guard_allocations
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTIVATIONS = ["gelu", "gelu_tanh", "relu", "silu"]
 
@@ -77,6 +79,35 @@ def test_fp32_curve_dense(activation, device):
     _assert_close("y", y, _act(x, activation), _act(x.double(), activation), torch.float32)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fp32_derivative_dense(activation, device):
+    """The derivatives over the same dense grid as test_fp32_curve_dense (dy = 1): the bound at the derivative's
+    magnitude (~1) rather than at the ~4x larger dx of random dy. gelu_tanh's derivative taking 1 - s by subtraction
+    on the positive side too (it cancels there) passed every other test of this file and of test_layer_norm.py
+    (mutation testing, 2026-11-27)."""
+    x = torch.linspace(-3.99, 3.99, 32 * 256, device=device).reshape(32, 256)
+    dx, _ = gelu.bias_act_backward(torch.ones_like(x), x, None, activation)
+    _, low, _ = _composite(torch.float32, x, None, activation, torch.ones_like(x))
+    _, ref, _ = _composite(torch.float64, x, None, activation, torch.ones_like(x))
+    _assert_close("dx", dx, low, ref, torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_far_tails(activation, device):
+    """Inputs far out in both tails (fp32: exp(-a) and exp(-2u) overflow to inf below about -88 and -44): values
+    and derivatives finite and torch's (0 or the identity's), e.g. silu's derivative written with e * s on the
+    negative side gives inf * 0 = NaN there."""
+    x = torch.tensor([-3e4, -1000.0, -100.0, -60.0, -30.0, 30.0, 60.0, 100.0, 1000.0, 3e4], device=device).repeat(2, 1)
+    y = gelu.bias_act_forward(x, None, activation)
+    dx, _ = gelu.bias_act_backward(torch.ones_like(x), x, None, activation)
+    low_y, low_dx, _ = _composite(torch.float32, x, None, activation, torch.ones_like(x))
+    ref_y, ref_dx, _ = _composite(torch.float64, x, None, activation, torch.ones_like(x))
+    _assert_close("y", y, low_y, ref_y, torch.float32)
+    _assert_close("dx", dx, low_dx, ref_dx, torch.float32)
+
+
 @pytest.mark.parametrize("width", [128, 1023, 1536, 3072])
 def test_widths(width, device):
     _check(5, width, torch.float16, "gelu", device)
@@ -119,6 +150,24 @@ def test_nan_propagates_like_torch(activation, device):
     assert torch.equal(dx.isnan(), dref.isnan()), (dx, dref)
     if activation == "relu":
         assert dx[0, 0].item() == 1.0 == dref[0, 0].item()
+        # and 0 at 0 (threshold_backward's a <= 0), exactly torch's everywhere
+        assert torch.equal(dx, dref), (dx, dref)
+
+
+def test_no_writes_outside_outputs(device, monkeypatch):
+    """No kernel writes outside the tensors it is given (helpers.guard_allocations): out, dx and the dbias partial
+    sums lie between guard bands; 37 x 300 leaves a partial row tile and a partial column block."""
+    x = torch.randn(37, 300, device=device, dtype=torch.float16)
+    bias = torch.randn(300, device=device, dtype=torch.float16)
+    dy = torch.randn_like(x)
+    bases = guard_allocations(monkeypatch)
+    y = gelu.bias_act_forward(x, bias, "gelu", out=torch.empty_like(x))
+    dx, dbias = gelu.bias_act_backward(dy, x, bias, "gelu")
+    monkeypatch.undo()
+    assert_guards_intact(bases)
+    assert torch.equal(y, gelu.bias_act_forward(x, bias, "gelu"))
+    for a, b in zip((dx, dbias), gelu.bias_act_backward(dy, x, bias, "gelu")):
+        assert torch.equal(a, b)
 
 
 def test_backward_deterministic(device):

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from bertfast.kernels import config
 from bertfast.kernels import layer_norm as ln
 
+from helpers import assert_guards_intact, guard_allocations
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-5
 
@@ -31,7 +33,7 @@ def _act(a, activation):
     return a
 
 
-def _composite(dtype, x, weight, bias, residual, x_bias, activation, keep, p, dy):
+def _composite(dtype, x, weight, bias, residual, x_bias, activation, keep, p, dy, eps=EPS):
     """PyTorch's LayerNorm(dropout(act(x + x_bias)) + residual) in ``dtype``: (y, grads in argument order)."""
     leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None
               for t in (x, weight, bias, residual, x_bias)]
@@ -41,7 +43,7 @@ def _composite(dtype, x, weight, bias, residual, x_bias, activation, keep, p, dy
     if keep is not None:
         g = g * (keep.to(dtype) * (1.0 / (1.0 - p))).to(dtype)
     z = g + r_ if r_ is not None else g
-    y = F.layer_norm(z, (x.shape[1],), w_, b_, EPS)
+    y = F.layer_norm(z, (x.shape[1],), w_, b_, eps)
     y.backward(dy.to(dtype))
     grads = {"x": x_.grad, "weight": w_.grad, "bias": b_.grad,
              "residual": r_.grad if r_ is not None else None, "x_bias": xb_.grad if xb_ is not None else None}
@@ -64,8 +66,8 @@ def _assert_close(name, ours, lowp, ref, dtype):
     assert ours_err <= bound, f"{name} ({dtype}): max error {ours_err:.3g} > bound {bound:.3g} (torch {torch_err:.3g})"
 
 
-def _inputs(n, h, dtype, device, residual=True, x_bias=True):
-    x = torch.randn(n, h, device=device).to(dtype)
+def _inputs(n, h, dtype, device, residual=True, x_bias=True, offset=0.0):
+    x = (offset + torch.randn(n, h, device=device)).to(dtype)
     weight = (1.0 + 0.1 * torch.randn(h, device=device)).to(dtype)
     bias = (0.1 * torch.randn(h, device=device)).to(dtype)
     res = torch.randn(n, h, device=device).to(dtype) if residual else None
@@ -75,13 +77,13 @@ def _inputs(n, h, dtype, device, residual=True, x_bias=True):
 
 
 def _check(n, h, dtype, device, residual=True, x_bias=True, activation=None, p=0.0, seed=0, backward=True,
-           rows=None, num_warps=None):
-    x, weight, bias, res, xb, dy = _inputs(n, h, dtype, device, residual, x_bias)
-    y, mean, rstd = ln.add_layer_norm_forward(x, weight, bias, EPS, residual=res, x_bias=xb, activation=activation,
+           rows=None, num_warps=None, eps=EPS, offset=0.0):
+    x, weight, bias, res, xb, dy = _inputs(n, h, dtype, device, residual, x_bias, offset)
+    y, mean, rstd = ln.add_layer_norm_forward(x, weight, bias, eps, residual=res, x_bias=xb, activation=activation,
                                               dropout_p=p, seed=seed, rows=rows, num_warps=num_warps)
     keep = ln.dropout_keep_mask((n, h), p, seed, device) if p > 0 else None
-    ref_y, ref_g = _composite(torch.float64, x, weight, bias, res, xb, activation, keep, p, dy)
-    low_y, low_g = _composite(dtype, x, weight, bias, res, xb, activation, keep, p, dy)
+    ref_y, ref_g = _composite(torch.float64, x, weight, bias, res, xb, activation, keep, p, dy, eps)
+    low_y, low_g = _composite(dtype, x, weight, bias, res, xb, activation, keep, p, dy, eps)
     _assert_close("y", y, low_y, ref_y, dtype)
     assert mean.dtype == torch.float32 and rstd.dtype == torch.float32 and mean.shape == (n,)
     if not backward:
@@ -108,6 +110,13 @@ def test_hidden_sizes(hidden, dtype, device):
     _check(3, hidden, dtype, device)
 
 
+@pytest.mark.parametrize("hidden", [1, 17, 129, 513])
+def test_hidden_just_past_a_power_of_two(hidden, device):
+    """Hidden sizes one past a power of two (and 1): the row block must be the next power of two up, not the one
+    below (test_hidden_sizes' 1023 and powers of two cannot tell next_pow2(H) from next_pow2(H - 1))."""
+    _check(3, hidden, torch.float32, device, activation="gelu", p=0.1, seed=11)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation,p,residual,x_bias", [
     (None, 0.0, False, False),      # plain LayerNorm
@@ -121,6 +130,21 @@ def test_hidden_sizes(hidden, dtype, device):
 ])
 def test_features(activation, p, residual, x_bias, dtype, device):
     _check(5, 384, dtype, device, residual=residual, x_bias=x_bias, activation=activation, p=p, seed=1234)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.5])
+def test_eps(eps, device):
+    """eps reaches the kernel (every other test uses 1e-5): 0, and 0.5, large against the rows' variance (~2),
+    forward and backward (the backward reads the forward's rstd)."""
+    _check(5, 384, torch.float32, device, activation="gelu", p=0.1, seed=3, eps=eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_with_large_mean(dtype, device):
+    """Rows whose mean is large against their spread (x ~ 200 + randn): a variance taken as E[z^2] - E[z]^2 loses
+    most of its digits to cancellation in fp32, the two-pass variance does not (the other tests' rows have mean
+    ~0, where both agree)."""
+    _check(4, 384, dtype, device, offset=200.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -213,6 +237,32 @@ def test_backward_outputs_fully_written(device):
     _check(2, 1023, torch.float32, device, activation="gelu", p=0.2, seed=7)
 
 
+@pytest.mark.parametrize("rows", ["policy", "multi"])
+def test_no_writes_outside_outputs(rows, device, monkeypatch):
+    """No kernel writes outside the tensors it is given: every buffer the launchers allocate (y, mean, rstd, dx,
+    dresidual, the partial sums, the dropout mask) and the caller's ``out`` lie between guard bands
+    (helpers.guard_allocations). 11 rows (not a multiple of the multi-row tile), hidden 312 (masked lanes in
+    every row), every feature on. Bounds are not checked by the interpreter: a store past the end went unseen or
+    corrupted the heap (a crash in some later test, or none), mutation testing 2026-11-27."""
+    n, h, p, seed = 11, 312, 0.1, 5
+    x, weight, bias, res, xb, dy = _inputs(n, h, torch.float16, device)
+    kw = dict(residual=res, x_bias=xb, activation="gelu", dropout_p=p, seed=seed)
+    bases = guard_allocations(monkeypatch)
+    y, mean, rstd = ln.add_layer_norm_forward(x, weight, bias, EPS, out=torch.empty_like(x),
+                                              rows=1 if rows == "policy" else _multi_rows(h), **kw)
+    grads = ln.add_layer_norm_backward(dy, x, weight, bias, mean, rstd, **kw)
+    keep = ln.dropout_keep_mask((n, h), p, seed, device)
+    monkeypatch.undo()
+    assert_guards_intact(bases)
+    # the same values as without the guards
+    want = ln.add_layer_norm_forward(x, weight, bias, EPS, **kw)
+    for a, b in zip((y, mean, rstd), want):
+        assert torch.equal(a, b)
+    for a, b in zip(grads, ln.add_layer_norm_backward(dy, x, weight, bias, mean, rstd, **kw)):
+        assert torch.equal(a, b)
+    assert torch.equal(keep, ln.dropout_keep_mask((n, h), p, seed, device))
+
+
 def test_dropout_mask(device):
     keep = ln.dropout_keep_mask((64, 768), 0.1, 42, device)
     assert keep.dtype == torch.bool and keep.shape == (64, 768)
@@ -266,6 +316,9 @@ def test_backward_residual_grad_into_dx(device, n, h):
         assert torch.equal(a, b)
     with pytest.raises(config.UnsupportedInput, match="residual_grad_is_dx needs no activation"):
         ln.add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=res, x_bias=xb, activation="gelu",
+                                   residual_grad_is_dx=True)
+    with pytest.raises(config.UnsupportedInput, match="residual_grad_is_dx needs no activation and no dropout"):
+        ln.add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=res, x_bias=xb, dropout_p=0.1, seed=1,
                                    residual_grad_is_dx=True)
 
 
@@ -354,7 +407,7 @@ def test_dropout_seed_integer_forms(device):
 def test_hidden_too_large(device):
     h = config.MAX_FUSED_HIDDEN + 1
     kw = _good(device, h)
-    with pytest.raises(config.UnsupportedInput, match="hidden size"):
+    with pytest.raises(config.UnsupportedInput, match=rf"hidden size \(x.shape\[-1\]\) {h} is larger"):
         ln.add_layer_norm_forward(**kw)
 
 
