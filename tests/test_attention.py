@@ -296,6 +296,57 @@ def test_neighbouring_memory_is_neither_read_nor_written(device, dtype_name, hea
         assert buf[outside].isnan().all(), f"{name}: written outside its view"
 
 
+_GUARD_PAGE_CHILD = r'''
+import ctypes, mmap, sys
+import torch
+from bertfast.kernels import attention as attn
+
+def guarded(t):
+    """A copy of t ending at the last byte before an inaccessible (PROT_NONE) page: a read past its end faults."""
+    nbytes, page = t.numel() * t.element_size(), mmap.PAGESIZE
+    pages = -(-nbytes // page)
+    m = mmap.mmap(-1, (pages + 1) * page)
+    libc = ctypes.CDLL(None)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    assert libc.mprotect(ctypes.addressof(ctypes.c_char.from_buffer(m)) + pages * page, page, 0) == 0
+    g = torch.frombuffer(m, dtype=torch.uint8, count=pages * page)[pages * page - nbytes:]
+    g = g.view(t.dtype).view(t.shape)
+    g.copy_(t)
+    return g
+
+torch.manual_seed(int(sys.argv[1]))
+heads, head_dim = 2, 64
+cu = torch.tensor([0, 3, 73, 74, 111], dtype=torch.int32)   # lengths 3, 70, 1, 37: partial tiles
+qkv = torch.randn(111, 3, heads, head_dim).half()
+dout = torch.randn(111, heads, head_dim).half()
+out, lse = attn.attention_forward(qkv, cu, 70)
+dqkv = attn.attention_backward(dout, qkv, out, lse, cu, 70)
+g_out, g_lse = attn.attention_forward(guarded(qkv), cu, 70)
+g_dqkv = attn.attention_backward(guarded(dout), guarded(qkv), guarded(out), guarded(lse), cu, 70)
+assert torch.equal(g_out, out) and torch.equal(g_lse, lse) and torch.equal(g_dqkv, dqkv)
+print("ok", attn.__file__)
+'''
+
+
+def test_nothing_is_read_past_the_end_of_the_inputs(device):
+    """qkv, dout, out and lse each end right before an inaccessible page (CPU memory: the interpreter loads through
+    raw pointers), in a child process. A load whose mask lets it reach past the last sequence's end (the Q rows of
+    the last, partial query tile; the keys of the last, partial key tile) faults; with neighbouring memory it would
+    read rows whose results are then masked away, which no value test can see. (A mutation run: the forward's Q
+    load and its partial tile's K load unmasked passed every other test.)"""
+    if device.type == "cuda":
+        pytest.skip("guard pages are for the interpreter's CPU tensors (on a GPU: compute-sanitizer)")
+    import os
+    import subprocess
+    import sys
+    _seed_for("guard-page")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    r = subprocess.run([sys.executable, "-c", _GUARD_PAGE_CHILD, str(int(torch.randint(0, 2 ** 31, ())))],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"exit status {r.returncode} (-11: a read past the end): {r.stderr[-2000:]}"
+    assert r.stdout.split()[-1] == attn.__file__, "the child imported another bertfast"
+
+
 def test_fp32_tf32_rounding_ties_to_even(device):
     """_tf32_rn's ties: Q exactly halfway between two tf32 values gives the same results, bit for bit, as Q rounded
     to the even one of them (half the ties round down, half up). Rounding ties one way only (a dropped
@@ -337,6 +388,43 @@ def test_fp32_tf32_probabilities_rounded_not_truncated(device):
         err = (got.double() - ref)[..., 0]          # all head_dim columns are equal
         below = (err < 0).sum().item() / max((err != 0).sum().item(), 1)
         assert 0.3 <= below <= 0.7, f"{name}: {below:.2f} of the errors are negative"
+
+
+def test_fp32_tf32_score_gradients_rounded_not_truncated(device):
+    """dS, the left operand of the dQ dot dS @ K and of the dK dot dS^T @ Q, is rounded to tf32 by the kernels
+    (_tf32_rn), not left to the tensor cores' truncation (conftest), which shrinks every |dS|. dS sums to zero
+    along a row, so its truncation biases nothing unless the other operand follows dS's signs; the inputs make it
+    do so in one component of K and one of Q, which do not enter the scores (the other operand's component is 0):
+    every key is in group A or B (V = v_A or v_B), so sign(dS[i, j]) = g_j * sign(dO_i . (v_A - v_B)); K[j, 0] =
+    g_j and Q[i, 1] = sign(dO_i . (v_A - v_B)). Then dQ[i, 0] and dK[j, 1] are +-scale * sum |dS| over a row /
+    column: rounded, the kernel's values fall short of the float64 reference's magnitude about as often as they
+    exceed it; truncated, nearly always short. All inputs are tf32 values: the truncation of the other operands
+    changes nothing. The accuracy bounds cannot see this (a mutation run: either dS truncated passed every other
+    test)."""
+    _seed_for("tf32-ds-bias")
+    lengths, heads, head_dim = [100, 37, 70], 2, 64
+    cu_t, max_seqlen = _cu(lengths, device)
+    cu, total = cu_t.tolist(), sum(lengths)
+
+    def tf32(x):
+        return (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+    qkv = tf32(torch.randn(total, 3, heads, head_dim))
+    dout = tf32(torch.randn(total, heads, head_dim))
+    group = torch.where(torch.rand(total, heads) < 0.5, 1.0, -1.0)
+    v_a, v_b = tf32(torch.randn(heads, head_dim)), tf32(torch.randn(heads, head_dim))
+    qkv[:, 2] = torch.where(group[..., None] > 0, v_a, v_b)
+    qkv[:, 0, :, 0], qkv[:, 1, :, 0] = 0.0, group
+    qkv[:, 1, :, 1], qkv[:, 0, :, 1] = 0.0, torch.sign(torch.einsum("thd,hd->th", dout, v_a - v_b))
+    out, lse = attention_forward(qkv.to(device), cu_t, max_seqlen, fp32_precision="tf32")
+    dqkv = attention_backward(dout.to(device), qkv.to(device), out, lse, cu_t, max_seqlen, fp32_precision="tf32")
+    _, ref_grad = _fwd_bwd(lambda x: _reference(x, cu, 1.0 / math.sqrt(head_dim)), qkv.double(), dout)
+    for name, got, ref in (("dQ", dqkv[:, 0, :, 0].cpu(), ref_grad[:, 0, :, 0]),
+                           ("dK", dqkv[:, 1, :, 1].cpu(), ref_grad[:, 1, :, 1])):
+        assert (ref.abs() > 1e-3).float().mean().item() > 0.9
+        err = (got.double() - ref) * ref.sign()       # < 0: the kernel's value is smaller in magnitude
+        short = (err < 0).sum().item() / max((err != 0).sum().item(), 1)
+        assert 0.3 <= short <= 0.7, f"{name}: {short:.2f} of the errors shrink the magnitude"
 
 
 def test_custom_scale_and_empty_sequences(device):
