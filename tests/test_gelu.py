@@ -170,6 +170,35 @@ def test_no_writes_outside_outputs(device, monkeypatch):
         assert torch.equal(a, b)
 
 
+def _check_edge_rows(n, i, device, edge=3):
+    """bias + GELU forward and backward (fp16) over all n rows, the first and the last `edge` rows checked against
+    the composite on those rows (dbias sums over every row and is left to the other tests)."""
+    x, dy = (torch.randn(n, i, device=device, dtype=torch.float16) for _ in range(2))
+    bias = (0.5 * torch.randn(i, device=device)).half()
+    y = gelu.bias_act_forward(x, bias, "gelu")
+    dx, _ = gelu.bias_act_backward(dy, x, bias, "gelu")
+    for rows in (slice(0, edge), slice(n - edge, n)):
+        (ref_y, ref_dx, _), (low_y, low_dx, _) = (_composite(dt, x[rows], bias, "gelu", dy[rows])
+                                                  for dt in (torch.float64, torch.float16))
+        _assert_close("y", y[rows], low_y, ref_y, torch.float16)
+        _assert_close("dx", dx[rows], low_dx, ref_dx, torch.float16)
+
+
+def test_edge_rows(device):
+    """The check of test_more_than_2_31_elements_cuda at an ordinary size (so that its logic runs everywhere)."""
+    _check_edge_rows(37, 3072, device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (2^31 elements: ~17 GB in fp16)")
+def test_more_than_2_31_elements_cuda():
+    """N * I past 2^31 elements (3072 wide, the FFN's width in bert-base): the kernels' element offsets are int64;
+    an int32 offset wraps. Not checkable in the interpreter (a 4 GiB tensor a side)."""
+    try:
+        _check_edge_rows((1 << 31) // 3072 + 3, 3072, torch.device("cuda"))
+    finally:
+        torch.cuda.empty_cache()
+
+
 def test_backward_deterministic(device):
     x = torch.randn(200, 640, device=device, dtype=torch.bfloat16)
     bias = torch.randn(640, device=device, dtype=torch.bfloat16)

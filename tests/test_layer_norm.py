@@ -263,6 +263,40 @@ def test_no_writes_outside_outputs(rows, device, monkeypatch):
     assert torch.equal(keep, ln.dropout_keep_mask((n, h), p, seed, device))
 
 
+def _check_edge_rows(n, h, device, edge=3):
+    """add_layer_norm forward and backward (residual, x bias, GELU; fp16) over all n rows, the first and the last
+    `edge` rows checked against the composite on those rows: y, dx and dresidual (dweight, dbias and dx_bias sum
+    over every row and are left to the other tests)."""
+    x, res, dy = (torch.randn(n, h, device=device, dtype=torch.float16) for _ in range(3))
+    weight = (1.0 + 0.1 * torch.randn(h, device=device)).half()
+    bias, xb = ((0.1 * torch.randn(h, device=device)).half() for _ in range(2))
+    kw = dict(residual=res, x_bias=xb, activation="gelu")
+    y, mean, rstd = ln.add_layer_norm_forward(x, weight, bias, EPS, **kw)
+    dx, dres, _, _, _ = ln.add_layer_norm_backward(dy, x, weight, bias, mean, rstd, **kw)
+    for rows in (slice(0, edge), slice(n - edge, n)):
+        args = (x[rows], weight, bias, res[rows], xb, "gelu", None, 0.0, dy[rows])
+        (ref_y, ref_g), (low_y, low_g) = _composite(torch.float64, *args), _composite(torch.float16, *args)
+        _assert_close("y", y[rows], low_y, ref_y, torch.float16)
+        _assert_close("dx", dx[rows], low_g["x"], ref_g["x"], torch.float16)
+        _assert_close("dresidual", dres[rows], low_g["residual"], ref_g["residual"], torch.float16)
+
+
+def test_edge_rows(device):
+    """The check of test_more_than_2_31_elements_cuda at an ordinary size (so that its logic runs everywhere)."""
+    _check_edge_rows(37, 1024, device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (2^31 elements: ~26 GB in fp16)")
+def test_more_than_2_31_elements_cuda():
+    """N * H past 2^31 elements (2^21 + 3 rows of 1024): the kernels' element offsets are int64; an int32 offset
+    wraps, and the last rows read and write far from their own memory. The mutation run of 2026-11-27 could not
+    check this in the interpreter (a 4 GiB tensor a side)."""
+    try:
+        _check_edge_rows((1 << 31) // 1024 + 3, 1024, torch.device("cuda"))
+    finally:
+        torch.cuda.empty_cache()
+
+
 def test_dropout_mask(device):
     keep = ln.dropout_keep_mask((64, 768), 0.1, 42, device)
     assert keep.dtype == torch.bool and keep.shape == (64, 768)
