@@ -427,6 +427,47 @@ def test_fp32_tf32_score_gradients_rounded_not_truncated(device):
         assert 0.3 <= short <= 0.7, f"{name}: {short:.2f} of the errors shrink the magnitude"
 
 
+def _check_edge_sequences(lengths, heads, head_dim, device):
+    """Forward and backward (fp16) over every sequence; the first and the last checked against float64 on their own
+    rows with the file's bounds (a sequence's out and dqkv depend on its own rows only)."""
+    cu_t, max_seqlen = _cu(lengths, device)
+    cu = cu_t.tolist()
+    qkv = torch.randn(cu[-1], 3, heads, head_dim, device=device, dtype=torch.float16)
+    dout = torch.randn(cu[-1], heads, head_dim, device=device, dtype=torch.float16)
+    out, lse = attention_forward(qkv, cu_t, max_seqlen)
+    dqkv = attention_backward(dout, qkv, out, lse, cu_t, max_seqlen)
+    scale = 1.0 / math.sqrt(head_dim)
+    for b in (0, len(lengths) - 1):
+        rows = slice(cu[b], cu[b + 1])
+        x, dy, one = qkv[rows].cpu(), dout[rows].cpu(), [0, lengths[b]]
+        ref_out, ref_grad = _fwd_bwd(lambda t: _reference(t, one, scale), x.double(), dy)
+        pt_out, pt_grad = _fwd_bwd(lambda t: _reference(t, one, scale), x, dy)
+        err, bound = _max_err(out[rows].cpu(), ref_out), 2 * _max_err(pt_out, ref_out) + _floor(torch.float16, ref_out)
+        assert err <= bound, f"sequence {b}: out max error {err:.3g} > bound {bound:.3g}"
+        for i, name in enumerate("qkv"):
+            err = _max_err(dqkv[rows, i].cpu(), ref_grad[:, i])
+            bound = 3 * _max_err(pt_grad[:, i], ref_grad[:, i]) + _grad_floor(torch.float16, ref_grad[:, i], head_dim)
+            assert err <= bound, f"sequence {b}: d{name} max error {err:.3g} > bound {bound:.3g}"
+
+
+def test_edge_sequences(device):
+    """The check of test_more_than_2_31_elements_cuda at an ordinary size (so that its logic runs everywhere)."""
+    _seed_for("edge-sequences")
+    _check_edge_sequences([5, 130, 77], heads=2, head_dim=64, device=device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (qkv of 2^31 elements: ~12 GB)")
+def test_more_than_2_31_elements_cuda():
+    """A packed batch whose qkv has more than 2^31 elements (932140 tokens of bert-base's 12 x 64 heads, sequences of
+    512 and a last one of 300: what a large embedding batch on an H100 holds). The kernels' token offsets are int64;
+    an int32 one wraps and the last sequences read and write far from their own rows."""
+    _seed_for("2^31")
+    try:
+        _check_edge_sequences([512] * 1820 + [300], heads=12, head_dim=64, device=torch.device("cuda"))
+    finally:
+        torch.cuda.empty_cache()
+
+
 def test_custom_scale_and_empty_sequences(device):
     """Zero-length sequences in cu_seqlens are allowed and write nothing; softmax_scale is honoured."""
     _seed_for("scale")
