@@ -169,11 +169,13 @@ def read_state_dict(directory: Path, use_safetensors: bool | None = None) -> tup
 
 
 def normalise_keys(state: dict, origin: dict, expected: set, base_prefix: str,
-                   directory: Path | str = "") -> tuple[dict, dict]:
+                   directory: Path | str = "", sources: dict | None = None) -> tuple[dict, dict]:
     """Map a checkpoint's keys onto the encoder's: strip the task model's prefix (e.g. "bert." in a
     BertForMaskedLM checkpoint; the head's own keys are then set aside with a notice), rename the old
-    TensorFlow-era LayerNorm names (gamma/beta), drop buffers that carry no weights."""
+    TensorFlow-era LayerNorm names (gamma/beta), drop buffers that carry no weights. sources, when given, is
+    filled with each returned key's name in the checkpoint."""
     prefix = base_prefix + "."
+    stripped = ""
     if not any(k in expected for k in state) and any(k.startswith(prefix) for k in state):
         head = sorted(k for k in state if not k.startswith(prefix))
         if head:
@@ -183,6 +185,7 @@ def normalise_keys(state: dict, origin: dict, expected: set, base_prefix: str,
                         f"part of the encoder and are not loaded")
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         origin = {k[len(prefix):]: f for k, f in origin.items() if k.startswith(prefix)}
+        stripped = prefix
     renamed, renamed_origin = {}, {}
     for key, value in state.items():
         new = key
@@ -194,6 +197,8 @@ def normalise_keys(state: dict, origin: dict, expected: set, base_prefix: str,
             continue
         renamed[new] = value
         renamed_origin[new] = origin.get(key, "?")
+        if sources is not None:
+            sources[new] = stripped + key
     return renamed, renamed_origin
 
 

@@ -28,7 +28,8 @@ def family_config(family, dropout=True):
     if family == "xlm-roberta":
         return T.XLMRobertaConfig(**common, type_vocab_size=1, pad_token_id=1)
     if family == "electra":
-        return T.ElectraConfig(**common, embedding_size=32)
+        return T.ElectraConfig(**common, embedding_size=32,     # (multiple choice's summary has its own dropout)
+                               **({} if dropout else dict(summary_last_dropout=0.0)))
     if family == "albert":
         return T.AlbertConfig(**common, embedding_size=32, num_hidden_groups=1, hidden_act="gelu_new",
                               **({} if dropout else dict(classifier_dropout_prob=0.0)))
@@ -185,14 +186,17 @@ def test_config_output_defaults_as_transformers(family):
             list(hf(ids, return_dict=True, output_hidden_states=False).keys())
 
 
+# every task model transformers has for each family (test_every_task_model_is_covered keeps it so); the causal-LM
+# heads with is_decoder=False, the bidirectional encoder under an LM head (is_decoder=True is refused)
+_COMMON_HEADS = ["ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM",
+                 "ForMultipleChoice"]
 HEADS = {
-    "bert": ["ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM",
-             "ForMultipleChoice"],
-    "roberta": ["ForSequenceClassification", "ForMaskedLM", "ForTokenClassification"],
-    "xlm-roberta": ["ForSequenceClassification"],
-    "electra": ["ForSequenceClassification", "ForTokenClassification", "ForMaskedLM"],
-    "albert": ["ForSequenceClassification", "ForMaskedLM", "ForQuestionAnswering"],
-    "distilbert": ["ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM"],
+    "bert": _COMMON_HEADS + ["ForPreTraining", "ForNextSentencePrediction", "LMHeadModel"],
+    "roberta": _COMMON_HEADS + ["ForCausalLM"],
+    "xlm-roberta": _COMMON_HEADS + ["ForCausalLM"],
+    "electra": _COMMON_HEADS + ["ForPreTraining", "ForCausalLM"],
+    "albert": _COMMON_HEADS + ["ForPreTraining"],
+    "distilbert": _COMMON_HEADS,
 }
 PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "electra": "Electra", "albert": "Albert",
           "distilbert": "DistilBert"}
@@ -208,12 +212,17 @@ def _head_inputs(cfg, head, padded=True):
     if head == "ForMultipleChoice":
         inputs = {k: v.view(2, 2, -1) for k, v in inputs.items()}
         inputs["labels"] = torch.tensor([0, 1])
-    elif head == "ForSequenceClassification":
+    elif head in ("ForSequenceClassification", "ForNextSentencePrediction"):
         inputs["labels"] = torch.tensor([0, 1, 1, 0])
-    elif head in ("ForTokenClassification", "ForMaskedLM"):
-        labels = torch.randint(0, 2 if head == "ForTokenClassification" else cfg.vocab_size, ids.shape)
+    elif head in ("ForTokenClassification", "ForMaskedLM", "ForPreTraining", "ForCausalLM", "LMHeadModel"):
+        per_token_classes = head == "ForTokenClassification" or (head == "ForPreTraining" and
+                                                                 cfg.model_type == "electra")
+        labels = torch.randint(0, 2 if per_token_classes else cfg.vocab_size, ids.shape)
         labels[~real(mask)] = -100
         inputs["labels"] = labels
+        if head == "ForPreTraining" and cfg.model_type in ("bert", "albert"):    # next sentence / sentence order
+            inputs["next_sentence_label" if cfg.model_type == "bert" else "sentence_order_label"] = \
+                torch.tensor([0, 1, 1, 0])
     elif head == "ForQuestionAnswering":
         inputs["start_positions"] = torch.tensor([0, 3, 5, 1])
         inputs["end_positions"] = torch.tensor([2, 4, 9, 1])
@@ -224,8 +233,21 @@ def _logits(out):
     return out.start_logits if hasattr(out, "start_logits") and out.start_logits is not None else out.logits
 
 
+def _assert_outputs_alike(a, b, mask, head):
+    """Every output of two task models' forwards within TOL: the loss, each head's logits (pre-training heads have
+    two), per-token outputs on real tokens only. Not QA's loss over a padded batch: it normalises over padded
+    positions too, whose logits bertfast computes from zero hidden states (README)."""
+    assert list(a.keys()) == list(b.keys())
+    for name in a.keys():
+        la, lb = a[name], b[name]
+        if la.dim() >= mask.dim() and la.shape[: mask.dim()] == mask.shape:     # per-token logits: real tokens
+            la, lb = la[real(mask)], lb[real(mask)]
+        if name != "loss" or head != "ForQuestionAnswering" or bool(real(mask).all()):
+            assert (la - lb).abs().max() <= TOL, name
+
+
 @pytest.mark.parametrize("family,head", CASES, ids=[f"{f}-{h}" for f, h in CASES])
-def test_optimize_heads(family, head):
+def test_optimize_heads(family, head, tmp_path):
     torch.manual_seed(len(family) * 7 + len(head))
     cfg = family_config(family, dropout=False)
     cls = getattr(T, PREFIX[family] + head)
@@ -237,11 +259,8 @@ def test_optimize_heads(family, head):
     inputs = _head_inputs(cfg, head)
     with torch.no_grad():
         a, b = ref(**inputs), model(**inputs)
-    mask = inputs["attention_mask"]
-    la, lb = _logits(a), _logits(b)
-    if la.dim() >= mask.dim() and la.shape[: mask.dim()] == mask.shape:     # per-token logits: real tokens
-        la, lb = la[real(mask)], lb[real(mask)]
-    assert (la - lb).abs().max() <= TOL
+    assert "loss" in a.keys()
+    _assert_outputs_alike(a, b, inputs["attention_mask"], head)
     # one optimiser step gives the same losses (QA's loss normalises over padded positions too, whose
     # logits bertfast computes from zero hidden states: its training batch has no padding)
     train_inputs = _head_inputs(cfg, head, padded=head != "ForQuestionAnswering")
@@ -259,6 +278,29 @@ def test_optimize_heads(family, head):
     (a1, a2), (b1, b2) = losses
     assert abs(a1 - b1) <= TOL and abs(a2 - b2) <= TOL, losses
     assert abs(a1 - a2) > 1e-4          # the step really changed the model
+    # the trained, optimised model saves as the task model it is: transformers reloads it to the same outputs
+    model.eval().save_pretrained(tmp_path)
+    back = cls.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        _assert_outputs_alike(back(**inputs), model(**inputs), inputs["attention_mask"], head)
+
+
+def test_every_task_model_is_covered():
+    """HEADS lists every task model the installed transformers has for each family, so a head added upstream
+    gets a parity test (or a decision) here."""
+    for family, prefix in PREFIX.items():
+        found = {n[len(prefix):] for n in dir(T) if n.startswith(prefix + "For") or n == prefix + "LMHeadModel"}
+        assert found == set(HEADS[family]), (family, found ^ set(HEADS[family]))
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta", "electra"])
+def test_causal_lm_heads_as_decoders_are_refused(family):
+    cfg = family_config(family, dropout=False)
+    cfg.is_decoder = True
+    model = getattr(T, PREFIX[family] + ("LMHeadModel" if family == "bert" else "ForCausalLM"))._from_config(cfg)
+    with pytest.raises(ValueError, match="is_decoder"):
+        bertfast.optimize(model)
+    assert not isinstance(getattr(model, model.base_model_prefix), bertfast.models.EncoderModel)   # untouched
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "distilbert"])   # DistilBERT's eps is fixed
@@ -744,6 +786,40 @@ def test_fewer_layers_only_from_whole_checkpoints(tmp_path):
         save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
         with pytest.raises(bertfast.loading.CheckpointError, match=r"unexpected keys: .*" + key):
             bertfast.AutoModel.from_pretrained(tmp_path, num_hidden_layers=2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_loading_info_as_transformers(family, tmp_path):
+    """from_pretrained(..., output_loading_info=True) returns (model, info) with transformers' keys and types; the
+    unexpected keys are what bertfast set aside, by their names in the checkpoint, and equal transformers' where
+    both load the same weights: a task checkpoint's head, layers past num_hidden_layers, the pooler under
+    add_pooling_layer=False. Where the checkpoint has no pooler (an MLM checkpoint) transformers lists it as
+    missing and initialises it at random; bertfast's model then has none, so nothing is missing."""
+    torch.manual_seed(13)
+    cfg = family_config(family, dropout=False)
+    layers_field = "n_layers" if family == "distilbert" else "num_hidden_layers"
+    for head in ("ForSequenceClassification", "ForMaskedLM", None):
+        cls = BASE[family] if head is None else getattr(T, PREFIX[family] + head)
+        path = tmp_path / str(head)
+        cls._from_config(copy.deepcopy(cfg)).save_pretrained(path)
+        cases = [{}, {layers_field: 1}] + ([{"add_pooling_layer": False}] if family in ("bert", "roberta", "albert")
+                                           else [])
+        for kwargs in cases:
+            ours, info = bertfast.AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
+            theirs, want = BASE[family].from_pretrained(path, output_loading_info=True, **kwargs)
+            assert isinstance(ours, bertfast.models.EncoderModel)
+            assert {k: type(v) for k, v in info.items()} == {k: type(v) for k, v in want.items()}
+            assert info["unexpected_keys"] == want["unexpected_keys"], (head, kwargs)
+            random_pooler = {k for k in want["missing_keys"] if "pooler" in k}
+            assert want["missing_keys"] == random_pooler and info["missing_keys"] == set(), (head, kwargs)
+            assert (ours.pooler is None) == bool(random_pooler or kwargs.get("add_pooling_layer") is False or
+                                                 not hasattr(theirs, "pooler") or theirs.pooler is None)
+            assert info["mismatched_keys"] == want["mismatched_keys"] == set()
+            assert info["error_msgs"] == want["error_msgs"] == []
+            if head is not None:
+                assert info["unexpected_keys"], (head, kwargs)      # the head, at least
+    assert bertfast.AutoModel.from_pretrained(tmp_path / "None", output_loading_info=False).__class__ is \
+        type(ours)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -43,3 +43,50 @@ def test_minilm_semantics(minilm):
     # "A man is eating food." vs "...a piece of bread." and the two horse riders: paraphrases
     assert sim[0, 1] > 0.6 and sim[3, 6] > 0.6
     assert sim[0, 2] < 0.2 and sim[4, 5] < 0.2
+
+
+def _same_results(a, b, tol=1e-5):
+    """Pipeline results alike: the same structure, strings and integers equal, floats within tol."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for k in a:
+            _same_results(a[k], b[k], tol)
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _same_results(x, y, tol)
+    elif isinstance(a, str) or isinstance(a, (int, bool)) and not hasattr(a, "dtype"):
+        assert a == b
+    else:
+        assert abs(float(a) - float(b)) <= tol, (a, b)
+
+
+@pytest.mark.parametrize("task", ["text-classification", "token-classification", "fill-mask", "feature-extraction"])
+def test_transformers_pipelines_after_optimize(minilm, task):
+    """transformers' pipelines (how many users serve these models) give the same results on an optimised task model
+    over the real weights, batched (padded) as the pipeline batches. The heads beyond the encoder are initialised
+    at random (the same for both). feature-extraction returns every position of the padded batch, and bertfast's
+    padded rows are zero (README), so it runs unbatched there and its real positions are compared batched."""
+    import copy
+
+    import transformers as T
+    tok = minilm[0]
+    path = default_model_dir()
+    sentences = DEMO_SENTENCES[:3] + ["Hi", "A much longer sentence " * 6]
+    cls = {"text-classification": T.BertForSequenceClassification, "token-classification":
+           T.BertForTokenClassification, "fill-mask": T.BertForMaskedLM, "feature-extraction": T.BertModel}[task]
+    if task == "fill-mask":
+        sentences = [s.replace("is", tok.mask_token, 1) if " is " in s else s + " " + tok.mask_token
+                     for s in sentences]
+    torch.manual_seed(3)
+    ref = cls.from_pretrained(path).eval()
+    ours = bertfast.optimize(copy.deepcopy(ref))
+    runs = [dict(batch_size=5)] if task != "feature-extraction" else [dict(batch_size=1), dict(batch_size=5)]
+    for kwargs in runs:
+        want, got = (T.pipeline(task, model=m, tokenizer=tok, device="cpu")(sentences, **kwargs) for m in (ref, ours))
+        if task == "feature-extraction" and kwargs["batch_size"] > 1:
+            lengths = [len(tok(s)["input_ids"]) for s in sentences]
+            assert max(lengths) > min(lengths)       # padded
+            want = [w[0][:n] for w, n in zip(want, lengths)]
+            got = [g[0][:n] for g, n in zip(got, lengths)]
+        _same_results(want, got)

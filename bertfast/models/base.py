@@ -38,7 +38,7 @@ _IGNORED_FORWARD_KWARGS = ("head_mask", "use_cache", "num_items_in_batch", "cach
 _NO_EFFECT_LOADING_ARGS = {"attn_implementation": None, "low_cpu_mem_usage": None, "trust_remote_code": False}
 _DEFAULT_ONLY_LOADING_ARGS = {
     "weights_only": True, "variant": None, "ignore_mismatched_sizes": False, "quantization_config": None,
-    "from_tf": False, "from_flax": False, "output_loading_info": False, "state_dict": None, "key_mapping": None,
+    "from_tf": False, "from_flax": False, "state_dict": None, "key_mapping": None,
     "max_memory": None, "offload_folder": None, "offload_state_dict": None, "offload_buffers": False,
     "adapter_kwargs": None, "adapter_name": None, "gguf_file": None, "mirror": None, "proxies": None,
     "resume_download": None, "tp_plan": None, "tp_size": None, "device_mesh": None, "use_kernels": False,
@@ -198,7 +198,14 @@ class EncoderModel(nn.Module):
         loads only safetensors / only pickle weights; device_map names one device ("auto", "balanced",
         "sequential": the GPU when there is one) - bertfast places the whole model on one device. Transformers'
         other loading arguments are accepted at their default (e.g. variant=None, weights_only=True); other values
-        are an error naming them, and so is any argument transformers does not know."""
+        are an error naming them, and so is any argument transformers does not know.
+
+        output_loading_info=True returns (model, info) as transformers does, info holding sets missing_keys,
+        unexpected_keys (the checkpoint's keys, by their names there, that bertfast set aside: a task head's,
+        layers past num_hidden_layers, a pooler under add_pooling_layer=False), mismatched_keys and a list
+        error_msgs; loading is strict, so missing_keys, mismatched_keys and error_msgs are always empty (a
+        missing or misshapen key is an error)."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
         if dtype is not None and torch_dtype is not None and _dtype_spelling(dtype) != _dtype_spelling(torch_dtype):
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them")
         torch_dtype = dtype if dtype is not None else torch_dtype
@@ -215,16 +222,22 @@ class EncoderModel(nn.Module):
         if unused:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {', '.join(sorted(unused))}: "
                             f"neither fields of {type(config).__name__} nor loading options of transformers")
-        return cls._from_state(config, *loading.read_state_dict(directory, use_safetensors), directory, torch_dtype,
-                               device, add_pooling_layer)
+        info = {}
+        model = cls._from_state(config, *loading.read_state_dict(directory, use_safetensors), directory, torch_dtype,
+                                device, add_pooling_layer, info)
+        return (model, info) if output_loading_info else model
 
     @classmethod
-    def _from_state(cls, config, state, origin, directory, torch_dtype, device, add_pooling_layer):
+    def _from_state(cls, config, state, origin, directory, torch_dtype, device, add_pooling_layer, info=None):
+        """info, when given, is filled with transformers' loading info (see from_pretrained)."""
         dtype = _dtype_arg(torch_dtype, state, config)
         with torch.device("meta"):
             model = cls(config, add_pooling_layer=add_pooling_layer is not False)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        state, origin = loading.normalise_keys(state, origin, set(expected), cls.base_model_prefix, directory)
+        in_checkpoint, sources = set(state), {}
+        state, origin = loading.normalise_keys(state, origin, set(expected), cls.base_model_prefix, directory,
+                                               sources)
+        ignored = in_checkpoint - set(sources.values()) - {k for k in in_checkpoint if k.endswith(loading.IGNORED_KEYS)}
         state, origin = loading.set_aside_deeper_layers(state, origin, expected, directory)
         pooler_keys = {k for k in expected if k.startswith("pooler.")}
         if add_pooling_layer is None and pooler_keys and not pooler_keys & set(state):
@@ -241,6 +254,9 @@ class EncoderModel(nn.Module):
                                           f"({', '.join(sorted(pooler_keys - set(state)))}) but add_pooling_layer="
                                           "True asks for a pooler; pass add_pooling_layer=False (or None)")
         loading.check_state_dict(state, origin, expected, directory)
+        if info is not None:
+            info.update(missing_keys=set(), mismatched_keys=set(), error_msgs=[],
+                        unexpected_keys=ignored | {sources[k] for k in sources.keys() - state.keys()})
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
         model.eval()
         return model.to(device) if device is not None else model
