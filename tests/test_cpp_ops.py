@@ -261,6 +261,21 @@ def test_bias_act_in_place_bad_input():
         ops.bias_act_(x, x[0], "relu")
 
 
+def test_bias_act_empty_shapes():
+    """Empty inputs of every op of bias_act: no rows (dbias is then all zeros) or an empty last dimension (H = 0,
+    where the row count is not numel / H)."""
+    for shape in [(0, 5), (4, 0), (2, 0, 3), (3, 0)]:
+        x = torch.randn(*shape)
+        b = torch.randn(shape[-1])
+        for act in ACTS + [""]:
+            y = ops.bias_act(x, b, act)
+            assert y.shape == x.shape and y.dtype == x.dtype, (shape, act)
+            assert ops.bias_act_(x.clone(), b, act) is None
+            dx, db = ops.bias_act_backward(x, x, b, act)
+            assert dx.shape == x.shape and torch.equal(db, torch.zeros(shape[-1])), (shape, act)
+            assert ops.bias_act_backward(x, x, None, act)[1] is None
+
+
 def test_bias_act_under_inference_mode_and_create_graph():
     """The fp32 exact-GELU path calls ATen inside at::parallel_for workers: it must work under inference_mode
     and with a dy that requires grad."""
@@ -392,8 +407,30 @@ def test_exp_relative_accuracy_in_the_silu_tail():
     x = -(17.0 + 69.0 * torch.rand(1_000_000))
     y = ops.bias_act(x.view(1, -1), None, "silu").view(-1).double()
     ref = F.silu(x.double())
-    worst = ((y - ref).abs() / ref.abs()).max().item() / 2.0 ** -24
+    rel = (y - ref) / ref.abs() / 2.0 ** -24
+    worst = rel.abs().max().item()
     assert worst < 5.0, f"silu's relative error in the tail: {worst:.2f} u (u = 2^-24)"
+    # and no systematic bias beyond 1 u (the kernel's mean is -0.85 u): a polynomial coefficient rounded to a
+    # "nicer" value (the constant term 1.0000000714 -> 1) keeps the worst case under 5 u but moves the mean to +1.2 u
+    bias = rel.mean().item()
+    assert abs(bias) < 1.0, f"silu's mean relative error in the tail: {bias:.2f} u"
+
+
+def test_gelu_far_negative_tail_within_its_documented_bound():
+    """Beyond |x| / sqrt2 = 4 (x < -5.66) gelu_parts holds G at G(4): GELU there is too large in magnitude by at
+    most 2.2x, never smaller and never of the other sign, down to x = -12.7 where e^(-x^2 / 2) nears the e^-81
+    cut-off (the tests above bound only its absolute error there, ~1e-9, and the relative one on |x| <= 5.6). Its
+    derivative, dominated by x phi(x), stays within 1%. Reference: x erfc(-x / sqrt2) / 2 in float64 (torch's
+    float64 GELU, 1 + erf, cancels to 0 before x = -8.4)."""
+    x = -(5.66 + 7.04 * torch.rand(20000))
+    xd = x.double()
+    ref = xd * 0.5 * torch.special.erfc(-xd / 2 ** 0.5)
+    dref = 0.5 * torch.special.erfc(-xd / 2 ** 0.5) + xd * torch.exp(-xd * xd / 2) / (2 * torch.pi) ** 0.5
+    ratio = ops.bias_act(x.view(1, -1), None, "gelu").view(-1).double() / ref
+    assert ratio.min().item() >= 1 - 1e-5 and ratio.max().item() <= 2.25, (ratio.min().item(), ratio.max().item())
+    dx = ops.bias_act_backward(torch.ones(1, x.numel()), x.view(1, -1), None, "gelu")[0].view(-1).double()
+    dratio = dx / dref
+    assert dratio.min().item() >= 0.99 and dratio.max().item() <= 1 + 1e-5, (dratio.min().item(), dratio.max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -568,6 +605,27 @@ def test_embed_backward_repeated_ids_and_determinism():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("e", [40, 300])
+def test_embed_backward_sums_each_row_in_token_order(e):
+    """The table gradients are fp32 sums of the tokens' dh rows in token order (what makes them deterministic),
+    in the 16-column blocks and in the columns past them alike: with every position distinct, d_pos_emb hands back
+    each token's dh row exactly, and d_word_emb / d_type_emb must equal those rows added one by one in fp32 in
+    token order, bit for bit (E = 40: a tail past the 16-column blocks; 300: past a 256-column chunk)."""
+    t = 200
+    args = list(_embed_inputs(t, e, torch.float32, vocab=3, n_pos=t + 5))
+    args[2] = torch.randperm(t + 5)  # position_ids: one pos_emb row per token
+    _, mean, rstd = ops.embed(*args, 1e-12)
+    d_word, d_pos, d_type, _, _ = ops.embed_backward(torch.randn(t, e), *args[:8], mean, rstd)
+    ids, idx, pos, tt = args[:4]
+    dh = d_pos[pos[idx]]
+    assert dh.abs().sum(1).gt(0).all()
+    for got, table_ids in ((d_word, ids[idx]), (d_type, tt[idx])):
+        want = torch.zeros_like(got)
+        for k in range(t):
+            want[table_ids[k]] += dh[k]
+        assert torch.equal(got, want)
+
+
 _UNWRITTEN_SCRIPT = textwrap.dedent("""
     import torch
     import bertfast._C
@@ -630,6 +688,31 @@ def test_uninitialised_outputs_are_fully_written():
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert int(res.stdout.split("CHECKED")[1]) == 3 * 5 * 2 * 3 + 4 * 4 + 4 * 2
+
+
+def test_zero_eps_and_zero_seed_are_valid():
+    """The edges of the documented ranges are valid inputs: eps = 0 (eps >= 0) for add_layer_norm and embed, and
+    seed = 0 with dropout on (seed in [0, 2^63)), which draws seed 0's mask (the _dropout_factors draw) for the
+    forward's keep bits and the backward's redraw alike."""
+    n, h = 7, 1023
+    x, w, b, r, xb = _aln_inputs(n, h, torch.float32)
+    y, mean, rstd, _ = ops.add_layer_norm(x, w, b, 0.0, r, xb, "gelu")
+    ref = _aln_composite(x.double(), w.double(), b.double(), r.double(), xb.double(), "gelu", 0.0)
+    assert_within(y, ref, _aln_composite(x, w, b, r, xb, "gelu", 0.0), torch.float32, what="y, eps=0")
+    args = _embed_inputs(9, 64, torch.float32, vocab=20, n_pos=30)
+    out = ops.embed(*args, 0.0)[0]
+    ref = _embed_composite(*args[:4], *[t.double() for t in args[4:]], 0.0)
+    assert_within(out, ref, _embed_composite(*args, 0.0), torch.float32, what="embed, eps=0")
+
+    p = 0.3
+    _, m0, s0, bits = ops.add_layer_norm(x, w, b, 1e-5, r, xb, "", p, 0)
+    kept = torch.stack([ops._dropout_factors(p, 0, row * h, h) != 0 for row in range(n)])
+    assert torch.equal(unpack_keep_bits(bits, h), kept)
+    dy = torch.randn_like(x)
+    from_bits = ops.add_layer_norm_backward(dy, x, w, m0, s0, r, xb, "", p, 0, bits)
+    redrawn = ops.add_layer_norm_backward(dy, x, w, m0, s0, r, xb, "", p, 0)
+    for a, c in zip(from_bits, redrawn):
+        assert torch.equal(a, c)
 
 
 def test_backward_determinism_across_threads():
@@ -825,6 +908,50 @@ def test_dropout_factors_every_isa(isa, tmp_path):
         assert torch.equal(keep, want), (isa, ran, first, count, length)
 
 
+_ISA_DROPOUT_TIE_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch, bertfast._C
+    ops = torch.ops.bertfast_C
+    seed, p_ln, p_att, path = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    print(ops.cpu_isa())
+    factors = ops._dropout_factors(p_ln, seed, 0, 64)
+    x = torch.randn(2, 32)
+    bits = ops.add_layer_norm(x, torch.ones(32), torch.zeros(32), 1e-5, None, None, "", p_ln, seed)[3]
+    keep = ops.attention_dropout_keep(0, 1, 40, 2, p_att, seed)
+    torch.save([factors, bits, keep], path)
+""")
+
+
+@pytest.mark.parametrize("isa", ["best", "avx2", "base"])
+def test_dropout_keeps_a_uniform_equal_to_p(isa, tmp_path):
+    """An element whose uniform equals dropout_p exactly is kept (uniform >= p, as Triton's dropout keeps it), in
+    every ISA's Philox path: p is set to one of the draws themselves (a float32 value, so the fp32 p the kernels
+    compare with is that draw exactly). A random p almost never ties with a draw (~3e-8 per element), so the tests
+    above would not see a `>` in place of `>=`."""
+    import numpy as np
+    seed = (3 << 32) + 1234
+    u_ln = _philox_uniform_reference(seed, range(64))
+    k = int(np.argmin(np.abs(u_ln - 0.5)))   # a draw near 0.5 as p: about half the elements are kept
+    p_ln = float(u_ln[k])
+    u_att = np.stack([np.stack([_philox_uniform_reference(seed, [(q << 32) + j for j in range(40)], c2=h, rounds=7)
+                                for q in range(40)]) for h in range(2)])   # [head, query, key]
+    p_att = float(u_att.flat[int(np.argmin(np.abs(u_att - 0.5)))])
+    env = {k_: v for k_, v in os.environ.items() if k_ != "BERTFAST_CPU_ISA"}
+    if isa != "best":
+        env["BERTFAST_CPU_ISA"] = isa
+    res = subprocess.run([sys.executable, "-c", _ISA_DROPOUT_TIE_SCRIPT, str(seed), repr(p_ln), repr(p_att),
+                          str(tmp_path / "t.pt")], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ran = res.stdout.split()[-1]
+    factors, bits, keep = torch.load(tmp_path / "t.pt", weights_only=True)
+    u_ln, u_att = torch.from_numpy(u_ln), torch.from_numpy(u_att)
+    assert (u_ln == p_ln).sum() >= 1 and (u_att == p_att).sum() >= 1   # the ties the test is about
+    want = torch.where(u_ln >= p_ln, torch.tensor(1 / (1 - p_ln), dtype=torch.float32), torch.tensor(0.0))
+    assert torch.equal(factors, want), (isa, ran, (factors != want).nonzero())
+    assert torch.equal(unpack_keep_bits(bits, 32), (u_ln >= p_ln).view(2, 32)), (isa, ran)
+    assert torch.equal(keep[0], u_att >= p_att), (isa, ran, (keep[0] != (u_att >= p_att)).nonzero())
+
+
 @pytest.mark.gpu     # its reference mask comes from the Triton kernels (on the GPU when there is one)
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_attention_dropout_keep_matches_the_triton_kernels(p):
@@ -950,6 +1077,10 @@ def _bad_cases():
         (lambda: A(x, w, b, 1e-5, r, xb, "", 0.1, -3), r"seed must be in \[0, 2\^63\) when dropout_p > 0"),
         (lambda: AB(dy, x, w, m, s, r, xb, "", -0.1, 0), r"dropout_p must be in \[0, 1\], got -0.1"),
         (lambda: A(x, w, b, -1.0, r, xb, ""), "eps must be >= 0"),
+        # strided per-feature vectors (the kernels read them as contiguous rows)
+        (lambda: A(x, torch.randn(8, 2)[:, 0], b, 1e-5, r, xb, ""), "weight must be contiguous"),
+        (lambda: A(x, w, torch.randn(8, 2)[:, 1], 1e-5, r, xb, ""), "bias must be contiguous"),
+        (lambda: A(x, w, b, 1e-5, r, torch.randn(8, 2)[:, 0], ""), "x_bias must be contiguous"),
         # add_layer_norm_backward
         (lambda: AB(dy[:2], x, w, m, s, r, xb, ""), "dy must have x's shape"),
         (lambda: AB(dy.half(), x, w, m, s, r, xb, ""), "dy must be Float"),
@@ -963,6 +1094,10 @@ def _bad_cases():
          r"keep must be the forward's keep bits, shape \[4, 1\]"),
         (lambda: AB(dy, x, w, m, s, torch.randn(4, 4), xb, ""), r"residual must have x's shape \[4, 8\], got \[4, 4\]"),
         (lambda: AB(dy, x, w, m, s, r, xb, "", 0.0, 0, keep), "keep .* must be None or empty when dropout_p is 0"),
+        (lambda: AB(torch.randn(8, 4).t(), x, w, m, s, r, xb, ""), "dy must be contiguous"),
+        (lambda: AB(dy, x, w, torch.stack([m, m], 1)[:, 0], s, r, xb, ""), "mean must be contiguous"),
+        (lambda: AB(dy, x, w, m, torch.stack([s, s], 1)[:, 1], r, xb, ""), "rstd must be contiguous"),
+        (lambda: AB(dy, x, w, m, s, r, xb, "", 0.1, 5, torch.cat([keep, keep], 0)[::2]), "keep must be contiguous"),
         # attention_dropout_keep
         (lambda: ops.attention_dropout_keep(0, -1, 4, 2, 0.1, 5), "first_token, count and length must be >= 0"),
         (lambda: ops.attention_dropout_keep(0, 1, 4, 0, 0.1, 5), "heads must be >= 1, got 0"),
@@ -1003,12 +1138,19 @@ def _bad_cases():
         (lambda: E(ids, idx, pos, tt, we, pe, te, lw[:2], lb, 1e-5), r"ln_weight must have shape \[8\]"),
         (lambda: E(ids, idx, pos, tt, we, pe, te, lw, lb.double(), 1e-5), "ln_bias must be Float"),
         (lambda: E(ids, idx, pos, tt, we, pe, te, lw, lb, -1.0), "eps must be >= 0"),
+        (lambda: E(ids, idx, pos, tt, we, pe, te, torch.randn(8, 2)[:, 0], lb, 1e-5), "ln_weight must be contiguous"),
+        (lambda: E(ids, idx, pos, None, we, pe, te[:0], lw, lb, 1e-5), "type_emb must have at least one row"),
+        (lambda: E(ids, idx, pos, tt, we[:, :0], pe[:, :0], te[:, :0], lw[:0], lb[:0], 1e-5),
+         "word_emb must have a non-empty embedding dimension"),
         # embed_backward
         (lambda: EB(g[:2], ids, idx, pos, tt, we, pe, te, lw, em, es), r"grad_out must have shape \[6, 8\]"),
         (lambda: EB(g.half(), ids, idx, pos, tt, we, pe, te, lw, em, es), "grad_out must be Float"),
         (lambda: EB(g, ids, idx, pos, tt, we, pe, te, lw, em[:1], es), r"mean must have shape \[6\]"),
         (lambda: EB(g, ids, idx, pos, tt, we, pe, te, lw, em, es.half()), "rstd must be Float"),
         (lambda: EB(g, bad_ids, idx, pos, tt, we, pe, te, lw, em, es), r"input_ids .* holds 10"),
+        (lambda: EB(torch.randn(8, 6).t(), ids, idx, pos, tt, we, pe, te, lw, em, es), "grad_out must be contiguous"),
+        (lambda: EB(g, ids, idx, pos, tt, we, pe, te, lw, torch.stack([em, em], 1)[:, 0], es),
+         "mean must be contiguous"),
         # unpad / pad
         (lambda: ops.unpad(x, torch.tensor([0, 4])), r"indices holds 4 at position 1, outside the valid range \[0, 4\)"),
         (lambda: ops.unpad(x, torch.tensor([-1])), r"indices holds -1 at position 0"),
@@ -1020,6 +1162,9 @@ def _bad_cases():
         (lambda: ops.pad(x, torch.tensor([0, 1, 1, 2]), 9), "indices holds row 1 twice"),
         (lambda: ops.pad(x, torch.tensor([0, 1]), 9), "indices must have one entry per row of x"),
         (lambda: ops.pad(x, torch.tensor([0, 1, 2, 3]), -1), "n_rows must be >= 0"),
+        (lambda: ops.pad(x, torch.tensor([0, 1, 2, 3]).int(), 9), "indices must be Long"),
+        (lambda: ops.pad(x, torch.tensor([[0, 1, 2, 3]]), 9), "indices must be 1-D"),
+        (lambda: ops.pad(x, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])[::2], 9), "indices must be contiguous"),
         (lambda: ops.pad(x, torch.tensor([0, 1, 2, 3]), 2 ** 62), r"n_rows \(4611686018427387904\) is too large"),
         (lambda: ops.pad(x.t(), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]), 9), "x must be contiguous"),
         # check=False only spares the CUDA kernels their read-back: the CPU kernels check regardless
