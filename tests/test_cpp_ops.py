@@ -586,6 +586,26 @@ def test_embed_autograd_runs_the_cpp_backward(monkeypatch, dtype, with_tt):
         assert leaf.grad.dtype == dtype and torch.equal(leaf.grad, w), name
 
 
+def test_embed_index_at_the_limit_is_refused():
+    """indices may hold N - 1 but not N (one past input_ids' end, which the gathers would read out of bounds),
+    in embed and embed_backward; test_bad_input's index is random and mostly well past N, so only this one
+    pins the limit itself."""
+    args = list(_embed_inputs(7, 40, torch.float32))
+    n = args[0].shape[0]
+    out, mean, rstd = ops.embed(*args, 1e-5)
+    g = torch.randn_like(out)
+    back = lambda a: ops.embed_backward(g, *a[:8], mean, rstd)  # noqa: E731
+    args[1] = args[1].clone()
+    args[1][-1] = n - 1  # the last real position may be the last padded one
+    ops.embed(*args, 1e-5)
+    back(args)
+    args[1][-1] = n
+    for call in (lambda: ops.embed(*args, 1e-5), lambda: back(args)):
+        with pytest.raises(RuntimeError, match=rf"indices holds {n} at position 6, outside the valid range "
+                                                 rf"\[0, {n}\)"):
+            call()
+
+
 def test_embed_backward_repeated_ids_and_determinism():
     """Many tokens share few ids (the scatter sums them); the gradients are the same bits for 1 and 2 threads."""
     t, e = 600, 96
