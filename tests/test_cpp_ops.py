@@ -806,15 +806,22 @@ _ISA_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _run_under_isa(isa: str, script: str, *args: str) -> str:
+    """Runs `script` in a fresh interpreter with BERTFAST_CPU_ISA=isa ("best": unset, whatever this CPU has) and
+    returns its stdout; the run must succeed."""
+    env = {k: v for k, v in os.environ.items() if k != "BERTFAST_CPU_ISA"}
+    if isa != "best":
+        env["BERTFAST_CPU_ISA"] = isa
+    res = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
 @pytest.mark.parametrize("isa", ["base", "avx2"])
 def test_lower_isa_paths(isa, tmp_path):
     """BERTFAST_CPU_ISA lowers the ISA the kernels use (never above what the CPU has)."""
-    env = dict(os.environ, BERTFAST_CPU_ISA=isa)
     tail = tmp_path / "gelu_tail.pt"
-    res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tail)], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
-    worst = float(res.stdout.split("WORST_ULPS")[1])
+    worst = float(_run_under_isa(isa, _ISA_SCRIPT, str(tail)).split("WORST_ULPS")[1])
     assert worst < 16, f"{isa}: worst error {worst} ulps of max|ref|"
     got = torch.load(tail)
     assert _gelu_tail_relative_error(got["y"], got["x"]) < 1.0, isa
@@ -863,6 +870,15 @@ def _philox_uniform_reference(seed: int, offsets, c2: int = 0, rounds: int = 10)
     return v.astype(np.float32) * np.float32(4.6566127342e-10)
 
 
+def _attention_uniform_reference(seed: int, first: int, count: int, length: int, heads: int):
+    """The uniforms of the attention's dropout mask, [count, heads, length, length]: key j of query token q (count
+    sequences of `length` tokens from token `first`) in head h draws Philox-7 of (j, q, h, 0)."""
+    import numpy as np
+    return np.stack([np.stack([np.stack([
+        _philox_uniform_reference(seed, [((first + b * length + i) << 32) + j for j in range(length)], c2=h, rounds=7)
+        for i in range(length)]) for h in range(heads)]) for b in range(count)])
+
+
 _ISA_DROPOUT_SCRIPT = textwrap.dedent("""
     import sys
     import torch, bertfast._C
@@ -894,14 +910,8 @@ def test_dropout_factors_every_isa(isa, tmp_path):
     cases = [(0, 37), (2**32 - 7, 29), (2**32 - 20, 45), (2**40 + 3, 21), (123_456_789, 1)]
     attention_cases = [(0, 2, 5), (7, 1, 37), (2**31 - 40, 2, 20)]   # (first token, sequences, length)
     seed, p = (5 << 32) + 77, 0.3
-    env = {k: v for k, v in os.environ.items() if k != "BERTFAST_CPU_ISA"}
-    if isa != "best":
-        env["BERTFAST_CPU_ISA"] = isa
     args = [repr(cases), repr(attention_cases), str(seed), str(p), str(tmp_path / "f.pt")]
-    res = subprocess.run([sys.executable, "-c", _ISA_DROPOUT_SCRIPT, *args], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ran = res.stdout.split()[-1]
+    ran = _run_under_isa(isa, _ISA_DROPOUT_SCRIPT, *args).split()[-1]
     order = ["base", "avx2", "avx512"]
     # a forced ISA runs unless the CPU lacks it (the override only lowers); "best" is whatever this CPU has
     assert isa == "best" or order.index(ran) <= order.index(isa), (isa, ran)
@@ -916,15 +926,8 @@ def test_dropout_factors_every_isa(isa, tmp_path):
         assert bits.shape == (n, (h + 7) // 8) and torch.equal(unpack_keep_bits(bits, h), u >= p), (isa, ran, h)
         for a, b in zip(from_bits, redrawn):
             assert torch.equal(a, b), (isa, ran, h)
-    # the attention's mask: key j of query token q in head h kept where Philox-7 of (j, q, h, 0) >= p
     for (first, count, length), keep in zip(attention_cases, attention):
-        want = torch.empty(count, 3, length, length, dtype=torch.bool)
-        for b in range(count):
-            for h in range(3):
-                for i in range(length):
-                    q = first + b * length + i
-                    u = _philox_uniform_reference(seed, [(q << 32) + j for j in range(length)], c2=h, rounds=7)
-                    want[b, h, i] = torch.from_numpy(u >= p)
+        want = torch.from_numpy(_attention_uniform_reference(seed, first, count, length, 3) >= p)
         assert torch.equal(keep, want), (isa, ran, first, count, length)
 
 
@@ -953,16 +956,10 @@ def test_dropout_keeps_a_uniform_equal_to_p(isa, tmp_path):
     u_ln = _philox_uniform_reference(seed, range(64))
     k = int(np.argmin(np.abs(u_ln - 0.5)))   # a draw near 0.5 as p: about half the elements are kept
     p_ln = float(u_ln[k])
-    u_att = np.stack([np.stack([_philox_uniform_reference(seed, [(q << 32) + j for j in range(40)], c2=h, rounds=7)
-                                for q in range(40)]) for h in range(2)])   # [head, query, key]
+    u_att = _attention_uniform_reference(seed, 0, 1, 40, 2)[0]   # [head, query, key]
     p_att = float(u_att.flat[int(np.argmin(np.abs(u_att - 0.5)))])
-    env = {k_: v for k_, v in os.environ.items() if k_ != "BERTFAST_CPU_ISA"}
-    if isa != "best":
-        env["BERTFAST_CPU_ISA"] = isa
-    res = subprocess.run([sys.executable, "-c", _ISA_DROPOUT_TIE_SCRIPT, str(seed), repr(p_ln), repr(p_att),
-                          str(tmp_path / "t.pt")], env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ran = res.stdout.split()[-1]
+    ran = _run_under_isa(isa, _ISA_DROPOUT_TIE_SCRIPT, str(seed), repr(p_ln), repr(p_att),
+                         str(tmp_path / "t.pt")).split()[-1]
     factors, bits, keep = torch.load(tmp_path / "t.pt", weights_only=True)
     u_ln, u_att = torch.from_numpy(u_ln), torch.from_numpy(u_att)
     assert (u_ln == p_ln).sum() >= 1 and (u_att == p_att).sum() >= 1   # the ties the test is about

@@ -237,7 +237,8 @@ class EncoderModel(nn.Module):
         in_checkpoint, sources = set(state), {}
         state, origin = loading.normalise_keys(state, origin, set(expected), cls.base_model_prefix, directory,
                                                sources)
-        ignored = in_checkpoint - set(sources.values()) - {k for k in in_checkpoint if k.endswith(loading.IGNORED_KEYS)}
+        # what normalise_keys dropped, less the buffers that carry no weights: a task checkpoint's head
+        head_keys = {k for k in in_checkpoint - set(sources.values()) if not k.endswith(loading.IGNORED_KEYS)}
         state, origin = loading.set_aside_deeper_layers(state, origin, expected, directory)
         pooler_keys = {k for k in expected if k.startswith("pooler.")}
         if add_pooling_layer is None and pooler_keys and not pooler_keys & set(state):
@@ -256,7 +257,7 @@ class EncoderModel(nn.Module):
         loading.check_state_dict(state, origin, expected, directory)
         if info is not None:
             info.update(missing_keys=set(), mismatched_keys=set(), error_msgs=[],
-                        unexpected_keys=ignored | {sources[k] for k in sources.keys() - state.keys()})
+                        unexpected_keys=head_keys | {sources[k] for k in sources.keys() - state.keys()})
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
         model.eval()
         return model.to(device) if device is not None else model
