@@ -30,7 +30,7 @@ log "== [$(( $(date +%s) - START ))s] tests -k '$KEXPR'"
 EXTRA=()
 $PY -c "import xdist" 2>/dev/null && EXTRA+=(-n "${TEST_WORKERS:-12}")
 $PY -c "import pytest_timeout" 2>/dev/null && EXTRA+=(--timeout 100)
-timeout 150 env OMP_NUM_THREADS=1 $PY -m pytest -q -ra -p no:cacheprovider ${EXTRA[@]+"${EXTRA[@]}"} -k "$KEXPR" \
+timeout 150 env OMP_NUM_THREADS=1 BERTFAST_CHECK_LAUNCHES=1 $PY -m pytest -q -ra -p no:cacheprovider ${EXTRA[@]+"${EXTRA[@]}"} -k "$KEXPR" \
   --ignore tests/test_compile.py tests > "$OUT/tests.txt" 2>&1
 tests=$?
 grep -v -e PytestBenchmarkWarning -e "warner(" "$OUT/tests.txt" | tail -60 | tee -a "$LOG"; rm -f "$OUT/tests.txt"

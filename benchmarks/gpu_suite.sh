@@ -135,14 +135,16 @@ export -f run_tests
 # tests/test_compile.py (the ahead-of-time compile report: CPU work) runs in CI; here its cold compiles would take
 # time from the tests that need the GPU. test_gpu_model.py is named first so that it starts first.
 PER_TEST=""; $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout ${PER_TEST_TIMEOUT:-150}"
+# BERTFAST_CHECK_LAUNCHES=1: every launch the launch cache (kernels/launch.py) serves is checked against the kernel
+# Triton's own cache would have run (the tests only; the benchmarks time the cache as users run it)
 pytest_step() {    # pytest_step NAME LIMIT MARKER_EXPRESSION JUNIT_FILE
   local name=$1 limit=$2 markers=$3 junit=$4
   if $PY -c "import xdist" 2>/dev/null; then
-    step "$name" "$limit" env OMP_NUM_THREADS=1 $PY -m pytest -q -ra -n ${TEST_WORKERS:-12} --dist load \
+    step "$name" "$limit" env OMP_NUM_THREADS=1 BERTFAST_CHECK_LAUNCHES=1 $PY -m pytest -q -ra -n ${TEST_WORKERS:-12} --dist load \
       --durations=25 -p no:cacheprovider --junitxml "$OUT/$junit" $PER_TEST -m "$markers" -k "$KSEL" \
       ${PYTEST_EXTRA:---ignore tests/test_compile.py} tests/test_gpu_model.py tests
   else
-    step "$name" "$limit" bash -c 'run_tests -m "$1" -k "$2"' _ "$markers" "$KSEL"
+    step "$name" "$limit" env BERTFAST_CHECK_LAUNCHES=1 bash -c 'run_tests -m "$1" -k "$2"' _ "$markers" "$KSEL"
   fi
 }
 if [ "${SKIP_TESTS:-0}" != 1 ]; then

@@ -27,6 +27,7 @@ Writes host_profile.txt and host_profile.json into --out and prints the tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import cProfile
 import io
@@ -41,6 +42,17 @@ import torch.nn.functional as F
 
 from benchmarks import bench_model
 from bertfast import ops
+from bertfast.kernels import launch
+
+
+@contextlib.contextmanager
+def launch_cache_off():
+    """Every Triton launch through JITFunction.run, as before kernels/launch.py's cache."""
+    previous, launch.ENABLED = launch.ENABLED, False
+    try:
+        yield
+    finally:
+        launch.ENABLED = previous
 
 
 def _sync(device):
@@ -204,6 +216,13 @@ def run(device="cuda", tiny=False, calls=None, out_dir=None) -> dict:
             t = host_ms(fn, device, calls)
             result["forward"][name] = t
             lines.append(f"  {name:<42} host {t['host_ms']:8.3f}   wall {t['wall_ms']:8.3f}")
+        # the same forward with every Triton launch through JITFunction.run (kernels/launch.py's cache off)
+        name = "bertfast, mask given, launch cache off"
+        if launch.ENABLED:
+            with launch_cache_off():
+                t = host_ms(forwards["bertfast, attention_mask given"], device, calls)
+            result["forward"][name] = t
+            lines.append(f"  {name:<42} host {t['host_ms']:8.3f}   wall {t['wall_ms']:8.3f}")
         write()
         layers = cfg.num_hidden_layers
         lines.append(f"\n2. per call at the {seq}-token shapes ({calls * 4} calls back to back; us per call)")
@@ -233,12 +252,14 @@ def run(device="cuda", tiny=False, calls=None, out_dir=None) -> dict:
     tids = torch.randint(1, cfg.vocab_size, (batch, train_seq), device=device)
     tmask = torch.ones_like(tids)
     result["train_step"] = {}
-    for name, model in (("bertfast", ours), ("transformers sdpa", sdpa)):
+    cache_off = [("bertfast, launch cache off", ours)] if launch.ENABLED else []
+    for name, model in [("bertfast", ours), ("transformers sdpa", sdpa)] + cache_off:
         train = copy.deepcopy(model).train()
 
         def step(train=train):
             train(tids, attention_mask=tmask).last_hidden_state.float().sum().backward()
-        t = host_ms(step, device, steps, repeats=3)
+        with launch_cache_off() if name.endswith("launch cache off") else contextlib.nullcontext():
+            t = host_ms(step, device, steps, repeats=3)
         busy = ""
         try:
             t["gpu_busy_ms"] = gpu_busy_ms(step, device, steps)

@@ -3,10 +3,11 @@
 Eager bertfast on the H100 was host-bound (bert-base 1x128: 8.8 ms eager against 0.53 ms as a CUDA graph), so
 the Python work around each kernel launch is what to shrink, and most of it does not need a GPU to be timed:
 here every Triton kernel goes through Triton's real launch path (``JITFunction.run``: argument binding,
-specialisation, cache lookup, and our launchers' checks and allocations before it) with a stand-in driver whose
-launch does nothing, while GEMMs and the C++ ops run on the CPU. A 12-layer model 64 wide (head dim 32, so the
-Triton attention serves it) on 16 tokens in fp32 keeps the CPU arithmetic small (its GEMMs: ~5% of the time),
-so what is timed is host work. The per-op rows (benchmarks.host_profile's cases) use fp16 inputs.
+specialisation, cache lookup; or, on a hit of kernels/launch.py's cache, the compiled kernel's own launcher; and
+our launchers' checks and allocations before it) with a stand-in driver whose launch does nothing, while GEMMs
+and the C++ ops run on the CPU. A 12-layer model 64 wide (head dim 32, so the Triton attention serves it) on 16
+tokens in fp32 keeps the CPU arithmetic small (its GEMMs: ~5% of the time), so what is timed is host work. The
+per-op rows (benchmarks.host_profile's cases) use fp16 inputs.
 
 Not included (so the proxy underestimates a GPU machine's host time): Triton's C launcher and the CUDA driver
 call behind each launch, the CUDA caching allocator, and stream / device queries. The kernels are compiled for
@@ -107,6 +108,9 @@ def run(profile: bool = False, tokens: int = 16) -> dict:
                "forward, no attention_mask": lambda: model(ids)}
         for name, fn in fwd.items():
             results[name] = per_call_us(fn, calls=50, repeats=15)
+        with host_profile.launch_cache_off():
+            results["forward, mask given, launch cache off"] = per_call_us(fwd["forward, attention_mask given"],
+                                                                          calls=50, repeats=15)
     # a fine-tuning step's forward + backward (dropout on, as in training; no optimizer step), outside
     # inference_mode; the stand-in kernels leave their outputs unwritten, so flush denormals for steady CPU GEMMs
     torch.set_flush_denormal(True)
@@ -115,6 +119,8 @@ def run(profile: bool = False, tokens: int = 16) -> dict:
         def train_step():
             train_model(ids, attention_mask=mask).last_hidden_state.sum().backward()
         results["training step (fwd + bwd), mask given"] = per_call_us(train_step, calls=20, repeats=15)
+        with host_profile.launch_cache_off():
+            results["training step, launch cache off"] = per_call_us(train_step, calls=20, repeats=15)
     print(f"host time per call (us), Triton launches through a stand-in driver; {cfg.num_hidden_layers}-layer "
           f"{cfg.hidden_size}-wide model (fp32) on {tokens} tokens, 1 thread; per-op rows fp16")
     for name, us in results.items():

@@ -75,6 +75,8 @@ def cmd_info(args) -> int:
         print(f"  {'CPU kernels':<13} {isa}")
     print(f"  {'backend':<13} BERTFAST_BACKEND={ops.backend_setting()}"
           f"{'  TRITON_INTERPRET=1' if os.environ.get('TRITON_INTERPRET') == '1' else ''}")
+    from bertfast.kernels import launch
+    print(f"  {'Triton launch':<13} {launch.status()[1]}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         print(f"\n  implementation per op on {dev}:")

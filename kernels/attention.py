@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .config import KernelSpec, UnsupportedInput, cdiv, dropout_seed, launch_arch, next_pow2, torch_to_triton_dtype
+from .launch import Launcher
 
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -464,6 +465,14 @@ def _dropout_mask_kernel(
 # Launch rule
 # ----------------------------------------------------------------------------------------------------------------
 
+# each kernel's launches skip JITFunction.run's per-call specialisation on a hit (kernels/launch.py)
+_attn_fwd_launch = Launcher(_attn_fwd_kernel)
+_attn_bwd_preprocess_launch = Launcher(_attn_bwd_preprocess_kernel)
+_attn_bwd_dkdv_launch = Launcher(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq_launch = Launcher(_attn_bwd_dq_kernel)
+_dropout_mask_launch = Launcher(_dropout_mask_kernel)
+
+
 def _block_d(head_dim: int) -> int:
     return next_pow2(head_dim)
 
@@ -718,7 +727,7 @@ def attention_forward(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: i
     seed_lo, seed_hi = _seed_halves(seed, dropout_p)
     grid = (cdiv(max_seqlen, cfg["BLOCK_M"]), heads, batch)
     with _device_ctx(qkv.device):
-        _attn_fwd_kernel[grid](
+        _attn_fwd_launch(grid,
             qkv, out, lse, cu_seqlens,
             qkv.stride(0), qkv.stride(1), qkv.stride(2),
             out.stride(0), out.stride(1),
@@ -778,12 +787,12 @@ def attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, PRECISION=precision,
                   N_ROUNDS=PHILOX_ROUNDS)
     with _device_ctx(qkv.device):
-        _attn_bwd_preprocess_kernel[(cdiv(n_tokens, _pre_block_t(qkv.dtype)), heads)](
+        _attn_bwd_preprocess_launch((cdiv(n_tokens, _pre_block_t(qkv.dtype)), heads),
             out, dout, delta, n_tokens,
             out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=_pre_block_t(qkv.dtype), num_warps=4, num_stages=1,
         )
-        _attn_bwd_dkdv_kernel[(cdiv(max_seqlen, kv_cfg["BLOCK_N"]), heads, batch)](
+        _attn_bwd_dkdv_launch((cdiv(max_seqlen, kv_cfg["BLOCK_N"]), heads, batch),
             qkv, dout, lse, delta, dqkv, cu_seqlens,
             qkv.stride(0), qkv.stride(1), qkv.stride(2),
             dout.stride(0), dout.stride(1),
@@ -793,7 +802,7 @@ def attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
             float(dropout_p), seed_lo, seed_hi,
             **common, **kv_cfg,
         )
-        _attn_bwd_dq_kernel[(cdiv(max_seqlen, q_cfg["BLOCK_M"]), heads, batch)](
+        _attn_bwd_dq_launch((cdiv(max_seqlen, q_cfg["BLOCK_M"]), heads, batch),
             qkv, dout, lse, delta, dqkv, cu_seqlens,
             qkv.stride(0), qkv.stride(1), qkv.stride(2),
             dout.stride(0), dout.stride(1),
@@ -828,7 +837,7 @@ def dropout_mask(cu_seqlens: torch.Tensor, max_seqlen: int, heads: int, dropout_
     mask = torch.empty((batch, heads, max_seqlen, max_seqlen), dtype=torch.uint8, device=device)
     seed_lo, seed_hi = _seed_halves(seed, dropout_p)
     with _device_ctx(device):
-        _dropout_mask_kernel[(cdiv(max_seqlen, _MASK_BLOCK), heads, batch)](
+        _dropout_mask_launch((cdiv(max_seqlen, _MASK_BLOCK), heads, batch),
             mask, cu_seqlens, max_seqlen, float(dropout_p), seed_lo, seed_hi,
             BLOCK_M=_MASK_BLOCK, BLOCK_N=_MASK_BLOCK, N_ROUNDS=PHILOX_ROUNDS, num_warps=4, num_stages=1,
         )

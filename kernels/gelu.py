@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from bertfast.kernels.config import KernelSpec, UnsupportedInput, cdiv, torch_to_triton_dtype
+from bertfast.kernels.launch import Launcher
 
 # activation codes shared with layer_norm.py (constexpr ACTIVATION)
 ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SILU = 0, 1, 2, 3, 4
@@ -146,6 +147,11 @@ def _bias_act_bwd_kernel(
 # launchers
 
 
+# each kernel's launches skip JITFunction.run's per-call specialisation on a hit (kernels/launch.py)
+_bias_act_fwd_launch = Launcher(_bias_act_fwd_kernel)
+_bias_act_bwd_launch = Launcher(_bias_act_bwd_kernel)
+
+
 def tile_config() -> dict:
     """The one tile policy of the bias + activation kernels (forward and backward)."""
     return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
@@ -231,7 +237,7 @@ def bias_act_forward(x, bias=None, activation: str = "gelu", out=None, validate:
         return out
     grid = (cdiv(n_rows, BLOCK_M), cdiv(n_cols, BLOCK_N))
     with device_guard(x):
-        _bias_act_fwd_kernel[grid](
+        _bias_act_fwd_launch(grid,
             x, bias if bias is not None else x, out, n_rows, n_cols,
             HAS_BIAS=bias is not None, ACTIVATION=act, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES)
@@ -259,7 +265,7 @@ def bias_act_backward(dy, x, bias=None, activation: str = "gelu"):
     g = _programs_per_column(x.device, n_row_tiles, n_col_blocks)
     part = torch.empty((g, n_cols), dtype=torch.float32, device=x.device) if bias is not None else dx
     with device_guard(x):
-        _bias_act_bwd_kernel[(g, n_col_blocks)](
+        _bias_act_bwd_launch((g, n_col_blocks),
             dy, x, bias if bias is not None else x, dx, part, n_rows, n_cols, n_row_tiles, g,
             HAS_BIAS=bias is not None, ACTIVATION=act, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES)

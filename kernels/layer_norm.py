@@ -36,6 +36,7 @@ from bertfast.kernels.config import (MAX_FUSED_BACKWARD_HIDDEN, MAX_FUSED_HIDDEN
                                      UnsupportedInput, cdiv, dropout_seed, row_block, torch_to_triton_dtype)
 from bertfast.kernels.gelu import (ACT_GELU, ACT_GELU_TANH, ACT_NONE, ACT_RELU, ACT_SILU, _act_bwd, _act_fwd,
                                    device_guard)
+from bertfast.kernels.launch import Launcher
 
 LN_ACTIVATIONS = {None: ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU, "silu": ACT_SILU}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -270,6 +271,12 @@ def _backward_programs(device, n_rows: int, num_warps: int) -> int:
 # launchers
 
 
+# each kernel's launches skip JITFunction.run's per-call specialisation on a hit (kernels/launch.py)
+_add_ln_fwd_launch = Launcher(_add_ln_fwd_kernel)
+_add_ln_bwd_launch = Launcher(_add_ln_bwd_kernel)
+_dropout_keep_launch = Launcher(_dropout_keep_kernel)
+
+
 def forward_row_choices(block_n: int) -> tuple[int, ...]:
     """Rows per forward program the launcher accepts for a row block: the policy's first (one row: what the H100
     measured on 2026-11-24, 96% of copy bandwidth at H = 3072 but 57% at 768), then the multi-row candidate for
@@ -345,7 +352,7 @@ def add_layer_norm_forward(x, weight, bias, eps: float, residual=None, x_bias=No
         return out, mean, rstd
     dropout_p = float(dropout_p)
     with device_guard(x):
-        _add_ln_fwd_kernel[(cdiv(n_rows, rows),)](
+        _add_ln_fwd_launch((cdiv(n_rows, rows),),
             x, x_bias if x_bias is not None else x, residual if residual is not None else x, weight, bias,
             out, mean, rstd, n_rows, n_cols, float(eps), dropout_p, _dropout_scale(dropout_p), int(seed) if dropout_p > 0.0 else 0,
             HAS_X_BIAS=x_bias is not None, HAS_RESIDUAL=residual is not None,
@@ -394,7 +401,7 @@ def add_layer_norm_backward(dy, x, weight, bias, mean, rstd, residual=None, x_bi
     parts = torch.empty((n_parts, g, n_cols), dtype=torch.float32, device=x.device)
     dropout_p = float(dropout_p)
     with device_guard(x):
-        _add_ln_bwd_kernel[(g,)](
+        _add_ln_bwd_launch((g,),
             dy, x, x_bias if x_bias is not None else x, residual if residual is not None else x, weight, mean,
             rstd, dx, dres if dres is not None else dx, parts[0], parts[1], parts[n_parts - 1],
             n_rows, n_cols, rows_per_program, dropout_p, _dropout_scale(dropout_p), int(seed) if dropout_p > 0.0 else 0,
@@ -422,7 +429,7 @@ def dropout_keep_mask(shape, p: float, seed: int, device) -> torch.Tensor:
     keep = torch.empty(numel, dtype=torch.uint8, device=device)
     if numel:
         with device_guard(keep):
-            _dropout_keep_kernel[(cdiv(numel, DROPOUT_BLOCK),)](
+            _dropout_keep_launch((cdiv(numel, DROPOUT_BLOCK),),
                 keep, numel, float(p), dropout_seed(seed, float(p)), BLOCK=DROPOUT_BLOCK, num_warps=4, num_stages=1)
     return keep.view(shape).bool()
 

@@ -254,8 +254,9 @@ def test_exception_probe_isolates_variants():
 
 def test_host_proxy_times_the_triton_launch_path():
     """benchmarks.host_proxy claims to time a CUDA eager forward's host path: under its stand-in driver every
-    layer must launch its four Triton kernels through Triton's JITFunction.run (none silently skipped or sent to
-    another implementation). Runs in a subprocess: this process has TRITON_INTERPRET=1, which swaps Triton's
+    layer must launch its four Triton kernels through Triton's compiled launch path (JITFunction.run on a miss of
+    kernels/launch.py's cache, the compiled kernel's own launcher on a hit; none silently skipped or sent to another
+    implementation). Runs in a subprocess: this process has TRITON_INTERPRET=1, which swaps Triton's
     launch path for the interpreter's."""
     code = """
 import torch
