@@ -11,8 +11,8 @@ decide Triton's specialisation, computed with less work: the type of every argum
 whether its address is a multiple of 16, each int's width class and whether it is 1 or a multiple of 16, the
 constexpr values and launch options as given. Equal facts give equal specialisations (``test_launch`` checks this
 against Triton's own specialisation for every boundary), so a hit launches the kernel JITFunction.run would have
-found in its cache. A miss, a profiler's launch hook, Triton's debug or instrumentation modes, a kernel with pre-run
-hooks and the interpreter all go through ``kernel[grid](...)`` itself, unchanged.
+found in its cache. A miss, a grid given as a function, a profiler's launch hook, Triton's debug or instrumentation
+modes, a kernel with pre-run hooks and the interpreter all go through ``kernel[grid](...)`` itself, unchanged.
 
 Not repeated on a hit: JITFunction.run's check that the module globals a kernel read at compile time have not
 changed since (bertfast's kernels read module constants only).
@@ -30,15 +30,16 @@ import os
 
 import torch
 
-_I32, _I64 = 2 ** 31, 2 ** 63
+_I32, _I64, _U64 = 2 ** 31, 2 ** 63, 2 ** 64
 
 
 def _int_facts(v: int):
     """What Triton 3.6 specialises an int argument on: 1 is a constant; otherwise its width (i32, i64, u64) and
-    whether it is a multiple of 16."""
+    whether it is a multiple of 16. Ints outside [-2**63, 2**64) get facts of their own, so they always miss and
+    Triton refuses them (a hit would hand them to the launcher, whose u64 conversion wraps them silently)."""
     if v == 1:
         return 1
-    return (v & 15) == 0, -_I32 <= v < _I32, v < _I64
+    return (v & 15) == 0, -_I32 <= v < _I32, v < _I64, -_I64 <= v < _U64
 
 
 _TRITON = None
@@ -70,14 +71,15 @@ class Launcher:
         self.kernel = kernel
         # the interpreter's kernels (TRITON_INTERPRET=1) are not JITFunctions: they always take kernel[grid]
         self.fast = hasattr(kernel, "device_caches") and hasattr(kernel, "params")
-        self._entries = {}      # key -> (compiled kernel, constexpr tail in signature order) or None (never fast)
+        self._entries = {}      # key -> (compiled kernel, constexpr tail in signature order)
         self._layouts = {}      # argument types -> (tensor positions getter, int positions getter)
 
     def __call__(self, grid, *args, **kw):
         knobs, driver = _triton()
         runtime = knobs.runtime
-        if not (self.fast and ENABLED) or _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook) \
-                or runtime.debug or self.kernel.pre_run_hooks or knobs.compilation.instrumentation_mode:
+        if not (self.fast and ENABLED) or type(grid) is not tuple or _hooked(runtime.launch_enter_hook) \
+                or _hooked(runtime.launch_exit_hook) or runtime.debug or self.kernel.pre_run_hooks \
+                or knobs.compilation.instrumentation_mode:
             return self.kernel[grid](*args, **kw)
         types = tuple(map(type, args))
         layout = self._layouts.get(types)
@@ -94,13 +96,13 @@ class Launcher:
             return self.kernel[grid](*args, **kw)
         device = driver.active.get_current_device()
         key = (device, layout, tuple(kw.items()), *dtypes, *[_int_facts(v) for v in layout[1](args)])
-        entry = self._entries.get(key, False)
-        if entry is False:
-            compiled = self.kernel[grid](*args, **kw)
-            self._entries[key] = self._entry(compiled, len(args), kw)
-            return compiled
+        entry = self._entries.get(key)
         if entry is None:
-            return self.kernel[grid](*args, **kw)
+            compiled = self.kernel[grid](*args, **kw)
+            entry = self._entry(compiled, len(args), kw)
+            if entry is not None:   # (a call that can never be fast is not kept: its key may hold a tensor)
+                self._entries[key] = entry
+            return compiled
         compiled, tail = entry
         if CHECK:
             self._check(compiled, device, args, kw)
@@ -130,14 +132,15 @@ class Launcher:
 
     def _entry(self, compiled, n_args: int, kw: dict):
         """What a hit needs: the compiled kernel and the constexpr values after the positional arguments, in the
-        kernel's signature order (its launcher takes every parameter). None where the call cannot be fast: a
-        compile that has not finished (Triton's async mode), a constexpr given positionally, a keyword that is no
-        parameter or option."""
+        kernel's signature order (its launcher takes every parameter). None where the call cannot be fast: no
+        CompiledKernel came back, a constexpr given positionally, or a runtime argument given by keyword (the key
+        holds keyword values as they are: a tensor there would be neither checked nor let go)."""
         from triton.compiler.compiler import CompiledKernel
         if not isinstance(compiled, CompiledKernel):
             return None
         params = self.kernel.params
-        if any(p.is_constexpr for p in params[:n_args]):
+        if any(p.is_constexpr for p in params[:n_args]) \
+                or any(p.name in kw and not p.is_constexpr for p in params[n_args:]):
             return None
         tail = []
         for p in params[n_args:]:

@@ -68,10 +68,20 @@ def counted_run(self, *args, **kw):
     return original_run(self, *args, **kw)
 jit.JITFunction.run = counted_run
 
-launched = []
+launched, streams, handles = [], [], []
 with host_proxy.stand_in_gpu():
     from triton.runtime import driver
     driver.active.launcher_cls = lambda src, metadata: (lambda *a: launched.append((src.name, a)))
+    # a new stream value at every query and a function handle per compiled kernel, so that a launch handed another
+    # stream or kernel than the one Triton's path would hand it shows
+    def stream(device):
+        streams.append(1000 + len(streams))
+        return streams[-1]
+    driver.active.get_current_stream = stream
+    def load_binary(name, kernel, shared, device):
+        handles.append(name)
+        return 1, 100 + len(handles), 64, 0, 1024
+    driver.active.utils.load_binary = load_binary
     from bertfast.kernels import attention as A, gelu as G, launch, layer_norm as L
     assert launch.ENABLED and launch.CHECK
     h = torch.float16
@@ -104,6 +114,14 @@ with host_proxy.stand_in_gpu():
         "attention fwd dropout": lambda: A.attention_forward(qkv, cu, 9, dropout_p=0.2, seed=2 ** 33),
         "attention bwd": lambda: A.attention_backward(torch.randn_like(out), qkv, out, lse, cu, 9),
         "dropout keep mask": lambda: L.dropout_keep_mask((16, 384), 0.1, 7, "cpu"),
+        # the other dtypes, after fp16's entries exist: a key without the dtypes would hit fp16's kernels
+        "ln fwd 16 rows fp32": lambda: L.add_layer_norm_forward(aligned(16, 384).float(), w.float(), b.float(), 1e-12,
+                                                                residual=aligned(16, 384).float()),
+        "ln fwd 16 rows bf16": lambda: L.add_layer_norm_forward(aligned(16, 384).bfloat16(), w.bfloat16(),
+                                                                b.bfloat16(), 1e-12,
+                                                                residual=aligned(16, 384).bfloat16()),
+        "bias_act fwd fp32": lambda: G.bias_act_forward(aligned(16, 1536).float(), torch.zeros(1536), "gelu"),
+        "attention fwd bf16": lambda: A.attention_forward(qkv.bfloat16(), cu, 9),
     }
     added = {}
     def entries():
@@ -120,10 +138,12 @@ with host_proxy.stand_in_gpu():
             fn()
             rows.append((launched[before_l:], len(triton_path) - before_t))
             added.setdefault(name, [k for k in entries() if k not in before])
+            # each launch on the stream the driver reported at that launch (the last one asked for)
+            assert all(a[3] == streams[-1 - (len(rows[-1][0]) - 1 - i)] for i, (_, a) in enumerate(rows[-1][0])), name
         first, second = rows
-        # grid, stream, function, packed metadata, then every kernel argument (launch_metadata and hooks: None on
-        # a hit, where their chains are empty)
-        same = [[(k, a[:6], [shape(x) for x in a[9:]]) for k, a in launches] for launches, _ in rows]
+        # grid, function, packed metadata, then every kernel argument (launch_metadata and hooks: None on a hit,
+        # where their chains are empty)
+        same = [[(k, a[:3], a[4:6], [shape(x) for x in a[9:]]) for k, a in launches] for launches, _ in rows]
         hooks_none = all(a[6] is None and a[7] is None and a[8] is None for _, a in second[0])
         print(name, "|", len(first[0]), first[1], len(second[0]), second[1], "|", same[0] == same[1], "|",
               hooks_none if second[1] == 0 else "-")
@@ -164,7 +184,7 @@ def test_cached_launches_are_the_launches_triton_makes():
         else:
             assert jit_second == 0 and hooks == "True", (name, counts, hooks)
         assert same == "True", name
-    assert len(rows) == 15, res.stdout
+    assert len(rows) == 19, res.stdout
     assert rows["poisoned"] == ["caught"], res.stdout
 
 
@@ -195,3 +215,85 @@ def test_info_says_how_triton_launches():
     assert "through JITFunction.run (BERTFAST_LAUNCH_CACHE=0)" in line(info(BERTFAST_LAUNCH_CACHE="0"))
     bad = info(BERTFAST_LAUNCH_CACHE="yes")
     assert bad.returncode != 0 and "BERTFAST_LAUNCH_CACHE must be 0 or 1, got 'yes'" in bad.stderr, bad.stderr
+
+
+_TRIGGERS = r"""
+import gc, sys, weakref
+import torch, triton, triton.language as tl
+from benchmarks import host_proxy
+from triton.runtime import jit
+
+calls = []
+original_run = jit.JITFunction.run
+def counted_run(self, *args, **kw):
+    calls.append(1)
+    return original_run(self, *args, **kw)
+jit.JITFunction.run = counted_run
+
+@triton.jit
+def fill(out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, 1.0, mask=offs < n)
+
+def through_triton(launch, setup=lambda: None, teardown=lambda: None):
+    launch()                       # the cache's entry exists from here on (where the call can be cached)
+    setup()
+    try:
+        n = len(calls)
+        launch()
+        return len(calls) - n
+    finally:
+        teardown()
+
+with host_proxy.stand_in_gpu():
+    from triton import knobs
+    from bertfast.kernels.launch import Launcher
+    L, out = Launcher(fill), torch.zeros(64)
+    plain = lambda: L((1,), out, 64, BLOCK=64)
+    hook = lambda *a, **kw: None
+    print("hit |", through_triton(plain))
+    print("enter hook |", through_triton(plain, lambda: knobs.runtime.launch_enter_hook.add(hook),
+                                         lambda: knobs.runtime.launch_enter_hook.remove(hook)))
+    print("exit hook |", through_triton(plain, lambda: knobs.runtime.launch_exit_hook.add(hook),
+                                        lambda: knobs.runtime.launch_exit_hook.remove(hook)))
+    print("pre-run hook |", through_triton(plain, lambda: fill.pre_run_hooks.append(hook),
+                                           lambda: fill.pre_run_hooks.clear()))
+    print("debug |", through_triton(plain, lambda: setattr(knobs.runtime, "debug", True),
+                                    lambda: setattr(knobs.runtime, "debug", False)))
+    print("grid function |", through_triton(lambda: L(lambda meta: (1,), out, 64, BLOCK=64)))
+    print("misaligned |", through_triton(lambda: L((1,), out[1:], 63, BLOCK=64)))
+    # a runtime argument by keyword: never cached, and the tensor not kept
+    t = torch.zeros(64)
+    ref = weakref.ref(t)
+    print("tensor by keyword |", through_triton(lambda: L((1,), out_ptr=t, n=64, BLOCK=64)))
+    del t
+    gc.collect()
+    print("tensor let go |", ref() is None, len(L._entries))
+    # a u64 int cached first, then one past 2**64: Triton refuses it, the cache must not wrap it
+    u64 = Launcher(fill)
+    u64((1,), out, 2 ** 64 - 16, BLOCK=64)
+    u64((1,), out, 2 ** 64 - 16, BLOCK=64)
+    try:
+        u64((1,), out, 2 ** 64 + 16, BLOCK=64)
+        print("2**64 + 16 | launched")
+    except OverflowError:
+        print("2**64 + 16 | refused")
+"""
+
+
+def test_what_the_cache_leaves_to_triton(tmp_path):
+    """A hit skips JITFunction.run; a launch hook (profilers), a pre-run hook, Triton's debug mode, a grid given as a
+    function and a misaligned tensor each send the launch back through it; a runtime argument given by keyword is
+    never cached (nor kept alive by the cache), and an int past 2**64 is refused as Triton refuses it rather than
+    handed to the launcher after a u64 was cached. (Triton's @jit needs the kernel in a file.)"""
+    script = tmp_path / "triggers.py"
+    script.write_text(_TRIGGERS)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BERTFAST_CHECK_LAUNCHES")}
+    env.update(BERTFAST_LAUNCH_CACHE="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = dict(line.split(" | ") for line in res.stdout.splitlines() if " | " in line)
+    assert rows == {"hit": "0", "enter hook": "1", "exit hook": "1", "pre-run hook": "1", "debug": "1",
+                    "grid function": "1", "misaligned": "1", "tensor by keyword": "1", "tensor let go": "True 1",
+                    "2**64 + 16": "refused"}, res.stdout
