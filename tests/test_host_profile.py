@@ -32,3 +32,21 @@ def test_op_rows_run_the_labelled_implementation(backend, monkeypatch):
     if backend == "triton":
         assert all("launcher" in cases[op] for op in ("add_layer_norm", "bias_act", "varlen_attention"))
     assert {impl for _, impl in seen} <= {backend, "reference"}
+
+
+def test_the_profile_runs_and_times_the_launch_cache_both_ways(monkeypatch, tmp_path):
+    """The GPU suite's host-profile step, as a smoke run on the CPU (tiny model): every section is written, and
+    with the launch cache on (it is off in this interpreted process; the CPU ops launch no Triton kernel, so only
+    the rows' plumbing runs) the forward and the fine-tuning step are timed with it switched off too, and the
+    switch is put back."""
+    import json
+
+    from bertfast.kernels import launch
+    monkeypatch.setattr(launch, "ENABLED", True)
+    host_profile.run(device="cpu", tiny=True, calls=2, out_dir=tmp_path)
+    result = json.loads((tmp_path / "host_profile.json").read_text())
+    assert "bertfast, mask given, launch cache off" in result["forward"]
+    assert set(result["train_step"]) == {"bertfast", "transformers sdpa", "bertfast, launch cache off"}
+    text = (tmp_path / "host_profile.txt").read_text()
+    assert all(f"\n{n}. " in text for n in range(1, 6)), text
+    assert launch.ENABLED is True
