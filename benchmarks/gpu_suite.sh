@@ -72,6 +72,7 @@ if [ $DRY = 1 ]; then
   [[ "$GPU_IDS" == *"test_gpu_model.py::test_cuda_graphs_padded_batches"* ]] \
     || { log "-m gpu misses the GPU model tests"; exit 1; }
   $PY -m benchmarks.host_profile --device cpu --tiny --calls 2 >>"$LOG" 2>&1 || { log "host_profile failed"; exit 1; }
+  $PY -c "import benchmarks.launch_smoke" || { log "benchmarks.launch_smoke not importable"; exit 1; }
 fi
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -84,6 +85,13 @@ if ! step "install + CUDA build" 400 env BERTFAST_FORCE_CUDA=1 $PY -m pip instal
   step "install without CUDA sources (fallback)" 300 env BERTFAST_SKIP_CUDA_BUILD=1 $PY -m pip install --no-deps --no-build-isolation -e .
 fi
 step "bertfast info" 60 $PY -m bertfast info
+# the launch cache's hits (kernels/launch.py: written and checked without a GPU) against Triton's own launches on
+# this GPU, bit for bit; if they differ the other steps run with the cache off, so that one cause does not fail every
+# Triton test, and the step is recorded as failed
+if ! step "launch cache smoke" 90 $PY -m benchmarks.launch_smoke --device cuda; then
+  export BERTFAST_LAUNCH_CACHE=0
+  log "launch cache smoke failed (above): the other steps run with BERTFAST_LAUNCH_CACHE=0"
+fi
 # Order, by what a GPU session must bring back: the build, the tests that run on the GPU (-m gpu: Triton kernels
 # with real compiles, the CUDA extension, the CUDA model and graph tests; 2026-11-24's run cut the whole suite at
 # 92% and never reached the model tests), the benchmarks (whose results are committed), then whatever time is left

@@ -297,3 +297,33 @@ def test_what_the_cache_leaves_to_triton(tmp_path):
     assert rows == {"hit": "0", "enter hook": "1", "exit hook": "1", "pre-run hook": "1", "debug": "1",
                     "grid function": "1", "misaligned": "1", "tensor by keyword": "1", "tensor let go": "True 1",
                     "2**64 + 16": "refused"}, res.stdout
+
+
+def test_launch_smoke_compares_the_cached_launches_with_tritons(monkeypatch, capsys):
+    """benchmarks.launch_smoke (the GPU suite's check before its tests, which turns the cache off where it fails):
+    every case runs here in the interpreter, where both paths are Triton's, so all agree; a case whose bits depend on
+    the cache, or that raises with the cache on, makes it fail; with the cache off it has nothing to check."""
+    from benchmarks import launch_smoke
+    from bertfast.kernels import launch
+    monkeypatch.setattr(launch, "ENABLED", False)
+    assert launch_smoke.run("cpu") == 0 and "nothing to check" in capsys.readouterr().out
+    monkeypatch.setattr(launch, "ENABLED", True)
+    assert launch_smoke.run("cpu") == 0
+    out = capsys.readouterr().out
+    assert out.count("same bits") == 3 and "every cached launch gave Triton's bits" in out, out
+    assert launch.ENABLED is True
+
+    def cases(device):
+        def differs():
+            return torch.ones(3) * (2.0 if launch.ENABLED else 1.0)
+
+        def raises():
+            if launch.ENABLED:
+                raise TypeError("the launcher refused an argument")
+            return torch.ones(3)
+        return {"differs": differs, "raises": raises, "agrees": lambda: (torch.zeros(2), None)}
+    monkeypatch.setattr(launch_smoke, "_cases", cases)
+    assert launch_smoke.run("cpu") == 1
+    out = capsys.readouterr().out
+    assert "2 problem(s)" in out and "differs: a cached launch gave other bits" in out, out
+    assert "raises: TypeError: the launcher refused an argument" in out and launch.ENABLED is True
