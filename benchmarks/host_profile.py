@@ -45,16 +45,6 @@ from bertfast import ops
 from bertfast.kernels import launch
 
 
-@contextlib.contextmanager
-def launch_cache_off():
-    """Every Triton launch through JITFunction.run, as before kernels/launch.py's cache."""
-    previous, launch.ENABLED = launch.ENABLED, False
-    try:
-        yield
-    finally:
-        launch.ENABLED = previous
-
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -212,15 +202,13 @@ def run(device="cuda", tiny=False, calls=None, out_dir=None) -> dict:
                     "bertfast, no attention_mask": lambda: ours(ids),
                     "transformers sdpa, attention_mask given": lambda: sdpa(ids, attention_mask=mask)}
         lines.append(f"\n1. per forward, {calls} back to back (ms per forward; host = before the final sync)")
-        for name, fn in forwards.items():
-            t = host_ms(fn, device, calls)
-            result["forward"][name] = t
-            lines.append(f"  {name:<42} host {t['host_ms']:8.3f}   wall {t['wall_ms']:8.3f}")
-        # the same forward with every Triton launch through JITFunction.run (kernels/launch.py's cache off)
-        name = "bertfast, mask given, launch cache off"
-        if launch.ENABLED:
-            with launch_cache_off():
-                t = host_ms(forwards["bertfast, attention_mask given"], device, calls)
+        # and the first forward with every Triton launch through JITFunction.run (kernels/launch.py's cache off)
+        rows = [(name, fn, False) for name, fn in forwards.items()] + (
+            [("bertfast, mask given, launch cache off", forwards["bertfast, attention_mask given"], True)]
+            if launch.ENABLED else [])
+        for name, fn, cache_off in rows:
+            with launch.disabled() if cache_off else contextlib.nullcontext():
+                t = host_ms(fn, device, calls)
             result["forward"][name] = t
             lines.append(f"  {name:<42} host {t['host_ms']:8.3f}   wall {t['wall_ms']:8.3f}")
         write()
@@ -252,13 +240,14 @@ def run(device="cuda", tiny=False, calls=None, out_dir=None) -> dict:
     tids = torch.randint(1, cfg.vocab_size, (batch, train_seq), device=device)
     tmask = torch.ones_like(tids)
     result["train_step"] = {}
-    cache_off = [("bertfast, launch cache off", ours)] if launch.ENABLED else []
-    for name, model in [("bertfast", ours), ("transformers sdpa", sdpa)] + cache_off:
+    rows = [("bertfast", ours, False), ("transformers sdpa", sdpa, False)] + (
+        [("bertfast, launch cache off", ours, True)] if launch.ENABLED else [])
+    for name, model, cache_off in rows:
         train = copy.deepcopy(model).train()
 
         def step(train=train):
             train(tids, attention_mask=tmask).last_hidden_state.float().sum().backward()
-        with launch_cache_off() if name.endswith("launch cache off") else contextlib.nullcontext():
+        with launch.disabled() if cache_off else contextlib.nullcontext():
             t = host_ms(step, device, steps, repeats=3)
         busy = ""
         try:

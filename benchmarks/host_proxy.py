@@ -29,6 +29,7 @@ import types
 import torch
 
 from benchmarks import bench_model, host_profile
+from bertfast.kernels import launch
 
 
 class StandInDriver:
@@ -108,7 +109,7 @@ def run(profile: bool = False, tokens: int = 16) -> dict:
                "forward, no attention_mask": lambda: model(ids)}
         for name, fn in fwd.items():
             results[name] = per_call_us(fn, calls=50, repeats=15)
-        with host_profile.launch_cache_off():
+        with launch.disabled():
             results["forward, mask given, launch cache off"] = per_call_us(fwd["forward, attention_mask given"],
                                                                           calls=50, repeats=15)
     # a fine-tuning step's forward + backward (dropout on, as in training; no optimizer step), outside
@@ -119,7 +120,7 @@ def run(profile: bool = False, tokens: int = 16) -> dict:
         def train_step():
             train_model(ids, attention_mask=mask).last_hidden_state.sum().backward()
         results["training step (fwd + bwd), mask given"] = per_call_us(train_step, calls=20, repeats=15)
-        with host_profile.launch_cache_off():
+        with launch.disabled():
             results["training step, launch cache off"] = per_call_us(train_step, calls=20, repeats=15)
     print(f"host time per call (us), Triton launches through a stand-in driver; {cfg.num_hidden_layers}-layer "
           f"{cfg.hidden_size}-wide model (fp32) on {tokens} tokens, 1 thread; per-op rows fp16")

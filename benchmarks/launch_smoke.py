@@ -15,6 +15,7 @@ A launch that should have hit but went through Triton's path is printed, not fai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -56,27 +57,35 @@ def _tensors(out) -> list:
     return []
 
 
+@contextlib.contextmanager
+def triton_launches():
+    """Yields a list that gets the kernel name of every launch going through Triton's own JITFunction.run (a miss
+    of the launch cache, or the cache off) while the block runs."""
+    from triton.runtime import jit
+    names, original = [], jit.JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        names.append(self.__name__)
+        return original(self, *args, **kwargs)
+    jit.JITFunction.run = counted
+    try:
+        yield names
+    finally:
+        jit.JITFunction.run = original
+
+
 def run(device="cuda") -> int:
     """0 when every launch through the cache gives the bits Triton's own path gives; 1 otherwise."""
     device = torch.device(device)
     if not launch.ENABLED:
         print(f"launch_smoke: the launch cache is off here ({launch.status()[1]}): nothing to check")
         return 0
-    from triton.runtime import jit
-    triton_path = []
-    original = jit.JITFunction.run
-
-    def counted(self, *args, **kwargs):
-        triton_path.append(self.__name__)
-        return original(self, *args, **kwargs)
     problems = []
-    jit.JITFunction.run = counted
-    try:
+    with triton_launches() as triton_path:
         for name, fn in _cases(device).items():
             try:
-                launch.ENABLED = False
-                want = _tensors(fn())
-                launch.ENABLED = True
+                with launch.disabled():
+                    want = _tensors(fn())
                 fn()                                    # misses: through Triton's path, into the cache
                 before = len(triton_path)
                 got = _tensors(fn())                    # hits
@@ -93,10 +102,6 @@ def run(device="cuda") -> int:
             except Exception as exc:  # noqa: BLE001 - reported, and the suite turns the cache off
                 problems.append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
                 print(f"  {name:<52} {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            finally:
-                launch.ENABLED = True
-    finally:
-        jit.JITFunction.run = original
     print("launch_smoke: " + ("every cached launch gave Triton's bits" if not problems else
                               f"{len(problems)} problem(s): " + "; ".join(problems)))
     return 1 if problems else 0

@@ -25,6 +25,7 @@ launched. Both are read once, when the kernels are imported.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 
@@ -153,8 +154,8 @@ class Launcher:
         return compiled, tuple(tail)
 
     def _check(self, compiled, device, args, kw):
-        from triton import knobs
         from triton.runtime.jit import compute_cache_key
+        knobs, _ = _triton()
         kernel_cache, key_cache, _, _, binder = self.kernel.device_caches[device]
         options = dict(kw, debug=kw.get("debug", self.kernel.debug) or knobs.runtime.debug,
                        instrumentation_mode=knobs.compilation.instrumentation_mode)
@@ -190,5 +191,16 @@ def status() -> tuple[bool, str]:
                   + ("; each hit checked against Triton's cache (BERTFAST_CHECK_LAUNCHES=1)" if CHECK else ""))
 
 
-# whether Launchers take the cached path (benchmarks.host_profile switches it off for a same-process comparison)
+# whether Launchers take the cached path (`disabled()` switches it off for a same-process comparison)
 ENABLED = status()[0]
+
+
+@contextlib.contextmanager
+def disabled():
+    """Every launch through JITFunction.run for the block, as without the cache; the setting is put back after."""
+    global ENABLED
+    previous, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = previous

@@ -59,17 +59,10 @@ def test_tensor_facts_refine_tritons_specialisation(dtype):
 _RECORDED = r"""
 import os, torch
 from benchmarks import host_proxy
-from triton.runtime import jit
-
-triton_path = []          # launches that went through JITFunction.run
-original_run = jit.JITFunction.run
-def counted_run(self, *args, **kw):
-    triton_path.append(self.__name__)
-    return original_run(self, *args, **kw)
-jit.JITFunction.run = counted_run
+from benchmarks.launch_smoke import triton_launches
 
 launched, streams, handles = [], [], []
-with host_proxy.stand_in_gpu():
+with host_proxy.stand_in_gpu(), triton_launches() as triton_path:
     from triton.runtime import driver
     driver.active.launcher_cls = lambda src, metadata: (lambda *a: launched.append((src.name, a)))
     # a new stream value at every query and a function handle per compiled kernel, so that a launch handed another
@@ -221,14 +214,7 @@ _TRIGGERS = r"""
 import gc, sys, weakref
 import torch, triton, triton.language as tl
 from benchmarks import host_proxy
-from triton.runtime import jit
-
-calls = []
-original_run = jit.JITFunction.run
-def counted_run(self, *args, **kw):
-    calls.append(1)
-    return original_run(self, *args, **kw)
-jit.JITFunction.run = counted_run
+from benchmarks.launch_smoke import triton_launches
 
 @triton.jit
 def fill(out_ptr, n, BLOCK: tl.constexpr):
@@ -245,7 +231,7 @@ def through_triton(launch, setup=lambda: None, teardown=lambda: None):
     finally:
         teardown()
 
-with host_proxy.stand_in_gpu():
+with host_proxy.stand_in_gpu(), triton_launches() as calls:     # calls: the launches through JITFunction.run
     from triton import knobs
     from bertfast.kernels.launch import Launcher
     L, out = Launcher(fill), torch.zeros(64)
